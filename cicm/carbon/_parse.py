@@ -1,0 +1,77 @@
+"""Small pure parsers shared by the provider clients: wire values -> typed values, or InputError naming the field."""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cicm.errors import InputError
+
+
+def _show(items: Sequence[Any], limit: int = 5) -> str:
+    shown = ", ".join(str(x) for x in items[:limit])
+    return shown + (f", ... ({len(items)} in total)" if len(items) > limit else "")
+
+
+def parse_utc_timestamp(value: Any, field: str) -> pd.Timestamp:
+    """One ISO-8601 timestamp with an explicit offset -> tz-aware UTC Timestamp (ns)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise InputError(field, "missing timestamp")
+    try:
+        ts = pd.Timestamp(value)
+    except (ValueError, TypeError) as exc:
+        raise InputError(field, f"unparseable timestamp {value!r}") from exc
+    if ts is pd.NaT:
+        raise InputError(field, f"unparseable timestamp {value!r}")
+    if ts.tzinfo is None:
+        raise InputError(field, f"naive timestamp {value!r}: an explicit UTC offset is required")
+    return ts.tz_convert("UTC").as_unit("ns")
+
+
+def parse_utc_timestamps(values: Iterable[Any], field: str) -> pd.DatetimeIndex:
+    """Many ISO-8601 timestamps -> tz-aware UTC DatetimeIndex (ns). Naive or unparseable ones raise, all named."""
+    parsed, bad, naive = [], [], []
+    for i, value in enumerate(values):
+        try:
+            parsed.append(parse_utc_timestamp(value, field))
+        except InputError as exc:
+            (naive if "naive" in exc.message else bad).append(f"#{i}={value!r}")
+    if naive:
+        raise InputError(field, f"naive timestamp(s) without UTC offset: {_show(naive)}")
+    if bad:
+        raise InputError(field, f"missing or unparseable timestamp(s): {_show(bad)}")
+    return pd.DatetimeIndex(parsed, dtype="datetime64[ns, UTC]")
+
+
+def parse_float_values(values: Iterable[Any], field: str) -> np.ndarray:
+    """Numbers (or JSON null -> NaN, checked later by validation) -> float64 array. Strings/bools/objects raise."""
+    out, bad = [], []
+    for i, value in enumerate(values):
+        if value is None:
+            out.append(float("nan"))
+        elif isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            bad.append(f"#{i}={value!r}")
+        else:
+            out.append(float(value))
+    if bad:
+        raise InputError(field, f"non-numeric value(s): {_show(bad)}")
+    return np.asarray(out, dtype="float64")
+
+
+def require_key(obj: Any, key: str, where: str) -> Any:
+    """obj[key] for a JSON object, or InputError naming ``where`` + key (the wire field)."""
+    field = f"{where}.{key}" if where else key
+    if not isinstance(obj, dict):
+        raise InputError(where or key, f"expected a JSON object, got {type(obj).__name__}")
+    if key not in obj:
+        raise InputError(field, "missing field in provider response")
+    return obj[key]
+
+
+def require_list(obj: Any, key: str, where: str = "") -> list:
+    value = require_key(obj, key, where)
+    if not isinstance(value, list):
+        raise InputError(f"{where}.{key}" if where else key, f"expected a list, got {type(value).__name__}")
+    return value

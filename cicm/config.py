@@ -1,0 +1,161 @@
+"""The fleet: campuses, clusters and power domains, read from TOML and validated with pydantic.
+
+Every campus sits in one grid zone (a bundled EIA-930 balancing authority) and one local time zone, and has a
+power contract. Every cluster has power domains; each domain is a number of identical machines of one
+SPECpower_ssj2008 server (a row of data/server_power/...csv), which gives its cores and its power curve.
+"""
+from __future__ import annotations
+
+import tomllib
+import zoneinfo
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cicm.errors import InputError
+from cicm.paths import bundled_data_dir
+
+GRID_ZONES = ("AZPS", "BPAT", "CISO", "ERCO", "MISO", "NYIS", "PJM", "SOCO")
+SPECPOWER_FILE = "server_power/specpower_ssj2008_619_servers_via_green-coding-solutions_cloud-energy.csv"
+
+
+@lru_cache(maxsize=1)
+def specpower_table() -> pd.DataFrame:
+    return pd.read_csv(bundled_data_dir() / SPECPOWER_FILE)
+
+
+def threads_per_machine(spec_row: int) -> int:
+    """Logical CPUs (hardware threads) of a SPECpower server: the 'cores' a scheduler hands out."""
+    text = str(specpower_table().iloc[spec_row]["hardware_threads"])
+    return int(text.split()[0])
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PowerDomain(_Strict):
+    name: str
+    machines: int = Field(gt=0)
+    spec_row: int = Field(ge=0, description="0-based row of the bundled SPECpower CSV")
+    server_model: str = Field(description="hw_model of that row, checked, so a row typo cannot pass")
+
+    @model_validator(mode="after")
+    def _spec_row_matches_model(self) -> "PowerDomain":
+        table = specpower_table()
+        if self.spec_row >= len(table):
+            raise ValueError(f"spec_row {self.spec_row} is past the SPECpower table ({len(table)} rows)")
+        actual = table.iloc[self.spec_row]["hw_model"]
+        if actual != self.server_model:
+            raise ValueError(f"spec_row {self.spec_row} is {actual!r}, not {self.server_model!r}")
+        return self
+
+    @property
+    def cores_per_machine(self) -> int:
+        return threads_per_machine(self.spec_row)
+
+    @property
+    def capacity_cores(self) -> int:
+        return self.machines * self.cores_per_machine
+
+
+class Cluster(_Strict):
+    name: str
+    inflexible_trace: Literal["google2019", "azure2019", "alibaba2018"]
+    inflexible_peak_share: float = Field(gt=0, le=0.9, description="peak inflexible usage / capacity")
+    flexible_trace: Literal["pai", "azure"]
+    flexible_mean_share: float = Field(gt=0, le=0.6, description="mean flexible usage / capacity")
+    reservation_ratio: float = Field(default=1.3, ge=1.0, le=3.0, description="reservations / usage")
+    power_domains: list[PowerDomain] = Field(min_length=2)
+
+    @property
+    def capacity_cores(self) -> int:
+        return sum(d.capacity_cores for d in self.power_domains)
+
+
+class Campus(_Strict):
+    name: str
+    grid_zone: str
+    timezone: str
+    contract_limit_kw: float = Field(gt=0)
+    clusters: list[Cluster] = Field(min_length=1)
+
+    @field_validator("grid_zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        if value not in GRID_ZONES:
+            raise ValueError(f"unknown grid zone {value!r}; bundled zones are {', '.join(GRID_ZONES)}")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_tz(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+
+class Fleet(_Strict):
+    name: str
+    history_start: pd.Timestamp = Field(description="first UTC day of the demo telemetry")
+    history_days: int = Field(ge=7)
+    campuses: list[Campus] = Field(min_length=1)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    @field_validator("history_start", mode="before")
+    @classmethod
+    def _utc_day(cls, value) -> pd.Timestamp:
+        ts = pd.Timestamp(value)
+        return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Fleet":
+        names = [c.name for c in self.clusters()]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"cluster names must be unique across the fleet; repeated: {dupes}")
+        return self
+
+    def clusters(self) -> list[Cluster]:
+        return [c for campus in self.campuses for c in campus.clusters]
+
+    def campus_of(self, cluster_name: str) -> Campus:
+        for campus in self.campuses:
+            if any(c.name == cluster_name for c in campus.clusters):
+                return campus
+        raise InputError("cluster", f"no cluster named {cluster_name!r} in fleet {self.name!r}")
+
+    def cluster(self, cluster_name: str) -> Cluster:
+        campus = self.campus_of(cluster_name)
+        return next(c for c in campus.clusters if c.name == cluster_name)
+
+    @property
+    def history_end(self) -> pd.Timestamp:
+        return self.history_start + pd.Timedelta(days=self.history_days)
+
+
+def default_fleet_path() -> Path:
+    return bundled_data_dir() / "demo_fleet.toml"
+
+
+def load_fleet(path: Path | str | None = None) -> Fleet:
+    """Read and validate a fleet file. Errors name the field, e.g. `campuses.0.grid_zone`."""
+    path = Path(path) if path else default_fleet_path()
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise InputError("fleet", f"fleet file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError("fleet", f"{path} is not valid TOML: {exc}") from exc
+    try:
+        return Fleet.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "fleet"
+        raise InputError(field, f"{first['msg']} (in {path})") from exc

@@ -1,0 +1,19 @@
+"""Errors shared by every part. Bad input never becomes a number silently: it raises one of these."""
+
+
+class InputError(ValueError):
+    """Rejected input. `field` names the offending field, column or parameter."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+class ProviderError(RuntimeError):
+    """A remote data provider failed (HTTP error, timeout, retries exhausted)."""
+
+    def __init__(self, provider: str, message: str, status_code: int | None = None):
+        self.provider = provider
+        self.status_code = status_code
+        super().__init__(f"{provider}: {message}" + (f" (HTTP {status_code})" if status_code else ""))
