@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tomllib
 import zoneinfo
+from datetime import date
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -104,6 +105,7 @@ class Fleet(_Strict):
     name: str
     history_start: pd.Timestamp = Field(description="first UTC day of the demo telemetry")
     history_days: int = Field(ge=7)
+    default_plan_date: date | None = Field(default=None, description="the day `cicm plan` plans by default")
     campuses: list[Campus] = Field(min_length=1)
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)

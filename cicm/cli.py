@@ -1,0 +1,173 @@
+"""`cicm`: the command line of the planner."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cicm.errors import InputError, ProviderError
+from cicm.paths import default_db_path
+from cicm.timeutil import parse_plan_date
+
+app = typer.Typer(no_args_is_help=True, help="Carbon-aware day-ahead capacity planner (CICM).")
+vcc_app = typer.Typer(no_args_is_help=True, help="Virtual Capacity Curves.")
+app.add_typer(vcc_app, name="vcc")
+console = Console()
+
+DbOption = typer.Option(None, "--db", help="DuckDB file (default: var/cicm.duckdb, or $CICM_HOME/cicm.duckdb)")
+FleetOption = typer.Option(None, "--fleet", help="fleet TOML (default: data/demo_fleet.toml)")
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error[/]: {exc}")
+    raise typer.Exit(1)
+
+
+def _mount_subcommands() -> None:
+    from cicm.carbon.cli import carbon_app
+
+    app.add_typer(carbon_app, name="carbon", help="Carbon-intensity forecasts.")
+
+
+@app.command()
+def plan(
+    date: Optional[str] = typer.Option(None, "--date", help="local planning day YYYY-MM-DD (default: the fleet's)"),
+    db: Optional[Path] = DbOption,
+    fleet: Optional[Path] = FleetOption,
+    provider: str = typer.Option("trace", help="carbon forecast provider: trace, electricitymaps, watttime, csv"),
+    base_url: Optional[str] = typer.Option(None, help="provider base URL"),
+    csv: Optional[Path] = typer.Option(None, help="CSV forecast file for --provider csv"),
+    seed: int = typer.Option(0, help="seed of the demo telemetry and trace forecast errors"),
+    gamma: float = typer.Option(0.05, help="inflexible usage must fit under its (1-gamma) quantile"),
+    lambda_e: float = typer.Option(1.0, help="weight of carbon (per kgCO2)"),
+    lambda_p: float = typer.Option(0.0, help="weight of peak power (per kW)"),
+    delta_min: float = typer.Option(-1.0, help="lowest flexible deviation from flat"),
+    delta_max: float = typer.Option(1.0, help="highest flexible deviation from flat"),
+    solver: str = typer.Option("HIGHS", help="HIGHS or CLARABEL"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Run the nightly plan: forecasts, models, VCCs for every cluster; store them; print a summary."""
+    from cicm.config import load_fleet
+    from cicm.flows.nightly import PlanOptions, run_nightly_plan
+
+    try:
+        fleet_cfg = load_fleet(fleet)
+        if date is None and fleet_cfg.default_plan_date is None:
+            raise InputError("date", "the fleet has no default_plan_date; pass --date")
+        plan_date = parse_plan_date(date) if date else fleet_cfg.default_plan_date
+        options = PlanOptions(provider=provider, base_url=base_url, csv_path=str(csv) if csv else None, seed=seed,
+                              gamma=gamma, lambda_e=lambda_e, lambda_p=lambda_p, delta_min=delta_min,
+                              delta_max=delta_max, solver=solver)
+        outcome = run_nightly_plan(plan_date, db or default_db_path(), fleet, options)
+    except (InputError, ProviderError) as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps({"plan_date": str(outcome.plan_date), "run_id": outcome.run_id, "status": outcome.status,
+                          "stages": [s.__dict__ for s in outcome.stages],
+                          "clusters": outcome.clusters.to_dict("records")}, default=str, indent=2))
+    else:
+        _print_plan(outcome)
+    if outcome.status != "ok":
+        raise typer.Exit(2)
+
+
+def _print_plan(outcome) -> None:
+    stages = Table(title=f"Nightly plan for {outcome.plan_date} — run {outcome.run_id} — {outcome.status}")
+    for col in ("stage", "status", "detail"):
+        stages.add_column(col)
+    for s in outcome.stages:
+        colour = {"ran": "green", "degraded": "yellow", "failed": "red"}.get(s.status, "white")
+        stages.add_row(s.name, f"[{colour}]{s.status}[/]", s.detail)
+    console.print(stages)
+    if outcome.clusters.empty:
+        return
+    table = Table(title="Clusters")
+    for col in outcome.clusters.columns:
+        table.add_column(col, justify="right" if outcome.clusters[col].dtype.kind in "fi" else "left")
+    for row in outcome.clusters.itertuples(index=False):
+        table.add_row(*[_fmt(v) for v in row])
+    console.print(table)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "—" if value != value else f"{value:,.1f}"
+    return "—" if value is None else str(value)
+
+
+@vcc_app.command("show")
+def vcc_show(
+    cluster: str = typer.Option(..., "--cluster"),
+    date: str = typer.Option(..., "--date"),
+    db: Optional[Path] = DbOption,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Print a cluster's VCC for a day: hourly caps, status, reason, expected carbon against flat."""
+    from cicm.data.store import Store
+
+    try:
+        plan_date = parse_plan_date(date)
+        with Store(db or default_db_path(), read_only=True) as store:
+            hours, status = store.plan(cluster, plan_date)
+    except InputError as exc:
+        _fail(exc)
+    if status.empty:
+        _fail(InputError("cluster", f"no plan for cluster {cluster!r} on {plan_date}"))
+    info = status.iloc[0].to_dict()
+    if as_json:
+        doc = {
+            "cluster": cluster, "plan_date": str(plan_date), "run_id": info["run_id"], "status": info["status"],
+            "reason": info["reason"], "expected_kgco2": info["expected_kgco2"], "flat_kgco2": info["flat_kgco2"],
+            "saving_pct": info["saving_pct"], "theta_core_hours": info["theta_core_hours"],
+            "hours": [
+                {"hour": h.isoformat(), "vcc_cores": v, "flexible_cpu_cores": f, "gco2_per_kwh": g}
+                for h, v, f, g in zip(hours["hour"], hours["vcc_cores"], hours["flexible_cpu_cores"],
+                                      hours["gco2_per_kwh"])
+            ],
+        }
+        print(json.dumps(doc, default=_json_default, indent=2))
+        return
+    table = Table(title=f"VCC {cluster} {plan_date}: {info['status']}"
+                  + (f" ({info['reason']})" if info["reason"] else "")
+                  + f" — expected {info['expected_kgco2']:.1f} kgCO2 vs flat {info['flat_kgco2']:.1f}")
+    for col in ("hour (UTC)", "VCC cores", "flexible cores", "gCO2/kWh"):
+        table.add_column(col, justify="right")
+    for h, v, f, g in zip(hours["hour"], hours["vcc_cores"], hours["flexible_cpu_cores"], hours["gco2_per_kwh"]):
+        table.add_row(h.strftime("%Y-%m-%d %H:%M"), _fmt(float(v)), _fmt(float(f)), _fmt(float(g)))
+    console.print(table)
+
+
+def _json_default(value):
+    if value != value:  # NaN
+        return None
+    return str(value)
+
+
+@app.command()
+def runs(db: Optional[Path] = DbOption, limit: int = typer.Option(20)) -> None:
+    """List the recorded runs, newest first."""
+    from cicm.data.store import Store
+
+    try:
+        with Store(db or default_db_path(), read_only=True) as store:
+            frame = store.runs(limit)
+    except InputError as exc:
+        _fail(exc)
+    table = Table(title="Runs")
+    for col in ("run_id", "kind", "plan_date", "status", "started_at", "message"):
+        table.add_column(col)
+    for row in frame.itertuples():
+        table.add_row(row.run_id, row.kind, _fmt(row.plan_date), row.status, str(row.started_at)[:19],
+                      _fmt(row.message))
+    console.print(table)
+
+
+_mount_subcommands()
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,293 @@
+"""The system of record: one DuckDB file with a versioned schema, created on first use.
+
+Every row carries the run that wrote it. A run's writes form one transaction (`Store.run`): if anything fails,
+none of them land, and the run itself is still recorded as failed with its message. Re-planning a day replaces
+that day's plan rows; the runs table keeps every run.
+
+Connections are short-lived: DuckDB lets one process write a file at a time, so readers (dashboard, CLI)
+open, read and close.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+import pandas as pd
+
+from cicm import __version__
+from cicm.errors import InputError
+from cicm.paths import REPO_ROOT, default_db_path
+
+SCHEMA_VERSION = 1
+
+SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, plan_date DATE, started_at TIMESTAMPTZ NOT NULL,
+    finished_at TIMESTAMPTZ, status VARCHAR NOT NULL, params VARCHAR, code_version VARCHAR,
+    message VARCHAR, summary VARCHAR);
+CREATE TABLE IF NOT EXISTS carbon_forecasts (
+    run_id VARCHAR NOT NULL, provider VARCHAR NOT NULL, zone VARCHAR NOT NULL, target_hour TIMESTAMPTZ NOT NULL,
+    issued_at TIMESTAMPTZ NOT NULL, gco2_per_kwh DOUBLE NOT NULL,
+    PRIMARY KEY (provider, zone, target_hour, issued_at));
+CREATE TABLE IF NOT EXISTS carbon_actuals (
+    run_id VARCHAR NOT NULL, zone VARCHAR NOT NULL, hour TIMESTAMPTZ NOT NULL, gco2_per_kwh DOUBLE NOT NULL,
+    source VARCHAR NOT NULL, PRIMARY KEY (zone, hour));
+CREATE TABLE IF NOT EXISTS usage_history (
+    run_id VARCHAR NOT NULL, cluster VARCHAR NOT NULL, hour TIMESTAMPTZ NOT NULL,
+    inflexible_cpu_cores DOUBLE NOT NULL, flexible_cpu_cores DOUBLE NOT NULL, reserved_cpu_cores DOUBLE NOT NULL,
+    flexible_arrived_core_hours DOUBLE NOT NULL, PRIMARY KEY (cluster, hour));
+CREATE TABLE IF NOT EXISTS power_telemetry (
+    run_id VARCHAR NOT NULL, cluster VARCHAR NOT NULL, domain VARCHAR NOT NULL, hour TIMESTAMPTZ NOT NULL,
+    cpu_cores DOUBLE NOT NULL, power_kw DOUBLE NOT NULL, PRIMARY KEY (domain, hour));
+CREATE TABLE IF NOT EXISTS power_models (
+    run_id VARCHAR NOT NULL, cluster VARCHAR NOT NULL, domain VARCHAR NOT NULL, fitted_at TIMESTAMPTZ NOT NULL,
+    status VARCHAR NOT NULL, reason VARCHAR, model VARCHAR, r2 DOUBLE, mape_pct DOUBLE, n_samples INTEGER,
+    PRIMARY KEY (run_id, domain));
+CREATE TABLE IF NOT EXISTS load_forecasts (
+    run_id VARCHAR NOT NULL, plan_date DATE NOT NULL, cluster VARCHAR NOT NULL, hour TIMESTAMPTZ NOT NULL,
+    inflexible_cpu_cores DOUBLE, inflexible_upper_cpu_cores DOUBLE, reservation_ratio DOUBLE,
+    PRIMARY KEY (run_id, cluster, hour));
+CREATE TABLE IF NOT EXISTS load_forecast_days (
+    run_id VARCHAR NOT NULL, plan_date DATE NOT NULL, cluster VARCHAR NOT NULL, status VARCHAR NOT NULL,
+    reason VARCHAR, flexible_core_hours DOUBLE, reservations_core_hours DOUBLE, theta_core_hours DOUBLE,
+    reservations_rel_error_q97 DOUBLE, params VARCHAR, PRIMARY KEY (run_id, cluster));
+CREATE TABLE IF NOT EXISTS vccs (
+    run_id VARCHAR NOT NULL, plan_date DATE NOT NULL, cluster VARCHAR NOT NULL, hour TIMESTAMPTZ NOT NULL,
+    hour_index INTEGER NOT NULL, vcc_cores DOUBLE NOT NULL, flexible_cpu_cores DOUBLE,
+    inflexible_cpu_cores DOUBLE, power_kw DOUBLE, carbon_kgco2 DOUBLE, gco2_per_kwh DOUBLE,
+    PRIMARY KEY (plan_date, cluster, hour));
+CREATE TABLE IF NOT EXISTS vcc_status (
+    run_id VARCHAR NOT NULL, plan_date DATE NOT NULL, cluster VARCHAR NOT NULL, campus VARCHAR NOT NULL,
+    status VARCHAR NOT NULL, reason VARCHAR, capacity_cores DOUBLE, theta_core_hours DOUBLE,
+    tau_core_hours DOUBLE, expected_kgco2 DOUBLE, flat_kgco2 DOUBLE, saving_pct DOUBLE, peak_kw DOUBLE,
+    PRIMARY KEY (plan_date, cluster));
+CREATE TABLE IF NOT EXISTS slo_events (
+    run_id VARCHAR NOT NULL, cluster VARCHAR NOT NULL, day DATE NOT NULL, demand_core_hours DOUBLE,
+    served_core_hours DOUBLE, theta_core_hours DOUBLE, violated BOOLEAN NOT NULL, close BOOLEAN NOT NULL,
+    PRIMARY KEY (cluster, day));
+CREATE TABLE IF NOT EXISTS shaping_state (
+    run_id VARCHAR NOT NULL, cluster VARCHAR NOT NULL, disabled_from DATE NOT NULL, disabled_until DATE NOT NULL,
+    reason VARCHAR NOT NULL, PRIMARY KEY (cluster, disabled_from));
+"""
+
+# table -> primary key columns; writes replace rows with the same key (upsert).
+TABLE_KEYS: dict[str, tuple[str, ...]] = {
+    "carbon_forecasts": ("provider", "zone", "target_hour", "issued_at"),
+    "carbon_actuals": ("zone", "hour"),
+    "usage_history": ("cluster", "hour"),
+    "power_telemetry": ("domain", "hour"),
+    "power_models": ("run_id", "domain"),
+    "load_forecasts": ("run_id", "cluster", "hour"),
+    "load_forecast_days": ("run_id", "cluster"),
+    "vccs": ("plan_date", "cluster", "hour"),
+    "vcc_status": ("plan_date", "cluster"),
+    "slo_events": ("cluster", "day"),
+    "shaping_state": ("cluster", "disabled_from"),
+}
+
+
+def code_version() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        return f"{__version__}+{sha}"
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+
+
+def new_run_id(kind: str) -> str:
+    stamp = pd.Timestamp.now(tz="UTC").strftime("%Y%m%dT%H%M%S")
+    return f"{kind}-{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    status: str = "ok"
+    message: str | None = None
+    summary: dict | None = None
+
+
+class Store:
+    """A handle on the DuckDB file. Use as a context manager; it closes the connection on exit."""
+
+    def __init__(self, path: Path | str | None = None, read_only: bool = False):
+        self.path = Path(path) if path else default_db_path()
+        self.read_only = read_only
+        if read_only and not self.path.exists():
+            raise InputError("db", f"no database at {self.path}; run `cicm plan` first")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.con = duckdb.connect(str(self.path), read_only=read_only)
+        self.con.execute("SET TimeZone='UTC'")
+        if not read_only:
+            self._migrate()
+        self._check_version()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.con.close()
+
+    # -- schema -------------------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        self.con.execute("BEGIN")
+        self.con.execute(SCHEMA_V1)
+        self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+        self.con.execute("COMMIT")
+
+    def _check_version(self) -> None:
+        found = self.con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if found is None or int(found[0]) != SCHEMA_VERSION:
+            raise InputError(
+                "db", f"{self.path} has schema version {found and found[0]}, this code needs {SCHEMA_VERSION}"
+            )
+
+    def schema_version(self) -> int:
+        return int(self.con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+
+    # -- runs and transactions ----------------------------------------------------------------------------
+    def begin_run(self, kind: str, params: dict | None = None, plan_date: date | None = None) -> str:
+        run_id = new_run_id(kind)
+        self.con.execute(
+            "INSERT INTO runs (run_id, kind, plan_date, started_at, status, params, code_version)"
+            " VALUES (?, ?, ?, now(), 'running', ?, ?)",
+            [run_id, kind, plan_date, json.dumps(params or {}, default=str), code_version()],
+        )
+        return run_id
+
+    def finish_run(self, run_id: str, status: str, message: str | None = None, summary: dict | None = None):
+        self.con.execute(
+            "UPDATE runs SET finished_at = now(), status = ?, message = ?, summary = ? WHERE run_id = ?",
+            [status, message, json.dumps(summary, default=str) if summary is not None else None, run_id],
+        )
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            yield
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
+    @contextmanager
+    def run(self, kind: str, params: dict | None = None, plan_date: date | None = None) -> Iterator["RunRecord"]:
+        """Record a run and make its writes one transaction. On error: writes rolled back, run 'failed'.
+
+        The caller may set `status` (e.g. 'degraded') and `summary` on the yielded record before the block ends.
+        """
+        record = RunRecord(self.begin_run(kind, params, plan_date))
+        try:
+            with self.transaction():
+                yield record
+        except BaseException as exc:
+            self.finish_run(record.run_id, "failed", f"{type(exc).__name__}: {exc}")
+            raise
+        self.finish_run(record.run_id, record.status, record.message, record.summary)
+
+    # -- generic writes -----------------------------------------------------------------------------------
+    def upsert(self, table: str, frame: pd.DataFrame, run_id: str) -> int:
+        """Insert rows, replacing rows with the same primary key. Call inside a transaction."""
+        if table not in TABLE_KEYS:
+            raise InputError("table", f"unknown table {table!r}")
+        if frame.empty:
+            return 0
+        columns = [c for c in self.columns(table) if c != "run_id"]
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise InputError(missing[0], f"missing column for table {table}")
+        data = frame[columns].copy()
+        data.insert(0, "run_id", run_id)
+        self.con.register("_incoming", data)
+        try:
+            names = ", ".join(["run_id", *columns])
+            self.con.execute(f"INSERT OR REPLACE INTO {table} ({names}) SELECT {names} FROM _incoming")
+        finally:
+            self.con.unregister("_incoming")
+        return len(data)
+
+    def delete_where(self, table: str, **equals) -> None:
+        clause = " AND ".join(f"{k} = ?" for k in equals)
+        self.con.execute(f"DELETE FROM {table} WHERE {clause}", list(equals.values()))
+
+    def columns(self, table: str) -> list[str]:
+        rows = self.con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
+            [table],
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def query(self, sql: str, params: list | None = None) -> pd.DataFrame:
+        return self.con.execute(sql, params or []).df()
+
+    # -- named writes -------------------------------------------------------------------------------------
+    def write_carbon_forecast(self, frame: pd.DataFrame, run_id: str) -> int:
+        return self.upsert("carbon_forecasts", frame, run_id)
+
+    def replace_plan(self, plan_date: date, clusters: list[str], vccs: pd.DataFrame, status: pd.DataFrame,
+                     run_id: str) -> None:
+        """Replace the plan of `plan_date` for these clusters (hours of a DST day may differ from before)."""
+        for cluster in clusters:
+            self.delete_where("vccs", plan_date=plan_date, cluster=cluster)
+            self.delete_where("vcc_status", plan_date=plan_date, cluster=cluster)
+        self.upsert("vccs", vccs, run_id)
+        self.upsert("vcc_status", status, run_id)
+
+    # -- named reads --------------------------------------------------------------------------------------
+    def runs(self, limit: int = 50) -> pd.DataFrame:
+        return self.query("SELECT * FROM runs ORDER BY started_at DESC LIMIT ?", [limit])
+
+    def latest_carbon_forecast(self, zone: str, start: pd.Timestamp, end: pd.Timestamp,
+                               issued_before: pd.Timestamp | None = None) -> pd.DataFrame:
+        """Newest vintage per target hour in [start, end), optionally issued before a time."""
+        return self.query(
+            """SELECT zone, target_hour, issued_at, gco2_per_kwh, provider FROM carbon_forecasts
+               WHERE zone = ? AND target_hour >= ? AND target_hour < ? AND issued_at <= ?
+               QUALIFY row_number() OVER (PARTITION BY target_hour ORDER BY issued_at DESC) = 1
+               ORDER BY target_hour""",
+            [zone, start, end, issued_before or pd.Timestamp.max.tz_localize("UTC")],
+        )
+
+    def usage_history(self, cluster: str, before: pd.Timestamp, days: int | None = None) -> pd.DataFrame:
+        start = before - pd.Timedelta(days=days) if days else pd.Timestamp("1970-01-01", tz="UTC")
+        frame = self.query(
+            "SELECT * EXCLUDE (run_id) FROM usage_history WHERE cluster = ? AND hour >= ? AND hour < ?"
+            " ORDER BY hour",
+            [cluster, start, before],
+        )
+        return frame
+
+    def power_telemetry(self, cluster: str, before: pd.Timestamp, days: int) -> pd.DataFrame:
+        return self.query(
+            "SELECT * EXCLUDE (run_id) FROM power_telemetry WHERE cluster = ? AND hour >= ? AND hour < ?"
+            " ORDER BY domain, hour",
+            [cluster, before - pd.Timedelta(days=days), before],
+        )
+
+    def has_usage(self, clusters: list[str]) -> bool:
+        found = self.con.execute(
+            "SELECT count(DISTINCT cluster) FROM usage_history WHERE list_contains(?, cluster)", [clusters]
+        ).fetchone()[0]
+        return found == len(set(clusters))
+
+    def plan(self, cluster: str, plan_date: date) -> tuple[pd.DataFrame, pd.DataFrame]:
+        hours = self.query(
+            "SELECT * FROM vccs WHERE cluster = ? AND plan_date = ? ORDER BY hour", [cluster, plan_date]
+        )
+        status = self.query("SELECT * FROM vcc_status WHERE cluster = ? AND plan_date = ?", [cluster, plan_date])
+        return hours, status

@@ -1,0 +1,21 @@
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Prefect and the store write under CICM_HOME; keep test runs out of the repository's var/.
+os.environ.setdefault("CICM_HOME", tempfile.mkdtemp(prefix="cicm-test-home-"))
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.fixture
+def db_path(tmp_path) -> Path:
+    return tmp_path / "cicm.duckdb"
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS

@@ -1,0 +1,97 @@
+import duckdb
+import pandas as pd
+import pytest
+
+from cicm.data.store import SCHEMA_VERSION, Store
+from cicm.errors import InputError
+
+HOUR = pd.Timestamp("2022-06-01", tz="UTC")
+
+
+def forecast_rows(value: float, issued: str = "2022-05-31 18:00") -> pd.DataFrame:
+    return pd.DataFrame({
+        "provider": "trace", "zone": "CISO",
+        "target_hour": pd.date_range(HOUR, periods=24, freq="h"),
+        "issued_at": pd.Timestamp(issued, tz="UTC"), "gco2_per_kwh": value,
+    })
+
+
+def test_schema_created_on_first_use_and_versioned(db_path):
+    with Store(db_path) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        tables = set(store.query("SELECT table_name FROM information_schema.tables")["table_name"])
+    for name in ("runs", "carbon_forecasts", "usage_history", "power_telemetry", "power_models",
+                 "load_forecasts", "vccs", "slo_events", "shaping_state"):
+        assert name in tables
+
+
+def test_failed_run_leaves_nothing_half_written_and_is_recorded(db_path):
+    with Store(db_path) as store:
+        with store.run("fetch") as run:
+            store.write_carbon_forecast(forecast_rows(100.0), run.run_id)
+        with pytest.raises(RuntimeError, match="boom"):
+            with store.run("fetch") as run:
+                store.write_carbon_forecast(forecast_rows(999.0, "2022-05-31 19:00"), run.run_id)
+                raise RuntimeError("boom")
+        rows = store.query("SELECT * FROM carbon_forecasts")
+        runs = store.runs()
+    assert len(rows) == 24 and (rows["gco2_per_kwh"] == 100.0).all()
+    assert sorted(runs["status"]) == ["failed", "ok"]
+    assert "boom" in runs.loc[runs["status"] == "failed", "message"].iloc[0]
+
+
+def test_every_forecast_vintage_is_kept_and_latest_is_read(db_path):
+    with Store(db_path) as store:
+        for value, issued in ((100.0, "2022-05-31 06:00"), (120.0, "2022-05-31 18:00")):
+            with store.run("fetch") as run:
+                store.write_carbon_forecast(forecast_rows(value, issued), run.run_id)
+        assert len(store.query("SELECT * FROM carbon_forecasts")) == 48
+        latest = store.latest_carbon_forecast("CISO", HOUR, HOUR + pd.Timedelta(days=1))
+        before = store.latest_carbon_forecast("CISO", HOUR, HOUR + pd.Timedelta(days=1),
+                                              issued_before=pd.Timestamp("2022-05-31 12:00", tz="UTC"))
+    assert (latest["gco2_per_kwh"] == 120.0).all() and len(latest) == 24
+    assert (before["gco2_per_kwh"] == 100.0).all()
+
+
+def test_replanning_a_day_replaces_its_plan_but_keeps_both_runs(db_path):
+    day = HOUR.date()
+
+    def plan(cap: float, hours: int):
+        vccs = pd.DataFrame({
+            "plan_date": day, "cluster": "c1", "hour": pd.date_range(HOUR, periods=hours, freq="h"),
+            "hour_index": range(hours), "vcc_cores": cap, "flexible_cpu_cores": 1.0, "inflexible_cpu_cores": 1.0,
+            "power_kw": 1.0, "carbon_kgco2": 1.0, "gco2_per_kwh": 1.0,
+        })
+        status = pd.DataFrame([{"plan_date": day, "cluster": "c1", "campus": "x", "status": "shaped", "reason": None,
+                                "capacity_cores": 10.0, "theta_core_hours": 1.0, "tau_core_hours": 1.0,
+                                "expected_kgco2": 1.0, "flat_kgco2": 1.0, "saving_pct": 0.0, "peak_kw": 1.0}])
+        return vccs, status
+
+    with Store(db_path) as store:
+        for cap, hours in ((5.0, 25), (7.0, 24)):
+            with store.run("plan", plan_date=day) as run:
+                vccs, status = plan(cap, hours)
+                store.replace_plan(day, ["c1"], vccs, status, run.run_id)
+        hours, status = store.plan("c1", day)
+        assert len(hours) == 24 and (hours["vcc_cores"] == 7.0).all()
+        assert len(store.runs()) == 2
+
+
+def test_upsert_rejects_frame_missing_a_column(db_path):
+    with Store(db_path) as store, pytest.raises(InputError, match="gco2_per_kwh"):
+        with store.run("fetch") as run:
+            store.write_carbon_forecast(forecast_rows(1.0).drop(columns="gco2_per_kwh"), run.run_id)
+
+
+def test_read_only_store_refuses_missing_file(tmp_path):
+    with pytest.raises(InputError, match="no database"):
+        Store(tmp_path / "absent.duckdb", read_only=True)
+
+
+def test_newer_schema_is_refused(db_path):
+    Store(db_path).close()
+    con = duckdb.connect(str(db_path))
+    con.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+    con.close()
+    with pytest.raises(InputError, match="schema version 999"):
+        Store(db_path)
