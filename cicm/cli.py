@@ -17,7 +17,7 @@ from cicm.timeutil import parse_plan_date
 app = typer.Typer(no_args_is_help=True, help="Carbon-aware day-ahead capacity planner (CICM).")
 vcc_app = typer.Typer(no_args_is_help=True, help="Virtual Capacity Curves.")
 app.add_typer(vcc_app, name="vcc")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 DbOption = typer.Option(None, "--db", help="DuckDB file (default: var/cicm.duckdb, or $CICM_HOME/cicm.duckdb)")
 FleetOption = typer.Option(None, "--fleet", help="fleet TOML (default: data/demo_fleet.toml)")
@@ -92,6 +92,13 @@ def _print_plan(outcome) -> None:
     for row in outcome.clusters.itertuples(index=False):
         table.add_row(*[_fmt(v) for v in row])
     console.print(table)
+    shaped = outcome.clusters["status"] == "shaped"
+    plan_kg, flat_kg = outcome.clusters["plan_kgco2"].sum(), outcome.clusters["flat_kgco2"].sum()
+    if flat_kg > 0:
+        console.print(
+            f"{int(shaped.sum())}/{len(shaped)} clusters shaped; expected {plan_kg:,.0f} kgCO2 against "
+            f"{flat_kg:,.0f} unshaped: {flat_kg - plan_kg:,.0f} kgCO2 ({100 * (1 - plan_kg / flat_kg):.1f}%) saved."
+        )
 
 
 def _fmt(value) -> str:
@@ -122,19 +129,23 @@ def vcc_show(
     if as_json:
         doc = {
             "cluster": cluster, "plan_date": str(plan_date), "run_id": info["run_id"], "status": info["status"],
-            "reason": info["reason"], "expected_kgco2": info["expected_kgco2"], "flat_kgco2": info["flat_kgco2"],
-            "saving_pct": info["saving_pct"], "theta_core_hours": info["theta_core_hours"],
+            "reason": info["reason"], "expected_kgco2": float(info["expected_kgco2"]),
+            "flat_kgco2": float(info["flat_kgco2"]), "saving_pct": float(info["saving_pct"]),
+            "theta_core_hours": float(info["theta_core_hours"]),
             "hours": [
-                {"hour": h.isoformat(), "vcc_cores": v, "flexible_cpu_cores": f, "gco2_per_kwh": g}
+                {"hour": h.isoformat(), "vcc_cores": float(v), "flexible_cpu_cores": float(f),
+                 "gco2_per_kwh": float(g)}
                 for h, v, f, g in zip(hours["hour"], hours["vcc_cores"], hours["flexible_cpu_cores"],
                                       hours["gco2_per_kwh"])
             ],
         }
+        doc = {k: _finite_or_none(v) for k, v in doc.items()}
+        doc["hours"] = [{k: _finite_or_none(v) for k, v in h.items()} for h in doc["hours"]]
         print(json.dumps(doc, default=_json_default, indent=2))
         return
     table = Table(title=f"VCC {cluster} {plan_date}: {info['status']}"
                   + (f" ({info['reason']})" if info["reason"] else "")
-                  + f" — expected {info['expected_kgco2']:.1f} kgCO2 vs flat {info['flat_kgco2']:.1f}")
+                  + f" — expected {_fmt(float(info['expected_kgco2']))} kgCO2 vs flat {_fmt(float(info['flat_kgco2']))}")
     for col in ("hour (UTC)", "VCC cores", "flexible cores", "gCO2/kWh"):
         table.add_column(col, justify="right")
     for h, v, f, g in zip(hours["hour"], hours["vcc_cores"], hours["flexible_cpu_cores"], hours["gco2_per_kwh"]):
@@ -143,9 +154,14 @@ def vcc_show(
 
 
 def _json_default(value):
-    if value != value:  # NaN
-        return None
     return str(value)
+
+
+def _finite_or_none(value):
+    """JSON has no NaN: missing numbers print as null."""
+    if isinstance(value, float) and value != value:
+        return None
+    return value
 
 
 @app.command()
@@ -162,7 +178,7 @@ def runs(db: Optional[Path] = DbOption, limit: int = typer.Option(20)) -> None:
     for col in ("run_id", "kind", "plan_date", "status", "started_at", "message"):
         table.add_column(col)
     for row in frame.itertuples():
-        table.add_row(row.run_id, row.kind, _fmt(row.plan_date), row.status, str(row.started_at)[:19],
+        table.add_row(row.run_id, row.kind, str(row.plan_date)[:10] if row.plan_date == row.plan_date else "—", row.status, str(row.started_at)[:19],
                       _fmt(row.message))
     console.print(table)
 

@@ -167,3 +167,173 @@ def load_rows(cluster: str, plan_date: date, load) -> tuple[pd.DataFrame, pd.Dat
         "reservation_ratio": load.reservation_ratio.to_numpy(),
     })
     return hourly, day
+
+
+# ---------------------------------------------------------------------------------------------- the program
+
+
+@dataclass
+class PlanClustersResult:
+    reports: list[StageReport]
+    vccs: pd.DataFrame
+    status: pd.DataFrame
+    extra_tables: dict[str, pd.DataFrame]
+
+
+def shaping_disabled(store, cluster: str, plan_date: date) -> str | None:
+    """The SLO loop's verdict for this cluster and day: None, or why shaping is off."""
+    found = store.query(
+        "SELECT reason, disabled_until FROM shaping_state WHERE cluster = ? AND disabled_from <= ?"
+        " AND disabled_until >= ? ORDER BY disabled_from DESC LIMIT 1",
+        [cluster, plan_date, plan_date],
+    )
+    if found.empty:
+        return None
+    return f"{found['reason'].iloc[0]} (shaping off until {found['disabled_until'].iloc[0]})"
+
+
+def unplanned_rows(cluster, campus: str, plan_date: date, hours: pd.DatetimeIndex, reason: str,
+                   carbon: pd.Series | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A cluster the program cannot even see (no forecast, no carbon): full capacity, reason stored."""
+    code, _, detail = reason.partition(": ")
+    vccs = pd.DataFrame({
+        "plan_date": plan_date, "cluster": cluster.name, "hour": hours, "hour_index": np.arange(len(hours)),
+        "vcc_cores": float(cluster.capacity_cores), "flexible_cpu_cores": np.nan, "inflexible_cpu_cores": np.nan,
+        "power_kw": np.nan, "carbon_kgco2": np.nan,
+        "gco2_per_kwh": carbon.to_numpy() if carbon is not None else np.nan,
+    })
+    status = pd.DataFrame([{
+        "plan_date": plan_date, "cluster": cluster.name, "campus": campus, "status": "fallback",
+        "reason": code if not detail else f"{code}: {detail}", "capacity_cores": float(cluster.capacity_cores),
+        "theta_core_hours": np.nan, "tau_core_hours": np.nan, "expected_kgco2": np.nan, "flat_kgco2": np.nan,
+        "saving_pct": np.nan, "peak_kw": np.nan,
+    }])
+    return vccs, status
+
+
+def cluster_input(cluster, models: ClusterModels, preset: str | None):
+    from cicm.optimize.inputs import ClusterInput
+
+    load = models.load
+    code, _, detail = (preset or "").partition(": ")
+    return ClusterInput(
+        name=cluster.name,
+        inflexible_cpu_cores=load.inflexible_cpu_cores.to_numpy(),
+        inflexible_upper_cpu_cores=load.inflexible_upper_cpu_cores.to_numpy(),
+        flexible_core_hours=load.flexible_core_hours,
+        reservations_core_hours=load.reservations_core_hours,
+        reservation_ratio=load.reservation_ratio.to_numpy(),
+        reservations_rel_error_q97=load.reservations_rel_error_q97,
+        capacity_cores=float(cluster.capacity_cores) * float(load.reservation_ratio.max()),
+        power_capped_capacity_cores=float(cluster.capacity_cores),
+        power_curve=models.power_curve,
+        fallback_reason=code or None,
+        fallback_detail=detail or None,
+    )
+
+
+def plan_rows(plan, plan_date: date, capacity: dict[str, float]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    hourly = plan.hourly
+    vccs = pd.DataFrame({
+        "plan_date": plan_date, "cluster": hourly["cluster"], "hour": hourly["hour"],
+        "hour_index": hourly["hour_index"], "vcc_cores": hourly["vcc_cores"],
+        "flexible_cpu_cores": hourly["flexible_cpu_cores"], "inflexible_cpu_cores": hourly["inflexible_cpu_cores"],
+        "power_kw": hourly["power_kw"], "carbon_kgco2": hourly["carbon_kgco2"],
+        "gco2_per_kwh": hourly["carbon_gco2_per_kwh"],
+    })
+    c = plan.clusters
+    reason = [r if not isinstance(d, str) or not d else f"{r}: {d}" if r else None
+              for r, d in zip(c["reason"], c["reason_detail"])]
+    status = pd.DataFrame({
+        "plan_date": plan_date, "cluster": c["cluster"], "campus": c["campus"], "status": c["status"],
+        "reason": reason, "capacity_cores": c["cluster"].map(capacity),
+        "theta_core_hours": c["theta_core_hours"], "tau_core_hours": c["tau_core_hours"],
+        "expected_kgco2": c["expected_kgco2"], "flat_kgco2": c["flat_kgco2"], "saving_pct": c["saving_pct"],
+        "peak_kw": c["peak_kw"],
+    })
+    return vccs, status
+
+
+def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | None, options,
+                    problem: str | None) -> dict:
+    """Models and program for one campus. Returns frames for the store and per-stage notes."""
+    from cicm.optimize.inputs import CampusInput
+    from cicm.optimize.program import plan_campus
+
+    out = {"vccs": [], "status": [], "power_models": [], "load_forecasts": [], "load_forecast_days": [],
+           "notes": {"power-models": [], "load-forecast": [], "vcc-program": []}}
+    inputs = []
+    for cluster in day.campus.clusters:
+        models = cluster_models(store, cluster, day, options.gamma)
+        out["power_models"].append(models.power_rows)
+        hourly, daily = load_rows(cluster.name, plan_date, models.load)
+        out["load_forecasts"].append(hourly)
+        out["load_forecast_days"].append(daily)
+        if models.power_problem:
+            out["notes"]["power-models"].append(f"{cluster.name}: {models.power_problem}")
+        if not models.load.ok:
+            out["notes"]["load-forecast"].append(f"{cluster.name}: {models.load.reason}")
+        reason = problem or (None if models.load.ok else f"insufficient-history: {models.load.reason}")
+        reason = reason or models.power_problem
+        if reason and (problem or not models.load.ok or models.power_curve is None):
+            vccs, status = unplanned_rows(cluster, day.campus.name, plan_date, day.hours, reason, carbon)
+            out["vccs"].append(vccs)
+            out["status"].append(status)
+            continue
+        inputs.append(cluster_input(cluster, models, shaping_disabled(store, cluster.name, plan_date)))
+    if inputs:
+        campus = CampusInput(
+            clusters=inputs, carbon_gco2_per_kwh=carbon.to_numpy(), contract_limit_kw=day.campus.contract_limit_kw,
+            lambda_e=options.lambda_e, lambda_p=options.lambda_p, delta_min=options.delta_min,
+            delta_max=options.delta_max, ramp_limit=options.ramp_limit, solver=options.solver, hours=day.hours,
+            name=day.campus.name,
+        )
+        plan = plan_campus(campus)
+        vccs, status = plan_rows(plan, plan_date, {c.name: float(c.capacity_cores) for c in day.campus.clusters})
+        out["vccs"].append(vccs)
+        out["status"].append(status)
+        out["notes"]["vcc-program"].append(
+            f"{day.campus.name}: {plan.lp_status} via {plan.solver} in {plan.solve_seconds:.2f} s"
+            + (f" ({plan.message})" if plan.message else "")
+        )
+    return out
+
+
+def plan_clusters(store, fleet: Fleet, plan_date: date, days: list[CampusDay], carbon: CarbonResult,
+                  options) -> PlanClustersResult:
+    parts = [
+        plan_campus_day(store, day, plan_date, carbon.by_campus.get(day.campus.name), options,
+                        carbon.problems.get(day.campus.name))
+        for day in days
+    ]
+
+    def cat(key: str) -> pd.DataFrame:
+        frames = [f for p in parts for f in p[key] if not f.empty]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    status = cat("status")
+    reports = []
+    for stage in ("power-models", "load-forecast", "vcc-program"):
+        notes = [n for p in parts for n in p["notes"][stage]]
+        degraded = stage != "vcc-program" and notes
+        reports.append(StageReport(stage, "degraded" if degraded else "ran", "; ".join(notes) or "all clusters"))
+    shaped = int((status["status"] == "shaped").sum()) if not status.empty else 0
+    reports[-1].detail = f"{shaped}/{len(status)} clusters shaped; " + reports[-1].detail
+    return PlanClustersResult(
+        reports, cat("vccs"), status,
+        {"power_models": cat("power_models"), "load_forecasts": cat("load_forecasts"),
+         "load_forecast_days": cat("load_forecast_days")},
+    )
+
+
+def cluster_summary(status: pd.DataFrame) -> pd.DataFrame:
+    """One short row per cluster for the printed summary: reason codes only (details are in the store)."""
+    if status.empty:
+        return status
+    return pd.DataFrame({
+        "campus": status["campus"], "cluster": status["cluster"], "status": status["status"],
+        "reason": status["reason"].map(lambda r: r.split(":")[0] if isinstance(r, str) else None),
+        "theta_kcore_h": status["theta_core_hours"] / 1000.0,
+        "plan_kgco2": status["expected_kgco2"], "flat_kgco2": status["flat_kgco2"],
+        "saving_pct": status["saving_pct"],
+    }).sort_values(["campus", "cluster"]).reset_index(drop=True)
