@@ -74,10 +74,10 @@ CREATE TABLE IF NOT EXISTS slo_events (
     served_core_hours DOUBLE, theta_core_hours DOUBLE, violated BOOLEAN NOT NULL, close BOOLEAN NOT NULL,
     PRIMARY KEY (cluster, day));
 CREATE TABLE IF NOT EXISTS agent_actions (
-    run_id VARCHAR NOT NULL, cluster VARCHAR NOT NULL, at TIMESTAMPTZ NOT NULL, hour TIMESTAMPTZ NOT NULL,
+    run_id VARCHAR NOT NULL, cluster VARCHAR NOT NULL, acted_at TIMESTAMPTZ NOT NULL, hour TIMESTAMPTZ NOT NULL,
     plan_date DATE, mode VARCHAR NOT NULL, reason VARCHAR, vcc_cores DOUBLE, flexible_allowance_cores DOUBLE,
     caps VARCHAR, battery_charge_kw DOUBLE, battery_max_discharge_kw DOUBLE, result VARCHAR NOT NULL,
-    detail VARCHAR, PRIMARY KEY (cluster, at));
+    detail VARCHAR, PRIMARY KEY (cluster, acted_at));
 CREATE TABLE IF NOT EXISTS shaping_state (
     run_id VARCHAR NOT NULL, cluster VARCHAR NOT NULL, disabled_from DATE NOT NULL, disabled_until DATE NOT NULL,
     reason VARCHAR NOT NULL, PRIMARY KEY (cluster, disabled_from));
@@ -96,7 +96,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "vcc_status": ("plan_date", "cluster"),
     "slo_events": ("cluster", "day"),
     "shaping_state": ("cluster", "disabled_from"),
-    "agent_actions": ("cluster", "at"),
+    "agent_actions": ("cluster", "acted_at"),
 }
 
 
