@@ -183,6 +183,20 @@ def runs(db: Optional[Path] = DbOption, limit: int = typer.Option(20)) -> None:
     console.print(table)
 
 
+@app.command()
+def schedule(db: Optional[Path] = DbOption, fleet: Optional[Path] = FleetOption) -> None:
+    """Serve the nightly deployment (cron 18:00 in the earliest campus's evening) until stopped."""
+    from prefect import serve
+
+    from cicm.flows.nightly import nightly_deployment
+
+    try:
+        deployment = nightly_deployment(str(db or default_db_path()), str(fleet) if fleet else None)
+    except InputError as exc:
+        _fail(exc)
+    serve(deployment)
+
+
 _mount_subcommands()
 
 if __name__ == "__main__":

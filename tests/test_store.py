@@ -71,10 +71,11 @@ def test_replanning_a_day_replaces_its_plan_but_keeps_both_runs(db_path):
         for cap, hours in ((5.0, 25), (7.0, 24)):
             with store.run("plan", plan_date=day) as run:
                 vccs, status = plan(cap, hours)
-                store.replace_plan(day, ["c1"], vccs, status, run.run_id)
+                store.replace_plan(day, vccs, status, run.run_id)
         hours, status = store.plan("c1", day)
         assert len(hours) == 24 and (hours["vcc_cores"] == 7.0).all()
         assert len(store.runs()) == 2
+        assert len(store.query("SELECT * FROM vccs")) == 49  # the first run's 25 hours are kept
 
 
 def test_upsert_rejects_frame_missing_a_column(db_path):

@@ -2,7 +2,8 @@
 
 Every row carries the run that wrote it. A run's writes form one transaction (`Store.run`): if anything fails,
 none of them land, and the run itself is still recorded as failed with its message. Re-planning a day replaces
-that day's plan rows; the runs table keeps every run.
+the plan in force for that day (`current_plans`, and the views `current_vccs` / `current_vcc_status`); the VCCs
+of every earlier run stay in `vccs` / `vcc_status`, and the runs table keeps every run.
 
 Connections are short-lived: DuckDB lets one process write a file at a time, so readers (dashboard, CLI)
 open, read and close.
@@ -63,12 +64,19 @@ CREATE TABLE IF NOT EXISTS vccs (
     run_id VARCHAR NOT NULL, plan_date DATE NOT NULL, cluster VARCHAR NOT NULL, hour TIMESTAMPTZ NOT NULL,
     hour_index INTEGER NOT NULL, vcc_cores DOUBLE NOT NULL, flexible_cpu_cores DOUBLE,
     inflexible_cpu_cores DOUBLE, power_kw DOUBLE, carbon_kgco2 DOUBLE, gco2_per_kwh DOUBLE,
-    PRIMARY KEY (plan_date, cluster, hour));
+    PRIMARY KEY (run_id, cluster, hour));
 CREATE TABLE IF NOT EXISTS vcc_status (
     run_id VARCHAR NOT NULL, plan_date DATE NOT NULL, cluster VARCHAR NOT NULL, campus VARCHAR NOT NULL,
     status VARCHAR NOT NULL, reason VARCHAR, capacity_cores DOUBLE, theta_core_hours DOUBLE,
     tau_core_hours DOUBLE, expected_kgco2 DOUBLE, flat_kgco2 DOUBLE, saving_pct DOUBLE, peak_kw DOUBLE,
-    PRIMARY KEY (plan_date, cluster));
+    PRIMARY KEY (run_id, cluster));
+-- The plan in force for each (day, cluster): the newest plan run's. Older runs' VCCs stay in vccs/vcc_status.
+CREATE TABLE IF NOT EXISTS current_plans (
+    run_id VARCHAR NOT NULL, plan_date DATE NOT NULL, cluster VARCHAR NOT NULL, PRIMARY KEY (plan_date, cluster));
+CREATE VIEW IF NOT EXISTS current_vccs AS
+    SELECT v.* FROM vccs v JOIN current_plans c USING (run_id, plan_date, cluster);
+CREATE VIEW IF NOT EXISTS current_vcc_status AS
+    SELECT v.* FROM vcc_status v JOIN current_plans c USING (run_id, plan_date, cluster);
 CREATE TABLE IF NOT EXISTS slo_events (
     run_id VARCHAR NOT NULL, cluster VARCHAR NOT NULL, day DATE NOT NULL, demand_core_hours DOUBLE,
     served_core_hours DOUBLE, theta_core_hours DOUBLE, violated BOOLEAN NOT NULL, close BOOLEAN NOT NULL,
@@ -92,8 +100,9 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "power_models": ("run_id", "domain"),
     "load_forecasts": ("run_id", "cluster", "hour"),
     "load_forecast_days": ("run_id", "cluster"),
-    "vccs": ("plan_date", "cluster", "hour"),
-    "vcc_status": ("plan_date", "cluster"),
+    "vccs": ("run_id", "cluster", "hour"),
+    "vcc_status": ("run_id", "cluster"),
+    "current_plans": ("plan_date", "cluster"),
     "slo_events": ("cluster", "day"),
     "shaping_state": ("cluster", "disabled_from"),
     "agent_actions": ("cluster", "acted_at"),
@@ -245,14 +254,12 @@ class Store:
     def write_carbon_forecast(self, frame: pd.DataFrame, run_id: str) -> int:
         return self.upsert("carbon_forecasts", frame, run_id)
 
-    def replace_plan(self, plan_date: date, clusters: list[str], vccs: pd.DataFrame, status: pd.DataFrame,
-                     run_id: str) -> None:
-        """Replace the plan of `plan_date` for these clusters (hours of a DST day may differ from before)."""
-        for cluster in clusters:
-            self.delete_where("vccs", plan_date=plan_date, cluster=cluster)
-            self.delete_where("vcc_status", plan_date=plan_date, cluster=cluster)
+    def replace_plan(self, plan_date: date, vccs: pd.DataFrame, status: pd.DataFrame, run_id: str) -> None:
+        """Store a plan run's VCCs and make them the plan in force for `plan_date`. Earlier runs' rows stay."""
         self.upsert("vccs", vccs, run_id)
         self.upsert("vcc_status", status, run_id)
+        current = pd.DataFrame({"plan_date": plan_date, "cluster": status["cluster"].unique()})
+        self.upsert("current_plans", current, run_id)
 
     # -- named reads --------------------------------------------------------------------------------------
     def runs(self, limit: int = 50) -> pd.DataFrame:
@@ -293,7 +300,8 @@ class Store:
 
     def plan(self, cluster: str, plan_date: date) -> tuple[pd.DataFrame, pd.DataFrame]:
         hours = self.query(
-            "SELECT * FROM vccs WHERE cluster = ? AND plan_date = ? ORDER BY hour", [cluster, plan_date]
+            "SELECT * FROM current_vccs WHERE cluster = ? AND plan_date = ? ORDER BY hour", [cluster, plan_date]
         )
-        status = self.query("SELECT * FROM vcc_status WHERE cluster = ? AND plan_date = ?", [cluster, plan_date])
+        status = self.query("SELECT * FROM current_vcc_status WHERE cluster = ? AND plan_date = ?",
+                            [cluster, plan_date])
         return hours, status

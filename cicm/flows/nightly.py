@@ -117,7 +117,7 @@ def nightly_plan(plan_date: date, db_path: str, fleet_path: str | None = None,
                 store.write_carbon_forecast(carbon.forecasts, run.run_id)
             result = stages.plan_clusters(store, fleet, plan_date, days, carbon, options)
             reports.extend(result.reports)
-            store.replace_plan(plan_date, [c.name for c in fleet.clusters()], result.vccs, result.status, run.run_id)
+            store.replace_plan(plan_date, result.vccs, result.status, run.run_id)
             for table, frame in result.extra_tables.items():
                 store.upsert(table, frame, run.run_id)
             run.status = "degraded" if any(r.status in ("degraded", "failed") for r in reports) else "ok"
@@ -132,3 +132,37 @@ def nightly_plan(plan_date: date, db_path: str, fleet_path: str | None = None,
 def run_nightly_plan(plan_date: date, db_path: Path | str, fleet_path: Path | str | None = None,
                      options: PlanOptions | None = None) -> PlanOutcome:
     return nightly_plan(plan_date, str(db_path), str(fleet_path) if fleet_path else None, options)
+
+
+NIGHTLY_CRON = "0 18 * * *"
+
+
+def earliest_campus_timezone(fleet: Fleet) -> str:
+    """The campus whose day starts first (the most eastern): the nightly run must finish before its midnight."""
+    probe = pd.Timestamp("2022-01-15")
+    return min((c.timezone for c in fleet.campuses), key=lambda tz: probe.tz_localize(tz).tz_convert("UTC"))
+
+
+def tomorrow_in(tz: str, now: pd.Timestamp | None = None) -> date:
+    now = now if now is not None else pd.Timestamp.now(tz="UTC")
+    return (now.tz_convert(tz) + pd.Timedelta(days=1)).date()
+
+
+@flow(name="nightly-plan-scheduled", flow_run_name="nightly-plan-scheduled")
+def scheduled_nightly_plan(db_path: str, fleet_path: str | None = None, provider: str = "trace") -> PlanOutcome:
+    """What the deployment runs every evening: plan tomorrow (in the earliest campus's time zone)."""
+    fleet = load_fleet(fleet_path)
+    return nightly_plan(tomorrow_in(earliest_campus_timezone(fleet)), db_path, fleet_path, PlanOptions(provider))
+
+
+def nightly_deployment(db_path: str, fleet_path: str | None = None):
+    """A Prefect deployment with a nightly cron at 18:00 in the earliest campus's evening."""
+    from prefect.schedules import Cron
+
+    fleet = load_fleet(fleet_path)
+    return scheduled_nightly_plan.to_deployment(
+        name="nightly",
+        parameters={"db_path": db_path, "fleet_path": fleet_path},
+        schedules=[Cron(NIGHTLY_CRON, timezone=earliest_campus_timezone(fleet))],
+        description="Carbon-aware day-ahead plan for tomorrow",
+    )
