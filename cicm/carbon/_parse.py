@@ -27,7 +27,10 @@ def parse_utc_timestamp(value: Any, field: str) -> pd.Timestamp:
         raise InputError(field, f"unparseable timestamp {value!r}")
     if ts.tzinfo is None:
         raise InputError(field, f"naive timestamp {value!r}: an explicit UTC offset is required")
-    return ts.tz_convert("UTC").as_unit("ns")
+    try:
+        return ts.tz_convert("UTC").as_unit("ns")
+    except (ValueError, OverflowError) as exc:  # OutOfBoundsDatetime is a ValueError
+        raise InputError(field, f"timestamp out of range {value!r}") from exc
 
 
 def parse_utc_timestamps(values: Iterable[Any], field: str) -> pd.DatetimeIndex:

@@ -20,7 +20,7 @@ def import_demo_telemetry(store: Store, fleet: Fleet, seed: int = 0) -> dict:
     zones = sorted({c.grid_zone for c in fleet.campuses})
     actuals = []
     for zone in zones:
-        series = load_actual_intensity(zone)
+        series = load_actual_intensity(zone, drop_long_gaps=True)  # PJM: a real 22-hour gap stays a gap
         actuals.append(
             pd.DataFrame({"zone": zone, "hour": series.index, "gco2_per_kwh": series.to_numpy(), "source": "eia930"})
         )
