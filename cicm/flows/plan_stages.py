@@ -103,7 +103,8 @@ class ClusterModels:
     power_rows: pd.DataFrame
     power_curve: object | None  # cicm.optimize.inputs.PowerCurve
     power_problem: str | None
-    load: object  # cicm.models.load.LoadForecast
+    load: object | None  # cicm.models.load.LoadForecast; None when the history was rejected
+    load_problem: str | None  # "insufficient-history: ..." or "bad-history: ..."
 
 
 def fit_cluster_power(cluster, telemetry: pd.DataFrame, now: pd.Timestamp):
@@ -148,10 +149,21 @@ def cluster_models(store, cluster, day: CampusDay, gamma: float) -> ClusterModel
     telemetry = store.power_telemetry(cluster.name, before=day.planned_at, days=POWER_WINDOW_DAYS + 1)
     power_rows, curve, problem = fit_cluster_power(cluster, telemetry, day.planned_at)
     history = store.usage_history(cluster.name, before=day.planned_at, days=LOAD_HISTORY_DAYS)
-    return ClusterModels(power_rows, curve, problem, forecast_cluster_load(history, day, gamma))
+    try:
+        load = forecast_cluster_load(history, day, gamma)
+    except InputError as exc:  # gaps, NaN, duplicates in telemetry: this cluster is not shaped, and we say why
+        return ClusterModels(power_rows, curve, problem, None, f"bad-history: {exc}")
+    return ClusterModels(power_rows, curve, problem, load,
+                         None if load.ok else f"insufficient-history: {load.reason}")
 
 
-def load_rows(cluster: str, plan_date: date, load) -> tuple[pd.DataFrame, pd.DataFrame]:
+def load_rows(cluster: str, plan_date: date, load, problem: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if load is None:
+        return pd.DataFrame(), pd.DataFrame([{
+            "plan_date": plan_date, "cluster": cluster, "status": "bad-history", "reason": problem,
+            "flexible_core_hours": None, "reservations_core_hours": None, "theta_core_hours": None,
+            "reservations_rel_error_q97": None, "params": "{}",
+        }])
     day = pd.DataFrame([{
         "plan_date": plan_date, "cluster": cluster, "status": load.status, "reason": load.reason,
         "flexible_core_hours": load.flexible_core_hours, "reservations_core_hours": load.reservations_core_hours,
@@ -266,16 +278,15 @@ def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | 
     for cluster in day.campus.clusters:
         models = cluster_models(store, cluster, day, options.gamma)
         out["power_models"].append(models.power_rows)
-        hourly, daily = load_rows(cluster.name, plan_date, models.load)
+        hourly, daily = load_rows(cluster.name, plan_date, models.load, models.load_problem)
         out["load_forecasts"].append(hourly)
         out["load_forecast_days"].append(daily)
         if models.power_problem:
             out["notes"]["power-models"].append(f"{cluster.name}: {models.power_problem}")
-        if not models.load.ok:
-            out["notes"]["load-forecast"].append(f"{cluster.name}: {models.load.reason}")
-        reason = problem or (None if models.load.ok else f"insufficient-history: {models.load.reason}")
-        reason = reason or models.power_problem
-        if reason and (problem or not models.load.ok or models.power_curve is None):
+        if models.load_problem:
+            out["notes"]["load-forecast"].append(f"{cluster.name}: {models.load_problem}")
+        reason = problem or models.load_problem or models.power_problem
+        if reason:
             vccs, status = unplanned_rows(cluster, day.campus.name, plan_date, day.hours, reason, carbon)
             out["vccs"].append(vccs)
             out["status"].append(status)

@@ -1,0 +1,79 @@
+"""The plan's stages without Prefect: per-cluster trouble becomes a visible, stored fallback."""
+import pandas as pd
+import pytest
+
+from cicm.config import load_fleet
+from cicm.data.store import Store
+from cicm.flows import plan_stages as stages
+from cicm.flows.ingest import import_demo_telemetry
+from cicm.flows.nightly import PlanOptions
+from cicm.timeutil import parse_plan_date
+
+PLAN_DATE = parse_plan_date("2022-06-15")
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    return load_fleet()
+
+
+@pytest.fixture(scope="module")
+def telemetry_db(fleet, tmp_path_factory):
+    path = tmp_path_factory.mktemp("stages") / "cicm.duckdb"
+    with Store(path) as store:
+        import_demo_telemetry(store, fleet)
+    return path
+
+
+def plan(store, fleet):
+    days = stages.campus_days(fleet, PLAN_DATE)
+    fetched = {d.campus.name: stages.fetch_campus_carbon(d, "trace", seed=0) for d in days}
+    carbon = stages.collect_carbon(days, fetched)
+    return stages.plan_clusters(store, fleet, PLAN_DATE, days, carbon, PlanOptions())
+
+
+def test_short_and_broken_histories_fall_back_with_reasons(fleet, telemetry_db, tmp_path):
+    path = tmp_path / "db.duckdb"
+    path.write_bytes(telemetry_db.read_bytes())
+    with Store(path) as store:
+        store.con.execute("DELETE FROM usage_history WHERE cluster = 'sj-a' AND hour < '2022-06-01'")
+        store.con.execute("UPDATE usage_history SET inflexible_cpu_cores = 'NaN'::DOUBLE"
+                          " WHERE cluster = 'dl-a' AND hour = '2022-06-10 05:00:00+00'")
+        result = plan(store, fleet)
+    status = result.status.set_index("cluster")
+    assert status.loc["sj-a", "status"] == "fallback"
+    assert status.loc["sj-a", "reason"].startswith("insufficient-history")
+    assert status.loc["dl-a", "status"] == "fallback"
+    assert status.loc["dl-a", "reason"].startswith("bad-history") and "inflexible_cpu_cores" in status.loc["dl-a", "reason"]
+    # fallback VCC is the full machine capacity every hour
+    for name in ("sj-a", "dl-a"):
+        caps = result.vccs[result.vccs["cluster"] == name]["vcc_cores"]
+        assert (caps == fleet.cluster(name).capacity_cores).all() and len(caps) == 24
+    assert (status.drop(index=["sj-a", "dl-a", "cb-c"])["status"] == "shaped").all()
+    load_report = next(r for r in result.reports if r.name == "load-forecast")
+    assert load_report.status == "degraded" and "sj-a" in load_report.detail and "dl-a" in load_report.detail
+
+
+def test_slo_disabled_cluster_is_not_shaped(fleet, telemetry_db, tmp_path):
+    path = tmp_path / "db.duckdb"
+    path.write_bytes(telemetry_db.read_bytes())
+    with Store(path) as store:
+        with store.run("slo") as run:
+            store.upsert("shaping_state", pd.DataFrame([{
+                "cluster": "sj-b", "disabled_from": parse_plan_date("2022-06-14"),
+                "disabled_until": parse_plan_date("2022-06-20"), "reason": "slo-feedback: 2 violating days"}]),
+                run.run_id)
+        result = plan(store, fleet)
+    status = result.status.set_index("cluster")
+    assert status.loc["sj-b", "status"] == "fallback" and status.loc["sj-b", "reason"].startswith("slo-feedback")
+    assert status.loc["sj-a", "status"] == "shaped"
+
+
+def test_missing_power_telemetry_falls_back(fleet, telemetry_db, tmp_path):
+    path = tmp_path / "db.duckdb"
+    path.write_bytes(telemetry_db.read_bytes())
+    with Store(path) as store:
+        store.con.execute("DELETE FROM power_telemetry WHERE domain = 'ml-b-pd1' AND hour > '2022-06-01'")
+        result = plan(store, fleet)
+    status = result.status.set_index("cluster")
+    assert status.loc["ml-b", "reason"].startswith("no-power-model") and "ml-b-pd1" in status.loc["ml-b", "reason"]
