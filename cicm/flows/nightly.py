@@ -87,16 +87,10 @@ def _markdown(outcome: PlanOutcome) -> str:
     lines += ["| stage | status | detail |", "|---|---|---|"]
     lines += [f"| {s.name} | {s.status} | {s.detail} |" for s in outcome.stages]
     if not outcome.clusters.empty:
-        lines += ["", outcome.clusters.to_markdown(index=False) if _has_tabulate() else outcome.clusters.to_string()]
+        table = outcome.clusters.round(1).astype(str)
+        lines += ["", "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+        lines += ["| " + " | ".join(row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines)
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @flow(name="nightly-plan", flow_run_name="nightly-plan-{plan_date}")
