@@ -1,0 +1,410 @@
+"""The ecovisor's REST API (FastAPI). ``create_app(site, clock, backend, db_path)`` builds it.
+
+Auth: admin routes need ``Authorization: Bearer $ECOVISOR_ADMIN_TOKEN``; app routes need the token returned by
+``POST /v1/apps``. An app sees and controls only its own virtual energy system and containers (401 without or
+with a bad token, 403 for another app's container). Bad values answer 422 with the offending ``field``, and
+change nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import anyio
+import httpx
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from cicm.errors import InputError
+
+from .backends.base import BackendError, ContainerBackend
+from .core import AppState, AuthError, ConflictError, Ecovisor, ForbiddenError
+from .power import POWER_SOURCE
+from .schemas import (
+    AppRegistered,
+    AppRegistration,
+    CarbonBudgetBody,
+    CarbonRateBody,
+    DemandBody,
+    PowerBody,
+    TickBody,
+)
+from .site import SiteConfig
+from .store import Telemetry
+
+log = logging.getLogger("cicm.ecovisor")
+
+_bearer = HTTPBearer(auto_error=False)
+Creds = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+class CallbackDispatcher:
+    """Fire-and-forget POSTs of tick notifications. Never awaited by the tick; a slow or dead callback only
+    costs its own task (bounded by ``timeout_s``); at most ``max_pending`` per app are in flight, more are
+    dropped and counted."""
+
+    def __init__(self, timeout_s: float = 2.0, max_pending: int = 8):
+        self.timeout_s = timeout_s
+        self.max_pending = max_pending
+        self.client: httpx.AsyncClient | None = None
+        self.pending: dict[str, int] = {}
+        self.sent: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s))
+
+    async def stop(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+
+    def fire(self, app: str, url: str, payload: dict) -> None:
+        if self.client is None:
+            return
+        if self.pending.get(app, 0) >= self.max_pending:
+            self.dropped[app] = self.dropped.get(app, 0) + 1
+            return
+        self.pending[app] = self.pending.get(app, 0) + 1
+        task = asyncio.get_running_loop().create_task(self._post(app, url, payload))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _post(self, app: str, url: str, payload: dict) -> None:
+        try:
+            with anyio.fail_after(self.timeout_s + 0.5):
+                r = await self.client.post(url, json=payload)
+            if r.status_code >= 400:
+                raise httpx.HTTPStatusError(f"HTTP {r.status_code}", request=r.request, response=r)
+            self.sent[app] = self.sent.get(app, 0) + 1
+        except Exception as e:  # a callback's failure is the app's problem, never the tick's
+            self.failed[app] = self.failed.get(app, 0) + 1
+            log.info("tick callback of %s to %s failed: %s", app, url, e)
+        finally:
+            self.pending[app] -= 1
+
+    def stats(self, app: str) -> dict:
+        return {k: getattr(self, k).get(app, 0) for k in ("sent", "failed", "dropped", "pending")}
+
+
+def _require_admin(request: Request, creds: Creds) -> None:
+    admin = request.app.state.admin_token
+    if creds is None or not admin or not hmac.compare_digest(creds.credentials.encode(), admin.encode()):
+        raise AuthError("admin token required")
+
+
+def _require_app(request: Request, creds: Creds) -> AppState:
+    return request.app.state.ecovisor.authenticate(creds.credentials if creds else None)
+
+
+Admin = Annotated[None, Depends(_require_admin)]
+App = Annotated[AppState, Depends(_require_app)]
+
+
+def _err(status: int, msg: str, **extra) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"detail": msg, **extra}, status_code=status, headers=headers)
+
+
+def create_app(
+    site: SiteConfig,
+    clock,
+    backend: ContainerBackend,
+    db_path: str | Path | None,
+    *,
+    admin_token: str | None = None,
+    carbon=None,
+    solar=None,
+    callback_timeout_s: float = 2.0,
+    run_ticker: bool = True,
+) -> FastAPI:
+    admin = admin_token if admin_token is not None else os.environ.get("ECOVISOR_ADMIN_TOKEN")
+    if not admin:
+        log.warning("ECOVISOR_ADMIN_TOKEN is not set: admin routes will answer 401")
+    store = Telemetry(db_path)
+    core = Ecovisor(site, clock, backend, store, carbon=carbon, solar=solar)
+    callbacks = CallbackDispatcher(timeout_s=callback_timeout_s)
+
+    async def dispatch(summary: dict) -> None:
+        for name, s in summary["apps"].items():
+            app_ = core.apps.get(name)
+            if app_ is not None and app_.callback_url:
+                callbacks.fire(name, app_.callback_url, {"event": "tick", "app": name, "tick_id": summary["tick_id"],
+                                                         "grid_gco2_per_kwh": summary["grid_gco2_per_kwh"], **s})
+
+    async def ticker() -> None:
+        dt = core.dt_s
+        while True:
+            now = clock.now().timestamp()
+            await asyncio.sleep(max(0.0, (int(now // dt) + 1) * dt - now))
+            try:
+                summary = await anyio.to_thread.run_sync(core.tick)
+            except Exception:  # keep ticking; the error is logged, not swallowed silently
+                log.exception("tick failed")
+                continue
+            await dispatch(summary)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await callbacks.start()
+        task = None
+        if getattr(clock, "mode", "") == "real" and run_ticker:
+            task = asyncio.create_task(ticker())
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await callbacks.stop()
+            store.close()
+
+    api = FastAPI(
+        title="cicm ecovisor",
+        version="1",
+        description=(
+            "A virtual energy system per application (Souza et al., ASPLOS 2023): container power caps, a virtual "
+            f"battery, virtual solar and grid with carbon intensity. Container power is {POWER_SOURCE} "
+            "through each container's power model (no RAPL)."
+        ),
+        lifespan=lifespan,
+    )
+    api.state.ecovisor = core
+    api.state.callbacks = callbacks
+    api.state.admin_token = admin
+
+    # ---------------------------------------------------------------- errors
+    @api.exception_handler(InputError)
+    async def _input(_: Request, e: InputError):
+        return JSONResponse(
+            {"detail": [{"loc": [e.field], "msg": e.message, "type": "input_error"}], "field": e.field},
+            status_code=422,
+        )
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError):
+        errs = e.errors()
+        loc = [str(p) for p in (errs[0]["loc"] if errs else [])]
+        field = ".".join(p for p in loc if p not in ("body", "query", "path")) or (loc[-1] if loc else "body")
+        detail = [{"loc": list(x["loc"]), "msg": x["msg"], "type": x["type"]} for x in errs]
+        return JSONResponse({"detail": detail, "field": field}, status_code=422)
+
+    @api.exception_handler(AuthError)
+    async def _auth(_: Request, e: AuthError):
+        return _err(401, str(e))
+
+    @api.exception_handler(ForbiddenError)
+    async def _forbidden(_: Request, e: ForbiddenError):
+        return _err(403, str(e))
+
+    @api.exception_handler(ConflictError)
+    async def _conflict(_: Request, e: ConflictError):
+        return _err(409, str(e))
+
+    @api.exception_handler(BackendError)
+    async def _backend(_: Request, e: BackendError):
+        return _err(503, f"container backend: {e}")
+
+    # ---------------------------------------------------------------- public
+    @api.get("/v1/health", tags=["service"])
+    def health() -> dict:
+        return {
+            "status": "ok",
+            "site": site.name,
+            "clock": getattr(clock, "mode", "?"),
+            "now": clock.now().isoformat(),
+            "tick_seconds": core.dt_s,
+            "tick_id": core.tick_id,
+            "backend": backend.kind,
+            "power_source": POWER_SOURCE,
+        }
+
+    @api.get("/v1/clock", tags=["service"])
+    def get_clock() -> dict:
+        return {"mode": getattr(clock, "mode", "?"), "now": clock.now().isoformat(), "tick_seconds": core.dt_s,
+                "last_tick_end": core.last_tick_end.isoformat(), "tick_id": core.tick_id}
+
+    # ---------------------------------------------------------------- admin
+    @api.post("/v1/apps", status_code=201, tags=["admin"], response_model=AppRegistered)
+    def register_app(body: AppRegistration, _: Admin) -> AppRegistered:
+        app_, token = core.register_app(body)
+        return AppRegistered(name=app_.name, token=token, grid_share_kw=app_.grid_share_kw,
+                             solar_fraction=app_.solar_fraction, battery_fraction=app_.battery_fraction,
+                             containers=app_.containers)
+
+    @api.get("/v1/apps", tags=["admin"])
+    def list_apps(_: Admin) -> list[dict]:
+        return [core.app_view(a) | {"callbacks": callbacks.stats(a.name)} for a in list(core.apps.values())]
+
+    @api.delete("/v1/apps/{name}", status_code=204, tags=["admin"])
+    def delete_app(name: str, _: Admin) -> Response:
+        try:
+            core.delete_app(name)
+        except KeyError:
+            return _err(404, f"no app {name!r}")
+        return Response(status_code=204)
+
+    @api.post("/v1/tick", tags=["admin"])
+    async def tick(_: Admin, body: TickBody | None = None) -> dict:
+        """Advance the simulated clock by n ticks (409 on a real-time clock)."""
+        n = body.n if body else 1
+        if getattr(clock, "mode", "") != "simulated":
+            raise ConflictError("the clock is real-time; ticks come from the ticker")
+        ticks = []
+        for _i in range(n):
+            summary = (await anyio.to_thread.run_sync(core.advance, 1))[0]
+            await dispatch(summary)
+            ticks.append(summary)
+        return {"n": n, "now": clock.now().isoformat(), "ticks": ticks}
+
+    @api.put("/v1/admin/containers/{name}/demand", tags=["admin"])
+    def set_demand(name: str, body: DemandBody, _: Admin) -> dict:
+        """Simulated backend only: a container's CPU demand in cores."""
+        if backend.kind != "simulated":
+            raise ConflictError("demand can only be set on the simulated backend")
+        if name not in core.containers:
+            raise InputError("container", f"unknown container {name!r}")
+        if body.cores > core.containers[name].cores:
+            raise InputError("cores", f"above the container's {core.containers[name].cores} cores")
+        backend.set_demand(name, body.cores)
+        return {"container": name, "demand_cores": body.cores}
+
+    @api.get("/v1/admin/site", tags=["admin"])
+    def get_site(_: Admin) -> dict:
+        return site.model_dump(mode="json")
+
+    # ---------------------------------------------------------------- app: Table 1
+    @api.get("/v1/apps/me", tags=["app"])
+    def me(app_: App) -> dict:
+        return core.app_view(app_) | {"callbacks": callbacks.stats(app_.name)}
+
+    @api.get("/v1/containers", tags=["containers"])
+    def list_containers(app_: App) -> list[dict]:
+        return [core.get_container(app_, c) for c in app_.containers]
+
+    @api.get("/v1/containers/{name}", tags=["containers"])
+    def get_container(name: str, app_: App) -> dict:
+        return core.get_container(app_, name)
+
+    @api.put("/v1/containers/{name}/powercap", tags=["containers"])
+    def set_container_powercap(name: str, body: PowerBody, app_: App) -> dict:
+        cs = core.set_container_powercap(app_, name, body.kw)
+        return core.container_view(cs)
+
+    @api.get("/v1/containers/{name}/powercap", tags=["containers"])
+    def get_container_powercap(name: str, app_: App) -> dict:
+        v = core.get_container(app_, name)
+        return {k: v[k] for k in ("container", "powercap_kw", "effective_powercap_kw", "cpu_limit_cores", "idle_kw", "max_kw")}
+
+    @api.get("/v1/containers/{name}/power", tags=["containers"])
+    def get_container_power(name: str, app_: App) -> dict:
+        v = core.get_container(app_, name)
+        return {k: v[k] for k in ("container", "power_kw", "cpu_usage_cores", "power_source")} | {
+            "as_of": core.last_tick_end.isoformat()}
+
+    @api.put("/v1/battery/charge-rate", tags=["battery"])
+    def set_battery_charge_rate(body: PowerBody, app_: App) -> dict:
+        return core.battery_view(core.set_battery_charge_rate(app_, body.kw))
+
+    @api.put("/v1/battery/max-discharge", tags=["battery"])
+    def set_battery_max_discharge(body: PowerBody, app_: App) -> dict:
+        return core.battery_view(core.set_battery_max_discharge(app_, body.kw))
+
+    @api.get("/v1/battery", tags=["battery"])
+    def get_battery(app_: App) -> dict:
+        return core.battery_view(app_)
+
+    @api.get("/v1/battery/discharge-rate", tags=["battery"])
+    def get_battery_discharge_rate(app_: App) -> dict:
+        v = core.battery_view(app_)
+        return {"discharge_rate_kw": v["discharge_rate_kw"], "max_discharge_setting_kw": v["max_discharge_setting_kw"],
+                "as_of": v["as_of"]}
+
+    @api.get("/v1/battery/charge-level", tags=["battery"])
+    def get_battery_charge_level(app_: App) -> dict:
+        v = core.battery_view(app_)
+        return {"charge_level_kwh": v["charge_level_kwh"], "soc": v["soc"], "capacity_kwh": v["capacity_kwh"],
+                "as_of": v["as_of"]}
+
+    @api.get("/v1/solar/power", tags=["energy"])
+    def get_solar_power(app_: App) -> dict:
+        return core.solar_view(app_)
+
+    @api.get("/v1/grid/power", tags=["energy"])
+    def get_grid_power(app_: App) -> dict:
+        return core.grid_view(app_)
+
+    @api.get("/v1/grid/carbon", tags=["energy"])
+    def get_grid_carbon(app_: App) -> dict:
+        return core.carbon_view()
+
+    # ---------------------------------------------------------------- app: Table 2
+    @api.get("/v1/energy", tags=["library"])
+    def get_energy(app_: App, start: datetime | None = None, end: datetime | None = None,
+                   container: str | None = None) -> dict:
+        """Energy (kWh, by source) and carbon (kgCO2) of the app or one of its containers over [start, end)."""
+        _check_tz(start, "start")
+        _check_tz(end, "end")
+        return core.energy_carbon(app_, start, end, container)
+
+    @api.get("/v1/carbon", tags=["library"])
+    def get_carbon(app_: App, start: datetime | None = None, end: datetime | None = None,
+                   container: str | None = None) -> dict:
+        _check_tz(start, "start")
+        _check_tz(end, "end")
+        r = core.energy_carbon(app_, start, end, container)
+        out = {k: r[k] for k in ("app", "container", "start", "end", "carbon_kgco2", "energy_kwh")}
+        if container is None:
+            out["containers"] = {c: v["carbon_kgco2"] for c, v in r["containers"].items()}
+            out["grid_energy_kwh"] = r["grid_energy_kwh"]
+        return out
+
+    @api.put("/v1/carbon/rate", tags=["library"])
+    def set_carbon_rate(body: CarbonRateBody, app_: App) -> dict:
+        return core.policy_view(core.set_carbon_rate(app_, body.gco2_per_h))
+
+    @api.put("/v1/carbon/budget", tags=["library"])
+    def set_carbon_budget(body: CarbonBudgetBody, app_: App) -> dict:
+        return core.policy_view(core.set_carbon_budget(app_, body.kgco2, body.start, body.end))
+
+    @api.get("/v1/carbon/policy", tags=["library"])
+    def get_carbon_policy(app_: App) -> dict:
+        return core.policy_view(app_)
+
+    @api.get("/v1/ticks", tags=["library"])
+    def get_ticks(app_: App, start: datetime | None = None, end: datetime | None = None,
+                  limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000) -> dict:
+        """The app's per-tick telemetry (its energy system and its containers)."""
+        _check_tz(start, "start")
+        _check_tz(end, "end")
+        rows = core.store.app_ticks(app_.name, start, end, limit)
+        conts = core.store.container_ticks(app_.containers, start, end, limit * max(1, len(app_.containers)))
+        conts = [r for r in conts if r["app"] == app_.name]
+        return {"app": app_.name, "ticks": [_jsonable(r) for r in rows], "containers": [_jsonable(r) for r in conts],
+                "power_source": POWER_SOURCE}
+
+    return api
+
+
+def _check_tz(v: datetime | None, field: str) -> None:
+    if v is not None and v.tzinfo is None:
+        raise InputError(field, "must carry a time zone (e.g. 2022-06-21T00:00:00Z)")
+
+
+def _jsonable(r: dict) -> dict:
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in r.items()}
