@@ -31,10 +31,12 @@ def _fail(exc: Exception) -> None:
 def _mount_subcommands() -> None:
     from cicm.carbon.cli import carbon_app
 
+    from cicm.dashboards.cli import dashboard_app
     from cicm.ecovisor.cli import ecovisor_app
 
     app.add_typer(carbon_app, name="carbon", help="Carbon-intensity forecasts.")
     app.add_typer(ecovisor_app, name="ecovisor", help="The ecovisor: virtual grid, battery, solar, power caps.")
+    app.add_typer(dashboard_app, name="dashboard", help="The operators' web dashboard.")
 
 
 @app.command()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -125,6 +126,22 @@ def new_run_id(kind: str) -> str:
     return f"{kind}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
+LOCK_RETRY_SECONDS = 10.0
+
+
+def _connect_with_retry(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    """DuckDB lets one process hold a file for writing; another holder (the dashboard's brief reads, the agent)
+    makes connect fail with a lock error. Retry for a few seconds, then say who is in the way."""
+    deadline = time.monotonic() + LOCK_RETRY_SECONDS
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise InputError("db", f"{path} is locked by another process: {exc}") from exc
+            time.sleep(0.1)
+
+
 @dataclass
 class RunRecord:
     run_id: str
@@ -142,7 +159,7 @@ class Store:
         if read_only and not self.path.exists():
             raise InputError("db", f"no database at {self.path}; run `cicm plan` first")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.con = duckdb.connect(str(self.path), read_only=read_only)
+        self.con = _connect_with_retry(self.path, read_only)
         self.con.execute("SET TimeZone='UTC'")
         if not read_only:
             self._migrate()

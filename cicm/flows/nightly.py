@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -49,8 +50,7 @@ class PlanOutcome:
     message: str = ""
 
 
-@task(name="telemetry", cache_policy=NO_CACHE)
-def telemetry_task(store: Store, fleet: Fleet, seed: int) -> stages.StageReport:
+def ensure_telemetry(store: Store, fleet: Fleet, seed: int) -> stages.StageReport:
     names = [c.name for c in fleet.clusters()]
     if store.has_usage(names):
         return stages.StageReport("telemetry", "ran", "store already holds telemetry for every cluster")
@@ -58,8 +58,7 @@ def telemetry_task(store: Store, fleet: Fleet, seed: int) -> stages.StageReport:
     return stages.StageReport("telemetry", "ran", f"imported {info['usage_rows']} usage rows (run {info['run_id']})")
 
 
-@task(name="fetch-carbon", cache_policy=NO_CACHE)
-def fetch_carbon_task(day: stages.CampusDay, options: PlanOptions) -> pd.DataFrame:
+def fetch_day_carbon(day: stages.CampusDay, options: PlanOptions) -> pd.DataFrame:
     extra = {}
     if options.base_url:
         extra["base_url"] = options.base_url
@@ -69,17 +68,36 @@ def fetch_carbon_task(day: stages.CampusDay, options: PlanOptions) -> pd.DataFra
     return stages.fetch_campus_carbon(day, options.provider, options.seed, now=now, **extra)
 
 
-def _fetch_all(days: list[stages.CampusDay], options: PlanOptions) -> dict:
-    retrying = fetch_carbon_task.with_options(
-        retries=options.fetch_retries, retry_delay_seconds=options.fetch_retry_delay_seconds
-    )
+def plan_day(store: Store, fleet: Fleet, plan_date: date, options: PlanOptions,
+             fetch: Callable[[stages.CampusDay, PlanOptions], pd.DataFrame] = fetch_day_carbon,
+             telemetry: Callable[[Store, Fleet, int], stages.StageReport] = ensure_telemetry) -> PlanOutcome:
+    """The nightly plan's body, stage by stage, as plain calls. The flow passes its Prefect tasks in."""
+    reports = [telemetry(store, fleet, options.seed)]
+    days = stages.campus_days(fleet, plan_date)
     fetched = {}
     for day in days:
         try:
-            fetched[day.campus.name] = retrying(day, options)
+            fetched[day.campus.name] = fetch(day, options)
         except Exception as exc:  # noqa: BLE001 - collect_carbon decides what is a fallback and what a bug
             fetched[day.campus.name] = exc
-    return fetched
+    carbon = stages.collect_carbon(days, fetched)
+    reports.append(stages.carbon_report(carbon, days))
+    with store.run("plan", {"fleet": fleet.name, **options.__dict__}, plan_date=plan_date) as run:
+        if not carbon.forecasts.empty:
+            store.write_carbon_forecast(carbon.forecasts, run.run_id)
+        result = stages.plan_clusters(store, fleet, plan_date, days, carbon, options)
+        reports.extend(result.reports)
+        store.replace_plan(plan_date, result.vccs, result.status, run.run_id)
+        for table, frame in result.extra_tables.items():
+            store.upsert(table, frame, run.run_id)
+        run.status = "degraded" if any(r.status in ("degraded", "failed") for r in reports) else "ok"
+        summary = stages.cluster_summary(result.status)
+        run.summary = {"stages": [r.__dict__ for r in reports], "clusters": summary.to_dict("records")}
+    return PlanOutcome(plan_date, run.run_id, run.status, reports, summary)
+
+
+telemetry_task = task(ensure_telemetry, name="telemetry", cache_policy=NO_CACHE)
+fetch_carbon_task = task(fetch_day_carbon, name="fetch-carbon", cache_policy=NO_CACHE)
 
 
 def _markdown(outcome: PlanOutcome) -> str:
@@ -89,7 +107,7 @@ def _markdown(outcome: PlanOutcome) -> str:
     if not outcome.clusters.empty:
         table = outcome.clusters.round(1).astype(str)
         lines += ["", "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-        lines += ["| " + " | ".join(row) + " |" for row in table.itertuples(index=False)]
+        lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines)
 
 
@@ -98,28 +116,13 @@ def nightly_plan(plan_date: date, db_path: str, fleet_path: str | None = None,
                  options: PlanOptions | None = None) -> PlanOutcome:
     options = options or PlanOptions()
     fleet = load_fleet(fleet_path)
-    logger = get_run_logger()
-    reports: list[stages.StageReport] = []
+    fetch = fetch_carbon_task.with_options(
+        retries=options.fetch_retries, retry_delay_seconds=options.fetch_retry_delay_seconds
+    )
     with Store(db_path) as store:
-        reports.append(telemetry_task(store, fleet, options.seed))
-        days = stages.campus_days(fleet, plan_date)
-        carbon = stages.collect_carbon(days, _fetch_all(days, options))
-        reports.append(stages.carbon_report(carbon, days))
-        params = {"fleet": fleet.name, **options.__dict__}
-        with store.run("plan", params, plan_date=plan_date) as run:
-            if not carbon.forecasts.empty:
-                store.write_carbon_forecast(carbon.forecasts, run.run_id)
-            result = stages.plan_clusters(store, fleet, plan_date, days, carbon, options)
-            reports.extend(result.reports)
-            store.replace_plan(plan_date, result.vccs, result.status, run.run_id)
-            for table, frame in result.extra_tables.items():
-                store.upsert(table, frame, run.run_id)
-            run.status = "degraded" if any(r.status in ("degraded", "failed") for r in reports) else "ok"
-            summary = stages.cluster_summary(result.status)
-            run.summary = {"stages": [r.__dict__ for r in reports], "clusters": summary.to_dict("records")}
-    outcome = PlanOutcome(plan_date, run.run_id, run.status, reports, summary)
+        outcome = plan_day(store, fleet, plan_date, options, fetch=fetch, telemetry=telemetry_task)
     create_markdown_artifact(_markdown(outcome), key=f"nightly-plan-{plan_date}", description="nightly plan")
-    logger.info("plan %s stored as run %s (%s)", plan_date, outcome.run_id, outcome.status)
+    get_run_logger().info("plan %s stored as run %s (%s)", plan_date, outcome.run_id, outcome.status)
     return outcome
 
 

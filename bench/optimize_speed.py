@@ -1,0 +1,148 @@
+"""How fast is the VCC program? Prints per-cluster solve time, fleet plan times and how they grow with size.
+
+Inputs are synthesised around real carbon days (UTC days of the bundled EIA-930 2022 traces for CISO, MISO and
+BPAT; every campus gets a random day) by cicm.optimize.synthetic: diurnal inflexible load, 15-40% flexible
+share, reservations 1.2-1.8x usage, a concave 3-segment power curve, ~30% of clusters power-capped, and a campus
+contract at 1.02x the sum of the flat peaks (so the contract binds), lambda_p = 0.1 per kW.
+
+Every figure is the median of --repeats runs (default 3) measured in this process; input synthesis is not timed.
+
+    .venv/bin/python bench/optimize_speed.py              # full run (~5 min on 2 busy cores)
+    .venv/bin/python bench/optimize_speed.py --quick      # 1,000-cluster fleets only
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cicm.optimize import plan_campus  # noqa: E402
+from cicm.optimize.synthetic import synthetic_campus  # noqa: E402
+from cicm.paths import bundled_data_dir  # noqa: E402
+
+ZONES = ("CISO", "MISO", "BPAT")
+
+
+def carbon_days() -> list[pd.Series]:
+    days = []
+    for z in ZONES:
+        path = bundled_data_dir() / "carbon_intensity" / f"{z}_2022_hourly_mix_and_ci.csv.gz"
+        s = pd.read_csv(path, usecols=["timestamp", "avg_CI"], parse_dates=["timestamp"]).set_index("timestamp")
+        s = s["avg_CI"]
+        for _, v in s.groupby(s.index.floor("D")):
+            if len(v) == 24 and not v.isna().any():
+                days.append(v)
+    return days
+
+
+def make_fleet(days, n_clusters: int, per_campus: int, seed: int, *, solver: str = "HIGHS",
+               contract_headroom: float = 1.02, lambda_p: float = 0.1):
+    rng = np.random.default_rng(seed)
+    out = []
+    for j in range(n_clusters // per_campus):
+        day = days[int(rng.integers(len(days)))]
+        out.append(synthetic_campus(day.to_numpy(), per_campus, seed=rng, name=f"k{j:05d}",
+                                    hours=pd.DatetimeIndex(day.index), solver=solver,
+                                    contract_headroom=contract_headroom, lambda_p=lambda_p))
+    return out
+
+
+def time_fleet(campuses) -> tuple[float, float, dict, float]:
+    """Wall seconds to plan every campus, summed solve seconds, the status counts, CPU seconds of this process."""
+    t = time.perf_counter()
+    cpu = time.process_time()
+    solve = 0.0
+    statuses: dict[str, int] = {}
+    for c in campuses:
+        p = plan_campus(c)
+        solve += p.solve_seconds
+        for s in p.clusters["status"]:
+            statuses[s] = statuses.get(s, 0) + 1
+    return time.perf_counter() - t, solve, statuses, time.process_time() - cpu
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="skip the 10,000-cluster fleets")
+    args = ap.parse_args(argv)
+    r = args.repeats
+    days = carbon_days()
+    print(f"# VCC program speed  ({platform.processor() or platform.machine()}, {os.cpu_count()} cpu, "
+          f"python {platform.python_version()}, load avg {os.getloadavg()[0]:.2f}; {len(days)} real carbon days "
+          f"from {', '.join(ZONES)}; median of {r} repeats)")
+
+    # 1. Per cluster: one-cluster campuses, each on its own carbon day.
+    print("\n## one-cluster campuses (per-cluster plan time = build + solve + frames)")
+    for solver in ("HIGHS", "CLARABEL"):
+        fleet = make_fleet(days, 60, 1, seed=1, solver=solver)
+        times, solves = [], []
+        for _ in range(r):
+            for c in fleet:
+                t = time.perf_counter()
+                p = plan_campus(c)
+                times.append(time.perf_counter() - t)
+                solves.append(p.solve_seconds)
+        print(f"{solver:8s}  plan median {1e3 * statistics.median(times):6.1f} ms/cluster "
+              f"(p90 {1e3 * float(np.quantile(times, 0.9)):5.1f})   of which cvxpy build+solve "
+              f"{1e3 * statistics.median(solves):6.1f} ms   (n={len(times)})")
+
+    # 2. Fleets.
+    print("\n## fleets (wall seconds to plan every campus; HiGHS; contract binding at 1.02x flat peaks)")
+    print(f"{'clusters':>8s} {'per campus':>10s} {'campuses':>8s} {'plan s':>8s} {'solve s':>8s} {'cpu s':>8s} "
+          f"{'ms/cluster':>10s}  statuses")
+    results: dict[tuple[int, int], float] = {}
+    cpu_results: dict[tuple[int, int], float] = {}
+    groupings = [10, 100, 1_000]
+    cases = [(1_000, g) for g in groupings] + ([] if args.quick else [(10_000, 10), (10_000, 100)])
+    for n, g in cases:
+        if True:
+            fleet = make_fleet(days, n, g, seed=n + g)
+            runs = [time_fleet(fleet) for _ in range(r)]
+            wall = statistics.median(x[0] for x in runs)
+            cpu = statistics.median(x[3] for x in runs)
+            solve, st = statistics.median(x[1] for x in runs), runs[0][2]
+            results[(n, g)], cpu_results[(n, g)] = wall, cpu
+            print(f"{n:8d} {g:10d} {n // g:8d} {wall:8.2f} {solve:8.2f} {cpu:8.2f} {1e3 * wall / n:10.2f}  {st}")
+            sys.stdout.flush()
+
+    # 3. One campus: growth of a single LP with its size, per solver and objective.
+    print("\n## one campus, growing (seconds to plan it: wall / process CPU)")
+    sizes = (10, 100, 300, 1_000)
+    configs = [("carbon+peak, contract 1.02x", 1.02, 0.1), ("carbon+peak, no contract", float("inf"), 0.1),
+               ("carbon only (lambda_p=0)", float("inf"), 0.0)]
+    print(f"{'solver':9s}{'objective':29s}" + "".join(f"{n:>14d}" for n in sizes) + "   cpu 1000/100")
+    for solver in ("HIGHS", "CLARABEL"):
+        for label, headroom, lam_p in configs:
+            cells, cpus = [], {}
+            for n in sizes:
+                c = make_fleet(days, n, n, seed=7 * n, solver=solver, contract_headroom=headroom, lambda_p=lam_p)
+                runs = [time_fleet(c) for _ in range(r)]
+                wall, cpu = statistics.median(x[0] for x in runs), statistics.median(x[3] for x in runs)
+                cpus[n] = cpu
+                cells.append(f"{wall:.3f}/{cpu:.3f}")
+            print(f"{solver:9s}{label:29s}" + "".join(f"{x:>14s}" for x in cells)
+                  + f"   x{cpus[1_000] / cpus[100]:.1f}")
+            sys.stdout.flush()
+
+    print("\n## fleet growth (ratios from this run; process CPU is less sensitive to other load than wall)")
+    for g in groupings:
+        if (10_000, g) in results:
+            print(f"fleet 10,000 / 1,000 clusters, {g} per campus: wall x{results[(10_000, g)] / results[(1_000, g)]:.1f}"
+                  f", cpu x{cpu_results[(10_000, g)] / cpu_results[(1_000, g)]:.1f}")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\npeak RSS {rss:.0f} MB; load avg at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,485 @@
+"""The operators' dashboard, tested in a real headless browser (Debian's chromium driven by Playwright).
+
+One session store is built by the real plan stages, as the nightly flow runs them (two plan dates); the
+dashboard runs as a real server (`python -m cicm.dashboards.cli`) in its own process on a free loopback port. Browser tests check that every page
+loads without console errors, that the charts hold data, that the pickers change what is shown, that the CSV
+export matches the store, and that a writer holding the store gives a "store busy" notice, not a crash.
+In-process tests cover what a browser cannot set up cheaply (no snapshot possible, SLO rows, backtest table).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from datetime import date
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pytest
+
+from cicm.dashboards.reader import StoreBusy, StoreReader
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PLAN_DATES = (date(2022, 6, 14), date(2022, 6, 15))
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def plan_store(tmp_path_factory) -> Path:
+    """A store written by the real plan stages for two plan dates, the newest 2022-06-15: demo telemetry, trace
+    carbon forecasts, power models, load forecasts and the VCC program, as `cicm plan` stores them."""
+    from cicm.config import load_fleet
+    from cicm.data.store import Store
+    from cicm.flows.nightly import PlanOptions, plan_day
+
+    db = tmp_path_factory.mktemp("dashboard-store") / "cicm.duckdb"
+    fleet = load_fleet()
+    with Store(db) as store:
+        for day in PLAN_DATES:
+            plan_day(store, fleet, day, PlanOptions())
+    return db
+
+
+def _query(db: Path, sql: str, params: list | None = None) -> pd.DataFrame:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        con.execute("SET TimeZone='UTC'")
+        return con.execute(sql, params or []).df()
+    finally:
+        con.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@pytest.fixture(scope="session")
+def server(plan_store, tmp_path_factory):
+    """`python -m cicm.dashboards.cli --db STORE --port P` as its own process; yields its base URL."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("dashboard-log") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cicm.dashboards.cli", "--db", str(plan_store),
+                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"dashboard server exited {proc.returncode}:\n{log.read_text()}")
+            try:
+                status, _ = _get(base + "/api/health", timeout=2)
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"dashboard server did not answer in 60 s:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip("Debian chromium is not installed at /usr/bin/chromium (run .ci/setup-browser)")
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, artifacts_dir, request):
+    """A fresh page that records console errors and uncaught exceptions; the test fails on any."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    pg = context.new_page()
+    pg.set_default_timeout(20_000)
+    errors: list[str] = []
+    pg.on("console", lambda m: errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+    pg.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+    pg.console_errors = errors
+    yield pg
+    context.close()
+    assert not errors, f"browser errors on {request.node.name}: {errors}"
+
+
+def _open(pg, url: str, ready: str):
+    pg.goto(url)
+    pg.wait_for_selector(ready)
+    pg.wait_for_load_state("networkidle")
+
+
+def _plot(pg, graph_id: str) -> dict:
+    """Traces of a rendered dcc.Graph, read from plotly's own graph div (after plotly.js drew it)."""
+    pg.wait_for_function(
+        f"() => {{ const g = document.querySelector('#{graph_id} .js-plotly-plot');"
+        " return g && g.calcdata && g.calcdata.length > 0; }")
+    return pg.evaluate(
+        f"""() => {{
+            const g = document.querySelector('#{graph_id} .js-plotly-plot');
+            return {{
+                traces: g.data.map(t => ({{name: t.name, type: t.type, x: Array.from(t.x || []).map(String),
+                                          y: Array.from(t.y || [])}})),
+                points: g.calcdata.map(cd => cd.filter(p => p.y !== undefined && p.y !== null
+                                                        && !Number.isNaN(p.y)).length),
+                drawn: document.querySelectorAll('#{graph_id} .scatterlayer .trace, #{graph_id} .barlayer .trace')
+                           .length,
+            }};
+        }}""")
+
+
+def _choose(pg, picker_id: str, option: str):
+    pg.click(f"#{picker_id}")
+    pg.get_by_role("option", name=option, exact=True).click()
+
+
+# ---------------------------------------------------------------------------------------------- browser tests
+
+
+def test_overview_answers_the_operator_questions(server, plan_store, page, artifacts_dir):
+    _open(page, server + "/", "#fleet-table")
+    status = _query(plan_store, "SELECT * FROM current_vcc_status WHERE plan_date = ?", [PLAN_DATES[-1]])
+    assert "plan for 2022-06-15 (newest plan in the store)" in page.inner_text("#overview-title")
+
+    # Every cluster is listed under its campus and grid zone.
+    rows = page.query_selector_all("#fleet-table tbody tr[data-key]")
+    assert sorted(r.get_attribute("data-key") for r in rows) == sorted(status["cluster"])
+    groups = page.inner_text("#fleet-table")
+    for campus, zone in (("ca-sj", "CISO"), ("or-dalles", "BPAT"), ("ia-council", "MISO"), ("tx-midlothian", "ERCO")):
+        assert f"{campus} — grid zone {zone}" in groups
+
+    # Which clusters are shaped, and why the others are not.
+    shaped = int((status["status"] == "shaped").sum())
+    assert f"{shaped} of {len(status)} clusters" in page.inner_text("#card-shaped")
+    fallbacks = status[status["status"] != "shaped"]
+    assert len(fallbacks) >= 1, "the demo plan has a fallback cluster (cb-c, too-full)"
+    listed = page.inner_text("#not-shaped-list")
+    for cluster, reason in zip(fallbacks["cluster"], fallbacks["reason"]):
+        assert cluster in listed and reason.split(":")[0] in listed
+        row = page.inner_text(f"#fleet-table tr[data-key='{cluster}']")
+        assert "fallback" in row and reason.split(":")[0] in row
+
+    # How much carbon the plan should save (sum against flat).
+    saved = float((status["flat_kgco2"] - status["expected_kgco2"]).sum())
+    flat = float(status["flat_kgco2"].sum())
+    carbon = page.inner_text("#card-carbon")
+    assert f"{saved:,.1f} kgCO2" in carbon and f"{100 * saved / flat:,.1f}%" in carbon
+
+    # The SLO record: the flow wrote no slo_events, and the page says so rather than showing a clean record.
+    assert _query(plan_store, "SELECT count(*) AS n FROM slo_events")["n"].iloc[0] == 0
+    assert "no data" in page.inner_text("#card-slo")
+
+    bars = _plot(page, "savings-chart")
+    assert bars["traces"][0]["x"] == list(status.sort_values(["campus", "cluster"])["cluster"])
+    assert bars["points"][0] == len(status) and bars["drawn"] >= 1
+    page.screenshot(path=str(artifacts_dir / "dashboard-overview.png"), full_page=True)
+
+
+def test_cluster_page_charts_hold_the_store_data(server, plan_store, page, artifacts_dir):
+    _open(page, server + "/cluster?cluster=sj-a&date=2022-06-15", "#day-chart")
+    assert "Cluster sj-a (ca-sj — grid zone CISO" in page.inner_text("#cluster-title")
+    vccs = _query(plan_store, "SELECT * FROM current_vccs WHERE cluster = 'sj-a' AND plan_date = ? ORDER BY hour",
+                  [PLAN_DATES[-1]])
+
+    day = _plot(page, "day-chart")
+    names = [t["name"] for t in day["traces"]]
+    for wanted in ("VCC (reservation cores)", "forecast inflexible usage", "actual inflexible usage",
+                   "actual total usage (inflexible + flexible)", "carbon forecast (newest vintage)", "carbon actual"):
+        assert wanted in names
+    vcc = day["traces"][names.index("VCC (reservation cores)")]
+    # One point per hour of the local day, plus the point that closes the last hour's step.
+    assert len(vcc["y"]) == len(vccs) + 1
+    assert vcc["y"][:-1] == pytest.approx(list(vccs["vcc_cores"]), rel=1e-9)
+    assert vcc["x"][0].startswith("2022-06-15") and "00:00" in vcc["x"][0]  # local midnight, Los Angeles
+    assert all(n > 0 for n in day["points"]), dict(zip(names, day["points"]))
+    assert day["drawn"] == len(names)
+
+    fit = _plot(page, "power-fit")
+    models = _query(plan_store, """SELECT m.domain, m.model FROM power_models m JOIN current_plans c
+                                   ON c.run_id = m.run_id AND c.cluster = m.cluster
+                                   WHERE m.cluster = 'sj-a' AND c.plan_date = ? ORDER BY m.domain""",
+                    [PLAN_DATES[-1]])
+    assert len(fit["traces"]) == 2 * len(models)  # telemetry scatter + fitted line per power domain
+    for domain, model in zip(models["domain"], models["model"]):
+        doc = json.loads(model)
+        window = _query(plan_store, "SELECT count(*) AS n FROM power_telemetry WHERE domain = ? AND hour >= ?"
+                        " AND hour < ?", [domain, doc["window_start"], doc["window_end"]])["n"].iloc[0]
+        scatter = next(t for t in fit["traces"] if t["name"].startswith(f"{domain} telemetry"))
+        assert len(scatter["y"]) == window > 0
+        line = next(t for t in fit["traces"] if t["name"].startswith(f"{domain} fit"))
+        assert len(line["y"]) >= 4  # the breakpoints of the piecewise-linear model
+
+    errors = _plot(page, "forecast-errors")
+    mape = next(t for t in errors["traces"] if t["name"].startswith("inflexible usage MAPE"))
+    assert mape["x"] == [str(d) for d in PLAN_DATES]
+    assert all(v is not None and 0 <= v < 100 for v in mape["y"])
+
+    history = page.query_selector_all("#cluster-history tbody tr")
+    assert len(history) == len(PLAN_DATES)
+    page.screenshot(path=str(artifacts_dir / "dashboard-cluster.png"), full_page=True)
+
+
+def test_pickers_change_what_is_shown(server, plan_store, page):
+    _open(page, server + "/cluster?cluster=sj-a&date=2022-06-15", "#day-chart")
+    _plot(page, "day-chart")
+
+    _choose(page, "cluster-picker", "cb-c")
+    page.wait_for_function("() => location.search.includes('cluster=cb-c')")
+    page.wait_for_selector("text=Cluster cb-c (ia-council — grid zone MISO")
+    reason = _query(plan_store, "SELECT reason FROM current_vcc_status WHERE cluster = 'cb-c' AND plan_date = ?",
+                    [PLAN_DATES[-1]])["reason"].iloc[0]
+    card = page.inner_text("#cluster-status-card")
+    assert "fallback" in card and reason.split(":")[0] in card
+
+    _choose(page, "date-picker", "2022-06-14")
+    page.wait_for_function("() => location.search.includes('date=2022-06-14')")
+    page.wait_for_selector("text=cb-c on 2022-06-14")
+    day = _plot(page, "day-chart")
+    vcc = next(t for t in day["traces"] if t["name"] == "VCC (reservation cores)")
+    expected = _query(plan_store, "SELECT vcc_cores FROM current_vccs WHERE cluster = 'cb-c' AND plan_date = ?"
+                      " ORDER BY hour", [PLAN_DATES[0]])["vcc_cores"]
+    assert vcc["x"][0].startswith("2022-06-14")
+    assert vcc["y"][:-1] == pytest.approx(list(expected), rel=1e-9)
+
+    # The overview follows the date picker too (and keeps it when navigating).
+    page.click("#nav-overview")
+    page.wait_for_selector("text=Fleet overview — plan for 2022-06-14")
+    _choose(page, "date-picker", "2022-06-15")
+    page.wait_for_selector("text=Fleet overview — plan for 2022-06-15 (newest plan in the store)")
+
+
+def test_runs_page_lists_the_plan_history_and_run_log(server, plan_store, page, artifacts_dir):
+    _open(page, server + "/runs", "#runs-table")
+    runs = _query(plan_store, "SELECT run_id, kind, status FROM runs ORDER BY started_at DESC")
+    keys = [r.get_attribute("data-key") for r in page.query_selector_all("#runs-table tbody tr")]
+    assert keys == list(runs["run_id"])
+    newest = runs["run_id"].iloc[0]
+    assert newest in page.inner_text("#run-log h2")
+    stages = page.inner_text("#run-stages")
+    for stage in ("telemetry", "carbon-forecast", "power-models", "load-forecast", "vcc-program"):
+        assert stage in stages
+
+    other = runs[runs["kind"] == "telemetry-import"]["run_id"].iloc[0]
+    _choose(page, "run-picker", f"{other} (telemetry-import, ok)")
+    page.wait_for_selector(f"text=Run log: {other}")
+    assert "telemetry-import" in page.inner_text("#run-status")
+    assert page.query_selector("#backtest-results") is None  # no backtest_results table in this store
+    page.screenshot(path=str(artifacts_dir / "dashboard-runs.png"), full_page=True)
+
+
+def test_csv_export_matches_the_store(server, plan_store, page, tmp_path):
+    _open(page, server + "/", "#export-day")
+    with page.expect_download() as info:
+        page.click("#export-day")
+    download = info.value
+    assert download.suggested_filename == "vccs-2022-06-15.csv"
+    target = tmp_path / download.suggested_filename
+    download.save_as(target)
+    exported = pd.read_csv(target)
+    store = _query(plan_store, "SELECT * FROM current_vccs WHERE plan_date = ? ORDER BY cluster, hour",
+                   [PLAN_DATES[-1]])
+    assert len(exported) == len(store)
+    exported["hour"] = pd.to_datetime(exported["hour_utc"], utc=True)
+    merged = store.merge(exported, on=["cluster", "hour"], suffixes=("", "_csv"), validate="one_to_one")
+    assert len(merged) == len(store)
+    for col in ("vcc_cores", "flexible_cpu_cores", "power_kw", "carbon_kgco2", "gco2_per_kwh"):
+        pd.testing.assert_series_equal(merged[col], merged[f"{col}_csv"], check_names=False, rtol=1e-12)
+    assert (merged["run_id"] == merged["run_id_csv"]).all()
+    assert set(exported["plan_date"]) == {"2022-06-15"}
+
+    # One cluster's export, from the cluster page.
+    _open(page, server + "/cluster?cluster=dl-b&date=2022-06-14", "#export-cluster")
+    with page.expect_download() as info:
+        page.click("#export-cluster")
+    rows = list(csv.DictReader(io.StringIO(Path(info.value.path()).read_text())))
+    one = _query(plan_store, "SELECT vcc_cores FROM current_vccs WHERE cluster = 'dl-b' AND plan_date = ?"
+                 " ORDER BY hour", [PLAN_DATES[0]])
+    assert {r["cluster"] for r in rows} == {"dl-b"}
+    assert [float(r["vcc_cores"]) for r in rows] == pytest.approx(list(one["vcc_cores"]), rel=1e-12)
+
+
+def test_a_writer_holding_the_store_shows_busy_not_a_crash(server, plan_store, page, artifacts_dir):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time, duckdb
+            con = duckdb.connect({str(plan_store)!r})  # a read-write connection: the file lock is held
+            print("held", flush=True)
+            sys.stdin.readline()
+            con.close()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        status, body = _get(server + "/api/health")
+        assert status == 200 and json.loads(body)["state"] == "snapshot"
+        _open(page, server + "/", "#store-busy")
+        assert "Store busy, retrying" in page.inner_text("#store-busy")
+        assert page.query_selector_all("#fleet-table tbody tr[data-key]"), "the snapshot still shows the fleet"
+        page.screenshot(path=str(artifacts_dir / "dashboard-store-busy.png"), full_page=False)
+    finally:
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait(timeout=10)
+    # Once the writer lets go, the retry timer reloads the page from the live store and the notice goes.
+    page.wait_for_selector("#store-busy", state="detached", timeout=15_000)
+    assert page.query_selector_all("#fleet-table tbody tr[data-key]")
+    status, body = _get(server + "/api/health")
+    assert status == 200 and json.loads(body)["state"] == "live"
+
+
+# ---------------------------------------------------------------------------------------------- in-process tests
+
+
+def _text(component) -> str:
+    """All text in a Dash component tree."""
+    if component is None:
+        return ""
+    if isinstance(component, (str, int, float)):
+        return str(component)
+    if isinstance(component, (list, tuple)):
+        return " ".join(_text(c) for c in component)
+    return _text(getattr(component, "children", None))
+
+
+def _ids(component) -> set[str]:
+    found = set()
+    if isinstance(component, (list, tuple)):
+        for c in component:
+            found |= _ids(c)
+    elif component is not None and not isinstance(component, (str, int, float)):
+        if isinstance(getattr(component, "id", None), str):
+            found.add(component.id)
+        found |= _ids(getattr(component, "children", None))
+    return found
+
+
+@pytest.fixture
+def store_copy(plan_store, tmp_path) -> Path:
+    copy = tmp_path / "copy.duckdb"
+    shutil.copyfile(plan_store, copy)
+    return copy
+
+
+def test_busy_without_snapshot_gives_a_retry_notice_and_503(store_copy):
+    from cicm.dashboards.app import Pages, create_app
+    from cicm.config import load_fleet
+
+    reader = StoreReader(store_copy, retries=2, retry_delay_s=0.01, allow_snapshot=False)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import duckdb, sys; c = duckdb.connect({str(store_copy)!r}); print('held', "
+                               "flush=True); sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreBusy, match="locked by a writer"):
+            with reader.read():
+                pass
+        page, notice, retry_off = Pages(reader, load_fleet()).render("/", "")
+        assert "Store busy, retrying" in _text(notice) and retry_off is False
+        client = create_app(store_copy, reader=reader).server.test_client()
+        resp = client.get("/export/vccs.csv?date=2022-06-15")
+        assert resp.status_code == 503 and b"store busy" in resp.data
+        assert client.get("/api/health").status_code == 503
+    finally:
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait(timeout=10)
+    with reader.read() as r:  # and it reads again once the writer is gone
+        assert r.source == "live"
+
+
+def test_missing_store_and_bad_requests(tmp_path, store_copy):
+    from cicm.dashboards.app import Pages, create_app
+
+    page, notice, _ = Pages(StoreReader(tmp_path / "none.duckdb"), None).render("/", "")
+    assert "No store yet" in _text(page) and "cicm plan" in _text(notice)
+    client = create_app(store_copy).server.test_client()
+    assert client.get("/export/vccs.csv").status_code == 400
+    assert client.get("/export/vccs.csv?date=2021-01-01").status_code == 404
+    resp = client.get("/export/vccs.csv?date=2022-06-15&cluster=sj-c")
+    assert resp.status_code == 200 and resp.mimetype == "text/csv"
+    assert len(pd.read_csv(io.BytesIO(resp.data))) == 24
+
+
+def test_slo_events_shaping_state_and_backtest_results_are_shown(store_copy):
+    """Rows another part writes (the SLO loop, a backtest) show up on the pages when present."""
+    from cicm.config import load_fleet
+    from cicm.dashboards.app import Pages
+    from cicm.data.store import Store
+
+    with Store(store_copy) as store:
+        with store.run("slo-check") as run:
+            store.upsert("slo_events", pd.DataFrame({
+                "cluster": ["sj-a", "sj-b", "sj-a", "cb-a"],
+                "day": [date(2022, 6, 13), date(2022, 6, 13), date(2022, 6, 14), date(2022, 6, 14)],
+                "demand_core_hours": [1.0, 1.0, 1.0, 1.0], "served_core_hours": [1.0, 0.9, 1.0, 0.8],
+                "theta_core_hours": [1.0] * 4, "violated": [False, True, False, True],
+                "close": [False, False, True, False],
+            }), run.run_id)
+            store.upsert("shaping_state", pd.DataFrame({
+                "cluster": ["cb-a"], "disabled_from": [date(2022, 6, 15)], "disabled_until": [date(2022, 6, 21)],
+                "reason": ["slo-feedback: violated on 2022-06-14"],
+            }), run.run_id)
+        store.con.execute("CREATE TABLE backtest_results (cluster VARCHAR, plan_date DATE, saving_pct DOUBLE)")
+        store.con.execute("INSERT INTO backtest_results VALUES ('sj-a', DATE '2022-06-01', 4.2),"
+                          " ('cb-a', DATE '2022-06-01', 3.1)")
+
+    pages = Pages(StoreReader(store_copy), load_fleet())
+    page, notice, live = pages.render("/", "?date=2022-06-15")
+    text = _text(page)
+    assert notice is None and live is True
+    assert "1 violated" in text and "latest day evaluated 2022-06-14: violated by cb-a" in text
+    assert "2 violation(s), 1 close call(s) over 2 day(s) recorded" in text
+    assert "slo-feedback: violated on 2022-06-14 (until 2022-06-21)" in text
+
+    page, _, _ = pages.render("/runs", "")
+    assert "backtest-results" in _ids(page) and "Backtest results" in _text(page)
+    page, _, _ = pages.render("/cluster", "?cluster=sj-a&date=2022-06-15")
+    assert "cluster-backtest" in _ids(page)
+    assert "4.20" in _text(page) and "3.10" not in _text(page)  # filtered to the cluster
+
+
+def test_cli_mounts_as_cicm_dashboard():
+    import typer
+    from typer.testing import CliRunner
+
+    from cicm.dashboards.cli import dashboard_app
+
+    app = typer.Typer()
+    app.command("noop")(lambda: None)
+    app.add_typer(dashboard_app, name="dashboard")
+    result = CliRunner().invoke(app, ["dashboard", "--help"])
+    assert result.exit_code == 0
+    assert "--db" in result.output and "--port" in result.output
