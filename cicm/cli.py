@@ -33,10 +33,14 @@ def _mount_subcommands() -> None:
 
     from cicm.dashboards.cli import dashboard_app
     from cicm.ecovisor.cli import ecovisor_app
+    from cicm.enforce.cli import agent_app
+    from cicm.enforce.slo_cli import slo_app
 
     app.add_typer(carbon_app, name="carbon", help="Carbon-intensity forecasts.")
     app.add_typer(ecovisor_app, name="ecovisor", help="The ecovisor: virtual grid, battery, solar, power caps.")
     app.add_typer(dashboard_app, name="dashboard", help="The operators' web dashboard.")
+    app.add_typer(agent_app, name="agent", help="The enforcement agent: applies the VCC hourly via the ecovisor.")
+    app.add_typer(slo_app, name="slo", help="The SLO feedback loop: violations and shaping state.")
 
 
 @app.command()

@@ -44,7 +44,7 @@ def test_plan_stores_every_stage_for_every_cluster(planned_db):
     names = sorted(c.name for c in fleet.clusters())
     assert outcome.status == "ok", outcome.stages
     assert [s.name for s in outcome.stages] == [
-        "telemetry", "carbon-forecast", "power-models", "load-forecast", "vcc-program"]
+        "telemetry", "carbon-forecast", "slo-feedback", "power-models", "load-forecast", "vcc-program"]
     with Store(path, read_only=True) as store:
         run = store.query("SELECT * FROM runs WHERE run_id = ?", [outcome.run_id]).iloc[0]
         assert run["status"] == "ok" and run["code_version"] and json.loads(run["params"])["provider"] == "trace"

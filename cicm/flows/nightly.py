@@ -1,7 +1,8 @@
 """The nightly planning flow: one Prefect flow run per target day, one task per stage.
 
 Stages: telemetry (import the demo telemetry when the store has none) → carbon forecasts per campus (retried) →
-power models → load forecasts → VCC program per campus → commit (one transaction) → markdown artifact.
+SLO feedback (its own run) → power models → load forecasts → VCC program per campus, all written in one
+transaction → markdown artifact.
 """
 from __future__ import annotations
 
@@ -70,8 +71,14 @@ def fetch_day_carbon(day: stages.CampusDay, options: PlanOptions) -> pd.DataFram
 
 def plan_day(store: Store, fleet: Fleet, plan_date: date, options: PlanOptions,
              fetch: Callable[[stages.CampusDay, PlanOptions], pd.DataFrame] = fetch_day_carbon,
-             telemetry: Callable[[Store, Fleet, int], stages.StageReport] = ensure_telemetry) -> PlanOutcome:
-    """The nightly plan's body, stage by stage, as plain calls. The flow passes its Prefect tasks in."""
+             telemetry: Callable[[Store, Fleet, int], stages.StageReport] = ensure_telemetry,
+             slo: Callable[[Store, Fleet, date], stages.StageReport] | None = None) -> PlanOutcome:
+    """The nightly plan's body, stage by stage, as plain calls. The flow passes its Prefect tasks in.
+
+    The SLO check of the last judged days runs in its own run before the plan, so its verdicts (shaping off for a
+    week) bind this plan, and an SLO failure cannot stop the plan from being stored.
+    """
+    slo = slo or check_slo
     reports = [telemetry(store, fleet, options.seed)]
     days = stages.campus_days(fleet, plan_date)
     fetched = {}
@@ -82,6 +89,7 @@ def plan_day(store: Store, fleet: Fleet, plan_date: date, options: PlanOptions,
             fetched[day.campus.name] = exc
     carbon = stages.collect_carbon(days, fetched)
     reports.append(stages.carbon_report(carbon, days))
+    reports.append(slo(store, fleet, plan_date))
     with store.run("plan", {"fleet": fleet.name, **options.__dict__}, plan_date=plan_date) as run:
         if not carbon.forecasts.empty:
             store.write_carbon_forecast(carbon.forecasts, run.run_id)
@@ -96,8 +104,19 @@ def plan_day(store: Store, fleet: Fleet, plan_date: date, options: PlanOptions,
     return PlanOutcome(plan_date, run.run_id, run.status, reports, summary)
 
 
+def check_slo(store: Store, fleet: Fleet, plan_date: date) -> stages.StageReport:
+    from cicm.flows.slo import slo_stage
+
+    try:
+        result = slo_stage(store, fleet, plan_date)
+    except Exception as exc:  # noqa: BLE001 - reported and stored with the run; the plan still goes ahead
+        return stages.StageReport("slo-feedback", "failed", f"{type(exc).__name__}: {exc}")
+    return stages.StageReport("slo-feedback", "ran", result["summary"])
+
+
 telemetry_task = task(ensure_telemetry, name="telemetry", cache_policy=NO_CACHE)
 fetch_carbon_task = task(fetch_day_carbon, name="fetch-carbon", cache_policy=NO_CACHE)
+slo_task = task(check_slo, name="slo-feedback", cache_policy=NO_CACHE)
 
 
 def _markdown(outcome: PlanOutcome) -> str:
@@ -120,7 +139,7 @@ def nightly_plan(plan_date: date, db_path: str, fleet_path: str | None = None,
         retries=options.fetch_retries, retry_delay_seconds=options.fetch_retry_delay_seconds
     )
     with Store(db_path) as store:
-        outcome = plan_day(store, fleet, plan_date, options, fetch=fetch, telemetry=telemetry_task)
+        outcome = plan_day(store, fleet, plan_date, options, fetch=fetch, telemetry=telemetry_task, slo=slo_task)
     create_markdown_artifact(_markdown(outcome), key=f"nightly-plan-{plan_date}", description="nightly plan")
     get_run_logger().info("plan %s stored as run %s (%s)", plan_date, outcome.run_id, outcome.status)
     return outcome
@@ -162,4 +181,5 @@ def nightly_deployment(db_path: str, fleet_path: str | None = None):
         parameters={"db_path": db_path, "fleet_path": fleet_path},
         schedules=[Cron(NIGHTLY_CRON, timezone=earliest_campus_timezone(fleet))],
         description="Carbon-aware day-ahead plan for tomorrow",
+        _sync=True,  # always the deployment, even when called under a running event loop
     )

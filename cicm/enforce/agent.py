@@ -1,0 +1,384 @@
+"""The enforcement agent: every hour it applies the cluster's VCC through the ecovisor's HTTP API.
+
+One pass (``Agent.step``):
+
+1. Read the cluster's plan covering the current UTC hour (store or plan file).
+   - shaped plan: cap flexible containers at the hour's flexible allowance (see :mod:`cicm.enforce.policy`);
+   - fallback plan: lift every cap (the plan itself says "full capacity"), reason ``fallback-plan: ...``;
+   - no VCC for the hour, a stale plan, an unreadable source: lift every cap (or, with
+     ``on_missing_plan="keep"``, keep the caps as they are), reason ``no-vcc``/``stale-plan``/``plan-unreadable``.
+2. Reconcile: read the containers' current caps and CPU limits; set only what differs (a restarted agent,
+   mid-hour, changes nothing that is already right). Inflexible containers are never capped: any cap found on
+   one is lifted. Flexible CPU limits never add up to more than the plan allows.
+3. Drive the battery from the day's carbon in the plan (charge in clean hours, discharge in dirty ones).
+4. Audit the pass (``agent_actions`` or a JSONL file): mode, reason, allowance, caps, battery, result.
+
+If the ecovisor cannot be reached the pass is audited as ``failed`` and retried with exponential back-off
+(capped, and always at the next hour boundary); the agent keeps running. Time comes from a clock object, so
+tests drive the agent on a simulated clock.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import math
+import threading
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from cicm.enforce.client import EcovisorClient, EcovisorError, EcovisorUnavailable
+from cicm.enforce.clock import Clock, hour_start, next_hour
+from cicm.enforce.plans import DayPlan, PlanUnavailable
+from cicm.enforce.policy import (
+    BatteryDecision,
+    CapModel,
+    ContainerInfo,
+    battery_decision,
+    flexible_targets,
+    tolerance_cores,
+)
+
+log = logging.getLogger("cicm.agent")
+
+MODE_SHAPED, MODE_LIFT, MODE_KEEP = "shaped", "lift", "keep"
+RESULT_APPLIED, RESULT_UNCHANGED, RESULT_FAILED, RESULT_ERROR = "applied", "unchanged", "failed", "error"
+
+
+class AgentConfigError(RuntimeError):
+    """A problem retrying cannot fix (no flexible containers, unknown capacity, missing API routes)."""
+
+
+@dataclass
+class AgentConfig:
+    cluster: str
+    flexible: tuple[str, ...] = ()  # explicit flexible container names; empty: use flexible_pattern
+    flexible_pattern: str = "batch-*"  # glob over the app's containers; the others are inflexible
+    cluster_cores_per_core: float | None = None  # cluster cores one container core stands for
+    capacity_cores: float | None = None  # cluster capacity when the plan does not carry it (plan files)
+    on_missing_plan: str = MODE_LIFT  # lift | keep: no VCC / stale plan / unreadable source
+    max_plan_age_hours: float | None = 48.0  # a plan issued longer before the hour than this is stale
+    battery: bool = True
+    battery_hours: int = 4  # n cleanest hours charge, n dirtiest discharge
+    retry_base_s: float = 5.0
+    retry_max_s: float = 300.0
+    reconcile_every_s: float = 3600.0
+    max_cap_steps: int = 12
+
+    def __post_init__(self):
+        if self.on_missing_plan not in (MODE_LIFT, MODE_KEEP):
+            raise ValueError(f"on_missing_plan must be 'lift' or 'keep', not {self.on_missing_plan!r}")
+        if self.cluster_cores_per_core is not None and not self.cluster_cores_per_core > 0:
+            raise ValueError("cluster_cores_per_core must be > 0")
+
+
+@dataclass
+class PassOutcome:
+    hour: pd.Timestamp
+    acted_at: pd.Timestamp
+    mode: str
+    reason: str | None
+    result: str
+    plan: DayPlan | None = None
+    vcc_cores: float | None = None
+    allowance_cores: float | None = None  # cluster cores
+    allowance_container_cores: float | None = None
+    caps: dict = field(default_factory=dict)
+    battery: BatteryDecision | None = None
+    changes: list[str] = field(default_factory=list)
+    detail: str = ""
+    audit_to: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.result in (RESULT_APPLIED, RESULT_UNCHANGED)
+
+    def line(self) -> str:
+        allow = "" if self.allowance_cores is None else f" allowance {self.allowance_cores:,.0f} cores"
+        why = f" ({self.reason})" if self.reason else ""
+        return (f"{self.hour:%Y-%m-%d %H:%M}Z {self.mode}{why}{allow}: {self.result}"
+                + (f", {len(self.changes)} change(s)" if self.changes else "")
+                + (f"; {self.detail}" if self.detail else ""))
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, client: EcovisorClient, plans, audit, clock: Clock):
+        self.config = config
+        self.client = client
+        self.plans = plans
+        self.audit = audit
+        self.clock = clock
+        self.models: dict[str, CapModel] = {}
+        self._contract_ok = False
+        self._last_acted: pd.Timestamp | None = None
+        self._last_acted_loaded = False
+        self.passes: list[PassOutcome] = []
+
+    # ------------------------------------------------------------------------------------------- plan
+    def _safe(self, reason: str) -> tuple[str, str]:
+        return self.config.on_missing_plan, reason
+
+    def plan_for(self, hour: pd.Timestamp) -> tuple[str, str | None, DayPlan | None, float | None, str]:
+        """(mode, reason, plan covering the hour or None, flexible allowance in cluster cores, note)."""
+        try:
+            look = self.plans.lookup(hour)
+        except PlanUnavailable as exc:
+            return (*self._safe(f"plan-unreadable: {exc}"), None, None, "")
+        note = "; ".join([*(look.problems or []), *([look.note] if look.note else [])])
+        plan = look.plan
+        if plan is None:
+            newest = look.newest
+            if newest is not None and newest.last_hour < hour:
+                reason = (f"stale-plan: no VCC for {hour:%Y-%m-%d %H:%M}Z; the newest plan is for {newest.plan_date}")
+            else:
+                reason = f"no-vcc: no plan for cluster {self.config.cluster} covers {hour:%Y-%m-%d %H:%M}Z"
+            return (*self._safe(reason), None, None, note)
+        if plan.status != "shaped":
+            return MODE_LIFT, f"fallback-plan: {plan.reason or plan.status}", plan, None, note
+        age = self.config.max_plan_age_hours
+        if age is not None and plan.planned_at is not None:
+            hours_old = (hour - plan.planned_at).total_seconds() / 3600.0
+            if hours_old > age:
+                return (*self._safe(f"stale-plan: issued {plan.planned_at:%Y-%m-%d %H:%M}Z, {hours_old:.0f} h "
+                                    f"before this hour (limit {age:g} h)"), plan, None, note)
+        allowance = float(plan.row(hour)["flexible_cpu_cores"])
+        if not math.isfinite(allowance):
+            return (*self._safe(f"no-vcc: the plan of {plan.plan_date} has no flexible allowance for "
+                                f"{hour:%H:%M}Z"), plan, None, note)
+        return MODE_SHAPED, None, plan, allowance, note
+
+    # ------------------------------------------------------------------------------------------- ecovisor
+    def _is_flexible(self, name: str) -> bool:
+        if self.config.flexible:
+            return name in self.config.flexible
+        return fnmatch.fnmatchcase(name, self.config.flexible_pattern)
+
+    def _scale(self, plan: DayPlan | None, containers: list[ContainerInfo]) -> float:
+        if self.config.cluster_cores_per_core:
+            return float(self.config.cluster_cores_per_core)
+        cap = plan.capacity_cores if plan is not None else None
+        if cap is None or not math.isfinite(cap) or cap <= 0:
+            cap = self.config.capacity_cores
+        if not cap:
+            raise AgentConfigError(f"the cluster's capacity is unknown (the plan does not carry it): pass "
+                                   "--cluster-cores-per-core or a fleet file naming the cluster")
+        total = sum(c.cores for c in containers)
+        return float(cap) / total
+
+    def _model(self, c: ContainerInfo) -> CapModel:
+        m = self.models.get(c.name)
+        if m is None or (m.cores, m.idle_kw, m.max_kw) != (c.cores, c.idle_kw, c.max_kw):
+            m = self.models[c.name] = CapModel(c.cores, c.idle_kw, c.max_kw)
+        if c.cpu_limit_cores is not None:
+            m.learn(c.effective_powercap_kw, c.cpu_limit_cores)
+        return m
+
+    def _lift(self, c: ContainerInfo, changes: list[str], why: str) -> dict:
+        entry = {"target_cores": c.cores, "powercap_kw": c.max_kw, "cpu_limit_cores": c.cpu_limit_cores,
+                 "flexible": c.flexible}
+        if c.powercap_kw < c.max_kw - 1e-9:
+            resp = self.client.set_powercap(c.name, c.max_kw)
+            entry["cpu_limit_cores"] = resp.get("cpu_limit_cores")
+            changes.append(f"{c.name}: lifted {c.powercap_kw:.4g} -> {c.max_kw:.4g} kW ({why})")
+        return entry
+
+    def _cap(self, c: ContainerInfo, target: float, changes: list[str]) -> dict:
+        tol = tolerance_cores(c.cores)
+        if target >= c.cores - tol:
+            return self._lift(c, changes, "allowance covers the container") | {"target_cores": target}
+        model = self._model(c)
+        limit, kw = c.cpu_limit_cores, c.powercap_kw
+        entry = {"target_cores": round(target, 6), "flexible": True}
+        if limit is not None and abs(limit - target) <= tol:
+            return entry | {"powercap_kw": kw, "cpu_limit_cores": limit}
+        puts = 0
+        (a_kw, a_lim), (b_kw, b_lim) = model.bracket(target)
+        fa, fb = a_lim - target, b_lim - target  # fa <= 0 < fb
+        side = 0
+        for _ in range(self.config.max_cap_steps):  # Illinois: regula falsi that does not stall at kinks
+            new_kw = (a_kw * fb - b_kw * fa) / (fb - fa) if fb != fa else (a_kw + b_kw) / 2
+            new_kw = float(min(max(new_kw, c.idle_kw), c.max_kw))
+            if puts and abs(new_kw - kw) < 1e-12:
+                break  # no progress: the model cannot do better
+            resp = self.client.set_powercap(c.name, new_kw)
+            puts += 1
+            kw, limit = new_kw, resp.get("cpu_limit_cores")
+            if limit is None:
+                break
+            model.learn(float(resp.get("effective_powercap_kw", new_kw)), limit)
+            f = limit - target
+            if abs(f) <= tol:
+                break
+            if f > 0:
+                b_kw, fb = kw, f
+                if side > 0:
+                    fa /= 2
+                side = 1
+            else:
+                a_kw, fa = kw, f
+                if side < 0:
+                    fb /= 2
+                side = -1
+        if limit is None or limit > target + tol:  # never exceed the plan: fall back to a cap known to be below
+            kw = model.safe_kw(target + tol)
+            resp = self.client.set_powercap(c.name, kw)
+            puts += 1
+            limit = resp.get("cpu_limit_cores")
+        changes.append(f"{c.name}: cap {c.powercap_kw:.4g} -> {kw:.4g} kW, CPU limit "
+                       f"{c.cpu_limit_cores if c.cpu_limit_cores is not None else float('nan'):.3g} -> {limit:.3g} "
+                       f"(target {target:.3g}, {puts} PUT)")
+        return entry | {"powercap_kw": round(kw, 9), "cpu_limit_cores": limit, "puts": puts}
+
+    def _battery(self, plan: DayPlan | None, hour: pd.Timestamp, me: dict,
+                 changes: list[str]) -> BatteryDecision | None:
+        if not self.config.battery:
+            return None
+        b = me.get("battery") or self.client.battery()
+        carbon = plan.carbon() if plan is not None else None
+        dec = battery_decision(carbon, hour, b, float(me.get("grid_share_kw") or 0.0), self.config.battery_hours)
+        if dec is None:
+            return None
+        if dec.charge_kw == 0.0 and dec.mode != "charge" and abs(float(b.get("charge_rate_kw") or 0.0)) > 1e-9:
+            self.client.set_battery_charge_rate(0.0)  # stop charging first, so the discharge setting takes
+            changes.append("battery: grid charging stopped")
+        current_md = b.get("max_discharge_setting_kw")
+        if current_md is None or abs(float(current_md) - dec.max_discharge_kw) > 1e-6:
+            self.client.set_battery_max_discharge(dec.max_discharge_kw)
+            changes.append(f"battery: max discharge -> {dec.max_discharge_kw:.3g} kW ({dec.mode})")
+        if dec.mode == "charge" and abs(float(b.get("charge_rate_kw") or 0.0) - dec.charge_kw) > 1e-6:
+            self.client.set_battery_charge_rate(dec.charge_kw)
+            changes.append(f"battery: grid charge rate -> {dec.charge_kw:.3g} kW")
+        return dec
+
+    # ------------------------------------------------------------------------------------------- one pass
+    def step(self) -> PassOutcome:
+        now = self.clock.now()
+        hour = hour_start(now)
+        mode, reason, plan, allowance, note = self.plan_for(hour)
+        out = PassOutcome(hour=hour, acted_at=now, mode=mode, reason=reason, result=RESULT_UNCHANGED, plan=plan,
+                          allowance_cores=allowance)
+        if plan is not None and plan.covers(hour):
+            out.vcc_cores = float(plan.row(hour)["vcc_cores"])
+        details = [note] if note else []
+        fatal: AgentConfigError | None = None
+        try:
+            if not self._contract_ok:
+                missing = self.client.check_contract()
+                if missing:
+                    raise AgentConfigError(f"the ecovisor at {self.client.base_url} lacks routes: {', '.join(missing)}")
+                self._contract_ok = True
+            me = self.client.me()
+            containers = [ContainerInfo.from_api(d, self._is_flexible(d["container"]))
+                          for d in self.client.containers()]
+            flexible = [c for c in containers if c.flexible]
+            if not flexible:
+                raise AgentConfigError(
+                    f"none of the app's containers ({', '.join(c.name for c in containers) or 'none'}) is flexible "
+                    f"(flexible: {', '.join(self.config.flexible) or self.config.flexible_pattern})")
+            changes: list[str] = []
+            for c in containers:
+                if not c.flexible:
+                    out.caps[c.name] = self._lift(c, changes, "inflexible work is never capped")
+            if mode == MODE_SHAPED:
+                scale = self._scale(plan, containers)
+                out.allowance_container_cores = allowance / scale
+                targets = flexible_targets(out.allowance_container_cores, flexible)
+                for c in flexible:
+                    out.caps[c.name] = self._cap(c, targets[c.name], changes)
+                used = sum(float(out.caps[c.name].get("cpu_limit_cores") or 0.0) for c in flexible)
+                slack = sum(tolerance_cores(c.cores) for c in flexible)
+                within = used <= min(out.allowance_container_cores, sum(c.cores for c in flexible)) + slack
+                details.append(f"flexible CPU limits {used:.3g} of {out.allowance_container_cores:.3g} allowed "
+                               f"container cores (scale {scale:,.6g} cluster cores per core)"
+                               + ("" if within else " EXCEEDS THE PLAN"))
+            elif mode == MODE_LIFT:
+                for c in flexible:
+                    out.caps[c.name] = self._lift(c, changes, reason or "lift")
+            else:  # keep: record what is there
+                for c in flexible:
+                    out.caps[c.name] = {"target_cores": None, "powercap_kw": c.powercap_kw,
+                                        "cpu_limit_cores": c.cpu_limit_cores, "flexible": True, "kept": True}
+            if mode == MODE_KEEP and plan is None:
+                details.append("battery settings kept")
+            else:
+                out.battery = self._battery(plan, hour, me, changes)
+            if out.battery is not None:
+                details.append(f"battery {out.battery.mode}: {out.battery.why}")
+            out.changes = changes
+            out.result = RESULT_APPLIED if changes else RESULT_UNCHANGED
+        except EcovisorUnavailable as exc:
+            out.result = RESULT_FAILED
+            details.append(f"ecovisor unreachable: {exc}")
+        except EcovisorError as exc:
+            out.result = RESULT_FAILED
+            details.append(f"ecovisor error: {exc}")
+        except AgentConfigError as exc:
+            out.result = RESULT_ERROR
+            details.append(f"configuration: {exc}")
+            fatal = exc
+        if out.changes:
+            details.append("; ".join(out.changes))
+        out.detail = " | ".join(d for d in details if d)
+        out.acted_at = self._unique_acted_at(now)
+        out.audit_to = self._audit(out)
+        self.passes.append(out)
+        (log.info if out.ok else log.warning)("%s", out.line())
+        if fatal is not None:
+            raise fatal
+        return out
+
+    def _unique_acted_at(self, now: pd.Timestamp) -> pd.Timestamp:
+        """acted_at is the audit key with the cluster; a simulated clock can repeat instants, so bump by 1 µs."""
+        if not self._last_acted_loaded:
+            self._last_acted_loaded = True
+            try:
+                self._last_acted = self.audit.last_acted_at(self.config.cluster)
+            except Exception as exc:  # noqa: BLE001 - uniqueness is best effort; the upsert key still holds
+                log.warning("could not read the last audit time: %s", exc)
+        t = now
+        if self._last_acted is not None and t <= self._last_acted:
+            t = self._last_acted + pd.Timedelta(microseconds=1)
+        self._last_acted = t
+        return t
+
+    def _audit(self, out: PassOutcome) -> str:
+        b = out.battery
+        row = {
+            "cluster": self.config.cluster, "acted_at": out.acted_at, "hour": out.hour,
+            "plan_date": out.plan.plan_date if out.plan is not None else None, "mode": out.mode,
+            "reason": out.reason, "vcc_cores": out.vcc_cores, "flexible_allowance_cores": out.allowance_cores,
+            "caps": json.dumps(out.caps, sort_keys=True, default=str),
+            "battery_charge_kw": b.charge_kw if b else None,
+            "battery_max_discharge_kw": b.max_discharge_kw if b else None,
+            "result": out.result, "detail": out.detail[:4000],
+        }
+        try:
+            return self.audit.write(row)
+        except Exception as exc:  # noqa: BLE001 - never let the audit kill enforcement; say so loudly
+            log.error("AUDIT FAILED for %s at %s: %s; row: %s", self.config.cluster, out.acted_at, exc, row)
+            return "failed"
+
+    # ------------------------------------------------------------------------------------------- the loop
+    def run(self, once: bool = False, max_passes: int | None = None,
+            stop: threading.Event | None = None) -> PassOutcome:
+        """Pass now, then at every hour boundary (and every ``reconcile_every_s``); after a failed pass retry
+        with back-off (``retry_base_s`` doubling up to ``retry_max_s``), never later than the next hour."""
+        failures = 0
+        passes = 0
+        while True:
+            out = self.step()
+            passes += 1
+            if once or (max_passes is not None and passes >= max_passes) or (stop is not None and stop.is_set()):
+                return out
+            now = self.clock.now()
+            wake = min(next_hour(now), now + pd.Timedelta(seconds=self.config.reconcile_every_s))
+            if out.ok:
+                failures = 0
+            else:
+                failures += 1
+                delay = min(self.config.retry_max_s, self.config.retry_base_s * 2 ** (failures - 1))
+                wake = min(wake, now + pd.Timedelta(seconds=delay))
+            self.clock.sleep_until(wake)
+            if stop is not None and stop.is_set():
+                return out

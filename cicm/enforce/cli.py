@@ -1,0 +1,201 @@
+"""``cicm agent``: the enforcement agent's command line (the lead mounts ``agent_app``)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cicm.errors import InputError
+
+agent_app = typer.Typer(no_args_is_help=True,
+                        help="The enforcement agent: applies each hour's VCC through the ecovisor's HTTP API.")
+console = Console(width=None if sys.stdout.isatty() else 160, stderr=False)
+
+TOKEN_ENV = "CICM_ECOVISOR_TOKEN"
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "—"
+    return f"{v:,.0f}" if isinstance(v, float) else str(v)
+
+
+def _default_audit_file(db: Path | None, plan_file: Path | None, cluster: str) -> Path:
+    from cicm.paths import home_dir
+
+    if db is not None:
+        return db.with_name(f"{db.name}.agent-{cluster}.jsonl")
+    return home_dir() / f"agent-{cluster}.audit.jsonl"
+
+
+def build_agent(*, cluster: str, ecovisor: str, token: str | None, db: Path | None, plan_file: Path | None,
+                audit_file: Path | None, fleet: Path | None, flexible: list[str], flexible_pattern: str,
+                cluster_cores_per_core: float | None, on_missing_plan: str, max_plan_age_hours: float | None,
+                battery: bool, battery_hours: int, retry_base_s: float, retry_max_s: float,
+                reconcile_every_s: float, request_retries: int = 2, clock=None):
+    """Wire an Agent from CLI-style options (also used by tests)."""
+    from cicm.data.store import new_run_id
+    from cicm.enforce.agent import Agent, AgentConfig
+    from cicm.enforce.audit import JsonlAudit, StoreAudit
+    from cicm.enforce.client import EcovisorClient
+    from cicm.enforce.clock import RealClock
+    from cicm.enforce.plans import FilePlanSource, StorePlanSource
+    from cicm.paths import default_db_path
+
+    if db is not None and plan_file is not None:
+        raise InputError("plan-file", "give either --db or --plan-file, not both")
+    capacity = None
+    if cluster_cores_per_core is None:
+        try:
+            from cicm.config import load_fleet
+
+            capacity = float(load_fleet(fleet).cluster(cluster).capacity_cores)
+        except InputError:
+            if fleet is not None:
+                raise
+    config = AgentConfig(
+        cluster=cluster, flexible=tuple(n for item in flexible for n in item.split(",") if n),
+        flexible_pattern=flexible_pattern, cluster_cores_per_core=cluster_cores_per_core, capacity_cores=capacity,
+        on_missing_plan=on_missing_plan, max_plan_age_hours=max_plan_age_hours, battery=battery,
+        battery_hours=battery_hours, retry_base_s=retry_base_s, retry_max_s=retry_max_s,
+        reconcile_every_s=reconcile_every_s,
+    )
+    run_id = new_run_id("agent")
+    params = {"cluster": cluster, "ecovisor": ecovisor, "plan_file": str(plan_file) if plan_file else None,
+              **{k: v for k, v in config.__dict__.items() if k != "cluster"}}
+    if plan_file is not None:
+        plans = FilePlanSource(plan_file, cluster)
+        audit = JsonlAudit(audit_file or _default_audit_file(None, plan_file, cluster), run_id)
+    else:
+        db = db or default_db_path()
+        plans = StorePlanSource(db, cluster)
+        audit = StoreAudit(db, audit_file or _default_audit_file(db, None, cluster), run_id, params)
+    client = EcovisorClient(ecovisor, token, retries=request_retries)
+    return Agent(config, client, plans, audit, clock or RealClock())
+
+
+@agent_app.command("run")
+def run(
+    cluster: str = typer.Option(..., "--cluster", help="the cluster this agent enforces"),
+    ecovisor: str = typer.Option(..., "--ecovisor", help="ecovisor base URL, e.g. http://127.0.0.1:8700"),
+    once: bool = typer.Option(False, "--once", help="one pass (reconcile the current hour) and exit"),
+    db: Optional[Path] = typer.Option(None, "--db", help="read VCCs from this store (default: $CICM_HOME/cicm.duckdb)"),
+    plan_file: Optional[Path] = typer.Option(None, "--plan-file", help="read VCCs from a `cicm vcc show --json` file"),
+    audit_file: Optional[Path] = typer.Option(None, "--audit-file",
+                                              help="JSONL audit (plan-file mode) or spool while the store is locked"),
+    fleet: Optional[Path] = typer.Option(None, "--fleet", help="fleet TOML, for the cluster's capacity"),
+    flexible: List[str] = typer.Option([], "--flexible", help="flexible container name(s); repeat or comma-separate"),
+    flexible_pattern: str = typer.Option("batch-*", "--flexible-pattern",
+                                         help="glob for flexible containers when --flexible is not given"),
+    cluster_cores_per_core: Optional[float] = typer.Option(
+        None, "--cluster-cores-per-core", help="cluster cores one container core stands for (default: capacity / "
+                                               "all the app's container cores; 1 when the containers are the cluster)"),
+    on_missing_plan: str = typer.Option("lift", "--on-missing-plan",
+                                        help="lift | keep caps when there is no usable VCC"),
+    max_plan_age_hours: float = typer.Option(48.0, "--max-plan-age-hours", help="older plans count as stale (0: off)"),
+    battery: bool = typer.Option(True, "--battery/--no-battery", help="drive the app's virtual battery"),
+    battery_hours: int = typer.Option(4, "--battery-hours",
+                                      help="charge in the n cleanest, discharge in the n dirtiest hours"),
+    retry_base_s: float = typer.Option(5.0, "--retry-base-s"),
+    retry_max_s: float = typer.Option(300.0, "--retry-max-s"),
+    reconcile_every_s: float = typer.Option(3600.0, "--reconcile-every-s", help="re-check within the hour this often"),
+    clock: str = typer.Option("real", "--clock", help="real (wall time) | ecovisor (follow the ecovisor's clock, "
+                                                      "e.g. a simulated one)"),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Apply the cluster's VCC hour by hour. The ecovisor token comes from $CICM_ECOVISOR_TOKEN."""
+    from cicm.enforce.agent import AgentConfigError
+    from cicm.enforce.clock import EcovisorClock, RealClock
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = os.environ.get(TOKEN_ENV)
+    if not token:
+        console.print(f"[bold red]error[/]: set {TOKEN_ENV} to the app's ecovisor bearer token")
+        raise typer.Exit(2)
+    stop = threading.Event()
+    try:
+        agent = build_agent(
+            cluster=cluster, ecovisor=ecovisor, token=token, db=db, plan_file=plan_file, audit_file=audit_file,
+            fleet=fleet, flexible=flexible, flexible_pattern=flexible_pattern,
+            cluster_cores_per_core=cluster_cores_per_core, on_missing_plan=on_missing_plan,
+            max_plan_age_hours=max_plan_age_hours or None, battery=battery, battery_hours=battery_hours,
+            retry_base_s=retry_base_s, retry_max_s=retry_max_s, reconcile_every_s=reconcile_every_s,
+            clock=RealClock(stop),
+        )
+        if clock == "ecovisor":
+            agent.clock = EcovisorClock(agent.client, stop=stop)
+        elif clock != "real":
+            raise InputError("clock", f"must be 'real' or 'ecovisor', not {clock!r}")
+    except (InputError, ValueError) as exc:
+        console.print(f"[bold red]error[/]: {exc}")
+        raise typer.Exit(2)
+    console.print(f"agent for {cluster}: plans from {agent.plans.describe()}, audit to {agent.audit.describe()}, "
+                  f"ecovisor {ecovisor}")
+
+    def _stop(signum, _frame):
+        console.print(f"signal {signum}: stopping after this pass")
+        stop.set()
+
+    if not once:
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+    status = "ok"
+    try:
+        out = agent.run(once=once, stop=stop)
+        console.print(out.line())
+        if once and not out.ok:
+            status = "failed"
+            raise typer.Exit(1)
+        status = "stopped" if not once else "ok"
+    except AgentConfigError as exc:
+        status = "failed"
+        console.print(f"[bold red]error[/]: {exc}")
+        raise typer.Exit(2)
+    finally:
+        agent.audit.close(status, {"passes": len(agent.passes),
+                                   "failed": sum(not p.ok for p in agent.passes)})
+        agent.client.close()
+
+
+@agent_app.command("actions")
+def actions(
+    cluster: Optional[str] = typer.Option(None, "--cluster"),
+    db: Optional[Path] = typer.Option(None, "--db", help="store (default: $CICM_HOME/cicm.duckdb)"),
+    audit_file: Optional[Path] = typer.Option(None, "--audit-file", help="also read this JSONL audit/spool file"),
+    limit: int = typer.Option(30, "--limit"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Show the agent's recent audited actions (store and JSONL spool), newest first."""
+    from cicm.enforce.audit import read_actions
+    from cicm.paths import default_db_path
+
+    db = db or default_db_path()
+    spool = audit_file or (db.with_name(f"{db.name}.agent-{cluster}.jsonl") if cluster else None)
+    try:
+        frame = read_actions(db, spool, cluster, limit)
+    except InputError as exc:
+        console.print(f"[bold red]error[/]: {exc}")
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps(json.loads(frame.to_json(orient="records", date_format="iso")), indent=2))
+        return
+    table = Table(title=f"Agent actions{' for ' + cluster if cluster else ''}")
+    for col in ("acted_at", "cluster", "hour", "mode", "result", "allowance", "reason", "source"):
+        table.add_column(col)
+    for r in frame.itertuples():
+        table.add_row(str(r.acted_at)[:19], r.cluster, str(r.hour)[:16], r.mode, r.result,
+                      _fmt(r.flexible_allowance_cores), _fmt(r.reason)[:60], r.source)
+    console.print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    agent_app()

@@ -1,0 +1,248 @@
+"""Where the agent reads its VCCs: the store (system of record) or a published plan file.
+
+The plan file is what ``cicm vcc show --cluster C --date D --json`` prints: one JSON document per cluster-day
+(``cluster, plan_date, run_id, status, reason, ..., hours: [{hour, vcc_cores, flexible_cpu_cores,
+gco2_per_kwh}]``). A file may also hold a JSON list of such documents (e.g. today's and tomorrow's plans).
+Optional keys the agent uses when present: ``capacity_cores`` and ``planned_at`` (ISO 8601 with zone).
+
+Both sources answer ``lookup(hour)`` with the cluster's plan covering that UTC hour (or none, plus the newest
+plan they know, so the agent can tell a missing plan from a stale one). A source that cannot be read raises
+:class:`PlanUnavailable`; the store source then serves the last plan it read if that one covers the hour
+(DuckDB lets one process write at a time, so a nightly plan run can lock the file for a while; ``Store`` itself
+retries a locked file for ``cicm.data.store.LOCK_RETRY_SECONDS`` first).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from cicm.errors import InputError
+
+
+class PlanUnavailable(RuntimeError):
+    """The plan source could not be read (missing, locked, malformed)."""
+
+
+@dataclass(frozen=True)
+class DayPlan:
+    cluster: str
+    plan_date: date
+    run_id: str | None
+    status: str  # "shaped" | "fallback"
+    reason: str | None
+    capacity_cores: float | None
+    planned_at: pd.Timestamp | None
+    hours: pd.DataFrame  # index: hour (UTC); columns vcc_cores, flexible_cpu_cores, gco2_per_kwh
+    source: str
+
+    def covers(self, hour: pd.Timestamp) -> bool:
+        return hour in self.hours.index
+
+    @property
+    def last_hour(self) -> pd.Timestamp:
+        return self.hours.index.max()
+
+    def row(self, hour: pd.Timestamp) -> pd.Series:
+        return self.hours.loc[hour]
+
+    def carbon(self) -> pd.Series:
+        return self.hours["gco2_per_kwh"].astype(float)
+
+
+@dataclass
+class PlanLookup:
+    plan: DayPlan | None
+    newest: DayPlan | None = None  # the newest plan the source knows (for "stale" reasons)
+    note: str | None = None  # e.g. "store locked: using the plan read at ..."
+    problems: list[str] = field(default_factory=list)
+
+
+def _float(v) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return f
+
+
+def _run_time(run_id: str | None) -> pd.Timestamp | None:
+    """``new_run_id`` stamps ids as kind-YYYYmmddTHHMMSS-xxxxxx (UTC)."""
+    if not run_id:
+        return None
+    parts = run_id.split("-")
+    for p in parts:
+        if len(p) == 15 and p[8] == "T":
+            try:
+                return pd.Timestamp(datetime.strptime(p, "%Y%m%dT%H%M%S"), tz="UTC")
+            except ValueError:
+                return None
+    return None
+
+
+# -------------------------------------------------------------------------------------------------- store
+
+
+class StorePlanSource:
+    def __init__(self, db_path: Path | str, cluster: str):
+        self.path = Path(db_path)
+        self.cluster = cluster
+        self._cache: dict[date, DayPlan] = {}
+
+    def describe(self) -> str:
+        return f"store {self.path}"
+
+    def lookup(self, hour: pd.Timestamp) -> PlanLookup:
+        from cicm.data.store import Store
+
+        try:
+            with Store(self.path, read_only=True) as store:
+                found = store.query("SELECT plan_date FROM current_vccs WHERE cluster = ? AND hour = ?",
+                                    [self.cluster, hour])
+                newest_date = store.query(
+                    "SELECT max(plan_date) AS d FROM current_plans WHERE cluster = ?", [self.cluster])["d"].iloc[0]
+                plan = self._read(store, found["plan_date"].iloc[0]) if not found.empty else None
+                newest = None
+                if newest_date is not None and not pd.isna(newest_date):
+                    newest_date = pd.Timestamp(newest_date).date()
+                    same = plan is not None and plan.plan_date == newest_date
+                    newest = plan if same else self._read(store, newest_date)
+        except (duckdb.Error, InputError, OSError) as exc:  # locked by a writer (after the store's retries), gone
+            cached = [p for p in self._cache.values() if p.covers(hour)]
+            if cached:
+                return PlanLookup(cached[0], note=f"store unreadable ({_short(exc)}); using the plan read before")
+            raise PlanUnavailable(f"store {self.path}: {_short(exc)}") from exc
+        return PlanLookup(plan, newest)
+
+    def _read(self, store, plan_date) -> DayPlan | None:
+        plan_date = pd.Timestamp(plan_date).date()
+        cached = self._cache.get(plan_date)
+        if cached is not None:  # the plan in force is still the one read before: no need to read it again
+            current = store.query("SELECT run_id FROM current_plans WHERE cluster = ? AND plan_date = ?",
+                                  [self.cluster, plan_date])
+            if not current.empty and current["run_id"].iloc[0] == cached.run_id:
+                return cached
+        hours, status = store.plan(self.cluster, plan_date)
+        if status.empty or hours.empty:
+            return None
+        info = status.iloc[0]
+        run = store.query("SELECT started_at FROM runs WHERE run_id = ?", [info["run_id"]])
+        planned_at = pd.Timestamp(run["started_at"].iloc[0]).tz_convert("UTC") if not run.empty else None
+        frame = pd.DataFrame({
+            "vcc_cores": hours["vcc_cores"].astype(float).to_numpy(),
+            "flexible_cpu_cores": hours["flexible_cpu_cores"].astype(float).to_numpy(),
+            "gco2_per_kwh": hours["gco2_per_kwh"].astype(float).to_numpy(),
+        }, index=pd.DatetimeIndex(hours["hour"]).tz_convert("UTC").rename("hour"))
+        plan = DayPlan(
+            cluster=self.cluster, plan_date=plan_date, run_id=info["run_id"], status=str(info["status"]),
+            reason=info["reason"] if isinstance(info["reason"], str) else None,
+            capacity_cores=_float(info["capacity_cores"]), planned_at=planned_at, hours=frame,
+            source=f"store {self.path}",
+        )
+        self._cache[plan_date] = plan
+        for old in sorted(self._cache)[:-3]:  # keep a few days
+            del self._cache[old]
+        return plan
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
+
+
+# -------------------------------------------------------------------------------------------------- file
+
+
+def parse_plan_document(doc: dict, source: str = "plan file") -> DayPlan:
+    """One ``cicm vcc show --json`` document. Bad input raises InputError naming the field."""
+    if not isinstance(doc, dict):
+        raise InputError("plan", f"{source}: expected a JSON object per cluster-day")
+    for key in ("cluster", "plan_date", "status", "hours"):
+        if key not in doc:
+            raise InputError(key, f"{source}: missing")
+    try:
+        plan_date = pd.Timestamp(doc["plan_date"]).date()
+    except (TypeError, ValueError) as exc:
+        raise InputError("plan_date", f"{source}: not a date: {doc['plan_date']!r}") from exc
+    rows = doc["hours"]
+    if not isinstance(rows, list) or not rows:
+        raise InputError("hours", f"{source}: need a non-empty list of hours")
+    hours, vcc, flex, carbon = [], [], [], []
+    for i, h in enumerate(rows):
+        try:
+            t = pd.Timestamp(h["hour"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"hours.{i}.hour", f"{source}: missing or not a time") from exc
+        if t.tzinfo is None:
+            raise InputError(f"hours.{i}.hour", f"{source}: must carry a time zone")
+        hours.append(t.tz_convert("UTC"))
+        v = _float(h.get("vcc_cores"))
+        if not (v >= 0):
+            raise InputError(f"hours.{i}.vcc_cores", f"{source}: must be a number >= 0, got {h.get('vcc_cores')!r}")
+        vcc.append(v)
+        f = h.get("flexible_cpu_cores")
+        f = math.nan if f is None else _float(f)
+        if f == f and f < 0:
+            raise InputError(f"hours.{i}.flexible_cpu_cores", f"{source}: must be >= 0")
+        flex.append(f)
+        g = h.get("gco2_per_kwh")
+        carbon.append(math.nan if g is None else _float(g))
+    index = pd.DatetimeIndex(hours, name="hour")
+    if index.has_duplicates or not index.is_monotonic_increasing:
+        raise InputError("hours", f"{source}: hours must be unique and increasing")
+    planned_at = None
+    if doc.get("planned_at"):
+        planned_at = pd.Timestamp(doc["planned_at"])
+        if planned_at.tzinfo is None:
+            raise InputError("planned_at", f"{source}: must carry a time zone")
+        planned_at = planned_at.tz_convert("UTC")
+    else:
+        planned_at = _run_time(doc.get("run_id"))
+    cap = doc.get("capacity_cores")
+    return DayPlan(
+        cluster=str(doc["cluster"]), plan_date=plan_date, run_id=doc.get("run_id"), status=str(doc["status"]),
+        reason=doc.get("reason") if isinstance(doc.get("reason"), str) else None,
+        capacity_cores=None if cap is None else _float(cap), planned_at=planned_at,
+        hours=pd.DataFrame({"vcc_cores": vcc, "flexible_cpu_cores": flex, "gco2_per_kwh": carbon}, index=index),
+        source=source,
+    )
+
+
+class FilePlanSource:
+    def __init__(self, path: Path | str, cluster: str):
+        self.path = Path(path)
+        self.cluster = cluster
+
+    def describe(self) -> str:
+        return f"plan file {self.path}"
+
+    def read(self) -> list[DayPlan]:
+        try:
+            raw = json.loads(self.path.read_text())
+        except FileNotFoundError as exc:
+            raise PlanUnavailable(f"plan file {self.path} not found") from exc
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PlanUnavailable(f"plan file {self.path}: {exc}") from exc
+        docs = raw if isinstance(raw, list) else [raw]
+        try:
+            plans = [parse_plan_document(d, f"plan file {self.path}") for d in docs]
+        except InputError as exc:
+            raise PlanUnavailable(str(exc)) from exc
+        return plans
+
+    def lookup(self, hour: pd.Timestamp) -> PlanLookup:
+        plans = self.read()
+        others = sorted({p.cluster for p in plans if p.cluster != self.cluster})
+        mine = [p for p in plans if p.cluster == self.cluster]
+        problems = [f"plan file holds other clusters too ({', '.join(others)})"] if others and mine else []
+        if not mine:
+            raise PlanUnavailable(f"plan file {self.path} has no plan for cluster {self.cluster!r}"
+                                  + (f" (it is for {', '.join(others)})" if others else ""))
+        covering = [p for p in mine if p.covers(hour)]
+        newest = max(mine, key=lambda p: p.plan_date)
+        return PlanLookup(covering[-1] if covering else None, newest, problems=problems)
