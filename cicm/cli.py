@@ -31,6 +31,7 @@ def _fail(exc: Exception) -> None:
 def _mount_subcommands() -> None:
     from cicm.carbon.cli import carbon_app
 
+    from cicm.backtest.cli import backtest_command
     from cicm.dashboards.cli import dashboard_app
     from cicm.ecovisor.cli import ecovisor_app
     from cicm.enforce.cli import agent_app
@@ -41,6 +42,7 @@ def _mount_subcommands() -> None:
     app.add_typer(dashboard_app, name="dashboard", help="The operators' web dashboard.")
     app.add_typer(agent_app, name="agent", help="The enforcement agent: applies the VCC hourly via the ecovisor.")
     app.add_typer(slo_app, name="slo", help="The SLO feedback loop: violations and shaping state.")
+    app.command("backtest")(backtest_command)
 
 
 @app.command()

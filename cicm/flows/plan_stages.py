@@ -145,16 +145,22 @@ def forecast_cluster_load(history: pd.DataFrame, day: CampusDay, gamma: float):
     return forecast_load(frame, day.hours, day.campus.timezone, gamma, day.planned_at)
 
 
-def cluster_models(store, cluster, day: CampusDay, gamma: float) -> ClusterModels:
-    telemetry = store.power_telemetry(cluster.name, before=day.planned_at, days=POWER_WINDOW_DAYS + 1)
+def cluster_models_from_frames(cluster, telemetry: pd.DataFrame, history: pd.DataFrame, day: CampusDay,
+                                gamma: float) -> ClusterModels:
+    """Power models and load forecast of one cluster from its telemetry frames (the backtest calls this too)."""
     power_rows, curve, problem = fit_cluster_power(cluster, telemetry, day.planned_at)
-    history = store.usage_history(cluster.name, before=day.planned_at, days=LOAD_HISTORY_DAYS)
     try:
         load = forecast_cluster_load(history, day, gamma)
     except InputError as exc:  # gaps, NaN, duplicates in telemetry: this cluster is not shaped, and we say why
         return ClusterModels(power_rows, curve, problem, None, f"bad-history: {exc}")
     return ClusterModels(power_rows, curve, problem, load,
                          None if load.ok else f"insufficient-history: {load.reason}")
+
+
+def cluster_models(store, cluster, day: CampusDay, gamma: float) -> ClusterModels:
+    telemetry = store.power_telemetry(cluster.name, before=day.planned_at, days=POWER_WINDOW_DAYS + 1)
+    history = store.usage_history(cluster.name, before=day.planned_at, days=LOAD_HISTORY_DAYS)
+    return cluster_models_from_frames(cluster, telemetry, history, day, gamma)
 
 
 def load_rows(cluster: str, plan_date: date, load, problem: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -244,6 +250,19 @@ def cluster_input(cluster, models: ClusterModels, preset: str | None):
     )
 
 
+def campus_input(campus: Campus, inputs: list, carbon_gco2_per_kwh: np.ndarray, hours: pd.DatetimeIndex,
+                 options):
+    """The campus program's input: its clusters, the carbon forecast and the plan options' knobs."""
+    from cicm.optimize.inputs import CampusInput
+
+    return CampusInput(
+        clusters=inputs, carbon_gco2_per_kwh=carbon_gco2_per_kwh, contract_limit_kw=campus.contract_limit_kw,
+        lambda_e=options.lambda_e, lambda_p=options.lambda_p, delta_min=options.delta_min,
+        delta_max=options.delta_max, ramp_limit=options.ramp_limit, solver=options.solver, hours=hours,
+        name=campus.name,
+    )
+
+
 def plan_rows(plan, plan_date: date, capacity: dict[str, float]) -> tuple[pd.DataFrame, pd.DataFrame]:
     hourly = plan.hourly
     vccs = pd.DataFrame({
@@ -269,7 +288,6 @@ def plan_rows(plan, plan_date: date, capacity: dict[str, float]) -> tuple[pd.Dat
 def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | None, options,
                     problem: str | None) -> dict:
     """Models and program for one campus. Returns frames for the store and per-stage notes."""
-    from cicm.optimize.inputs import CampusInput
     from cicm.optimize.program import plan_campus
 
     out = {"vccs": [], "status": [], "power_models": [], "load_forecasts": [], "load_forecast_days": [],
@@ -293,13 +311,7 @@ def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | 
             continue
         inputs.append(cluster_input(cluster, models, shaping_disabled(store, cluster.name, plan_date)))
     if inputs:
-        campus = CampusInput(
-            clusters=inputs, carbon_gco2_per_kwh=carbon.to_numpy(), contract_limit_kw=day.campus.contract_limit_kw,
-            lambda_e=options.lambda_e, lambda_p=options.lambda_p, delta_min=options.delta_min,
-            delta_max=options.delta_max, ramp_limit=options.ramp_limit, solver=options.solver, hours=day.hours,
-            name=day.campus.name,
-        )
-        plan = plan_campus(campus)
+        plan = plan_campus(campus_input(day.campus, inputs, carbon.to_numpy(), day.hours, options))
         vccs, status = plan_rows(plan, plan_date, {c.name: float(c.capacity_cores) for c in day.campus.clusters})
         out["vccs"].append(vccs)
         out["status"].append(status)

@@ -1,0 +1,574 @@
+"""Closed-loop backtests of one campus over consecutive local days, on the real traces. No Prefect, no DuckDB.
+
+Every policy sees the same days, the same inflexible usage and the same flexible job arrivals (the real batch
+traces via :func:`cicm.data.telemetry.scaled_cluster_jobs`), and is charged the same REAL carbon intensity:
+
+- ``carbon-agnostic``: no cap; flexible jobs run as soon as the machines have room.
+- ``threshold``: Wait Awhile's suspend/resume: flexible work runs only in hours whose day-ahead forecast is at or
+  below the 30th percentile of the local day's forecast (cap 0 otherwise, the machine room in those hours).
+- ``threshold-guard``: the same, but a task that would otherwise miss its 24 h deadline runs anyway (deadline-
+  aware suspend/resume; a fairer baseline, since plain thresholding is unstable at realistic loads).
+- ``planner``: our nightly plan, made at 18:00 local on the eve of each day from data before that moment only:
+  the trace carbon forecast, the load forecaster and power models refit on the closed-loop history (past hours
+  of this very backtest, as the planner shaped them), the VCC program, and the SLO feedback loop (the project's
+  rule, :func:`cicm.flows.slo.feedback_decision`, on the backtest's job-level evidence: shaping off for
+  ``slo_off_days`` days after two close-or-violating days in a row or two violations in the last 7 checked days).
+- ``planner-guard``: the planner's VCCs with deadline-aware admission: a task that would otherwise miss its
+  deadline runs above the VCC (within the machines). Not CICM; it measures what such an exception would buy.
+- ``oracle``: the same program with the actual carbon and actual loads (inflexible usage hour by hour, the
+  reservation ratio, the day's realised flexible demand, the true power curve) and the same capacity margin as the
+  planner (the margin is the queue's slack, not forecast knowledge; without it, the caps' area equals the day's
+  work exactly and any idle capped hour leaves a backlog that never drains).
+
+A VCC (reservation cores) becomes a flexible usage cap through the actual reservation ratio of the hour:
+``cap = VCC / R_actual(h) - inflexible(h)``, so the cap binds the cluster's reservations exactly as the VCC does.
+"""
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+
+from cicm.backtest.accounting import ClusterPower
+from cicm.backtest.sim import ClusterSim, SimResult, Tasks, job_outcomes, make_tasks, simulate
+from cicm.config import Campus, Cluster, Fleet, GRID_ZONES
+from cicm.errors import InputError
+from cicm.flows.nightly import PlanOptions
+from cicm.timeutil import local_day_hours_utc, planning_time_utc
+
+POLICIES = ("carbon-agnostic", "threshold", "threshold-guard", "planner", "planner-guard", "oracle")
+BASELINE = "carbon-agnostic"
+ZONE_TIMEZONES = {
+    "AZPS": "America/Phoenix", "BPAT": "America/Los_Angeles", "CISO": "America/Los_Angeles",
+    "ERCO": "America/Chicago", "MISO": "America/Chicago", "NYIS": "America/New_York",
+    "PJM": "America/New_York", "SOCO": "America/New_York",
+}
+_H = pd.Timedelta(hours=1)
+
+
+@dataclass
+class BacktestOptions(PlanOptions):
+    """The nightly plan's knobs (PlanOptions, same defaults) plus the backtest's own."""
+
+    # policies and simulation
+    policies: tuple[str, ...] = POLICIES
+    threshold_quantile: float = 0.30
+    slo_feedback: bool = True
+    slo_off_days: int = 7
+    drain_hours: int = 72
+    max_task_share: float = 0.01  # tasks no wider than this share of the cluster
+    # the randomised experiment
+    experiment: bool = True
+    experiment_p: float = 0.5
+    top_hours_share: float = 0.2  # "highest-carbon hours": this share of each local day's hours
+
+    def validate(self) -> None:
+        unknown = [p for p in self.policies if p not in POLICIES]
+        if unknown:
+            raise InputError("policies", f"unknown {unknown}; choose from {', '.join(POLICIES)}")
+        if BASELINE not in self.policies:
+            raise InputError("policies", f"{BASELINE} is the baseline and must be included")
+        if self.experiment and "planner" not in self.policies:
+            raise InputError("experiment", "the experiment applies the planner's VCCs; include the planner")
+        if ("oracle" in self.policies or "planner-guard" in self.policies) and "planner" not in self.policies:
+            raise InputError("policies", "the oracle and planner-guard need the planner's run; include the planner")
+        if not 0 < self.threshold_quantile < 1:
+            raise InputError("threshold_quantile", "must be in (0, 1)")
+        if not 0 < self.experiment_p < 1:
+            raise InputError("experiment_p", "must be in (0, 1)")
+        if self.drain_hours < 24:
+            raise InputError("drain_hours", "must be >= 24 so the last day's jobs can meet their deadline")
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def campus_for_zone(fleet: Fleet, zone: str, template: str | None = None) -> Campus:
+    """The fleet's campus in ``zone``; for a zone without one, the template campus (default: the first) moved to
+    the zone and its time zone, so that only the grid differs. Its name says so: ``ca-sj@PJM``."""
+    if zone not in GRID_ZONES:
+        raise InputError("zone", f"unknown grid zone {zone!r}; bundled zones are {', '.join(GRID_ZONES)}")
+    if template is None:
+        for campus in fleet.campuses:
+            if campus.grid_zone == zone:
+                return campus
+    base = next((c for c in fleet.campuses if c.name == template), None) if template else fleet.campuses[0]
+    if base is None:
+        raise InputError("campus", f"no campus named {template!r} in fleet {fleet.name!r}")
+    return base.model_copy(update={"name": f"{base.name}@{zone}", "grid_zone": zone,
+                                   "timezone": ZONE_TIMEZONES[zone]})
+
+
+@dataclass
+class ClusterData:
+    """Everything the backtest needs about one cluster over the whole demo history (derived from real traces)."""
+
+    cluster: Cluster
+    usage: pd.DataFrame  # base (unshaped) telemetry: hour, inflexible/flexible/reserved cpu cores
+    jobs: pd.DataFrame  # scaled flexible jobs: arrival, length_hours, cpu_cores
+    ratio: pd.Series  # actual reservations / usage per hour (UTC index)
+    power: ClusterPower
+
+
+def cluster_data(fleet: Fleet, cluster: Cluster, seed: int) -> ClusterData:
+    from cicm.data.telemetry import cluster_usage_history, history_hours, scaled_cluster_jobs
+
+    hours = history_hours(fleet)
+    usage = cluster_usage_history(cluster, hours, seed)
+    jobs = scaled_cluster_jobs(cluster, hours, seed)
+    total = usage["inflexible_cpu_cores"] + usage["flexible_cpu_cores"]
+    ratio = pd.Series((usage["reserved_cpu_cores"] / total).to_numpy(), index=pd.DatetimeIndex(usage["hour"]))
+    return ClusterData(cluster, usage, jobs, ratio, ClusterPower(cluster))
+
+
+CarbonSource = Callable[[str, pd.Timestamp, pd.Timestamp], pd.Series]
+ForecastSource = Callable[[object, int], pd.Series]  # (CampusDay, seed) -> gco2 over the day's hours
+
+
+def actual_carbon(zone: str, start: pd.Timestamp, end: pd.Timestamp) -> pd.Series:
+    from cicm.carbon.trace import load_actual_intensity
+
+    return load_actual_intensity(zone, start, end)
+
+
+def trace_day_forecast(day, seed: int) -> pd.Series:
+    """The day-ahead forecast the nightly plan would have fetched (trace provider, issued at planning time)."""
+    from cicm.flows.plan_stages import fetch_campus_carbon
+
+    frame = fetch_campus_carbon(day, "trace", seed)
+    series = frame.set_index("target_hour")["gco2_per_kwh"].reindex(day.hours)
+    if series.isna().any():
+        raise InputError("gco2_per_kwh", f"forecast misses hours of {day.hours[0]}..{day.hours[-1]}")
+    return series
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class PolicyRun:
+    policy: str
+    cluster: str
+    result: SimResult
+    jobs: pd.DataFrame  # job outcomes
+    cap: np.ndarray  # flexible cap (usage cores) per simulated hour, inf = none
+    vcc: np.ndarray | None = None  # reservation cores (program policies), NaN where none
+
+
+@dataclass
+class Segment:
+    """One contiguous run of days (a backtest is one or more segments; long data gaps split it)."""
+
+    campus: Campus
+    days: list[date]
+    t0: pd.Timestamp
+    window_end: pd.Timestamp  # end of the last local day
+    hours: pd.DatetimeIndex  # simulated hours (window + drain)
+    carbon: np.ndarray  # actual gCO2/kWh per simulated hour
+    forecast: np.ndarray  # day-ahead forecast per window hour (NaN in the drain)
+    day_of_hour: np.ndarray  # index into days per simulated hour, -1 in the drain
+    inflexible: dict[str, np.ndarray]
+    ratio: dict[str, np.ndarray]
+    tasks: dict[str, Tasks]
+    runs: dict[tuple[str, str], PolicyRun] = field(default_factory=dict)
+    plans: pd.DataFrame = field(default_factory=pd.DataFrame)  # per cluster-day: planner/oracle status etc.
+    treated: pd.DataFrame = field(default_factory=pd.DataFrame)  # experiment assignment
+
+
+def _rng(seed: int, *names: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32("/".join(names).encode())])
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def run_segment(fleet: Fleet, campus: Campus, days: list[date], options: BacktestOptions,
+                data: dict[str, ClusterData], *, carbon_source: CarbonSource = actual_carbon,
+                forecast_source: ForecastSource = trace_day_forecast,
+                progress: Callable[[str, int], None] | None = None) -> Segment:
+    """Simulate every policy over consecutive local days ``days`` of one campus."""
+    tz = campus.timezone
+    day_hours = [local_day_hours_utc(d, tz) for d in days]
+    for a, b in zip(day_hours, day_hours[1:]):
+        if b[0] != a[-1] + _H:
+            raise InputError("days", "segment days must be consecutive")
+    t0, window_end = day_hours[0][0], day_hours[-1][-1] + _H
+    hours = pd.date_range(t0, window_end + options.drain_hours * _H, freq="h", inclusive="left")
+    n_h = len(hours)
+    history_end = fleet.history_end
+    if hours[-1] >= history_end:
+        raise InputError("days", f"the backtest and its {options.drain_hours} h drain must end before "
+                                 f"{history_end:%Y-%m-%d} (end of the demo history)")
+    earliest = fleet.history_start + pd.Timedelta(days=35)
+    if planning_time_utc(days[0], tz) < earliest:
+        raise InputError("start", f"the first day needs at least 35 days of history; start on or after "
+                                  f"{(earliest + pd.Timedelta(days=1)):%Y-%m-%d}")
+    carbon = carbon_source(campus.grid_zone, hours[0], hours[-1] + _H).reindex(hours).to_numpy(float)
+    if np.isnan(carbon).any():
+        raise InputError("gco2_per_kwh", f"actual carbon misses hours in {hours[0]}..{hours[-1]}")
+    day_of_hour = np.full(n_h, -1)
+    for k, dh in enumerate(day_hours):
+        day_of_hour[_slots(hours, dh)] = k
+
+    from cicm.flows.plan_stages import CampusDay
+
+    campus_days = [CampusDay(campus, dh, planning_time_utc(d, tz)) for d, dh in zip(days, day_hours)]
+    forecast = np.full(n_h, np.nan)
+    for cd in campus_days:
+        forecast[_slots(hours, cd.hours)] = forecast_source(cd, options.seed).to_numpy(float)
+
+    seg = Segment(campus=campus, days=list(days), t0=t0, window_end=window_end, hours=hours, carbon=carbon,
+                  forecast=forecast, day_of_hour=day_of_hour, inflexible={}, ratio={}, tasks={})
+    for c in campus.clusters:
+        d = data[c.name]
+        u = d.usage.set_index("hour")
+        seg.inflexible[c.name] = u["inflexible_cpu_cores"].reindex(hours).to_numpy(float)
+        seg.ratio[c.name] = d.ratio.reindex(hours).to_numpy(float)
+        seg.tasks[c.name] = make_tasks(d.jobs, t0, window_end, options.max_task_share * c.capacity_cores)
+
+    def tick(label: str) -> None:
+        if progress:
+            progress(label, 1)
+
+    inf = np.full(n_h, np.inf)
+    for c in campus.clusters:
+        _open_loop(seg, c, BASELINE, inf)
+    tick(BASELINE)
+    if "threshold" in options.policies or "threshold-guard" in options.policies:
+        thr = _threshold_cap(seg, options.threshold_quantile)
+        for name, guard in (("threshold", False), ("threshold-guard", True)):
+            if name in options.policies:
+                for c in campus.clusters:
+                    _open_loop(seg, c, name, thr, deadline_guard=guard)
+                tick(name)
+    if "planner" in options.policies:
+        plans = _run_planner(fleet, seg, campus_days, options, data, lambda: tick("planner day"))
+        seg.plans = plans
+    if "planner-guard" in options.policies:
+        for c in campus.clusters:
+            run = seg.runs[("planner", c.name)]
+            _open_loop(seg, c, "planner-guard", run.cap, deadline_guard=True, vcc=run.vcc)
+        tick("planner-guard")
+    if "oracle" in options.policies:
+        _run_oracle(seg, campus_days, options, data)
+        tick("oracle")
+    if options.experiment:
+        _run_experiment(seg, options)
+        tick("experiment")
+    return seg
+
+
+def _slots(hours: pd.DatetimeIndex, sub: pd.DatetimeIndex) -> np.ndarray:
+    idx = hours.get_indexer(sub)
+    if (idx < 0).any():
+        raise InputError("hours", "day hours fall outside the simulated hours")
+    return idx
+
+
+def _open_loop(seg: Segment, cluster: Cluster, policy: str, cap: np.ndarray, deadline_guard: bool = False,
+               vcc: np.ndarray | None = None) -> None:
+    tasks = seg.tasks[cluster.name]
+    res = simulate(tasks, seg.inflexible[cluster.name], cluster.capacity_cores, cap, deadline_guard=deadline_guard)
+    seg.runs[(policy, cluster.name)] = PolicyRun(policy, cluster.name, res, job_outcomes(tasks, res), cap, vcc)
+
+
+def _threshold_cap(seg: Segment, q: float) -> np.ndarray:
+    cap = np.full(len(seg.hours), np.inf)
+    for k in range(len(seg.days)):
+        idx = np.flatnonzero(seg.day_of_hour == k)
+        fc = seg.forecast[idx]
+        cap[idx] = np.where(fc <= np.quantile(fc, q), np.inf, 0.0)
+    return cap
+
+
+def _vcc_to_cap(vcc: np.ndarray, ratio: np.ndarray, inflexible: np.ndarray) -> np.ndarray:
+    """Flexible usage cap from a VCC in reservation cores: VCC / R_actual - inflexible (>= 0)."""
+    return np.maximum(vcc / ratio - inflexible, 0.0)
+
+
+def _run_planner(fleet: Fleet, seg: Segment, campus_days: list, options: BacktestOptions,
+                 data: dict[str, ClusterData], tick: Callable[[], None]) -> pd.DataFrame:
+    """The nightly plan, day by day, on the closed-loop history; the simulator advances between plans."""
+    from cicm.data.telemetry import cluster_power_telemetry
+    from cicm.flows import plan_stages as stages
+    from cicm.optimize.program import plan_campus
+
+    campus = seg.campus
+    n_h = len(seg.hours)
+    sims = {c.name: ClusterSim(seg.tasks[c.name], seg.inflexible[c.name], c.capacity_cores)
+            for c in campus.clusters}
+    vccs = {c.name: np.full(n_h, np.nan) for c in campus.clusters}
+    base = {c.name: data[c.name].usage.set_index("hour") for c in campus.clusters}
+    since: dict[str, date] = {c.name: seg.days[0] for c in campus.clusters}  # days before an earlier switch-off
+    thetas: dict[tuple[str, date], float] = {}  # the plan's capacity requirement per (cluster, day)
+    task_days = {c.name: _task_local_days(seg.tasks[c.name], campus.timezone) for c in campus.clusters}
+    off_until: dict[str, date] = {}
+    off_reason: dict[str, str] = {}
+    rows = []
+    for cd, d in zip(campus_days, seg.days):
+        now_slot = int(math.floor((cd.planned_at - seg.t0) / _H))
+        for sim in sims.values():
+            sim.advance(max(now_slot, 0))
+        inputs, fallbacks = [], {}
+        for c in campus.clusters:
+            sim = sims[c.name]
+            history = _closed_loop_history(base[c.name], seg, sim, c.name, cd.planned_at,
+                                           stages.LOAD_HISTORY_DAYS)
+            # SLO feedback: a job past its deadline and unfinished, or finished late, by planning time.
+            if options.slo_feedback and not (c.name in off_until and d <= off_until[c.name]):
+                reason = _slo_feedback(seg, sim, c.name, task_days[c.name], d, since[c.name], thetas)
+                if reason:
+                    off_until[c.name] = d + timedelta(days=options.slo_off_days - 1)
+                    off_reason[c.name] = reason
+                    since[c.name] = d
+            preset = off_reason[c.name] if c.name in off_until and d <= off_until[c.name] else None
+            window = history[history.index >= cd.planned_at - pd.Timedelta(days=stages.POWER_WINDOW_DAYS + 1)]
+            telemetry = cluster_power_telemetry(c, window.reset_index(), options.seed)
+            models = stages.cluster_models_from_frames(c, telemetry, history.reset_index(), cd, options.gamma)
+            load = models.load
+            ok = load is not None and load.ok
+            row = {"day": d, "cluster": c.name, "q97": load.reservations_rel_error_q97 if ok else np.nan,
+                   "forecast_flexible_core_hours": load.flexible_core_hours if ok else np.nan}
+            problem = models.load_problem or models.power_problem
+            if problem or models.power_curve is None:
+                fallbacks[c.name] = problem or "no-power-model"
+                rows.append({**row, "planner_status": "fallback", "planner_reason": fallbacks[c.name]})
+                continue
+            inputs.append(stages.cluster_input(c, models, preset))
+            rows.append(row)
+        status = {}
+        if inputs:
+            carbon = seg.forecast[_slots(seg.hours, cd.hours)]
+            plan = plan_campus(stages.campus_input(campus, inputs, carbon, cd.hours, options))
+            for r in plan.clusters.itertuples():
+                status[r.cluster] = (r.status, r.reason, r.flexible_saving_pct, r.tau_core_hours)
+                thetas[(r.cluster, d)] = float(r.theta_core_hours)
+            idx = _slots(seg.hours, cd.hours)
+            for c in campus.clusters:
+                if c.name not in status:
+                    continue
+                h = plan.hourly[plan.hourly["cluster"] == c.name]
+                vcc = h["vcc_cores"].to_numpy(float)
+                if status[c.name][0] == "shaped":
+                    vccs[c.name][idx] = vcc
+                    sims[c.name].set_cap(idx[0], _vcc_to_cap(vcc, seg.ratio[c.name][idx],
+                                                              seg.inflexible[c.name][idx]))
+        for row in rows[-len(campus.clusters):]:
+            if row["cluster"] in status:
+                st, reason, saving, tau = status[row["cluster"]]
+                row.update({"planner_status": st, "planner_reason": reason, "planned_flexible_saving_pct": saving,
+                            "tau_core_hours": tau})
+        tick()
+    for c in campus.clusters:
+        sims[c.name].advance(n_h)
+        res = sims[c.name].result()
+        cap = sims[c.name].cap.copy()
+        seg.runs[("planner", c.name)] = PolicyRun("planner", c.name, res, job_outcomes(seg.tasks[c.name], res),
+                                                  cap, vccs[c.name])
+    return pd.DataFrame(rows)
+
+
+def _task_local_days(tasks: Tasks, tz: str) -> np.ndarray:
+    """The local calendar day each task's job arrived on (the cluster-day it belongs to)."""
+    local = pd.DatetimeIndex(tasks.jobs["arrival"]).tz_convert(tz).tz_localize(None).normalize()
+    return np.asarray([ts.date() for ts in local], dtype=object)[tasks.job] if len(local) else np.zeros(0, object)
+
+
+def _slo_feedback(seg: Segment, sim: ClusterSim, name: str, task_days: np.ndarray, plan_day: date, since: date,
+                  thetas: dict) -> str | None:
+    """The project's SLO rule (:func:`cicm.flows.slo.feedback_decision`) on the backtest's own evidence.
+
+    As ``slo_stage`` does: only days whose every deadline has passed by planning time are checked (the newest is
+    plan_day - 3), the last 7 of them, none before an earlier switch-off. A day **violates** when one of its jobs
+    finished late or not at all (job level, from the simulator, where ``slo_stage`` uses a fluid queue); it came
+    **close** when its reservations reached 95% of the plan's Theta.
+    """
+    from cicm.flows.slo import CLOSE_FRACTION, feedback_decision
+
+    newest = plan_day - timedelta(days=3)
+    days = [x for x in seg.days if max(since, plan_day - timedelta(days=9)) <= x <= newest][-7:]
+    if not days:
+        return None
+    rows = []
+    for x in days:
+        k = seg.days.index(x)
+        mine = np.flatnonzero(task_days == x)
+        fin = sim.finish[mine]
+        violated = bool((np.isnan(fin) | (fin > sim.deadline[mine] + 1e-6)).any())
+        idx = np.flatnonzero(seg.day_of_hour == k)
+        reserved = float(((seg.inflexible[name][idx] + sim.usage[idx]) * seg.ratio[name][idx]).sum())
+        theta = thetas.get((name, x), np.nan)
+        rows.append({"day": x, "violated": violated,
+                     "close": bool(np.isfinite(theta) and reserved >= CLOSE_FRACTION * theta)})
+    return feedback_decision(pd.DataFrame(rows), plan_day)
+
+
+def _closed_loop_history(base: pd.DataFrame, seg: Segment, sim: ClusterSim, name: str, now: pd.Timestamp,
+                         days: int) -> pd.DataFrame:
+    """Usage history as the planner sees it at ``now``: the demo telemetry before the backtest, then the
+    backtest's own simulated hours (inflexible as measured, flexible as shaped, reservations = usage x R)."""
+    start = now - pd.Timedelta(days=days)
+    before = base[(base.index >= start) & (base.index < min(now, seg.t0))][
+        ["inflexible_cpu_cores", "flexible_cpu_cores", "reserved_cpu_cores"]]
+    n_sim = int(max(0, math.floor((now - seg.t0) / _H)))
+    if n_sim == 0:
+        return before.rename_axis("hour")
+    infl = seg.inflexible[name][:n_sim]
+    flex = sim.usage[:n_sim]
+    sim_frame = pd.DataFrame({"inflexible_cpu_cores": infl, "flexible_cpu_cores": flex,
+                              "reserved_cpu_cores": (infl + flex) * seg.ratio[name][:n_sim]},
+                             index=seg.hours[:n_sim])
+    return pd.concat([before, sim_frame]).rename_axis("hour")
+
+
+def _run_oracle(seg: Segment, campus_days: list, options: BacktestOptions, data: dict[str, ClusterData]) -> None:
+    """The same program with actual carbon and actual loads (see the module docstring)."""
+    from cicm.flows import plan_stages as stages
+    from cicm.optimize.inputs import ClusterInput
+    from cicm.optimize.program import plan_campus
+
+    campus = seg.campus
+    n_h = len(seg.hours)
+    caps = {c.name: np.full(n_h, np.inf) for c in campus.clusters}
+    vccs = {c.name: np.full(n_h, np.nan) for c in campus.clusters}
+    plans = seg.plans.set_index(["day", "cluster"]) if not seg.plans.empty else None
+    statuses = []
+    for k, (cd, d) in enumerate(zip(campus_days, seg.days)):
+        idx = _slots(seg.hours, cd.hours)
+        inputs = []
+        for c in campus.clusters:
+            u = seg.inflexible[c.name][idx]
+            r = seg.ratio[c.name][idx]
+            served = seg.runs[(BASELINE, c.name)].result.flexible_cpu_cores[idx]
+            t_uf = float(served.sum())
+            t_r = float(((u + t_uf / len(idx)) * r).sum())
+            q = np.nan
+            if plans is not None and (d, c.name) in plans.index:
+                q = plans.loc[(d, c.name), "q97"]
+            if not np.isfinite(q):
+                q = float(np.nanmedian(seg.plans["q97"])) if not seg.plans.empty else 0.0
+                q = q if np.isfinite(q) else 0.0
+            inputs.append(ClusterInput(
+                name=c.name, inflexible_cpu_cores=u, inflexible_upper_cpu_cores=u, flexible_core_hours=t_uf,
+                reservations_core_hours=t_r, reservation_ratio=r, reservations_rel_error_q97=q,
+                capacity_cores=float(c.capacity_cores) * float(r.max()),
+                power_capped_capacity_cores=float(c.capacity_cores), power_curve=data[c.name].power.curve()))
+        plan = plan_campus(stages.campus_input(campus, inputs, seg.carbon[idx], cd.hours, options))
+        for row in plan.clusters.itertuples():
+            statuses.append({"day": d, "cluster": row.cluster, "oracle_status": row.status,
+                             "oracle_reason": row.reason})
+            if row.status != "shaped":
+                continue
+            h = plan.hourly[plan.hourly["cluster"] == row.cluster]
+            vcc = h["vcc_cores"].to_numpy(float)
+            vccs[row.cluster][idx] = vcc
+            caps[row.cluster][idx] = _vcc_to_cap(vcc, seg.ratio[row.cluster][idx], seg.inflexible[row.cluster][idx])
+    for c in campus.clusters:
+        _open_loop(seg, c, "oracle", caps[c.name], vcc=vccs[c.name])
+    st = pd.DataFrame(statuses)
+    seg.plans = st if seg.plans.empty else seg.plans.merge(st, on=["day", "cluster"], how="outer")
+
+
+def _run_experiment(seg: Segment, options: BacktestOptions) -> None:
+    """Randomised cluster-days (p = experiment_p): treated ones enforce the planner's VCC, the others run
+    unshaped. The assignment is drawn from the seed, independently of everything else."""
+    rows = []
+    n_h = len(seg.hours)
+    for c in seg.campus.clusters:
+        rng = _rng(options.seed, "experiment", c.name, str(seg.days[0]))
+        treated = rng.random(len(seg.days)) < options.experiment_p
+        planner = seg.runs[("planner", c.name)]
+        cap = np.full(n_h, np.inf)
+        for k, t in enumerate(treated):
+            idx = np.flatnonzero(seg.day_of_hour == k)
+            shaped = np.isfinite(planner.vcc[idx]).all()
+            if t and shaped:
+                cap[idx] = planner.cap[idx]
+            rows.append({"cluster": c.name, "day": seg.days[k], "treated": bool(t), "shaped": bool(shaped)})
+        _open_loop(seg, c, "experiment", cap, vcc=np.where(np.isfinite(cap), planner.vcc, np.nan))
+    seg.treated = pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------------ segments
+
+
+def long_gap_days(zone: str, days: Iterable[date], tz: str, drain_hours: int) -> list[date]:
+    """Days that cannot be backtested because the zone's actual carbon has a long gap in the day or in the hours
+    its work may still run (the next drain_hours): PJM's 22-hour outage of 2022-03-13/14."""
+    from cicm.carbon.trace import MAX_INTERP_GAP_HOURS, fill_short_gaps, find_gaps, read_eia_trace
+
+    raw = read_eia_trace(zone)
+    gaps = [(a, b) for a, b, n in find_gaps(fill_short_gaps(raw)) if n > MAX_INTERP_GAP_HOURS
+            and a != raw.index[0] and b != raw.index[-1]]
+    bad = []
+    for d in days:
+        hours = local_day_hours_utc(d, tz)
+        lo, hi = hours[0], hours[-1] + drain_hours * _H
+        if any(a <= hi and b >= lo for a, b in gaps):
+            bad.append(d)
+    return bad
+
+
+def split_segments(days: list[date], skip: set[date]) -> list[list[date]]:
+    out, cur = [], []
+    for d in days:
+        if d in skip:
+            if cur:
+                out.append(cur)
+            cur = []
+        else:
+            cur.append(d)
+    if cur:
+        out.append(cur)
+    return out
+
+
+@dataclass
+class Backtest:
+    zone: str
+    campus: Campus
+    start: date
+    n_days: int
+    options: BacktestOptions
+    segments: list[Segment]
+    skipped_days: list[date]
+    seconds: float
+
+
+def run_backtest(zone: str, start: date, n_days: int, options: BacktestOptions | None = None, *,
+                 fleet: Fleet | None = None, campus: str | None = None,
+                 carbon_source: CarbonSource = actual_carbon, forecast_source: ForecastSource = trace_day_forecast,
+                 progress: Callable[[str, int], None] | None = None) -> Backtest:
+    """Backtest ``n_days`` local days from ``start`` for the campus in ``zone`` (see :func:`campus_for_zone`)."""
+    from cicm.config import load_fleet
+
+    t_start = time.perf_counter()
+    options = options or BacktestOptions()
+    options.validate()
+    if n_days < 1:
+        raise InputError("days", f"must be >= 1, got {n_days}")
+    fleet = fleet or load_fleet()
+    camp = campus_for_zone(fleet, zone, campus)
+    days = [start + timedelta(days=i) for i in range(n_days)]
+    skip = set(long_gap_days(zone, days, camp.timezone, options.drain_hours)) if carbon_source is actual_carbon \
+        else set()
+    segments_days = split_segments(days, skip)
+    if not segments_days:
+        raise InputError("start", f"every requested day touches a long gap in the {zone} carbon data")
+    data = {c.name: cluster_data(fleet, c, options.seed) for c in camp.clusters}
+    segments = [run_segment(fleet, camp, seg_days, options, data, carbon_source=carbon_source,
+                            forecast_source=forecast_source, progress=progress) for seg_days in segments_days]
+    return Backtest(zone, camp, start, n_days, options, segments, sorted(skip), time.perf_counter() - t_start)
+
+
+def progress_steps(n_days: int, options: BacktestOptions) -> int:
+    """How many progress ticks run_backtest makes (for a progress bar)."""
+    steps = 1 + sum(p in options.policies for p in ("threshold", "threshold-guard", "planner-guard", "oracle"))
+    steps += n_days if "planner" in options.policies else 0
+    return steps + (1 if options.experiment else 0)
