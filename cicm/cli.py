@@ -60,6 +60,9 @@ def plan(
     delta_min: float = typer.Option(-1.0, help="lowest flexible deviation from flat"),
     delta_max: float = typer.Option(1.0, help="highest flexible deviation from flat"),
     solver: str = typer.Option("HIGHS", help="HIGHS or CLARABEL"),
+    min_forecast_value_pct: float = typer.Option(
+        3.0, help="shape a campus only if following its zone's forecasts cut flexible carbon by this much (%)"
+                  " over the last 28 days"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Run the nightly plan: forecasts, models, VCCs for every cluster; store them; print a summary."""
@@ -73,7 +76,7 @@ def plan(
         plan_date = parse_plan_date(date) if date else fleet_cfg.default_plan_date
         options = PlanOptions(provider=provider, base_url=base_url, csv_path=str(csv) if csv else None, seed=seed,
                               gamma=gamma, lambda_e=lambda_e, lambda_p=lambda_p, delta_min=delta_min,
-                              delta_max=delta_max, solver=solver)
+                              delta_max=delta_max, solver=solver, min_forecast_value_pct=min_forecast_value_pct)
         outcome = run_nightly_plan(plan_date, db or default_db_path(), fleet, options)
     except (InputError, ProviderError) as exc:
         _fail(exc)

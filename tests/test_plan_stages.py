@@ -29,7 +29,8 @@ def plan(store, fleet):
     days = stages.campus_days(fleet, PLAN_DATE)
     fetched = {d.campus.name: stages.fetch_campus_carbon(d, "trace", seed=0) for d in days}
     carbon = stages.collect_carbon(days, fetched)
-    return stages.plan_clusters(store, fleet, PLAN_DATE, days, carbon, PlanOptions())
+    # every campus may be shaped here (no forecast-value gate), so other fallbacks show alone
+    return stages.plan_clusters(store, fleet, PLAN_DATE, days, carbon, PlanOptions(min_forecast_value_pct=0.0))
 
 
 def test_short_and_broken_histories_fall_back_with_reasons(fleet, telemetry_db, tmp_path):
@@ -49,6 +50,7 @@ def test_short_and_broken_histories_fall_back_with_reasons(fleet, telemetry_db, 
     for name in ("sj-a", "dl-a"):
         caps = result.vccs[result.vccs["cluster"] == name]["vcc_cores"]
         assert (caps == fleet.cluster(name).capacity_cores).all() and len(caps) == 24
+    assert status.loc["cb-c", "reason"].startswith("too-full")  # Θ above the day's machine capacity
     assert (status.drop(index=["sj-a", "dl-a", "cb-c"])["status"] == "shaped").all()
     load_report = next(r for r in result.reports if r.name == "load-forecast")
     assert load_report.status == "degraded" and "sj-a" in load_report.detail and "dl-a" in load_report.detail
@@ -77,3 +79,25 @@ def test_missing_power_telemetry_falls_back(fleet, telemetry_db, tmp_path):
         result = plan(store, fleet)
     status = result.status.set_index("cluster")
     assert status.loc["ml-b", "reason"].startswith("no-power-model") and "ml-b-pd1" in status.loc["ml-b", "reason"]
+
+
+def test_zones_where_forecasts_have_not_paid_are_not_shaped(fleet, telemetry_db, tmp_path):
+    path = tmp_path / "db.duckdb"
+    path.write_bytes(telemetry_db.read_bytes())
+    days = stages.campus_days(fleet, PLAN_DATE)
+    with Store(path) as store:
+        values = {d.campus.grid_zone: stages.campus_forecast_value(store, d, 1.0) for d in days}
+        fetched = {d.campus.name: stages.fetch_campus_carbon(d, "trace", seed=0) for d in days}
+        result = stages.plan_clusters(store, fleet, PLAN_DATE, days, stages.collect_carbon(days, fetched),
+                                      PlanOptions(min_forecast_value_pct=3.0))
+    # measured from the stored day-ahead vintages and actuals of the 28 days before planning
+    assert values["CISO"].realised_cut_pct > 10 and values["BPAT"].realised_cut_pct < 3
+    assert all(v.realised_cut_pct <= v.ceiling_cut_pct for v in values.values())
+    status = result.status.merge(pd.DataFrame(
+        {"campus": [c.name for c in fleet.campuses], "zone": [c.grid_zone for c in fleet.campuses]}), on="campus")
+    for zone, group in status.groupby("zone"):
+        if values[zone].realised_cut_pct < 3.0:
+            assert (group["status"] == "fallback").all() and group["reason"].str.startswith("low-benefit").all()
+            assert (group["expected_kgco2"] == group["flat_kgco2"]).all()
+        else:
+            assert not group["reason"].fillna("").str.startswith("low-benefit").any()

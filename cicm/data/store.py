@@ -293,6 +293,26 @@ class Store:
             [zone, start, end, issued_before or pd.Timestamp.max.tz_localize("UTC")],
         )
 
+    def day_ahead_forecasts(self, zone: str, start: pd.Timestamp, end: pd.Timestamp,
+                            min_lead_hours: float = 6.0) -> pd.Series:
+        """Per target hour in [start, end): the newest forecast issued at least `min_lead_hours` before it."""
+        frame = self.query(
+            """SELECT target_hour, gco2_per_kwh FROM carbon_forecasts
+               WHERE zone = ? AND target_hour >= ? AND target_hour < ?
+                 AND issued_at <= target_hour - to_microseconds(CAST(? * 3600e6 AS BIGINT))
+               QUALIFY row_number() OVER (PARTITION BY target_hour ORDER BY issued_at DESC) = 1
+               ORDER BY target_hour""",
+            [zone, start, end, min_lead_hours],
+        )
+        return frame.set_index("target_hour")["gco2_per_kwh"]
+
+    def carbon_actuals(self, zone: str, start: pd.Timestamp, end: pd.Timestamp) -> pd.Series:
+        frame = self.query(
+            "SELECT hour, gco2_per_kwh FROM carbon_actuals WHERE zone = ? AND hour >= ? AND hour < ? ORDER BY hour",
+            [zone, start, end],
+        )
+        return frame.set_index("hour")["gco2_per_kwh"]
+
     def usage_history(self, cluster: str, before: pd.Timestamp, days: int | None = None) -> pd.DataFrame:
         start = before - pd.Timedelta(days=days) if days else pd.Timestamp("1970-01-01", tz="UTC")
         frame = self.query(

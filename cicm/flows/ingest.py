@@ -8,8 +8,19 @@ from cicm.data.store import Store
 from cicm.data.telemetry import demo_power_telemetry, demo_usage_history
 
 
+def trace_forecast_history(zone: str, start: pd.Timestamp, end: pd.Timestamp, seed: int) -> pd.DataFrame:
+    """The trace provider's day-ahead forecasts of every UTC day in [start, end), each issued at 18:00 UTC the
+    evening before: the vintages a planner that had been running would have stored."""
+    from cicm.carbon.trace import trace_forecast
+
+    frame = trace_forecast(zone, start, end, start - pd.Timedelta(hours=6), seed=seed)
+    frame["issued_at"] = frame["target_hour"].dt.floor("D") - pd.Timedelta(hours=6)
+    return frame
+
+
 def import_demo_telemetry(store: Store, fleet: Fleet, seed: int = 0) -> dict:
-    """Derive the fleet's telemetry from the bundled traces and store it, with the zones' actual carbon.
+    """Derive the fleet's telemetry from the bundled traces and store it, with the zones' actual carbon and the
+    trace provider's day-ahead forecasts over the history (so forecast skill can be measured from day one).
 
     One run, one transaction. Rows are keyed by (cluster|domain|zone, hour), so a re-import replaces them.
     """
@@ -29,4 +40,7 @@ def import_demo_telemetry(store: Store, fleet: Fleet, seed: int = 0) -> dict:
         store.upsert("usage_history", usage, run.run_id)
         store.upsert("power_telemetry", power, run.run_id)
         store.upsert("carbon_actuals", pd.concat(actuals, ignore_index=True), run.run_id)
+        for zone in zones:
+            store.write_carbon_forecast(
+                trace_forecast_history(zone, fleet.history_start, fleet.history_end, seed), run.run_id)
     return {"run_id": run.run_id, "usage_rows": len(usage), "power_rows": len(power), "zones": zones}

@@ -37,6 +37,7 @@ class PlanOptions:
     delta_max: float = 1.0
     ramp_limit: float | None = None
     solver: str = "HIGHS"
+    min_forecast_value_pct: float = 3.0
     fetch_retries: int = 2
     fetch_retry_delay_seconds: float = 2.0
 

@@ -198,6 +198,27 @@ class PlanClustersResult:
     extra_tables: dict[str, pd.DataFrame]
 
 
+FORECAST_VALUE_WINDOW_DAYS = 28
+
+
+def campus_forecast_value(store, day: CampusDay, delta: float):
+    """What following the zone's day-ahead forecasts would have saved over the last 28 days (None: unknown)."""
+    from cicm.models.carbon_skill import forecast_value
+
+    start = day.planned_at - pd.Timedelta(days=FORECAST_VALUE_WINDOW_DAYS)
+    forecasts = store.day_ahead_forecasts(day.campus.grid_zone, start, day.planned_at)
+    actuals = store.carbon_actuals(day.campus.grid_zone, start, day.planned_at)
+    return forecast_value(forecasts, actuals, day.campus.timezone, delta)
+
+
+def low_benefit_reason(value, min_value_pct: float) -> str | None:
+    """Shape only where following the forecast has paid: a planner that risks SLOs to chase noise has the wrong
+    priorities. Unknown value (too few stored days) does not block shaping."""
+    if value is None or value.realised_cut_pct >= min_value_pct:
+        return None
+    return f"low-benefit: {value.describe()}, below the {min_value_pct:g}% needed to shape"
+
+
 def shaping_disabled(store, cluster: str, plan_date: date) -> str | None:
     """The SLO loop's verdict for this cluster and day: None, or why shaping is off."""
     found = store.query(
@@ -291,8 +312,14 @@ def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | 
     from cicm.optimize.program import plan_campus
 
     out = {"vccs": [], "status": [], "power_models": [], "load_forecasts": [], "load_forecast_days": [],
-           "notes": {"power-models": [], "load-forecast": [], "vcc-program": []}}
+           "notes": {"forecast-value": [], "power-models": [], "load-forecast": [], "vcc-program": []}}
     inputs = []
+    value = campus_forecast_value(store, day, options.delta_max)
+    low_benefit = low_benefit_reason(value, options.min_forecast_value_pct)
+    out["notes"]["forecast-value"].append(
+        f"{day.campus.name} ({day.campus.grid_zone}): "
+        + (f"{value.realised_cut_pct:.1f}% (perfect {value.ceiling_cut_pct:.1f}%)" if value else "unknown")
+        + (" → not shaped" if low_benefit else ""))
     for cluster in day.campus.clusters:
         models = cluster_models(store, cluster, day, options.gamma)
         out["power_models"].append(models.power_rows)
@@ -309,7 +336,8 @@ def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | 
             out["vccs"].append(vccs)
             out["status"].append(status)
             continue
-        inputs.append(cluster_input(cluster, models, shaping_disabled(store, cluster.name, plan_date)))
+        preset = shaping_disabled(store, cluster.name, plan_date) or low_benefit
+        inputs.append(cluster_input(cluster, models, preset))
     if inputs:
         plan = plan_campus(campus_input(day.campus, inputs, carbon.to_numpy(), day.hours, options))
         vccs, status = plan_rows(plan, plan_date, {c.name: float(c.capacity_cores) for c in day.campus.clusters})
@@ -336,9 +364,9 @@ def plan_clusters(store, fleet: Fleet, plan_date: date, days: list[CampusDay], c
 
     status = cat("status")
     reports = []
-    for stage in ("power-models", "load-forecast", "vcc-program"):
+    for stage in ("forecast-value", "power-models", "load-forecast", "vcc-program"):
         notes = [n for p in parts for n in p["notes"][stage]]
-        degraded = stage != "vcc-program" and notes
+        degraded = stage in ("power-models", "load-forecast") and notes
         reports.append(StageReport(stage, "degraded" if degraded else "ran", "; ".join(notes) or "all clusters"))
     shaped = int((status["status"] == "shaped").sum()) if not status.empty else 0
     reports[-1].detail = f"{shaped}/{len(status)} clusters shaped; " + reports[-1].detail
