@@ -292,6 +292,24 @@ def _vcc_to_cap(vcc: np.ndarray, ratio: np.ndarray, inflexible: np.ndarray) -> n
     return np.maximum(vcc / ratio - inflexible, 0.0)
 
 
+def _forecast_value(campus: Campus, cd, options: BacktestOptions):
+    """As the nightly plan measures it: following the zone's day-ahead trace forecasts over the 28 days before
+    planning, scored on the actual intensity (the same vintages the demo store holds)."""
+    from cicm.carbon.trace import load_actual_intensity
+    from cicm.flows.ingest import trace_forecast_history
+    from cicm.flows.plan_stages import FORECAST_VALUE_WINDOW_DAYS
+    from cicm.models.carbon_skill import forecast_value
+
+    end = cd.planned_at.floor("D")
+    start = max(end - pd.Timedelta(days=FORECAST_VALUE_WINDOW_DAYS), pd.Timestamp("2022-01-01", tz="UTC"))
+    if end <= start:
+        return None
+    forecasts = trace_forecast_history(campus.grid_zone, start, end, options.seed)
+    actual = load_actual_intensity(campus.grid_zone, start, end, drop_long_gaps=True)
+    return forecast_value(forecasts.set_index("target_hour")["gco2_per_kwh"], actual, campus.timezone,
+                          options.delta_max)
+
+
 def _run_planner(fleet: Fleet, seg: Segment, campus_days: list, options: BacktestOptions,
                  data: dict[str, ClusterData], tick: Callable[[], None]) -> pd.DataFrame:
     """The nightly plan, day by day, on the closed-loop history; the simulator advances between plans."""
@@ -316,6 +334,7 @@ def _run_planner(fleet: Fleet, seg: Segment, campus_days: list, options: Backtes
         for sim in sims.values():
             sim.advance(max(now_slot, 0))
         inputs, fallbacks = [], {}
+        low_benefit = stages.low_benefit_reason(_forecast_value(campus, cd, options), options.min_forecast_value_pct)
         for c in campus.clusters:
             sim = sims[c.name]
             history = _closed_loop_history(base[c.name], seg, sim, c.name, cd.planned_at,
@@ -328,6 +347,7 @@ def _run_planner(fleet: Fleet, seg: Segment, campus_days: list, options: Backtes
                     off_reason[c.name] = reason
                     since[c.name] = d
             preset = off_reason[c.name] if c.name in off_until and d <= off_until[c.name] else None
+            preset = preset or low_benefit
             window = history[history.index >= cd.planned_at - pd.Timedelta(days=stages.POWER_WINDOW_DAYS + 1)]
             telemetry = cluster_power_telemetry(c, window.reset_index(), options.seed)
             models = stages.cluster_models_from_frames(c, telemetry, history.reset_index(), cd, options.gamma)
