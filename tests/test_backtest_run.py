@@ -179,11 +179,19 @@ def test_cli_json(tmp_path):
     app = typer.Typer()
     app.command("backtest")(backtest_command)
     app.command("noop")(lambda: None)
+    db = tmp_path / "cicm.duckdb"
     result = CliRunner().invoke(app, ["backtest", "--zone", "BPAT", "--start", "2022-07-01", "--days", "2",
-                                      "--json", "--out", str(tmp_path), "--no-experiment", "--no-plots"])
+                                      "--json", "--out", str(tmp_path), "--no-experiment", "--no-plots",
+                                      "--db", str(db)])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout[result.stdout.index("{"):])
     assert doc["zone"] == "BPAT" and doc["simulated_days"] == 2
     assert (tmp_path / "summary.json").exists()
+    from cicm.data.store import Store
+
+    with Store(db, read_only=True) as store:
+        stored = store.query("SELECT * FROM backtest_results").set_index("policy")
+    assert "carbon-agnostic" in stored.index and (stored["zone"] == "BPAT").all()
+    assert stored.loc["carbon-agnostic", "flexible_reduction_pct"] == 0.0
     bad = CliRunner().invoke(app, ["backtest", "--zone", "XXX", "--start", "2022-07-01"])
     assert bad.exit_code == 1

@@ -42,6 +42,8 @@ def backtest_command(
     seed: int = typer.Option(0, help="seed of the demo telemetry, forecast errors and the experiment"),
     experiment: bool = typer.Option(True, "--experiment/--no-experiment", help="run the randomised experiment"),
     no_plots: bool = typer.Option(False, "--no-plots", help="write the JSON/CSV report without PNG plots"),
+    db: Optional[Path] = typer.Option(None, "--db", help="also store the results in this DuckDB store "
+                                                          "(the dashboard shows them)"),
 ) -> None:
     """Backtest carbon-agnostic, threshold, planner and oracle policies on the real traces; write a report."""
     from cicm.backtest import report as R
@@ -87,6 +89,8 @@ def backtest_command(
         doc = R.summary(bt, ev)
         doc["report_dir"] = str(folder)
         docs.append(doc)
+        if db:
+            _store_results(db, bt, ev["table"], first, days, seed, folder)
         failed |= not doc["hard_checks_ok"]
         if not as_json:
             _print(console, bt, ev, folder)
@@ -94,6 +98,17 @@ def backtest_command(
         print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
     if failed:
         raise typer.Exit(3)
+
+
+def _store_results(db: Path, bt, table, first, days: int, seed: int, folder: Path) -> None:
+    """One row per policy in `backtest_results`, in one run; a re-run of the same window replaces its rows."""
+    from cicm.data.store import Store
+
+    rows = table.assign(zone=bt.zone, campus=bt.campus.name, start_day=first, days=days, seed=seed,
+                        report_dir=str(folder))
+    with Store(db) as store, store.run("backtest", {"zone": bt.zone, "start": first, "days": days,
+                                                    "seed": seed}) as run:
+        store.upsert("backtest_results", rows, run.run_id)
 
 
 def _print(console: Console, bt, ev: dict, folder: Path) -> None:

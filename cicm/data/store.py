@@ -87,6 +87,14 @@ CREATE TABLE IF NOT EXISTS agent_actions (
     plan_date DATE, mode VARCHAR NOT NULL, reason VARCHAR, vcc_cores DOUBLE, flexible_allowance_cores DOUBLE,
     caps VARCHAR, battery_charge_kw DOUBLE, battery_max_discharge_kw DOUBLE, result VARCHAR NOT NULL,
     detail VARCHAR, PRIMARY KEY (cluster, acted_at));
+CREATE TABLE IF NOT EXISTS backtest_results (
+    run_id VARCHAR NOT NULL, zone VARCHAR NOT NULL, campus VARCHAR, start_day DATE NOT NULL, days INTEGER NOT NULL,
+    seed INTEGER NOT NULL, policy VARCHAR NOT NULL, flexible_kgco2 DOUBLE, total_kgco2 DOUBLE,
+    flexible_reduction_pct DOUBLE, shift_reduction_pct DOUBLE, total_reduction_pct DOUBLE, bound_kgco2 DOUBLE,
+    bound_share_pct DOUBLE, oracle_share_pct DOUBLE, kwh_per_kcore_hour DOUBLE, peak_kw DOUBLE,
+    slo_violations INTEGER, cluster_days INTEGER, late_work_pct DOUBLE, delay_mean_hours DOUBLE,
+    delay_p95_hours DOUBLE, unfinished_core_hours DOUBLE, report_dir VARCHAR,
+    PRIMARY KEY (zone, start_day, days, seed, policy));
 CREATE TABLE IF NOT EXISTS shaping_state (
     run_id VARCHAR NOT NULL, cluster VARCHAR NOT NULL, disabled_from DATE NOT NULL, disabled_until DATE NOT NULL,
     reason VARCHAR NOT NULL, PRIMARY KEY (cluster, disabled_from));
@@ -107,6 +115,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "slo_events": ("cluster", "day"),
     "shaping_state": ("cluster", "disabled_from"),
     "agent_actions": ("cluster", "acted_at"),
+    "backtest_results": ("zone", "start_day", "days", "seed", "policy"),
 }
 
 
