@@ -452,9 +452,17 @@ def test_slo_events_shaping_state_and_backtest_results_are_shown(store_copy):
                 "cluster": ["cb-a"], "disabled_from": [date(2022, 6, 15)], "disabled_until": [date(2022, 6, 21)],
                 "reason": ["slo-feedback: violated on 2022-06-14"],
             }), run.run_id)
-        store.con.execute("CREATE TABLE backtest_results (cluster VARCHAR, plan_date DATE, saving_pct DOUBLE)")
-        store.con.execute("INSERT INTO backtest_results VALUES ('sj-a', DATE '2022-06-01', 4.2),"
-                          " ('cb-a', DATE '2022-06-01', 3.1)")
+        with store.run("backtest") as run:
+            store.upsert("backtest_results", pd.DataFrame({
+                "zone": ["CISO", "MISO"], "campus": ["ca-sj", "ia-council"],
+                "start_day": [date(2022, 6, 1)] * 2, "days": [30, 30], "seed": [0, 0], "policy": ["planner"] * 2,
+                "flexible_reduction_pct": [4.2, 3.1],
+                **{c: [None, None] for c in (
+                    "flexible_kgco2", "total_kgco2", "shift_reduction_pct", "total_reduction_pct", "bound_kgco2",
+                    "bound_share_pct", "oracle_share_pct", "kwh_per_kcore_hour", "peak_kw", "slo_violations",
+                    "cluster_days", "late_work_pct", "delay_mean_hours", "delay_p95_hours",
+                    "unfinished_core_hours", "report_dir")},
+            }), run.run_id)
 
     pages = Pages(StoreReader(store_copy), load_fleet())
     page, notice, live = pages.render("/", "?date=2022-06-15")
@@ -468,7 +476,7 @@ def test_slo_events_shaping_state_and_backtest_results_are_shown(store_copy):
     assert "backtest-results" in _ids(page) and "Backtest results" in _text(page)
     page, _, _ = pages.render("/cluster", "?cluster=sj-a&date=2022-06-15")
     assert "cluster-backtest" in _ids(page)
-    assert "4.20" in _text(page) and "3.10" not in _text(page)  # filtered to the cluster
+    assert "4.20" in _text(page) and "3.10" not in _text(page)  # filtered to the cluster's campus
 
 
 def test_cli_mounts_as_cicm_dashboard():

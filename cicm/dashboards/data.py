@@ -383,18 +383,16 @@ def parse_json(text) -> dict | list | None:
 
 
 def backtest_results(r: Reading, cluster: str | None = None, limit: int = 200) -> pd.DataFrame | None:
-    """The `backtest_results` table when the store has one (None when absent), filtered to a cluster when the
-    table has a cluster column."""
+    """The stored backtest results (`cicm backtest --db`), newest window first; None when there are none.
+    Backtests are per campus, so a cluster's page shows its campus's rows."""
     if not r.has_table("backtest_results"):
         return None
-    columns = set(r.q("SELECT column_name FROM information_schema.columns WHERE table_name = 'backtest_results'")
-                  ["column_name"])
     where, params = "", []
-    if cluster is not None and "cluster" in columns:
-        where, params = "WHERE cluster = ?", [cluster]
-    order = next((f"ORDER BY {c} DESC" for c in ("finished_at", "started_at", "created_at", "plan_date", "day")
-                  if c in columns), "")
-    return r.q(f"SELECT * FROM backtest_results {where} {order} LIMIT {int(limit)}", params)
+    if cluster is not None:
+        where, params = "WHERE campus = (SELECT campus FROM current_vcc_status WHERE cluster = ? LIMIT 1)", [cluster]
+    rows = r.q(f"SELECT * EXCLUDE (run_id) FROM backtest_results {where} ORDER BY start_day DESC, zone, policy"
+               f" LIMIT {int(limit)}", params)
+    return None if rows.empty else rows
 
 
 # ---------------------------------------------------------------------------------------------- export
