@@ -1,12 +1,14 @@
 """Forecast accuracy of the CICM load forecaster against seasonal naive and Holt-Winters, on the demo fleet.
 
     .venv/bin/python bench/forecast_accuracy.py [--origins 28] [--seed 0] [--no-holt-winters]
+                                                [--last-target YYYY-MM-DD] [--no-power]
 
-For every cluster and every rolling origin (one per local day, the last `--origins` days of the demo history),
-each method forecasts the next local day from the history before the issue time (18:00 local on the eve of
-the target day). Printed: median and p90 across clusters of each cluster's MAPE (inflexible hourly, flexible
-daily), the share of clusters whose median hourly APE is below 10%, and the coverage of the reservation bound
-Θ = T_R·(1 + q0.97) (share of cluster-days whose actual reservations stayed at or below Θ).
+For every cluster and every rolling origin (one per local day: the `--origins` days ending on `--last-target`,
+by default the last complete local day of the demo history), each method forecasts the target local day from
+the history before the issue time (18:00 local on the eve of the target day). Printed: median and p90 across
+clusters of each cluster's MAPE (inflexible hourly, flexible daily, reservations daily), which daily model
+cicm selected how often, the share of clusters whose median hourly APE is below 10%, and the coverage of the
+reservation bound Θ = T_R·(1 + q0.97) (share of cluster-days whose actual reservations stayed at or below Θ).
 """
 from __future__ import annotations
 
@@ -48,12 +50,27 @@ def _ape(actual: np.ndarray, forecast: np.ndarray) -> np.ndarray:
     return np.abs(actual - forecast) / actual * 100
 
 
-def evaluate_cluster(history: pd.DataFrame, tz: str, origins: int, holt_winters: bool) -> pd.DataFrame:
-    """One row per (method, target day): hourly inflexible APEs, flexible daily APE, reservation coverage."""
+def _model_label(params: dict) -> str:
+    """The daily model `forecast_load` selected, e.g. "seasonal", "moving-average 91 d + adjust"."""
+    model = params["model"]
+    if model == "level-ewma":
+        model += f" α={params['level_alpha']}"
+    elif model == "moving-average":
+        model += f" {params['window_days']} d"
+    return model + (" + adjust" if params["adjusted"] else "")
+
+
+def evaluate_cluster(
+    history: pd.DataFrame, tz: str, origins: int, holt_winters: bool, last_target: pd.Timestamp | None = None
+) -> pd.DataFrame:
+    """One row per (method, target day): hourly inflexible APEs, flexible and reservations daily APEs,
+    reservation coverage."""
     history = history.set_index("hour").sort_index()
     local_last = history.index[-1].tz_convert(tz).tz_localize(None).normalize()
-    # the last complete local day of the history is the last target
+    # the last complete local day of the history is the last target, unless told otherwise
     last_day = local_last - pd.Timedelta(days=1)
+    if last_target is not None:
+        last_day = min(last_target, last_day)
     rows = []
     for k in range(origins):
         day = last_day - pd.Timedelta(days=origins - 1 - k)
@@ -70,22 +87,29 @@ def evaluate_cluster(history: pd.DataFrame, tz: str, origins: int, holt_winters:
             rows.append(dict(method="cicm", day=day,
                              inflexible_ape=_ape(inflexible_actual, fc.inflexible_cpu_cores.to_numpy()),
                              flexible_ape=_ape(flexible_actual, fc.flexible_core_hours),
+                             reservations_ape=_ape(reserved_actual, fc.reservations_core_hours),
+                             flexible_model=_model_label(fc.parameters["flexible"]),
+                             reservations_model=_model_label(fc.parameters["reservations"]),
                              reservations_covered=reserved_actual <= fc.theta_core_hours,
                              inflexible_upper_covered=np.mean(inflexible_actual <= fc.inflexible_upper_cpu_cores.to_numpy())))
+        naive = lambda column: seasonal_naive_core_hours(past[column], hours, tz)  # noqa: E731
         rows.append(dict(method="seasonal-naive", day=day,
                          inflexible_ape=_ape(inflexible_actual, seasonal_naive_forecast(past["inflexible_cpu_cores"], hours, tz).to_numpy()),
-                         flexible_ape=_ape(flexible_actual, seasonal_naive_core_hours(past["flexible_cpu_cores"], hours, tz))))
+                         flexible_ape=_ape(flexible_actual, naive("flexible_cpu_cores")),
+                         reservations_ape=_ape(reserved_actual, naive("reserved_cpu_cores"))))
         if holt_winters:
+            hw = lambda column: holt_winters_core_hours(past[column], hours, tz)  # noqa: E731
             rows.append(dict(method="holt-winters", day=day,
                              inflexible_ape=_ape(inflexible_actual, holt_winters_forecast(past["inflexible_cpu_cores"], hours, tz).to_numpy()),
-                             flexible_ape=_ape(flexible_actual, holt_winters_core_hours(past["flexible_cpu_cores"], hours, tz))))
+                             flexible_ape=_ape(flexible_actual, hw("flexible_cpu_cores")),
+                             reservations_ape=_ape(reserved_actual, hw("reserved_cpu_cores"))))
     return pd.DataFrame(rows)
 
 
 def _evaluate_task(task: tuple) -> pd.DataFrame:
     warnings.simplefilter("ignore")  # statsmodels convergence chatter from the Holt-Winters baseline
-    name, history, tz, origins, holt_winters = task
-    return evaluate_cluster(history, tz, origins, holt_winters).assign(cluster=name)
+    name, history, tz, origins, holt_winters, last_target = task
+    return evaluate_cluster(history, tz, origins, holt_winters, last_target).assign(cluster=name)
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
@@ -97,6 +121,7 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
             per_cluster.append(dict(
                 hourly_mape=hourly.mean(), hourly_median_ape=np.median(hourly),
                 daily_mape=g["flexible_ape"].mean(),
+                reservations_mape=g["reservations_ape"].mean(),
             ))
         pc = pd.DataFrame(per_cluster)
         row = {
@@ -106,6 +131,8 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
             "inflexible hourly MAPE % (p90)": pc["hourly_mape"].quantile(0.9),
             "flexible daily MAPE % (median)": pc["daily_mape"].median(),
             "flexible daily MAPE % (p90)": pc["daily_mape"].quantile(0.9),
+            "reservations daily MAPE % (median)": pc["reservations_mape"].median(),
+            "reservations daily MAPE % (p90)": pc["reservations_mape"].quantile(0.9),
             "clusters with median hourly APE < 10%": (pc["hourly_median_ape"] < 10).mean(),
         }
         if "reservations_covered" in by_method and by_method["reservations_covered"].notna().any():
@@ -158,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-holt-winters", action="store_true")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one cluster each)")
+    parser.add_argument("--last-target", type=pd.Timestamp, default=None,
+                        help="last target local date (default: the last complete day of the demo history)")
+    parser.add_argument("--no-power", action="store_true", help="skip the power-model and SPECpower checks")
     args = parser.parse_args(argv)
 
     started = time.time()
@@ -165,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     usage = demo_usage_history(fleet, seed=args.seed)
     tasks = [
         (cluster.name, usage[usage["cluster"] == cluster.name].drop(columns="cluster"), campus.timezone,
-         args.origins, not args.no_holt_winters)
+         args.origins, not args.no_holt_winters, args.last_target)
         for campus in fleet.campuses
         for cluster in campus.clusters
     ]
@@ -178,8 +208,17 @@ def main(argv: list[str] | None = None) -> int:
     table = summarise(results)
     pd.set_option("display.width", 140)
     print(f"Demo fleet {fleet.name!r}, seed {args.seed}: {results['cluster'].nunique()} clusters x "
-          f"{args.origins} rolling origins (issued {ISSUE_LOCAL_HOUR}:00 local on the eve of each target day)")
+          f"{args.origins} rolling origins, targets {results['day'].min().date()}..{results['day'].max().date()} "
+          f"(issued {ISSUE_LOCAL_HOUR}:00 local on the eve of each target day)")
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    ours = results[results["method"] == "cicm"]
+    for series in ("flexible", "reservations"):
+        counts = ours[f"{series}_model"].value_counts()
+        print(f"cicm {series} daily model selected (cluster-days): "
+              + ", ".join(f"{name} {count}" for name, count in counts.items()))
+    if args.no_power:
+        print(f"elapsed {time.time() - started:.0f} s")
+        return 0
 
     power = power_model_accuracy(demo_power_telemetry(fleet, usage, seed=args.seed), origins=30)
     per_domain = power.groupby("domain")[["cleaned", "raw"]].mean()

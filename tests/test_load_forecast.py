@@ -1,6 +1,8 @@
 """Load forecasts per cluster (cicm.models.load)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -258,3 +260,85 @@ def test_holt_winters(history):
     assert np.mean(np.abs(fc / truth.reindex(hours) - 1)) < 0.05
     total = holt_winters_core_hours(past["flexible_cpu_cores"], hours, TZ)
     assert total == pytest.approx(flexible_truth.reindex(hours).sum(), rel=0.1)
+
+
+# ------------------------------------------------------------------------ daily model selection
+
+
+def with_daily_flexible(frame: pd.DataFrame, daily: np.ndarray, seed: int, tz: str = TZ) -> pd.DataFrame:
+    """`frame` with flexible CPU daily[i] × (5 % hourly noise) on the i-th local day of the frame."""
+    local_days = frame.index.tz_convert(tz).tz_localize(None).normalize()
+    day_number = ((local_days - local_days[0]) // pd.Timedelta(days=1)).to_numpy()
+    noise = np.exp(0.05 * np.random.default_rng(seed).standard_normal(len(frame)))
+    return frame.assign(flexible_cpu_cores=daily[day_number] * noise)
+
+
+def rolling_daily_mape(frame: pd.DataFrame, days: pd.DatetimeIndex) -> tuple[float, float, list[dict]]:
+    """MAPE % of cicm's flexible core-hours and of seasonal naive's over the target `days`, and the
+    flexible parameters of each forecast."""
+    ours, naive, params = [], [], []
+    for day in days:
+        hours, now = local_day_hours(day, TZ), eve(str(day.date()))
+        actual = frame.loc[hours, "flexible_cpu_cores"].sum()
+        fc = forecast_load(frame, hours, TZ, 0.05, now)
+        assert fc.ok
+        past = frame[frame.index + pd.Timedelta(hours=1) <= now]
+        ours.append(abs(fc.flexible_core_hours / actual - 1))
+        naive.append(abs(seasonal_naive_core_hours(past["flexible_cpu_cores"], hours, TZ) / actual - 1))
+        params.append(fc.parameters["flexible"])
+    return 100 * np.mean(ours), 100 * np.mean(naive), params
+
+
+def test_flexible_without_weekly_pattern_selects_a_level_model():
+    # no weekly pattern in the daily flexible total: a slowly wandering level (random walk, 4 %/day) and
+    # 25 % independent day-to-day noise. A day-of-week model only adds noise here.
+    rng = np.random.default_rng(3)
+    days = 110
+    level = 400 * np.exp(np.cumsum(rng.normal(0, 0.04, days + 1)))
+    frame = with_daily_flexible(synthetic_history(days=days)[0], level * np.exp(rng.normal(0, 0.25, days + 1)), 3)
+    targets = pd.date_range("2022-04-08", periods=12, freq="D")
+    ours, naive, params = rolling_daily_mape(frame, targets)
+    assert ours < 0.85 * naive
+    chosen = [p["model"] for p in params]
+    assert sum(m in ("level-ewma", "moving-average") for m in chosen) >= 10, chosen
+    for p in params:
+        # the choice is the candidate with the lowest out-of-sample MAPE, all scored on the same days
+        scores = p["selection_mape_pct"]
+        label = p["model"] + ("+adjust" if p["adjusted"] else "")
+        assert scores[label] == min(scores.values())
+        assert set(scores) == {"seasonal+adjust", "seasonal", "level-ewma+adjust", "level-ewma",
+                               "moving-average+adjust", "moving-average"}
+        assert p["n_selection_days"] > 60
+        assert (p["adjust_a_b_c"] is None) == (not p["adjusted"])
+
+
+def test_flexible_with_strong_weekly_pattern_selects_the_seasonal_model():
+    # flexible work mostly on weekdays (weekends 35 % of a weekday), 8 % day-to-day noise
+    rng = np.random.default_rng(4)
+    days = 110
+    weekday = pd.date_range("2022-01-03", periods=days + 1).day_of_week.to_numpy()
+    daily = 400 * np.where(weekday >= 5, 0.35, 1.0) * np.exp(rng.normal(0, 0.08, days + 1))
+    frame = with_daily_flexible(synthetic_history(days=days)[0], daily, 4)
+    targets = pd.date_range("2022-04-08", periods=7, freq="D")  # every day of the week once
+    ours, naive, params = rolling_daily_mape(frame, targets)
+    assert all(p["model"] == "seasonal" for p in params), [p["model"] for p in params]
+    assert ours < naive
+    moving = [p["selection_mape_pct"]["moving-average"] for p in params]
+    seasonal = [min(p["selection_mape_pct"]["seasonal"], p["selection_mape_pct"]["seasonal+adjust"]) for p in params]
+    assert np.all(np.array(seasonal) < 0.5 * np.array(moving))
+
+
+def test_model_choice_is_recorded_and_the_hourly_series_stays_seasonal(history):
+    frame, _, _ = history
+    day = "2022-03-08"
+    fc = forecast_load(frame, local_day_hours(day, TZ), TZ, 0.05, eve(day))
+    for series in ("inflexible", "reservations"):  # not selected: the seasonal model with adjustment
+        p = fc.parameters[series]
+        assert p["model"] == "seasonal" and p["adjusted"] is True and "selection_mape_pct" not in p
+        assert len(p["adjust_a_b_c"]) == 3 and p["n_adjust_days"] > 0
+    p = fc.parameters["flexible"]
+    assert p["model"] in ("seasonal", "level-ewma", "moving-average")
+    assert p["level_alpha"] in (0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9)
+    assert p["window_days"] in (7, 14, 28, 56, 91)
+    assert p["n_backtest_days"] > 0 and p["backtest_day_ahead_mape_pct"] is not None
+    json.dumps(fc.parameters)  # stored as JSON by the planning flow
