@@ -152,7 +152,8 @@ def test_flat_carbon_days_give_no_saving_even_across_dst(fleet):
     # the carbon change left is energy: caps smooth utilisation on the convex power curve (small)
     assert t["flexible_reduction_pct"].abs().max() < 1.5
     assert t.loc["threshold", "flexible_kgco2"] == pytest.approx(t.loc[BASELINE, "flexible_kgco2"])
-    assert (seg.plans["planned_flexible_saving_pct"].abs() < 1e-6).all()
+    # the plan's only possible gain is energy: filling inflexible valleys on the convex power curve (tiny, >= 0)
+    assert seg.plans["planned_flexible_saving_pct"].between(-1e-6, 0.5).all()
 
 
 def test_zone_without_a_campus_and_the_pjm_gap(fleet):

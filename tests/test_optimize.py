@@ -63,7 +63,8 @@ def flat_feasible(campus: CampusInput) -> bool:
     if shaped.any() and (prep.hi[shaped] < -1e-12).any():
         return False
     if math.isfinite(campus.contract_limit_kw):
-        return prep.nom.max(axis=1).sum() <= campus.contract_limit_kw
+        # The LP's own flat peaks: for a non-convex curve its hull plus the hull gap.
+        return (prep.hull_nom.max(axis=1) + prep.gap).sum() <= campus.contract_limit_kw
     return True
 
 
@@ -89,9 +90,14 @@ def check_invariants(campus: CampusInput, plan: CampusPlan) -> None:
         # Planned flexible usage totals tau; delta within bounds.
         assert abs(flex.sum() - tau) <= RTOL * max(tau, 1.0)
         assert (delta >= campus.delta_min - RTOL).all() and (delta <= campus.delta_max + RTOL).all()
-        # power = P(U_nom) + pi * delta * tau / H ; carbon = power * eta / 1000
+        # power = P(U_nom) + pi * delta * tau / H (linear model), or the true curve at U_IF + flexible;
+        # carbon = power * eta / 1000
         power = hh["power_kw"].to_numpy()
-        np.testing.assert_allclose(power, prep.nom[i] + prep.k[i] * delta, rtol=1e-9, atol=1e-9)
+        if c.power_curve is None:
+            np.testing.assert_allclose(power, prep.nom[i] + prep.k[i] * delta, rtol=1e-9, atol=1e-9)
+        else:
+            np.testing.assert_allclose(power, c.power_curve(c.inflexible_cpu_cores + flex), rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(prep.nom[i], c.power_curve(c.inflexible_cpu_cores + tau / n_h), rtol=1e-12)
         np.testing.assert_allclose(hh["carbon_kgco2"].to_numpy(), power * campus.carbon_gco2_per_kwh / 1000,
                                    rtol=1e-9, atol=1e-12)
         if row["status"] == "shaped":
@@ -125,8 +131,9 @@ def check_invariants(campus: CampusInput, plan: CampusPlan) -> None:
         elif not plan.contract_ok:
             # Nobody is shaped and the contract is broken: the program must have said why.
             assert "contract" in plan.message
-    # Carbon and objective never worse than the flat plan when the flat plan is feasible.
-    if flat_feasible(campus):
+    # Carbon and objective never worse than the flat plan when the flat plan is feasible (with power curves:
+    # when they are convex over the plan's range; the LP sees a non-convex curve's hull, a lower bound).
+    if flat_feasible(campus) and (clusters["power_model"] != P.POWER_CURVE_HULL).all():
         flat_obj = (campus.lambda_e * clusters["flat_kgco2"].sum()
                     + campus.lambda_p * clusters["flat_peak_kw"].sum())
         assert plan.objective <= flat_obj + RTOL * max(abs(flat_obj), 1.0)

@@ -17,6 +17,9 @@ from cicm.optimize.inputs import DAY_LENGTHS, SOLVERS, CampusInput, ClusterInput
 from cicm.optimize.program import (
     CLUSTER_COLUMNS,
     HOURLY_COLUMNS,
+    POWER_CURVE_CONVEX,
+    POWER_CURVE_HULL,
+    POWER_LINEAR,
     CampusPlan,
     campus_targets,
     concat_plans,
@@ -29,4 +32,5 @@ __all__ = [
     "campus_targets", "HOURLY_COLUMNS", "CLUSTER_COLUMNS", "DAY_LENGTHS", "SOLVERS",
     "STATUS_SHAPED", "STATUS_FALLBACK", "REASON_INSUFFICIENT_HISTORY", "REASON_SLO_FEEDBACK",
     "REASON_NO_FLEXIBLE_WORK", "REASON_TOO_FULL", "REASON_INFEASIBLE", "REASON_SOLVER_ERROR",
+    "POWER_LINEAR", "POWER_CURVE_CONVEX", "POWER_CURVE_HULL",
 ]

@@ -128,11 +128,14 @@ class ClusterInput:
     - ``reservations_rel_error_q97``: 97th percentile of the relative forecast error of T_R (> -1).
     - ``capacity_cores``: machine capacity in reservation cores (> 0); a scalar or H values.
     - ``power_capped_capacity_cores``: usage (cores) the power caps allow (>= 0, may be ``inf``); scalar or H values.
-    - ``slope_kw_per_core``: pi_c, marginal kW per core of usage (>= 0). May be omitted when ``power_curve`` is
-      given: then the curve's slope at the day's mean nominal usage is used.
+    - ``slope_kw_per_core``: pi_c, marginal kW per core of usage (>= 0), required with ``nominal_power_kw`` (the
+      linear power model). With a ``power_curve`` it is optional and not used by the program (which models the
+      curve itself); ``campus_targets`` reports it, or the curve's slope at the day's mean nominal usage.
     - ``nominal_power_kw[H]``: P_c(U_nom(h)), the power at the nominal (unshaped) usage
-      U_nom = U_IF + tau/H. Give either this or ``power_curve`` (the curve is evaluated at U_nom once tau is known).
-    - ``power_curve``: a :class:`PowerCurve` instead of ``nominal_power_kw``.
+      U_nom = U_IF + tau/H. Give either this or ``power_curve``.
+    - ``power_curve``: a :class:`PowerCurve` instead of ``nominal_power_kw``: the program plans with the curve
+      (its lower convex hull over the usage the plan can reach) and reports power and carbon from the curve at the
+      planned usage U_IF + (1 + delta) * tau/H.
     - ``fallback_reason``: set by the caller to force the fallback (e.g. ``"insufficient-history"``,
       ``"slo-feedback"``); passed through to the plan. ``None`` to let the program shape the cluster.
     - ``fallback_detail``: optional free text stored with a preset ``fallback_reason``.

@@ -6,7 +6,11 @@ Notation (per cluster c, hour h of the H-hour local day; see docs/optimizer.md f
 - alpha s.t. sum_h (U_IF(h) + alpha*T_UF/H) * R(h) = Theta, then alpha := max(alpha, 1);  tau = alpha * T_UF
 - M(h) = max(U_IF(h), U_IF_upper(h))              inflexible usage the cap must always admit
 - VCC(h) = (M(h) + (1 + delta(h)) * tau/H) * R(h) reservation cores
-- power(h) = P_c(U_nom(h)) + pi_c * delta(h) * tau/H,  U_nom = U_IF + tau/H
+- u(h) = U_IF(h) + (1 + delta(h)) * tau/H         usage drawn (the forecast U_IF, not the quantile, draws power)
+- power(h):
+    linear clusters (nominal_power_kw + slope_kw_per_core):  P_c(U_nom(h)) + pi_c * delta(h) * tau/H
+    curve clusters (power_curve):  the lower convex hull of the curve over the usage the plan can reach, at u(h)
+    (the curve itself when it is convex there; a lower bound of it otherwise)
 
 LP (variables delta in R^{C x H}, y in R^C):
   min  lambda_e * sum eta(h) * power(c,h) / 1000  +  lambda_p * sum_c y(c)  (+ a tiny L1 tie-break on delta)
@@ -18,6 +22,14 @@ LP (variables delta in R^{C x H}, y in R^C):
        y(c) >= power(c,h)                              (only if lambda_p > 0 or the contract is finite)
        sum_c y(c) <= contract_limit - sum of the flat peaks of fallback clusters
        |delta(c,h) - delta(c,h-1)| <= ramp_limit       (optional)
+
+The hull of a curve cluster enters the LP in its incremental ("fill") form, equivalent to the epigraph
+p >= a_k + b_k*u for every segment k (same optimum, tested) and much faster to solve: delta(c,h) is the sum over
+the hull segments of fill variables bounded by what each segment holds within the hour's reachable usage, and the
+power is P_hull(U_nom(h)) + tau/H * sum_k b_k * fill_k; the increasing slopes of a convex hull make filling the
+segments in order optimal. With a finite contract, the peak rows of a non-convex curve carry its hull gap (the
+most the curve rises above its hull), so the true peaks stay within the contract. Reported power and carbon always
+come from the true curve at the planned (and the flat) usage.
 
 Everything is built from (C, H) numpy arrays into one cvxpy problem with matrix variables; there are no per-cluster
 Python loops. An infeasible campus costs at most two more batched LPs per round: min sum of peaks without the
@@ -34,6 +46,7 @@ from typing import Iterable
 import cvxpy as cp
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from cicm.optimize.fallback import (
     REASON_INFEASIBLE,
@@ -44,6 +57,7 @@ from cicm.optimize.fallback import (
     STATUS_SHAPED,
     too_full_reasons,
 )
+from cicm.optimize.curves import CurveTable, lower_hulls
 from cicm.optimize.inputs import CampusInput
 
 #: Relative size of the L1 tie-break on delta, as a fraction of each cluster's objective change per unit delta.
@@ -53,8 +67,11 @@ TIE_BREAK = 1e-5
 
 #: Options per solver. Clarabel's duality-gap tolerance is tightened from 1e-8: with an interior-point method the
 #: tie-break only pins delta to within ~gap/tie, and 1e-11 keeps a flat-carbon plan flat to ~1e-7 (costs 1-3
-#: iterations). HiGHS' simplex returns a vertex, exact to its feasibility tolerance.
-SOLVER_OPTIONS: dict[str, dict] = {"CLARABEL": {"tol_gap_abs": 1e-11, "tol_gap_rel": 1e-11}}
+#: iterations). HiGHS' simplex returns a vertex, exact to its feasibility tolerance; its presolve is off: the LP
+#: has no redundant rows to remove (bounds are variable bounds) and presolve cost 10-35% of the plan time
+#: (bench/optimize_speed.py).
+SOLVER_OPTIONS: dict[str, dict] = {"CLARABEL": {"tol_gap_abs": 1e-11, "tol_gap_rel": 1e-11},
+                                   "HIGHS": {"presolve": "off"}}
 
 #: Relative tolerance of the post-solve checks of a solution (the tests check invariants at 1e-6).
 CHECK_RTOL = 1e-7
@@ -65,8 +82,17 @@ HOURLY_COLUMNS = [
 ]
 CLUSTER_COLUMNS = [
     "campus", "cluster", "status", "reason", "reason_detail", "theta_core_hours", "tau_core_hours", "alpha",
-    "expected_kgco2", "flat_kgco2", "saving_pct", "flexible_saving_pct", "peak_kw", "flat_peak_kw",
+    "expected_kgco2", "flat_kgco2", "saving_pct", "flexible_saving_pct", "peak_kw", "flat_peak_kw", "power_model",
 ]
+
+#: ``power_model`` values: the linear model (nominal_power_kw + slope_kw_per_core), a power curve that is convex
+#: over the usage the plan can reach (the LP sees the curve exactly), or a non-convex curve (the LP sees its lower
+#: convex hull: its power estimate is a lower bound; the reported figures still come from the true curve).
+POWER_LINEAR, POWER_CURVE_CONVEX, POWER_CURVE_HULL = "linear", "curve", "curve-hull"
+
+#: A curve counts as convex over the reachable range if it lies within this fraction of its largest power (on the
+#: range) above its lower convex hull.
+CONVEX_RTOL = 1e-9
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,8 +105,10 @@ class CampusPlan:
       over the hour at the forecast intensity. ``hour`` is the passed-through timestamp (NaT if none was given).
     - ``clusters``: one row per cluster, columns :data:`CLUSTER_COLUMNS`. ``reason`` is ``None`` for shaped
       clusters; ``saving_pct`` is the cut in the cluster's whole expected carbon vs the flat plan (delta = 0);
-      ``flexible_saving_pct`` the cut in the carbon of its flexible work alone (pi*(1+delta)*tau/H), the figure
-      comparable to the DESIGN ceiling table.
+      ``flexible_saving_pct`` the cut in the carbon of its flexible work alone (its marginal power
+      P(U_IF + flexible) - P(U_IF); pi*(1+delta)*tau/H in the linear model), the figure comparable to the DESIGN
+      ceiling table. ``power_model``: :data:`POWER_LINEAR`, :data:`POWER_CURVE_CONVEX` or
+      :data:`POWER_CURVE_HULL`. Power, carbon and peaks of curve clusters are the true curve at the planned usage.
     - ``solver``: the cvxpy solver used (``"none"`` if no LP was needed).
     - ``lp_status``: ``"optimal"``, ``"no-lp"`` (nothing to shape), ``"infeasible"``, ``"solver-error"``.
     - ``objective``: lambda_e * (campus kgCO2) + lambda_p * (sum of cluster peaks, kW) of the whole plan, fallback
@@ -119,17 +147,35 @@ class _Prep:
     m: np.ndarray  # (C,H) max(U_IF, upper)
     r: np.ndarray  # (C,H)
     cap: np.ndarray  # (C,H)
-    nom: np.ndarray  # (C,H) P_c(U_nom)
-    slope: np.ndarray  # (C,)
+    nom: np.ndarray  # (C,H) P_c(U_nom): the true power of the flat plan
+    slope: np.ndarray  # (C,) pi_c as given, or the curve's slope at the mean U_nom (informational for curves)
     theta: np.ndarray  # (C,)
     alpha: np.ndarray  # (C,)
     tau: np.ndarray  # (C,)
     f: np.ndarray  # (C,) tau / H
-    k: np.ndarray  # (C,) slope * tau / H  (kW per unit delta)
+    k: np.ndarray  # (C,) kW per unit delta: slope * tau / H (linear); the hull's slope at mean U_nom * tau/H (curve)
+    pi_h: np.ndarray  # (C,H) the LP's kW per core at U_nom(h): slope (linear); the hull's segment there (curve)
     hi: np.ndarray  # (C,H) upper bound of delta
     need: np.ndarray  # (C,) sum_h R*f*delta >= need  (coverage)
+    # Power curves (see cicm.optimize.curves): which clusters use one, the packed curves, and the segments of each
+    # curve's lower convex hull over the usage its plan can reach, stored flat (cluster i owns the segments
+    # seg_start[i]:seg_start[i+1]; none for linear clusters).
+    curve: np.ndarray = None  # (C,) bool
+    table: CurveTable = None  # the curves packed (dummy rows for linear clusters)
+    hull_nom: np.ndarray = None  # (C,H) the LP's power at delta = 0 (= nom, except for a non-convex curve)
+    gap: np.ndarray = None  # (C,) max over the reachable range of true curve - hull, kW (0: convex or linear)
+    seg_start: np.ndarray = None  # (C+1,)
+    seg_a: np.ndarray = None  # (S,) intercepts, kW
+    seg_b: np.ndarray = None  # (S,) slopes, kW per core
+    seg_x0: np.ndarray = None  # (S,) where each segment starts and ends on the hull, cores
+    seg_x1: np.ndarray = None
+    power_model: list = field(default_factory=list)
     reason: list = field(default_factory=list)
     detail: list = field(default_factory=list)
+
+    @property
+    def unom(self) -> np.ndarray:
+        return self.u + self.f[:, None]
 
 
 def _prepare(campus: CampusInput) -> _Prep:
@@ -154,17 +200,6 @@ def _prepare(campus: CampusInput) -> _Prep:
     tau = alpha * t_uf
     f = tau / n_h
 
-    nom = np.empty_like(u)
-    slope = np.empty(len(cl))
-    for i, c in enumerate(cl):  # O(C) scalar work; the curve case needs tau first
-        u_nom = u[i] + f[i]
-        nom[i] = c.nominal_power_kw if c.power_curve is None else c.power_curve(u_nom)
-        if c.slope_kw_per_core is not None:
-            slope[i] = c.slope_kw_per_core
-        else:
-            slope[i] = float(c.power_curve.slope_at(u_nom.mean()))
-    k = slope * f
-
     with np.errstate(divide="ignore", invalid="ignore"):
         fcol = f[:, None]
         hi_power = np.where(fcol > 0, (pcc - m) / fcol - 1.0, np.inf)
@@ -172,9 +207,41 @@ def _prepare(campus: CampusInput) -> _Prep:
     hi = np.minimum(np.minimum(hi_power, hi_capacity), campus.delta_max)
     need = theta - ((m + f[:, None]) * r).sum(axis=1)
 
+    # Power. Linear clusters: nominal power and slope as given. Curve clusters: the curve at U_nom, and the
+    # segments of its lower convex hull over the usage the plan can reach (delta in [delta_min, hi(h)], hi clamped
+    # as below; and U_nom itself); all clusters at once on padded arrays (cicm.optimize.curves).
+    n_c = len(cl)
+    u_nom = u + f[:, None]
+    u_lo = np.minimum(u.min(axis=1) + (1.0 + campus.delta_min) * f, u_nom.min(axis=1))
+    u_hi = np.maximum((u + (1.0 + np.maximum(hi, campus.delta_min)) * f[:, None]).max(axis=1), u_nom.max(axis=1))
+    is_curve = np.array([c.power_curve is not None for c in cl])
+    table = CurveTable.pack([c.power_curve for c in cl])
+    hulls = lower_hulls(table, u_lo, u_hi, convex_rtol=CONVEX_RTOL)
+    lin_nom = np.stack([np.zeros(n_h) if c.nominal_power_kw is None else np.broadcast_to(c.nominal_power_kw, (n_h,))
+                        for c in cl])
+    given_slope = np.array([np.nan if c.slope_kw_per_core is None else c.slope_kw_per_core for c in cl])
+    nom = np.where(is_curve[:, None], table(u_nom), lin_nom)
+    mean_nom = u_nom.mean(axis=1, keepdims=True)
+    # slope: informational for curves (the curve's slope at the day's mean U_nom unless one was given).
+    slope = np.where(np.isnan(given_slope), table.slope_at(mean_nom)[:, 0], given_slope)
+    a_pad, b_pad = hulls.padded()  # (C, K)
+    at_nom = a_pad[:, None, :] + b_pad[:, None, :] * u_nom[:, :, None]  # (C, H, K)
+    hull_nom = np.where(is_curve[:, None], at_nom.max(axis=2), nom)
+    pi_h = np.where(is_curve[:, None], np.take_along_axis(b_pad, at_nom.argmax(axis=2), 1), slope[:, None])
+    # k: kW per unit delta near U_nom, the LP's scale (for a curve: the hull's slope at the mean U_nom; any
+    # positive figure would do).
+    ref = np.take_along_axis(b_pad, (a_pad + b_pad * mean_nom).argmax(axis=1)[:, None], 1)[:, 0]
+    ref = np.where(ref > 0, ref, np.abs(b_pad).max(axis=1))
+    k = np.where(is_curve, np.where(ref > 0, ref, 1.0) * np.where(f > 0, f, 1.0), slope * f)
+    gap = hulls.gap
+    models = [POWER_LINEAR if not is_curve[i] else POWER_CURVE_CONVEX if gap[i] == 0.0 else POWER_CURVE_HULL
+              for i in range(n_c)]
+
     prep = _Prep(names=[c.name for c in cl], n_hours=n_h, eta=campus.carbon_gco2_per_kwh, u=u, u_upper=u_up, m=m,
-                 r=r, cap=cap, nom=nom, slope=slope, theta=theta, alpha=alpha, tau=tau, f=f, k=k, hi=hi, need=need,
-                 reason=[None] * len(cl), detail=[None] * len(cl))
+                 r=r, cap=cap, nom=nom, slope=slope, theta=theta, alpha=alpha, tau=tau, f=f, k=k, pi_h=pi_h, hi=hi,
+                 need=need, curve=is_curve, table=table, hull_nom=hull_nom, gap=gap, seg_start=hulls.start,
+                 seg_a=hulls.a, seg_b=hulls.b, seg_x0=hulls.x0, seg_x1=hulls.x1, power_model=models,
+                 reason=[None] * n_c, detail=[None] * n_c)
 
     labels = [str(ts) for ts in campus.hours] if campus.hours is not None else None
     full = too_full_reasons(theta=theta, capacity=cap, hi=hi, hi_capacity=hi_capacity,
@@ -195,36 +262,163 @@ def _prepare(campus: CampusInput) -> _Prep:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Power: the LP's model and the truth.
+
+
+def _segments_of(prep: _Prep, idx: np.ndarray):
+    """The hull segments of the curve clusters among ``idx``, flat: (rows, seg) where ``rows[s]`` is the position
+    in ``idx`` of the cluster owning segment ``seg[s]`` (an index into prep.seg_a / seg_b). Vectorised (a ragged
+    arange), no loop over clusters."""
+    rows = np.flatnonzero(prep.curve[idx])
+    owners = idx[rows]
+    counts = prep.seg_start[owners + 1] - prep.seg_start[owners]
+    total = int(counts.sum())
+    first = np.repeat(prep.seg_start[owners], counts)
+    offset = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(rows, counts), first + offset
+
+
+def _model_power(prep: _Prep, idx: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """The power the LP sees (kW, len(idx) x H): pi-linear for linear clusters, the hull of the curve at the
+    planned usage for curve clusters (the true curve when it is convex over the range)."""
+    power = prep.nom[idx] + prep.k[idx][:, None] * delta
+    rows, seg = _segments_of(prep, idx)
+    if seg.size:
+        u = prep.u[idx] + (1.0 + delta) * prep.f[idx][:, None]
+        vals = prep.seg_a[seg][:, None] + prep.seg_b[seg][:, None] * u[rows]
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        power[rows[starts]] = np.maximum.reduceat(vals, starts, axis=0)
+    return power
+
+
+def _true_power(prep: _Prep, delta: np.ndarray, *, inflexible_only: bool = False) -> np.ndarray:
+    """The true power (kW, C x H) at the planned usage U_IF + (1+delta)*tau/H, or at U_IF alone."""
+    if inflexible_only:
+        power, usage = prep.nom - prep.k[:, None], prep.u  # linear model: P(U_IF) = P(U_nom) - pi*tau/H
+    else:
+        power, usage = prep.nom + prep.k[:, None] * delta, prep.u + (1.0 + delta) * prep.f[:, None]
+    if prep.curve.any():
+        power = np.where(prep.curve[:, None], prep.table(usage), power)
+    return power
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The batched LP.
 
 
-def _delta_block(prep: _Prep, idx: np.ndarray, campus: CampusInput):
-    """delta for clusters ``idx`` with its bounds and ramp rows: (delta expr, |delta| expr, value getter, cons).
+@dataclass
+class _Delta:
+    """delta of the clusters ``idx`` of one LP, with its bounds (as variable bounds) and ramp rows.
+
+    - ``d``: the (n, H) delta expression; ``value()``: its value after the solve (None if there is none).
+    - ``lin``: rows (positions in ``idx``) of linear clusters, whose delta is a variable; ``abs_lin``: |delta| of
+      those rows for the tie-break.
+    - ``cur``: rows of curve clusters. Their delta is the sum of fill variables: for each hull segment s and
+      hour h, an "up" fill (>= 0) is the usage (in units of tau/H) added on s above U_nom(h) and a "down" fill
+      (<= 0) the usage taken off s below it, each bounded by what the segment holds within the hour's reachable
+      range. So u(h) = U_nom(h) + tau/H * sum_s fill, |delta| <= sum_s |fill| (equal at the optimum), and the
+      hull power is P_hull(U_nom) + tau/H * sum_s b_s * fill when the segments are filled in order, which the
+      convex hull's increasing slopes make optimal; any other fill only over-states power. Only the (segment,
+      hour, direction) triples whose bound is not 0 get an entry of ``fill``; ``fill_row``, ``fill_h``,
+      ``fill_seg`` and ``fill_sign`` (+1 up, -1 down) say which.
+    """
+
+    d: object
+    value: object
+    cons: list
+    lin: np.ndarray
+    abs_lin: object
+    cur: np.ndarray
+    fill: object = None
+    fill_row: np.ndarray = None
+    fill_h: np.ndarray = None
+    fill_seg: np.ndarray = None
+    fill_sign: np.ndarray = None
+
+    def fill_expr(self, weight: np.ndarray, n: int, n_h: int):
+        """The (n, H) expression sum_s weight * fill per row and hour (0 on the linear rows)."""
+        a = sp.csr_matrix((weight, (self.fill_row * n_h + self.fill_h, np.arange(self.fill_row.size))),
+                          shape=(n * n_h, self.fill_row.size))
+        return cp.reshape(a @ self.fill, (n, n_h), order="C")
+
+
+def _delta_block(prep: _Prep, idx: np.ndarray, campus: CampusInput) -> _Delta:
+    """delta for clusters ``idx`` with its bounds and ramp rows (see :class:`_Delta`).
 
     The bounds go to the solver as variable bounds (HiGHS takes them natively: no constraint rows). With HiGHS,
     delta = p - q with p, q >= 0 makes the L1 tie-break |delta| = p + q free of extra rows (up to ~3x faster with
-    HiGHS' simplex); Clarabel is faster with cp.abs on a single variable.
+    HiGHS' simplex); Clarabel is faster with cp.abs on a single variable. A curve cluster's delta is the sum of its
+    fill variables, whose bounds imply delta's.
     """
     n, n_h = len(idx), prep.n_hours
     hi, dmin = prep.hi[idx], campus.delta_min
-    if campus.solver == "HIGHS":
-        p = cp.Variable((n, n_h), name="delta_up", bounds=[np.zeros((n, n_h)), np.maximum(hi, 0.0)])
-        q = cp.Variable((n, n_h), name="delta_down", bounds=[np.maximum(-hi, 0.0), np.full((n, n_h), -dmin)])
-        d, abs_d = p - q, p + q
+    curve = prep.curve[idx]
+    lin, cur = np.flatnonzero(~curve), np.flatnonzero(curve)
+    getters = []  # (rows, value getter) per part
+    abs_lin = None
+    if lin.size:
+        m, h_lin = lin.size, hi[lin]
+        if campus.solver == "HIGHS":
+            p = cp.Variable((m, n_h), name="delta_up", bounds=[np.zeros((m, n_h)), np.maximum(h_lin, 0.0)])
+            q = cp.Variable((m, n_h), name="delta_down", bounds=[np.maximum(-h_lin, 0.0), np.full((m, n_h), -dmin)])
+            d_lin, abs_lin = p - q, p + q
+            getters.append((lin, lambda: None if p.value is None or q.value is None else p.value - q.value))
+        else:
+            v = cp.Variable((m, n_h), name="delta", bounds=[np.full((m, n_h), dmin), h_lin])
+            d_lin, abs_lin = v, cp.abs(v)
+            getters.append((lin, lambda: v.value))
+    out = _Delta(d=None, value=None, cons=[], lin=lin, abs_lin=abs_lin, cur=cur)
+    if cur.size:
+        rows, seg = _segments_of(prep, idx)
+        owner = idx[rows]
+        f = prep.f[owner][:, None]
+        x0 = prep.seg_x0[seg][:, None]
+        width = (prep.seg_x1[seg] - prep.seg_x0[seg])[:, None]
+        fill_at = lambda uu: np.clip(uu - x0, 0.0, width)  # noqa: E731  core-hours held by each segment at uu
+        at_nom = fill_at(prep.unom[owner])
+        to_hi = (fill_at(prep.u[owner] + (1.0 + hi[rows]) * f) - at_nom) / f  # (n_seg, H)
+        to_lo = (fill_at(prep.u[owner] + (1.0 + dmin) * f) - at_nom) / f  # <= 0 (delta_min <= 0)
+        # An hour whose upper bound is below 0 (a power cap forcing a dip) must empty the segments between its
+        # upper bound and U_nom: there dn <= to_hi < 0.
+        tiny = 1e-12
+        ui, uh = np.nonzero(to_hi > tiny)
+        di, dh = np.nonzero(to_lo < -tiny)
+        lower = np.concatenate([np.zeros(ui.size), to_lo[di, dh]])
+        upper = np.concatenate([to_hi[ui, uh], np.minimum(to_hi[di, dh], 0.0)])
+        fill = cp.Variable(lower.size, name="fill", bounds=[lower, upper])
+        out.fill = fill
+        out.fill_row, out.fill_h = rows[np.r_[ui, di]], np.r_[uh, dh]
+        out.fill_seg, out.fill_sign = seg[np.r_[ui, di]], np.r_[np.ones(ui.size), -np.ones(di.size)]
+        d_all = out.fill_expr(np.ones(lower.size), n, n_h)  # curve rows; 0 on linear rows
 
-        def value():
-            return None if p.value is None or q.value is None else p.value - q.value
+        def cur_value():
+            if fill.value is None:
+                return None
+            val = np.bincount(out.fill_row * n_h + out.fill_h, weights=fill.value, minlength=n * n_h)
+            return val.reshape(n, n_h)[cur]
+
+        getters.append((cur, cur_value))
+        if not lin.size:
+            out.d = d_all
+        else:
+            out.d = d_all + sp.csr_matrix((np.ones(lin.size), (lin, np.arange(lin.size))), shape=(n, lin.size)) @ d_lin
     else:
-        v = cp.Variable((n, n_h), name="delta", bounds=[np.full((n, n_h), dmin), hi])
-        d, abs_d = v, cp.abs(v)
+        out.d = d_lin
 
-        def value():
-            return v.value
-    cons = []
+    def value():
+        res = np.zeros((n, n_h))
+        for rows_, get in getters:
+            v = get()
+            if v is None:
+                return None
+            res[rows_] = v
+        return res
+
+    out.value = value
     if campus.ramp_limit is not None and n_h > 1:
-        dd = d[:, 1:] - d[:, :-1]
-        cons += [dd <= campus.ramp_limit, dd >= -campus.ramp_limit]
-    return d, abs_d, value, cons
+        dd = out.d[:, 1:] - out.d[:, :-1]
+        out.cons += [dd <= campus.ramp_limit, dd >= -campus.ramp_limit]
+    return out
 
 
 def _run(prob: cp.Problem, solver: str) -> str | None:
@@ -249,7 +443,8 @@ def _infeasible_alone(prep: _Prep, idx: np.ndarray, campus: CampusInput) -> tupl
     """
     t0 = time.perf_counter()
     n = len(idx)
-    d, _, _, cons = _delta_block(prep, idx, campus)
+    blk = _delta_block(prep, idx, campus)
+    d, cons = blk.d, blk.cons
     s_up, s_dn, s_cov = (cp.Variable(n, nonneg=True) for _ in range(3))
     theta = np.maximum(prep.theta[idx], 1.0)
     rk = prep.r[idx] * prep.f[idx][:, None] / theta[:, None]
@@ -275,20 +470,22 @@ class _LPResult:
 
 
 def _solve_lp(prep: _Prep, idx: np.ndarray, campus: CampusInput, *, contract_rhs: float | None, mode: str,
-              tie_rel: float) -> _LPResult:
+              tie_rel: float, margin: bool = False) -> _LPResult:
     """Build and solve the LP for clusters ``idx`` (mode "plan": the objective; "peak": minimise the sum of the
-    peaks, used to diagnose a contract). ``contract_rhs``: kW available to these clusters' summed peaks, or None."""
+    peaks, used to diagnose a contract). ``contract_rhs``: kW available to these clusters' summed peaks, or None.
+    ``margin``: add each non-convex curve's hull gap to its peak rows (then its true peak is within y)."""
     t0 = time.perf_counter()
     n, n_h = len(idx), prep.n_hours
     if contract_rhs is not None and contract_rhs < 0:
         return _LPResult("infeasible", None, "flat peaks of the fallback clusters alone exceed the contract",
                          time.perf_counter() - t0)
     hi = prep.hi[idx]
-    r, f, k, nom = prep.r[idx], prep.f[idx], prep.k[idx], prep.nom[idx]
+    r, f, k, nom = prep.r[idx], prep.f[idx], prep.k[idx], prep.hull_nom[idx]
     need = prep.need[idx]
     dmin = campus.delta_min
 
-    d, abs_d, d_value, cons = _delta_block(prep, idx, campus)
+    blk = _delta_block(prep, idx, campus)
+    d, cons, lin, cur = blk.d, blk.cons, blk.lin, blk.cur
     cons.append(cp.sum(d, axis=1) == 0)
 
     rk = r * f[:, None]
@@ -298,38 +495,75 @@ def _solve_lp(prep: _Prep, idx: np.ndarray, campus: CampusInput, *, contract_rhs
     if cov_rows.size:
         cons.append(cp.sum(cp.multiply(rk[cov_rows], d[cov_rows, :]), axis=1) >= need[cov_rows])
 
-    w = campus.lambda_e * prep.eta[None, :] * k[:, None] / 1000.0 if mode == "plan" else np.zeros((n, n_h))
+    # Power relative to the LP's flat power P_hull(U_nom), per unit of delta or of fill: pi*tau/H for linear
+    # clusters, b_s*tau/H on hull segment s for curve clusters.
+    eta_w = campus.lambda_e * prep.eta / 1000.0 if mode == "plan" else np.zeros(n_h)
     lam_p = campus.lambda_p if mode == "plan" else 1.0
     need_y = mode == "peak" or (mode == "plan" and (lam_p > 0 or contract_rhs is not None))
     y_scale = np.maximum(np.maximum(nom.max(axis=1), k), 1.0)  # y = y_scale * ys keeps ys ~ 1
+    tangent = prep.pi_h[idx] * f[:, None]  # kW per unit delta at U_nom(h), (n, H)
+    w = eta_w[None, :] * tangent  # objective per unit delta near the flat plan
+    if cur.size:
+        fill_kw = prep.seg_b[blk.fill_seg] * f[blk.fill_row]  # kW per unit fill
+
+    # Scaling: the objective is divided by its largest coefficient. Without a contract the clusters are
+    # independent LPs solved in one batch, so each cluster's terms are divided by its own objective change per
+    # unit delta instead: every cluster's objective is then O(1) and the tie-break below is equally sharp for a
+    # small cluster next to a big one (an interior-point solver's optimality tolerance is absolute).
+    unit = np.abs(w).mean(axis=1) + lam_p * k  # objective change per unit delta, per cluster
     scale = max(float(np.abs(w).max(initial=0.0)), float((lam_p * y_scale).max(initial=0.0)), 1e-300)
+    if cur.size:
+        scale = max(scale, float((eta_w.max() * fill_kw).max(initial=0.0)))
     if scale <= 1e-300:
         scale = 1.0
+    coupled = contract_rhs is not None and math.isfinite(contract_rhs)
+    row_scale = np.full(n, scale) if coupled else np.where(unit > 0, unit, scale)
     # Tie-break weight per cluster: tie_rel x the cluster's objective change per unit delta. A cluster whose delta
     # does not move the objective (zero slope, or lambda_e = lambda_p = 0) gets tie_rel x the largest weight, so
     # its delta is still pinned at 0 well above the solver's optimality tolerance.
-    per_delta = (np.abs(w).mean(axis=1) + lam_p * k) / scale
+    per_delta = unit / row_scale
     ref = float(per_delta.max(initial=0.0))
     if ref <= 0:
         tie = np.ones(n)  # the tie-break is the whole objective
     else:
         tie = tie_rel * np.where(per_delta > 0, np.maximum(per_delta, 1e-3 * ref), ref)
 
-    obj = cp.sum(cp.multiply(w / scale, d)) + cp.sum(cp.multiply(tie[:, None], abs_d))
+    # sum_h delta = 0, so a constant per cluster can be taken off its weights per unit delta (or fill): centred,
+    # they are exactly 0 under flat carbon (and a flat slope), and the tie-break alone then pins delta = 0 (also
+    # for interior-point solvers, whose residual in sum_h delta = 0 would otherwise trade against the tie-break).
+    centre = w.mean(axis=1)
+    obj = 0
+    if lin.size:
+        wl = (w[lin] - centre[lin, None]) / row_scale[lin, None]
+        obj = cp.sum(cp.multiply(wl, d[lin, :] if cur.size else d)) \
+            + cp.sum(cp.multiply(tie[lin, None], blk.abs_lin))
+    if cur.size:
+        # The fills' own costs, centred, plus the tie-break on |delta| = sum_s |fill|.
+        row = blk.fill_row
+        cost = (eta_w[blk.fill_h] * fill_kw - centre[row]) / row_scale[row] + blk.fill_sign * tie[row]
+        obj = obj + cp.sum(cp.multiply(cost, blk.fill))
     if need_y:
         ys = cp.Variable(n, name="peak_scaled")
-        cons.append(cp.reshape(ys, (n, 1), order="C") >= nom / y_scale[:, None]
-                    + cp.multiply((k / y_scale)[:, None], d))
-        if contract_rhs is not None and math.isfinite(contract_rhs):
+        base = nom / y_scale[:, None]
+        if margin:
+            base = base + (prep.gap[idx] / y_scale)[:, None]
+        if not cur.size:
+            dev = cp.multiply(tangent / y_scale[:, None], d)
+        else:
+            dev = blk.fill_expr(fill_kw / y_scale[blk.fill_row], n, n_h)
+            if lin.size:
+                dev = dev + cp.multiply(np.where(prep.curve[idx][:, None], 0.0, tangent / y_scale[:, None]), d)
+        cons.append(cp.reshape(ys, (n, 1), order="C") >= base + dev)
+        if coupled:
             cons.append(y_scale @ ys <= contract_rhs)
         if lam_p > 0:
-            obj = obj + cp.sum(cp.multiply(lam_p * y_scale / scale, ys))
+            obj = obj + cp.sum(cp.multiply(lam_p * y_scale / row_scale, ys))
     prob = cp.Problem(cp.Minimize(obj), cons)
     err = _run(prob, campus.solver)
     if err is not None:
         return _LPResult("error", None, err, time.perf_counter() - t0)
     status = prob.status
-    value = d_value()
+    value = blk.value()
     if status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) and value is not None:
         delta = np.clip(value, dmin, hi)
         return _LPResult("optimal", delta, status, time.perf_counter() - t0)
@@ -341,7 +575,7 @@ def _solve_lp(prep: _Prep, idx: np.ndarray, campus: CampusInput, *, contract_rhs
 
 
 def _violations(prep: _Prep, idx: np.ndarray, delta: np.ndarray, campus: CampusInput,
-                contract_rhs: float | None) -> list[str]:
+                contract_rhs: float | None, margin: bool = False) -> list[str]:
     """Check a solution against the constraints (relative tolerance CHECK_RTOL); return the violations."""
     out = []
     n_h = prep.n_hours
@@ -359,10 +593,15 @@ def _violations(prep: _Prep, idx: np.ndarray, delta: np.ndarray, campus: CampusI
         if jump > campus.ramp_limit * (1 + tol) + tol:
             out.append(f"ramp limit exceeded: {jump:.6g} > {campus.ramp_limit:.6g}")
     if contract_rhs is not None and math.isfinite(contract_rhs):
-        peaks = (prep.nom[idx] + prep.k[idx][:, None] * delta).max(axis=1).sum()
+        peaks = _model_peaks(prep, idx, delta, margin).sum()
         if peaks > contract_rhs + tol * max(campus.contract_limit_kw, 1.0):
             out.append(f"contract exceeded: {peaks:.6g} kW > {contract_rhs:.6g} kW")
     return out
+
+
+def _model_peaks(prep: _Prep, idx: np.ndarray, delta: np.ndarray, margin: bool) -> np.ndarray:
+    """Each cluster's peak as the LP sees it (with the hull-gap margin if ``margin``)."""
+    return _model_power(prep, idx, delta).max(axis=1) + (prep.gap[idx] if margin else 0.0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -401,19 +640,22 @@ def plan_campus(campus: CampusInput, *, tie_break: float = TIE_BREAK) -> CampusP
             prep.detail[i] = detail
 
     cand = np.array([i for i in range(n_c) if prep.reason[i] is None], dtype=int)
+    # With a contract, the peak rows of a non-convex curve carry its hull gap: the hull under-estimates the true
+    # power by at most that much, so the true peaks are then within the contract too.
+    margin = finite_contract
     while cand.size:
         solver_used = campus.solver
         rhs = (limit - flat_peak_of_fallbacks()) if finite_contract else None
-        res = _solve_lp(prep, cand, campus, contract_rhs=rhs, mode="plan", tie_rel=tie_break)
+        res = _solve_lp(prep, cand, campus, contract_rhs=rhs, mode="plan", tie_rel=tie_break, margin=margin)
         solve_seconds += res.seconds
         if res.status == "optimal":
-            bad = _violations(prep, cand, res.delta, campus, rhs)
+            bad = _violations(prep, cand, res.delta, campus, rhs, margin)
             if bad:
                 lp_status = "solver-error"
                 mark(cand, REASON_SOLVER_ERROR, "solution failed the checks: " + "; ".join(bad))
-            else:
-                lp_status = "optimal"
-                delta[cand] = res.delta
+                break
+            lp_status = "optimal"
+            delta[cand] = res.delta
             break
         if res.status == "error":
             lp_status = "solver-error"
@@ -422,14 +664,15 @@ def plan_campus(campus: CampusInput, *, tie_break: float = TIE_BREAK) -> CampusP
         # Infeasible: is it the campus contract, or some clusters on their own?
         lp_status = "infeasible"
         if finite_contract:
-            res2 = _solve_lp(prep, cand, campus, contract_rhs=None, mode="peak", tie_rel=tie_break)
+            res2 = _solve_lp(prep, cand, campus, contract_rhs=None, mode="peak", tie_rel=tie_break, margin=margin)
             solve_seconds += res2.seconds
             if res2.status == "optimal":
-                lowest = float((prep.nom[cand] + prep.k[cand][:, None] * res2.delta).max(axis=1).sum())
+                lowest = float(_model_peaks(prep, cand, res2.delta, margin).sum())
                 fb = flat_peak_of_fallbacks()
                 msg = (f"campus contract {limit:.6g} kW is below the lowest achievable sum of cluster peaks "
                        f"{lowest + fb:.6g} kW ({lowest:.6g} kW for the {cand.size} shapeable cluster(s) at their "
-                       f"lowest peaks + {fb:.6g} kW flat peaks of the fallback clusters)")
+                       f"lowest peaks + {fb:.6g} kW flat peaks of the fallback clusters)"
+                       + (", counting the hull gaps of non-convex power curves" if margin else ""))
                 mark(cand, REASON_INFEASIBLE, msg)
                 messages.append(msg)
                 break
@@ -464,16 +707,19 @@ def _assemble(prep: _Prep, campus: CampusInput, delta: np.ndarray, solver_used: 
     delta = np.where(shaped[:, None], delta, 0.0)
     flex = (1.0 + delta) * prep.f[:, None]
     vcc = np.where(shaped[:, None], (prep.m + flex) * prep.r, prep.cap)
-    power = prep.nom + prep.k[:, None] * delta
-    carbon = power * prep.eta[None, :] / 1000.0
-    flat_carbon = prep.nom * prep.eta[None, :] / 1000.0
+    # True power at the planned and at the flat usage (for curve clusters the curve itself, not the LP's hull).
+    power = _true_power(prep, delta)
+    eta = prep.eta[None, :]
+    carbon = power * eta / 1000.0
+    flat_carbon = prep.nom * eta / 1000.0
     expected = carbon.sum(axis=1)
     flat = flat_carbon.sum(axis=1)
+    # Flexible work's carbon: its marginal power P(U_IF + flexible) - P(U_IF) (pi*(1+delta)*tau/H when linear).
+    base = _true_power(prep, delta, inflexible_only=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         saving = np.where(flat > 0, 100.0 * (flat - expected) / flat, 0.0)
-        flex_flat = (prep.k[:, None] * prep.eta[None, :]).sum(axis=1)
-        flex_saving = np.where(flex_flat > 0,
-                               -100.0 * (prep.k[:, None] * delta * prep.eta[None, :]).sum(axis=1) / flex_flat, 0.0)
+        flex_flat = ((prep.nom - base) * eta).sum(axis=1)
+        flex_saving = np.where(flex_flat > 0, 100.0 * ((prep.nom - power) * eta).sum(axis=1) / flex_flat, 0.0)
     peak = power.max(axis=1)
     campus_peak = float(peak.sum())
     limit = campus.contract_limit_kw
@@ -514,6 +760,7 @@ def _assemble(prep: _Prep, campus: CampusInput, delta: np.ndarray, solver_used: 
         "flexible_saving_pct": flex_saving,
         "peak_kw": peak,
         "flat_peak_kw": prep.nom.max(axis=1),
+        "power_model": pd.Series(prep.power_model, dtype=object),
     }, columns=CLUSTER_COLUMNS)
     objective = campus.lambda_e * float(expected.sum()) + campus.lambda_p * campus_peak
     return CampusPlan(campus=campus.name, hourly=hourly, clusters=clusters, solver=solver_used,
@@ -537,11 +784,15 @@ def concat_plans(plans: Iterable[CampusPlan]) -> tuple[pd.DataFrame, pd.DataFram
 
 
 def campus_targets(campus: CampusInput) -> pd.DataFrame:
-    """Per cluster, the derived day targets without solving: Theta, alpha, tau, the flat power peak and whether the
-    pre-checks already force a fallback (``reason``: preset, "no-flexible-work" or "too-full")."""
+    """Per cluster, the derived day targets without solving: Theta, alpha, tau, the flat power peak, the power model
+    (``power_model``; ``hull_segments``: segments the LP uses for a curve; ``hull_gap_kw``: how far a non-convex
+    curve rises above its hull on the reachable range) and whether the pre-checks already force a fallback
+    (``reason``: preset, "no-flexible-work" or "too-full")."""
     prep = _prepare(campus)
     return pd.DataFrame({
         "campus": campus.name, "cluster": prep.names, "theta_core_hours": prep.theta, "alpha": prep.alpha,
         "tau_core_hours": prep.tau, "slope_kw_per_core": prep.slope, "flat_peak_kw": prep.nom.max(axis=1),
+        "power_model": pd.Series(prep.power_model, dtype=object), "hull_segments": np.diff(prep.seg_start),
+        "hull_gap_kw": prep.gap,
         "reason": pd.Series(prep.reason, dtype=object), "reason_detail": pd.Series(prep.detail, dtype=object),
     })

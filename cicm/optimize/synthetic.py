@@ -2,8 +2,13 @@
 
 Pure: the caller passes the carbon-intensity day (e.g. one UTC day of the bundled EIA-930 traces); this module only
 draws cluster loads and capacities from a seeded generator. Shapes follow the usual datacenter pattern: a diurnal
-inflexible load at 30-55% of capacity, a flexible share of 15-40% of usage, reservations 1.2-1.8x usage, a
-three-segment concave power curve with 35-50% idle power.
+inflexible load at 30-55% of capacity, a flexible share of 15-40% of usage, reservations 1.2-1.8x usage, and a
+power curve that is either
+
+- ``"concave"`` (the default): three segments, 35-50% idle power, kW per core falling by segment; or
+- ``"specpower"``: the shape of published SPECpower_ssj2008 server curves, 11 points at 0, 10, ..., 100% load:
+  20-35% idle power, a steep first 10%, then slopes rising about threefold from 10% to 100% load, with +-10%
+  noise per segment (so, like the real curves, convex only approximately).
 """
 from __future__ import annotations
 
@@ -13,9 +18,29 @@ import pandas as pd
 from cicm.optimize.inputs import CampusInput, ClusterInput, PowerCurve
 
 
-def synthetic_cluster(name: str, n_hours: int, rng: np.random.Generator, *, power_capped: bool | None = None
-                      ) -> ClusterInput:
-    """One cluster with plausible forecasts, capacity and power curve."""
+CURVE_SHAPES = ("concave", "specpower")
+
+
+def _power_curve(usage_capacity: float, rng: np.random.Generator, shape: str) -> PowerCurve:
+    p_max = usage_capacity * rng.uniform(0.008, 0.012)  # kW at full load
+    if shape == "concave":
+        # Concave 3-segment power curve over [0, usage_capacity]: 35-50% idle, kW per core falling by segment.
+        idle = p_max * rng.uniform(0.35, 0.50)
+        xs = np.linspace(0.0, usage_capacity, 4)
+        incr = np.array([1.2, 1.0, 0.8])
+    elif shape == "specpower":
+        idle = p_max * rng.uniform(0.20, 0.35)
+        xs = np.linspace(0.0, usage_capacity, 11)
+        incr = np.concatenate([[rng.uniform(1.5, 2.5)], np.linspace(0.6, 1.9, 9) * rng.uniform(0.9, 1.1, 9)])
+    else:
+        raise ValueError(f"curve must be one of {CURVE_SHAPES}, got {shape!r}")
+    ys = idle + np.concatenate([[0.0], np.cumsum(incr / incr.sum() * (p_max - idle))])
+    return PowerCurve(xs, ys)
+
+
+def synthetic_cluster(name: str, n_hours: int, rng: np.random.Generator, *, power_capped: bool | None = None,
+                      curve: str = "concave") -> ClusterInput:
+    """One cluster with plausible forecasts, capacity and power curve (``curve``: one of :data:`CURVE_SHAPES`)."""
     h = np.arange(n_hours)
     capacity = float(rng.lognormal(np.log(20_000), 0.5))  # reservation cores
     r_mean = rng.uniform(1.2, 1.8)
@@ -31,26 +56,22 @@ def synthetic_cluster(name: str, n_hours: int, rng: np.random.Generator, *, powe
     t_uf = share / (1 - share) * float(u_if.sum())
     t_r = float(((u_if + t_uf / n_hours) * r).sum()) * rng.uniform(0.97, 1.03)
     q97 = rng.uniform(0.03, 0.15)
-    # Concave 3-segment power curve over [0, usage_capacity]: 35-50% idle, kW per core falling by segment.
-    p_max = usage_capacity * rng.uniform(0.008, 0.012)  # kW
-    idle = p_max * rng.uniform(0.35, 0.50)
-    xs = np.linspace(0.0, usage_capacity, 4)
-    incr = np.array([1.2, 1.0, 0.8])
-    ys = idle + np.concatenate([[0.0], np.cumsum(incr / incr.sum() * (p_max - idle))])
+    power_curve = _power_curve(usage_capacity, rng, curve)
     if power_capped is None:
         power_capped = rng.random() < 0.3
     pcc = usage_capacity * rng.uniform(0.85, 0.98) if power_capped else np.inf
     return ClusterInput(
         name=name, inflexible_cpu_cores=u_if, inflexible_upper_cpu_cores=upper, flexible_core_hours=t_uf,
         reservations_core_hours=t_r, reservation_ratio=r, reservations_rel_error_q97=q97,
-        capacity_cores=capacity, power_capped_capacity_cores=pcc, power_curve=PowerCurve(xs, ys),
+        capacity_cores=capacity, power_capped_capacity_cores=pcc, power_curve=power_curve,
     )
 
 
 def synthetic_campus(carbon_gco2_per_kwh, n_clusters: int, *, seed: int | np.random.Generator = 0,
                      name: str = "campus", hours: pd.DatetimeIndex | None = None, contract_headroom: float = 1.02,
                      lambda_e: float = 1.0, lambda_p: float = 0.1, delta_min: float = -1.0, delta_max: float = 1.0,
-                     ramp_limit: float | None = None, solver: str = "HIGHS") -> CampusInput:
+                     ramp_limit: float | None = None, solver: str = "HIGHS", curve: str = "concave"
+                     ) -> CampusInput:
     """A campus of ``n_clusters`` synthetic clusters planned against ``carbon_gco2_per_kwh`` (H values).
 
     The contract is ``contract_headroom`` x the sum of the clusters' flat (unshaped) peaks, so with a headroom
@@ -58,7 +79,7 @@ def synthetic_campus(carbon_gco2_per_kwh, n_clusters: int, *, seed: int | np.ran
     """
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     eta = np.asarray(carbon_gco2_per_kwh, dtype=float)
-    clusters = [synthetic_cluster(f"{name}-c{i:05d}", eta.shape[0], rng) for i in range(n_clusters)]
+    clusters = [synthetic_cluster(f"{name}-c{i:05d}", eta.shape[0], rng, curve=curve) for i in range(n_clusters)]
     contract = float("inf")
     if np.isfinite(contract_headroom):
         probe = CampusInput(clusters=clusters, carbon_gco2_per_kwh=eta)
