@@ -2,17 +2,26 @@
 
 Inputs are synthesised around real carbon days (UTC days of the bundled EIA-930 2022 traces for CISO, MISO and
 BPAT; every campus gets a random day) by cicm.optimize.synthetic: diurnal inflexible load, 15-40% flexible
-share, reservations 1.2-1.8x usage, a concave 3-segment power curve, ~30% of clusters power-capped, and a campus
+share, reservations 1.2-1.8x usage, a power curve (--curve: "concave", 3 segments, the default; or "specpower",
+10 segments shaped like SPECpower server curves, steeper at high load), ~30% of clusters power-capped, and a campus
 contract at 1.02x the sum of the flat peaks (so the contract binds), lambda_p = 0.1 per kW.
 
 Every figure is the median of --repeats runs (default 3) measured in this process; input synthesis is not timed.
 
     .venv/bin/python bench/optimize_speed.py              # full run (~5 min on 2 busy cores)
-    .venv/bin/python bench/optimize_speed.py --quick      # 1,000-cluster fleets only
+    .venv/bin/python bench/optimize_speed.py --quick      # skip the 10,000-cluster fleets
+    .venv/bin/python bench/optimize_speed.py --quick --curve specpower --sections fleets,growth
+    .venv/bin/python bench/optimize_speed.py --curve specpower --sections quality   # true carbon, not speed
+
+The "quality" section is not about speed: on the same synthetic campuses (lambda_p = 0, no contract) it plans
+every cluster once with its power curve and once with the single-slope model the program used before curves
+were modelled (nominal power = the curve at U_nom, slope = the curve's slope at the day's mean U_nom), and charges
+both plans' flexible work on the true curve, P(U_IF + flexible) - P(U_IF), at the forecast carbon.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import resource
@@ -45,6 +54,9 @@ def carbon_days() -> list[pd.Series]:
     return days
 
 
+CURVE = "concave"  # set from --curve in main()
+
+
 def make_fleet(days, n_clusters: int, per_campus: int, seed: int, *, solver: str = "HIGHS",
                contract_headroom: float = 1.02, lambda_p: float = 0.1):
     rng = np.random.default_rng(seed)
@@ -53,7 +65,7 @@ def make_fleet(days, n_clusters: int, per_campus: int, seed: int, *, solver: str
         day = days[int(rng.integers(len(days)))]
         out.append(synthetic_campus(day.to_numpy(), per_campus, seed=rng, name=f"k{j:05d}",
                                     hours=pd.DatetimeIndex(day.index), solver=solver,
-                                    contract_headroom=contract_headroom, lambda_p=lambda_p))
+                                    contract_headroom=contract_headroom, lambda_p=lambda_p, curve=CURVE))
     return out
 
 
@@ -71,20 +83,71 @@ def time_fleet(campuses) -> tuple[float, float, dict, float]:
     return time.perf_counter() - t, solve, statuses, time.process_time() - cpu
 
 
+def single_slope(campus):
+    """The campus with every curve cluster replaced by the single-slope model of its curve."""
+    from cicm.optimize.program import _prepare
+
+    prep = _prepare(campus)
+    out = []
+    for i, c in enumerate(campus.clusters):
+        u_nom = c.inflexible_cpu_cores + prep.f[i]
+        out.append(dataclasses.replace(c, power_curve=None, nominal_power_kw=c.power_curve(u_nom),
+                                       slope_kw_per_core=float(c.power_curve.slope_at(u_nom.mean()))))
+    return dataclasses.replace(campus, clusters=out)
+
+
+def quality(days, repeats: int) -> None:
+    print("\n## true carbon of the plans (lambda_p = 0, no contract; flexible work charged on the true curve)")
+    print(f"{'model':14s} {'clusters':>8s} {'flex kgCO2':>12s} {'vs flat %':>10s} {'worse than flat':>16s} "
+          f"{'kWh/core-h vs flat %':>21s} {'plan s':>7s}")
+    fleet = make_fleet(days, 1_000, 10, seed=99, contract_headroom=float("inf"), lambda_p=0.0)
+    for label, convert in (("single slope", single_slope), ("curve", lambda c: c)):
+        flex_plan = flex_flat = energy_plan = energy_flat = 0.0
+        worse = n = 0
+        secs = []
+        for campus in fleet:
+            t = time.perf_counter()
+            plan = plan_campus(convert(campus))
+            secs.append(time.perf_counter() - t)
+            for c, (_, hh) in zip(campus.clusters, plan.hourly.groupby("cluster", sort=False)):
+                eta = hh["carbon_gco2_per_kwh"].to_numpy()
+                u = c.inflexible_cpu_cores
+                flex = hh["flexible_cpu_cores"].to_numpy()
+                base = c.power_curve(u)
+                plan_kw = c.power_curve(u + flex) - base
+                flat_kw = c.power_curve(u + flex.mean()) - base
+                p, q = float(plan_kw @ eta) / 1000, float(flat_kw @ eta) / 1000
+                flex_plan, flex_flat = flex_plan + p, flex_flat + q
+                energy_plan, energy_flat = energy_plan + plan_kw.sum(), energy_flat + flat_kw.sum()
+                worse += p > q * (1 + 1e-9)
+                n += 1
+        print(f"{label:14s} {n:8d} {flex_plan:12.1f} {100 * (flex_plan / flex_flat - 1):10.2f} "
+              f"{worse:16d} {100 * (energy_plan / energy_flat - 1):21.2f} {sum(secs):7.2f}")
+        sys.stdout.flush()
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="skip the 10,000-cluster fleets")
+    ap.add_argument("--curve", choices=("concave", "specpower"), default="concave",
+                    help="shape of the synthetic power curves (default concave)")
+    ap.add_argument("--sections", default="single,fleets,growth",
+                    help="comma-separated subset of single (one-cluster campuses), fleets, growth (one campus), "
+                         "quality (true carbon of curve vs single-slope plans; needs --curve specpower or concave)")
     args = ap.parse_args(argv)
+    global CURVE
+    CURVE = args.curve
+    sections = set(args.sections.split(","))
     r = args.repeats
     days = carbon_days()
     print(f"# VCC program speed  ({platform.processor() or platform.machine()}, {os.cpu_count()} cpu, "
           f"python {platform.python_version()}, load avg {os.getloadavg()[0]:.2f}; {len(days)} real carbon days "
-          f"from {', '.join(ZONES)}; median of {r} repeats)")
+          f"from {', '.join(ZONES)}; {CURVE} power curves; median of {r} repeats)")
 
     # 1. Per cluster: one-cluster campuses, each on its own carbon day.
     print("\n## one-cluster campuses (per-cluster plan time = build + solve + frames)")
-    for solver in ("HIGHS", "CLARABEL"):
+    for solver in (("HIGHS", "CLARABEL") if "single" in sections else ()):
         fleet = make_fleet(days, 60, 1, seed=1, solver=solver)
         times, solves = [], []
         for _ in range(r):
@@ -105,6 +168,7 @@ def main(argv=None) -> None:
     cpu_results: dict[tuple[int, int], float] = {}
     groupings = [10, 100, 1_000]
     cases = [(1_000, g) for g in groupings] + ([] if args.quick else [(10_000, 10), (10_000, 100)])
+    cases = cases if "fleets" in sections else []
     for n, g in cases:
         if True:
             fleet = make_fleet(days, n, g, seed=n + g)
@@ -122,7 +186,7 @@ def main(argv=None) -> None:
     configs = [("carbon+peak, contract 1.02x", 1.02, 0.1), ("carbon+peak, no contract", float("inf"), 0.1),
                ("carbon only (lambda_p=0)", float("inf"), 0.0)]
     print(f"{'solver':9s}{'objective':29s}" + "".join(f"{n:>14d}" for n in sizes) + "   cpu 1000/100")
-    for solver in ("HIGHS", "CLARABEL"):
+    for solver in (("HIGHS", "CLARABEL") if "growth" in sections else ()):
         for label, headroom, lam_p in configs:
             cells, cpus = [], {}
             for n in sizes:
@@ -134,6 +198,9 @@ def main(argv=None) -> None:
             print(f"{solver:9s}{label:29s}" + "".join(f"{x:>14s}" for x in cells)
                   + f"   x{cpus[1_000] / cpus[100]:.1f}")
             sys.stdout.flush()
+
+    if "quality" in sections:
+        quality(days, r)
 
     print("\n## fleet growth (ratios from this run; process CPU is less sensitive to other load than wall)")
     for g in groupings:

@@ -14,7 +14,6 @@ import math
 
 import cvxpy as cp
 import numpy as np
-import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,6 +25,16 @@ from cicm.optimize.curves import CurveTable, lower_hulls
 from test_optimize import RTOL, _ciso_days, check_invariants, make_cluster
 
 SHAPES = ("convex", "nonconvex", "affine", "collinear")
+
+
+def with_twins(curve: PowerCurve, rng: np.random.Generator) -> PowerCurve:
+    """The same curve with some breakpoints doubled one ulp apart, as fit_cluster_power's curves have them (one
+    knot per power domain, the domains' hinges at the same load)."""
+    x, y = list(curve.cpu_cores), list(curve.power_kw)
+    for i in sorted(rng.choice(np.arange(1, len(x) - 1), size=min(2, len(x) - 2), replace=False), reverse=True):
+        x.insert(i + 1, np.nextafter(x[i], np.inf))
+        y.insert(i + 1, y[i])
+    return PowerCurve(np.array(x), np.array(y))
 
 
 def make_curve(rng: np.random.Generator, x_max: float, shape: str) -> PowerCurve:
@@ -52,8 +61,10 @@ def with_curve(c: ClusterInput, rng: np.random.Generator, shape: str) -> Cluster
     """The same cluster with a power curve over a range that covers what its plan can reach."""
     f = c.flexible_core_hours / c.hours
     x_max = float(np.max(np.maximum(c.inflexible_cpu_cores, c.inflexible_upper_cpu_cores)) + 4 * f * 1.5) + 1.0
-    return dataclasses.replace(c, nominal_power_kw=None, slope_kw_per_core=None,
-                               power_curve=make_curve(rng, x_max, shape))
+    curve = make_curve(rng, x_max, shape)
+    if shape != "affine" and rng.random() < 0.3:
+        curve = with_twins(curve, rng)
+    return dataclasses.replace(c, nominal_power_kw=None, slope_kw_per_core=None, power_curve=curve)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,6 +88,7 @@ def _scalar_hull(x, y):
 def test_packed_curves_and_hulls_match_the_scalar_ones(seed):
     rng = np.random.default_rng(seed)
     curves = [make_curve(rng, float(rng.uniform(100, 5000)), str(rng.choice(SHAPES))) for _ in range(7)]
+    curves = [with_twins(c, rng) if c.cpu_cores.size > 2 and rng.random() < 0.4 else c for c in curves]
     curves.insert(3, None)  # a linear cluster's row
     table = CurveTable.pack(curves)
     x_max = np.array([1.0 if c is None else c.cpu_cores[-1] for c in curves])
@@ -99,7 +111,7 @@ def test_packed_curves_and_hulls_match_the_scalar_ones(seed):
         keep = _scalar_hull(xs, ys)
         assert a.size == keep.size - 1
         np.testing.assert_allclose(hulls.x0[hulls.start[i]:hulls.start[i + 1]], xs[keep][:-1])
-        assert (np.diff(b) > 0).all()  # convex: slopes strictly increase
+        assert (np.diff(b) > 0).all() and (np.abs(b) < 1e6).all()  # convex: slopes strictly increase
         grid = np.linspace(lo[i], hi[i], 400)
         hull = np.max(a[None, :] + b[None, :] * grid[:, None], axis=1)
         true = c(grid)
@@ -110,6 +122,20 @@ def test_packed_curves_and_hulls_match_the_scalar_ones(seed):
         assert hulls.gap[i] == pytest.approx(gap if gap > 1e-9 * np.abs(ys).max() else 0.0, abs=1e-9 * scale)
         if (np.diff(np.diff(ys) / np.diff(xs)) >= -1e-12).all():
             assert hulls.gap[i] == 0.0  # convex on the range: the hull is the curve
+            np.testing.assert_allclose(hull, true, rtol=1e-9)
+
+
+def test_a_convex_fitted_curve_with_twin_breakpoints_is_its_own_hull():
+    """Regression: fit_cluster_power's curve of the demo cluster ml-b on 2022-06-15 (twin knots one ulp apart,
+    convex). Judging both twins against each other dropped both, and the hull became the chord."""
+    x = np.array([0.0, 23769.680702, 35446.453801, np.nextafter(35446.453801, np.inf), 47123.226901,
+                  np.nextafter(47123.226901, np.inf), 58800.0])
+    y = np.array([72.049034, 96.476667, 108.476656, 108.476656, 128.079928, 128.079928, 150.865547])
+    curve = PowerCurve(x, y)
+    hulls = lower_hulls(CurveTable.pack([curve]), np.array([23567.35]), np.array([56046.13]), convex_rtol=1e-9)
+    assert hulls.gap[0] == 0.0 and hulls.a.size == 3
+    grid = np.linspace(23567.35, 56046.13, 200)
+    np.testing.assert_allclose(np.max(hulls.a + hulls.b * grid[:, None], axis=1), curve(grid), rtol=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------------------------

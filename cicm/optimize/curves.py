@@ -94,9 +94,10 @@ def lower_hulls(table: CurveTable, lo: np.ndarray, hi: np.ndarray, *, convex_rto
     """Lower convex hulls of every real curve of ``table`` over [lo_c, hi_c] (arrays of C).
 
     On [lo, hi] a curve is piecewise linear with the breakpoints inside the range, so its hull is the hull of those
-    points and the two ends. The hull is found for all rows at once by repeatedly dropping every point that is not
-    strictly below the chord of its kept neighbours (such a point is never a hull vertex, so all of them can go in
-    the same pass); at most P passes. ``gap`` below ``convex_rtol`` x the largest |power| on the range counts as 0.
+    points and the two ends. The hull is found for all rows at once by repeatedly dropping the points that are not
+    strictly below the chord of their kept neighbours (such a point is never a hull vertex), never two neighbours
+    in the same pass; at most P + 2 passes. ``gap`` below ``convex_rtol`` x the largest |power| on the range counts
+    as 0.
     """
     c, p = table.x.shape
     lo = np.asarray(lo, dtype=float)
@@ -119,17 +120,20 @@ def lower_hulls(table: CurveTable, lo: np.ndarray, hi: np.ndarray, *, convex_rto
         return prev, nxt
 
     keep = valid.copy()
-    for _ in range(q):
+    for _ in range(q + 1):
         prev, nxt = neighbours(keep)
         mid = keep & (prev >= 0) & (nxt < q)
         pi, ni = np.clip(prev, 0, q - 1), np.clip(nxt, 0, q - 1)
         xp, yp = np.take_along_axis(px, pi, 1), np.take_along_axis(py, pi, 1)
         xn, yn = np.take_along_axis(px, ni, 1), np.take_along_axis(py, ni, 1)
         cross = (px - xp) * (yn - yp) - (py - yp) * (xn - xp)  # > 0: strictly below the chord
-        drop = mid & (cross <= scale[:, None])
-        if not drop.any():
+        cand = mid & (cross <= scale[:, None])
+        if not cand.any():
             break
-        keep &= ~drop
+        # Never drop two neighbours in one pass: each was judged against the other, and with (near-)duplicate
+        # breakpoints, as fitted curves have, both can be "on the chord" while one of them is a hull vertex.
+        prev_cand = np.take_along_axis(cand, np.clip(prev, 0, q - 1), 1) & (prev >= 0)
+        keep &= ~(cand & ~prev_cand)
 
     # Segments between consecutive kept points of a row (np.nonzero walks row by row, in order of u).
     rows, colk = np.nonzero(keep)
