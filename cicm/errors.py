@@ -9,6 +9,9 @@ class InputError(ValueError):
         self.message = message
         super().__init__(f"{field}: {message}")
 
+    def __reduce__(self):  # picklable across process pools (bench workers, Prefect)
+        return (type(self), (self.field, self.message))
+
 
 class ProviderError(RuntimeError):
     """A remote data provider failed (HTTP error, timeout, retries exhausted)."""
@@ -16,4 +19,8 @@ class ProviderError(RuntimeError):
     def __init__(self, provider: str, message: str, status_code: int | None = None):
         self.provider = provider
         self.status_code = status_code
+        self.message = message
         super().__init__(f"{provider}: {message}" + (f" (HTTP {status_code})" if status_code else ""))
+
+    def __reduce__(self):
+        return (type(self), (self.provider, self.message, self.status_code))

@@ -12,8 +12,19 @@ def trace_forecast_history(zone: str, start: pd.Timestamp, end: pd.Timestamp, se
     """The trace provider's day-ahead forecasts of every UTC day in [start, end), each issued at 18:00 UTC the
     evening before: the vintages a planner that had been running would have stored."""
     from cicm.carbon.trace import trace_forecast
+    from cicm.errors import InputError
 
-    frame = trace_forecast(zone, start, end, start - pd.Timedelta(hours=6), seed=seed)
+    try:
+        frame = trace_forecast(zone, start, end, start - pd.Timedelta(hours=6), seed=seed)
+    except InputError:  # a long gap in the actual trace (PJM, March 13-14): keep the days that have data
+        days = []
+        for day in pd.date_range(start, end, freq="D", inclusive="left"):
+            try:
+                days.append(trace_forecast(zone, day, day + pd.Timedelta(days=1), day - pd.Timedelta(hours=6),
+                                           seed=seed))
+            except InputError:
+                continue
+        frame = pd.concat(days, ignore_index=True)
     frame["issued_at"] = frame["target_hour"].dt.floor("D") - pd.Timedelta(hours=6)
     return frame
 
