@@ -128,3 +128,25 @@ def test_local_day_window_fall_back():
         local_day_window("2022-11-06T05:00+00:00", "UTC")
     with pytest.raises(InputError):
         local_day_window("June 1st", "UTC")
+
+
+@pytest.mark.parametrize("behaviour, field", [("nan_value", "gco2_per_kwh"), ("duplicate_datetime", "target_hour"),
+                                              ("malformed_json", "electricitymaps")])
+def test_bad_payload_leaves_the_stored_forecasts_unchanged(monkeypatch, fake, tmp_path, behaviour, field):
+    from cicm.data.store import Store
+
+    monkeypatch.setenv("ELECTRICITYMAPS_TOKEN", EM_TOKEN)
+    db = tmp_path / "c.duckdb"
+    args = ["--provider", "electricitymaps", "--zone", "DE", "--date", "2026-11-23", "--base-url", fake.url,
+            "--now", NOW.isoformat(), "--db", str(db)]
+    assert invoke(*args).exit_code == 0
+    with Store(db) as st:
+        before = st.query("SELECT * FROM carbon_forecasts ORDER BY target_hour")
+    fake.set("electricitymaps", behaviour)
+    bad = invoke(*args)
+    assert bad.exit_code == 1 and bad.stderr.startswith(f"error: {field}"), bad.stderr
+    with Store(db) as st:
+        after = st.query("SELECT * FROM carbon_forecasts ORDER BY target_hour")
+        runs = st.runs()
+    pd.testing.assert_frame_equal(before, after)
+    assert sorted(runs["status"]) == ["failed", "ok"]
