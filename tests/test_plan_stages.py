@@ -101,3 +101,32 @@ def test_zones_where_forecasts_have_not_paid_are_not_shaped(fleet, telemetry_db,
             assert (group["expected_kgco2"] == group["flat_kgco2"]).all()
         else:
             assert not group["reason"].fillna("").str.startswith("low-benefit").any()
+
+
+def test_a_plan_that_fails_midway_writes_nothing_and_keeps_the_plan_in_force(fleet, telemetry_db, tmp_path,
+                                                                             monkeypatch):
+    from cicm.flows.nightly import plan_day
+
+    path = tmp_path / "db.duckdb"
+    path.write_bytes(telemetry_db.read_bytes())
+    with Store(path) as store:
+        good = plan_day(store, fleet, PLAN_DATE, PlanOptions())
+        before = store.query("SELECT * FROM current_vccs ORDER BY cluster, hour")
+        counts = {t: len(store.query(f"SELECT * FROM {t}")) for t in ("vccs", "power_models", "load_forecasts")}
+
+        original = store.upsert
+
+        def failing_upsert(table, frame, run_id):  # the VCCs land, then the next write breaks
+            if table == "current_plans":
+                raise OSError("disk full")
+            return original(table, frame, run_id)
+
+        monkeypatch.setattr(store, "upsert", failing_upsert)
+        with pytest.raises(OSError, match="disk full"):
+            plan_day(store, fleet, PLAN_DATE, PlanOptions())
+        monkeypatch.undo()
+        after = store.query("SELECT * FROM current_vccs ORDER BY cluster, hour")
+        runs = store.query("SELECT * FROM runs WHERE kind = 'plan' ORDER BY started_at")
+        assert {t: len(store.query(f"SELECT * FROM {t}")) for t in counts} == counts
+    pd.testing.assert_frame_equal(before, after)
+    assert list(runs["status"]) == [good.status, "failed"] and "disk full" in runs["message"].iloc[-1]
