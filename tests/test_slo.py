@@ -237,3 +237,20 @@ def _toml(fleet: Fleet) -> str:
                 lines += ["[[campuses.clusters.power_domains]]", f'name = "{d.name}"', f"machines = {d.machines}",
                           f"spec_row = {d.spec_row}", f'server_model = "{d.server_model}"']
     return "\n".join(lines) + "\n"
+
+
+def test_status_of_a_store_with_plans_but_no_judged_days(tmp_path):
+    """Right after the first plan nothing is judged yet: every planned cluster shows shaping on, 0 days."""
+    import pandas as pd
+    from datetime import date as _date
+
+    from cicm.data.store import Store
+    from cicm.flows.slo import slo_status
+
+    with Store(tmp_path / "s.duckdb") as store:
+        with store.run("plan") as run:
+            store.upsert("current_plans", pd.DataFrame({"plan_date": [_date(2022, 6, 15)] * 2,
+                                                        "cluster": ["a", "b"]}), run.run_id)
+        status = slo_status(store)
+    assert list(status["cluster"]) == ["a", "b"]
+    assert (status["shaping"] == "on").all() and (status["days"] == 0).all()

@@ -278,8 +278,9 @@ def slo_status(store, as_of: date | None = None) -> pd.DataFrame:
     state = store.query(
         """SELECT cluster, disabled_from, disabled_until, reason FROM shaping_state WHERE disabled_until >= ?
            QUALIFY row_number() OVER (PARTITION BY cluster ORDER BY disabled_from) = 1""", [as_of])
-    clusters = sorted(set(events["cluster"]) | set(state["cluster"]))
-    out = pd.DataFrame({"cluster": clusters})
+    planned = store.query("SELECT DISTINCT cluster FROM current_plans")["cluster"]
+    clusters = sorted(set(events["cluster"]) | set(state["cluster"]) | set(planned))
+    out = pd.DataFrame({"cluster": pd.Series(clusters, dtype=object)})
     out = out.merge(events, on="cluster", how="left").merge(state, on="cluster", how="left")
     out["days"] = out["days"].fillna(0).astype(int)
     out["violated"] = out["violated"].fillna(0).astype(int)
