@@ -66,7 +66,7 @@ def test_a_cap_never_lets_a_container_exceed_its_target(model, share):
     tol = tolerance_cores(model.cores)
     final = model.cpu_limit_for_cap(client.puts[-1]) if client.puts else model.cores
     floor = model.cpu_limit_for_cap(model.idle_kw)  # a power cap cannot push a container below this
-    assert final <= max(target + tol, floor)
+    assert final <= max(target + tol, floor) + 1e-9  # float rounding of the inverse power model
     assert entry.get("cpu_limit_cores", final) == pytest.approx(final)
     assert len(client.puts) <= agent.config.max_cap_steps + 1
 
