@@ -3,6 +3,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests explore the same examples on every run, so CI cannot go red on a lucky draw; set
+# HYPOTHESIS_PROFILE=explore to search fresh examples locally.
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Prefect and the store write under CICM_HOME; keep test runs out of the repository's var/.
 os.environ.setdefault("CICM_HOME", tempfile.mkdtemp(prefix="cicm-test-home-"))
