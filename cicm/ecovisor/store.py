@@ -150,39 +150,31 @@ class Telemetry:
         return None if r is None else float(r[0])
 
     def app_ticks(self, app: str, start: datetime | None = None, end: datetime | None = None, limit: int = 100_000) -> list[dict]:
-        q = f"SELECT {', '.join(APP_TICK_COLUMNS)} FROM ecovisor_app_ticks WHERE app = ?"
-        args: list = [app]
-        if start is not None:
-            q += " AND interval_end > ?"
-            args.append(start)
-        if end is not None:
-            q += " AND interval_start < ?"
-            args.append(end)
-        q += " ORDER BY tick_id LIMIT ?"
-        args.append(limit)
-        with self._lock:
-            rows = self.con.execute(q, args).fetchall()
-        return [dict(zip(APP_TICK_COLUMNS, r)) for r in rows]
+        return self._ticks("ecovisor_app_ticks", APP_TICK_COLUMNS, "app = ?", [app], start, end, "tick_id", limit)
 
     def container_ticks(self, containers: list[str], start: datetime | None = None, end: datetime | None = None, limit: int = 100_000) -> list[dict]:
         if not containers:
             return []
-        q = (
-            f"SELECT {', '.join(CONTAINER_TICK_COLUMNS)} FROM ecovisor_container_ticks WHERE container IN "
-            f"({', '.join('?' * len(containers))})"
-        )
-        args: list = list(containers)
+        where = f"container IN ({', '.join('?' * len(containers))})"
+        return self._ticks("ecovisor_container_ticks", CONTAINER_TICK_COLUMNS, where, list(containers), start, end,
+                           "tick_id, container", limit)
+
+    def _ticks(self, table: str, columns, where: str, args: list, start: datetime | None, end: datetime | None,
+               order: str, limit: int) -> list[dict]:
+        """Tick rows overlapping [start, end) (either bound optional), as dicts, oldest first."""
+        q = f"SELECT {', '.join(columns)} FROM {table} WHERE {where}"
+        args = list(args)
         if start is not None:
             q += " AND interval_end > ?"
             args.append(start)
         if end is not None:
             q += " AND interval_start < ?"
             args.append(end)
-        q += " ORDER BY tick_id, container LIMIT ?"
+        q += f" ORDER BY {order} LIMIT ?"
         args.append(limit)
         with self._lock:
             rows = self.con.execute(q, args).fetchall()
-        return [dict(zip(CONTAINER_TICK_COLUMNS, r)) for r in rows]
+        return [dict(zip(columns, r)) for r in rows]
 
     def container_totals(self, container: str, app: str, start: datetime, end: datetime) -> dict:
         """Energy (kWh) and carbon (kg) of a container while it belonged to ``app``, prorated to [start, end)."""
