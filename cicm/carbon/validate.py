@@ -13,6 +13,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from cicm.carbon._parse import parse_utc_timestamp
 from cicm.carbon.schema import FORECAST_COLUMNS, MAX_PLAUSIBLE_GCO2_PER_KWH, empty_forecast_frame
 from cicm.errors import InputError
 
@@ -55,20 +56,7 @@ def _describe_points(times: pd.Series, values: pd.Series | None = None, limit: i
 
 def require_utc_timestamp(value, field: str) -> pd.Timestamp:
     """A tz-aware timestamp converted to UTC (ns); naive or missing ones raise InputError(field)."""
-    if value is None:
-        raise InputError(field, "missing timestamp")
-    try:
-        ts = pd.Timestamp(value)
-    except (ValueError, TypeError) as exc:
-        raise InputError(field, f"not a timestamp: {value!r}") from exc
-    if ts is pd.NaT:
-        raise InputError(field, "missing timestamp")
-    if ts.tzinfo is None:
-        raise InputError(field, f"naive timestamp {ts}: give an explicit UTC offset")
-    try:
-        return ts.tz_convert("UTC").as_unit("ns")
-    except (ValueError, OverflowError) as exc:  # OutOfBoundsDatetime is a ValueError
-        raise InputError(field, f"timestamp out of range: {ts}") from exc
+    return parse_utc_timestamp(value, field)
 
 
 def check_window(start: pd.Timestamp, end: pd.Timestamp) -> None:
