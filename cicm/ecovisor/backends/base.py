@@ -1,6 +1,7 @@
 """The container backend protocol: CPU limits in, CPU usage out. Power is modelled from CPU usage elsewhere."""
 from __future__ import annotations
 
+import time
 from typing import Protocol, runtime_checkable
 
 
@@ -26,3 +27,13 @@ class ContainerBackend(Protocol):
 
     def ensure(self, container: str, cores: float) -> None:
         """Make sure the container exists (create it if the backend can); ``cores`` is its size."""
+
+
+def cores_since_last_reading(last: dict, lock, container: str, usage_ns: int) -> float:
+    """Mean cores a container used since its previous reading (0 on the first); `last` keeps the readings."""
+    now = time.monotonic()
+    with lock:
+        t0, u0 = last.get(container, (now, usage_ns))
+        last[container] = (now, usage_ns)
+    dt = now - t0
+    return 0.0 if dt <= 0 else max(0.0, (usage_ns - u0) / 1e9 / dt)

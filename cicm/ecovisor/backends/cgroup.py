@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import BackendError
+from .base import BackendError, cores_since_last_reading
 
 PERIOD_US = 100_000
 MIN_QUOTA_US = 1_000
@@ -181,12 +181,7 @@ class CgroupBackend:
 
     def cpu_usage_cores(self, container: str) -> float:
         self._check(container)
-        now, u = time.monotonic(), self._usage_ns(container)
-        with self._lock:
-            t0, u0 = self._last.get(container, (now, u))
-            self._last[container] = (now, u)
-        dt = now - t0
-        return 0.0 if dt <= 0 else max(0.0, (u - u0) / 1e9 / dt)
+        return cores_since_last_reading(self._last, self._lock, container, self._usage_ns(container))
 
     # ---- processes
     def _procs_files(self, container: str) -> list[Path]:

@@ -10,7 +10,7 @@ import re
 import threading
 import time
 
-from .base import BackendError
+from .base import BackendError, cores_since_last_reading
 
 _ALLOWANCE = re.compile(r"^\s*(\d+(?:\.\d+)?)ms/(\d+(?:\.\d+)?)ms\s*$")
 PERIOD_MS = 100
@@ -101,12 +101,7 @@ class LxdBackend:
             raise BackendError(f"cannot read CPU usage of {container!r}: {e}") from e
 
     def cpu_usage_cores(self, container: str) -> float:
-        now, u = time.monotonic(), self._usage_ns(container)
-        with self._lock:
-            t0, u0 = self._last.get(container, (now, u))
-            self._last[container] = (now, u)
-        dt = now - t0
-        return 0.0 if dt <= 0 else max(0.0, (u - u0) / 1e9 / dt)
+        return cores_since_last_reading(self._last, self._lock, container, self._usage_ns(container))
 
 
 def lxd_usable() -> tuple[bool, str]:
