@@ -321,17 +321,18 @@ def _pick(grid_forecasts: np.ndarray, X: np.ndarray) -> tuple[int, float, int]:
 
 
 def _adjust_rows(X: np.ndarray, WA: np.ndarray, lag: int) -> tuple[np.ndarray, np.ndarray]:
-    """Features (n + lag, P, 3) = [1, WA(D), mean over the day of X(D-lag) - WA(D-lag)], and a per-day
-    availability mask."""
-    n_all, P = WA.shape
-    resid = np.full((n_all, P), np.nan)
-    resid[: len(X)] = X - WA[: len(X)]
-    lagged = np.full((n_all, P), np.nan)
+    """Features (C, n + lag, P, 3) = [1, WA(D), mean over the day of X(D-lag) - WA(D-lag)], and a per-day
+    availability mask (C, n + lag). X: (C, n, P), WA: (C, n + lag, P)."""
+    C, n_all, P = WA.shape
+    n = X.shape[1]
+    resid = np.full((C, n_all, P), np.nan)
+    resid[:, :n] = X - WA[:, :n]
+    lagged = np.full((C, n_all, P), np.nan)
     # the last complete day's error as its daily mean (the hourly errors are mostly noise: measured on the
     # demo fleet, the daily mean gives 3.30% hourly MAPE against 3.42% for the same-hour error)
-    lagged[lag:] = np.repeat(resid[:-lag].mean(axis=1, keepdims=True), P, axis=1)
-    feats = np.stack([np.ones((n_all, P)), WA, lagged], axis=-1)
-    ok = ~np.isnan(feats).any(axis=(1, 2))
+    lagged[:, lag:] = resid[:, :-lag].mean(axis=2, keepdims=True)
+    feats = np.stack([np.ones((C, n_all, P)), WA, lagged], axis=-1)
+    ok = ~np.isnan(feats).any(axis=(2, 3))
     return feats, ok
 
 
@@ -343,32 +344,86 @@ def _fit_adjust(feats: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return coef / scale
 
 
+# Normal equations are solved in closed form when the Jacobi-scaled normal matrix is well conditioned (its
+# determinant, in (0, 1], above _WELL_CONDITIONED_DET) and no feature column is at round-off level next to the
+# target (norm below _NOISE_COLUMN times the target's: its coefficient would be set by rounding, e.g. the
+# lagged error of a noise-free history). The others (rank-deficient or nearly so, e.g. a constant history) go
+# through `_fit_adjust`, i.e. lstsq on the scaled features, with its minimum-norm answer.
+_WELL_CONDITIONED_DET = 1e-6
+_NOISE_COLUMN = 1e-7
+
+
+def _rolling_adjust_fits(
+    feats: np.ndarray, ok: np.ndarray, X: np.ndarray, lag: int, days: np.ndarray, adjust_window_days: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least-squares fits of X on the features over each origin's training window, for all origins at once.
+
+    The window of day D is the days t with features, t < n, D - lag - adjust_window_days < t <= D - lag: a
+    sliding window, so its Σ f fᵀ and Σ f·y are differences of cumulative sums of per-day sums.
+    Returns coef (C, len(days), 3) (NaN where not fitted), fitted (C, len(days)) and the number of training
+    days (C, len(days))."""
+    C, n, P = X.shape
+    train = ok[:, :n]
+    f = np.where(train[:, :, None, None], feats[:, :n], 0.0)  # (C, n, P, 3)
+    y = np.where(train[:, :, None], X, 0.0)
+    per_day = np.concatenate(
+        [np.einsum("cnpi,cnpj->cnij", f, f).reshape(C, n, 9), np.einsum("cnpi,cnp->cni", f, y),
+         train[:, :, None].astype(float), np.einsum("cnp,cnp->cn", y, y)[:, :, None]], axis=2,
+    )  # (C, n, 14): Σ f fᵀ, Σ f y, 1, Σ y²
+    cum = np.concatenate([np.zeros((C, 1, 14)), np.cumsum(per_day, axis=1)], axis=1)
+    hi = np.clip(days - lag + 1, 0, n)
+    lo = np.clip(days - lag - adjust_window_days + 1, 0, n)
+    window = cum[:, hi] - cum[:, lo]  # (C, n_days, 13)
+    n_train = np.rint(window[..., 12]).astype(int)
+    fitted = (n_train >= MIN_ADJUST_DAYS) & ok[:, days]
+    N = window[..., :9].reshape(C, len(days), 3, 3)
+    r = window[..., 9:12]
+    diag = np.einsum("...ii->...i", N)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = np.sqrt(np.where(diag > 0, diag, np.nan))
+        Nn = N / (d[..., :, None] * d[..., None, :])
+        rn = r / d
+        a, b, c = Nn[..., 0, 0], Nn[..., 0, 1], Nn[..., 0, 2]
+        e, f_, i = Nn[..., 1, 1], Nn[..., 1, 2], Nn[..., 2, 2]
+        adj = np.stack([
+            np.stack([e * i - f_ * f_, c * f_ - b * i, b * f_ - c * e], axis=-1),
+            np.stack([c * f_ - b * i, a * i - c * c, b * c - a * f_], axis=-1),
+            np.stack([b * f_ - c * e, b * c - a * f_, a * e - b * b], axis=-1),
+        ], axis=-2)
+        det = a * adj[..., 0, 0] + b * adj[..., 0, 1] + c * adj[..., 0, 2]
+        coef = np.einsum("...ij,...j->...i", adj, rn) / det[..., None] / d
+    y_norm = np.sqrt(np.maximum(window[..., 13], 0.0))
+    good = fitted & (det > _WELL_CONDITIONED_DET) & (d[..., 1:] >= _NOISE_COLUMN * y_norm[..., None]).all(axis=-1)
+    # (NaN det or d: a zero column, is not good)
+    coef[~fitted] = np.nan
+    train_days = [np.flatnonzero(train[k]) for k in range(C)]
+    for k, j in zip(*np.nonzero(fitted & ~good)):
+        day = days[j]
+        usable = train_days[k][(train_days[k] <= day - lag) & (train_days[k] > day - lag - adjust_window_days)]
+        coef[k, j] = _fit_adjust(feats[k, usable], X[k, usable])
+    return coef, fitted, n_train
+
+
 def _day_ahead(
     X: np.ndarray, base: np.ndarray, lag: int, days: np.ndarray, adjust: bool, adjust_window_days: int
-) -> tuple[np.ndarray, np.ndarray | None, int]:
-    """Rolling day-ahead forecasts (len(days), P) from the base forecasts `base` (n + lag, P), NaN where
-    there is none; the adjustment coefficients of the last of `days` (None without adjustment or if there
-    are too few training days); the number of training days of that last fit.
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Rolling day-ahead forecasts (C, len(days), P) from the base forecasts `base` (C, n + lag, P) of the
+    clusters' series X (C, n, P), NaN where there is none; the adjustment coefficients (C, 3) of the last of
+    `days` (NaN rows where none: too few training days; None without adjustment); the number of training
+    days (C,) of that last fit.
 
     adjust=False: DA(D) = base(D). adjust=True: DA(D) = a + b·base(D) + c·(mean of X(D-lag) − base(D-lag)),
     a, b, c by least squares over the days <= D - lag that have features (the last `adjust_window_days`
     of them, at least MIN_ADJUST_DAYS). Clipped at 0."""
-    n, P = X.shape
-    out = np.full((len(days), P), np.nan)
+    C, n, P = X.shape
     if not adjust:
-        out[:] = np.maximum(base[days], 0.0)
-        return out, None, 0
+        return np.maximum(base[:, days], 0.0), None, np.zeros(C, dtype=int)
     feats, ok = _adjust_rows(X, base, lag)
-    train_days = np.flatnonzero(ok[:n])
-    coef, n_train = None, 0
-    for i, day in enumerate(days):
-        usable = train_days[(train_days <= day - lag) & (train_days > day - lag - adjust_window_days)]
-        coef, n_train = None, len(usable)
-        if len(usable) < MIN_ADJUST_DAYS or not ok[day]:
-            continue
-        coef = _fit_adjust(feats[usable], X[usable])
-        out[i] = np.maximum(feats[day] @ coef, 0.0)
-    return out, coef, n_train
+    coef, fitted, n_train = _rolling_adjust_fits(feats, ok, X, lag, days, adjust_window_days)
+    out = np.full((C, len(days), P), np.nan)
+    fc = np.einsum("cdpk,cdk->cdp", feats[:, days], np.where(fitted[..., None], coef, 0.0))
+    out[fitted] = np.maximum(fc[fitted], 0.0)
+    return out, coef[:, -1], n_train[:, -1]
 
 
 @dataclass(frozen=True)
@@ -438,7 +493,11 @@ def _forecast_series(
     # every candidate's rolling day-ahead forecasts: of the history days (for the selection and the errors)
     # and of the target day, last
     all_days = np.r_[np.arange(0 if select else max(0, n - error_window_days), n), n - 1 + lag]
-    runs = [_day_ahead(X, c.base, lag, all_days, c.adjusted, adjust_window_days) for c in candidates]
+    runs = []
+    for c in candidates:
+        out, coef, n_train = _day_ahead(X[None], c.base[None], lag, all_days, c.adjusted, adjust_window_days)
+        coef = None if coef is None or np.isnan(coef[0]).any() else coef[0]
+        runs.append((out[0], coef, int(n_train[0])))
     history_rows = all_days < n
     chosen = 0
     if select:
