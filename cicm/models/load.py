@@ -249,33 +249,56 @@ def _day_matrix(frame: pd.DataFrame, tz: str) -> _DayMatrix:
 # ------------------------------------------------------------------------------------- the engine
 
 
-def _week_ahead_all(
-    X: np.ndarray, dow: np.ndarray, lag: int, alphas: np.ndarray, betas: np.ndarray
-) -> np.ndarray:
-    """WA[g, D, p] = forecast of day D (0 <= D < n + lag) from the EWMA state after day D - lag.
+def _week_ahead_inputs(X: np.ndarray, lag: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Block means m (C, K, 7) and the one factor observation read per chain r (C, K, 7, P) of the 7-day blocks
+    ending on day d = 6 + 7k + j (chain j; padded with ones past the last day), and the number of blocks.
 
-    X: (n, P) day matrix, dow: (n + lag,) day of week of every day. NaN where no state exists yet.
-    """
-    n, P = X.shape
+    X: (C, n, P) over consecutive dates. The block ending on d sets f(dow(t), ·) = X(t) / m for its 7 days t;
+    chain d mod 7 only ever reads f(dow(d + lag), ·), i.e. the block's day t = d + lag - 7, which keeps the
+    same position in the block along the chain: so that one is all that is kept."""
+    C, n, P = X.shape
+    n_blocks = max(n - 6, 0)
+    K = -(-n_blocks // 7)
+    m = np.ones((C, 7 * K))
+    r = np.ones((C, 7 * K, P))
+    if n_blocks:
+        day_sums = X.sum(axis=2)
+        m[:, :n_blocks] = np.lib.stride_tricks.sliding_window_view(day_sums, 7, axis=1).sum(axis=2) / (7 * P)
+        observed = X[:, lag - 1 : lag - 1 + n_blocks]  # day d + lag - 7 for d = 6 ...
+        mm = m[:, :n_blocks, None]
+        r[:, :n_blocks] = np.where(mm > 0, observed / np.where(mm > 0, mm, 1.0), 1.0)
+    return m.reshape(C, K, 7), r.reshape(C, K, 7, P), n_blocks
+
+
+def _week_ahead_blocks(m: np.ndarray, r: np.ndarray, alphas: np.ndarray, betas: np.ndarray):
+    """Yields, for k = 0, 1, ..., (level (A, C, 7), factor (B, C, 7, P)) after the blocks ending on days
+    6 + 7k + j: the EWMA states of the seven interleaved chains, for weights alphas (A, C or 1) and betas
+    (B, C or 1). WA of day 6 + 7k + j + lag is level · factor."""
+    a = alphas[..., None]
+    b = betas[..., None, None]
+    level = np.broadcast_to(m[:, 0], a.shape[:-2] + m[:, 0].shape).copy()
+    factor = np.broadcast_to(r[:, 0], b.shape[:-3] + r[:, 0].shape).copy()
+    yield level, factor
+    for k in range(1, m.shape[1]):
+        level = alphas[..., None] * m[:, k] + (1 - a) * level
+        factor = b * r[:, k] + (1 - b) * factor
+        yield level, factor
+
+
+def _week_ahead_all(X: np.ndarray, lag: int, alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
+    """WA[g, c, D, p] = forecast of day D (0 <= D < n + lag) from the EWMA state after day D - lag, for weights
+    alphas[g], betas[g] of shape (G,) or (G, C). X: (C, n, P) over consecutive dates. NaN where no state
+    exists yet."""
+    C, n, P = X.shape
+    alphas = np.asarray(alphas, dtype=float).reshape(len(alphas), -1)
+    betas = np.asarray(betas, dtype=float).reshape(len(betas), -1)
     G = len(alphas)
-    WA = np.full((G, n + lag, P), np.nan)
-    level = np.full((G, 7), np.nan)  # one EWMA chain per (day index mod 7)
-    factors = np.full((G, 7, 7, P), np.nan)  # chain, day of week, period
-    b = betas[:, None, None]
-    for d in range(6, n):
-        block = X[d - 6 : d + 1]
-        m = block.mean()
-        ratio = np.ones((7, P))
-        if m > 0:
-            ratio[dow[d - 6 : d + 1]] = block / m
-        chain = d % 7
-        if np.isnan(level[0, chain]):
-            level[:, chain] = m
-            factors[:, chain] = ratio
-        else:
-            level[:, chain] = alphas * m + (1 - alphas) * level[:, chain]
-            factors[:, chain] = b * ratio + (1 - b) * factors[:, chain]
-        WA[:, d + lag] = level[:, chain, None] * factors[:, chain, dow[d + lag]]
+    m, r, n_blocks = _week_ahead_inputs(X, lag)
+    blocks = np.empty((G, C, m.shape[1], 7, P))
+    for k, (level, factor) in enumerate(_week_ahead_blocks(m, r, alphas, betas)):
+        blocks[:, :, k] = level[..., None] * factor
+    WA = np.full((G, C, n + lag, P), np.nan)
+    WA[:, :, 6 + lag : 6 + lag + n_blocks] = blocks.reshape(G, C, -1, P)[:, :, :n_blocks]
     return WA
 
 
@@ -463,7 +486,7 @@ def _forecast_series(
     grid = [(a, b) for a in alpha_grid for b in beta_grid]
     alphas = np.array([g[0] for g in grid])
     betas = np.array([g[1] for g in grid])
-    WA_grid = _week_ahead_all(X, dow, lag, alphas, betas)
+    WA_grid = _week_ahead_all(X[None], lag, alphas, betas)[:, 0]
     best, wa_mape, n_scored = _pick(WA_grid, X)
     params: dict = {
         "alpha": float(alphas[best]),
