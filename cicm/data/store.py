@@ -323,19 +323,27 @@ class Store:
         return frame.set_index("hour")["gco2_per_kwh"]
 
     def usage_history(self, cluster: str, before: pd.Timestamp, days: int | None = None) -> pd.DataFrame:
+        return self.usage_histories([cluster], before, days)
+
+    def usage_histories(self, clusters: list[str], before: pd.Timestamp, days: int | None = None) -> pd.DataFrame:
+        """Usage rows of the named clusters in [before - days, before), ordered by cluster and hour: one query
+        for a whole campus."""
         start = before - pd.Timedelta(days=days) if days else pd.Timestamp("1970-01-01", tz="UTC")
-        frame = self.query(
-            "SELECT * EXCLUDE (run_id) FROM usage_history WHERE cluster = ? AND hour >= ? AND hour < ?"
-            " ORDER BY hour",
-            [cluster, start, before],
+        return self.query(
+            "SELECT * EXCLUDE (run_id) FROM usage_history WHERE list_contains(?, cluster) AND hour >= ?"
+            " AND hour < ? ORDER BY cluster, hour",
+            [list(clusters), start, before],
         )
-        return frame
 
     def power_telemetry(self, cluster: str, before: pd.Timestamp, days: int) -> pd.DataFrame:
+        return self.power_telemetries([cluster], before, days)
+
+    def power_telemetries(self, clusters: list[str], before: pd.Timestamp, days: int) -> pd.DataFrame:
+        """Power-domain rows of the named clusters in [before - days, before), ordered by domain and hour."""
         return self.query(
-            "SELECT * EXCLUDE (run_id) FROM power_telemetry WHERE cluster = ? AND hour >= ? AND hour < ?"
-            " ORDER BY domain, hour",
-            [cluster, before - pd.Timedelta(days=days), before],
+            "SELECT * EXCLUDE (run_id) FROM power_telemetry WHERE list_contains(?, cluster) AND hour >= ?"
+            " AND hour < ? ORDER BY domain, hour",
+            [list(clusters), before - pd.Timedelta(days=days), before],
         )
 
     def has_usage(self, clusters: list[str]) -> bool:

@@ -35,23 +35,55 @@ def import_demo_telemetry(store: Store, fleet: Fleet, seed: int = 0) -> dict:
 
     One run, one transaction. Rows are keyed by (cluster|domain|zone, hour), so a re-import replaces them.
     """
-    from cicm.carbon.trace import load_actual_intensity
-
     usage = demo_usage_history(fleet, seed=seed)
     power = demo_power_telemetry(fleet, usage, seed=seed)
     zones = sorted({c.grid_zone for c in fleet.campuses})
-    actuals = []
-    for zone in zones:
-        series = load_actual_intensity(zone, drop_long_gaps=True)  # PJM: a real 22-hour gap stays a gap
-        actuals.append(
-            pd.DataFrame({"zone": zone, "hour": series.index, "gco2_per_kwh": series.to_numpy(), "source": "eia930"})
-        )
     params = {"fleet": fleet.name, "seed": seed, "start": fleet.history_start, "days": fleet.history_days}
     with store.run("telemetry-import", params) as run:
         store.upsert("usage_history", usage, run.run_id)
         store.upsert("power_telemetry", power, run.run_id)
-        store.upsert("carbon_actuals", pd.concat(actuals, ignore_index=True), run.run_id)
-        for zone in zones:
-            store.write_carbon_forecast(
-                trace_forecast_history(zone, fleet.history_start, fleet.history_end, seed), run.run_id)
+        import_carbon_history(store, zones, fleet.history_start, fleet.history_end, seed, run.run_id)
     return {"run_id": run.run_id, "usage_rows": len(usage), "power_rows": len(power), "zones": zones}
+
+
+def import_carbon_history(store: Store, zones: list[str], start: pd.Timestamp, end: pd.Timestamp, seed: int,
+                          run_id: str) -> None:
+    """The zones' actual carbon intensity (the whole bundled year) and the trace provider's day-ahead forecasts
+    over [start, end). Call inside the caller's run."""
+    from cicm.carbon.trace import load_actual_intensity
+
+    for zone in zones:
+        series = load_actual_intensity(zone, drop_long_gaps=True)  # PJM: a real 22-hour gap stays a gap
+        store.upsert("carbon_actuals", pd.DataFrame(
+            {"zone": zone, "hour": series.index, "gco2_per_kwh": series.to_numpy(), "source": "eia930"}), run_id)
+        store.write_carbon_forecast(trace_forecast_history(zone, start, end, seed), run_id)
+
+
+def import_scale_telemetry(store: Store, fleet: Fleet, seed: int = 0, held_back_days: int = 1) -> dict:
+    """Seed a store for a `scale_fleet`: usage over its history and power over the last 14 days, except the last
+    `held_back_days` (which the timed nightly ingestion then brings in), and the zones' carbon history.
+    Written campus by campus (bounded memory) in one run."""
+    from cicm.data.scale_fleet import POWER_TELEMETRY_DAYS, scale_power_telemetry, scale_usage_history
+
+    end = fleet.history_end - pd.Timedelta(days=held_back_days)
+    power_start = fleet.history_end - pd.Timedelta(days=POWER_TELEMETRY_DAYS)
+    zones = sorted({c.grid_zone for c in fleet.campuses})
+    params = {"fleet": fleet.name, "seed": seed, "clusters": len(fleet.clusters()), "end": end}
+    usage_rows = power_rows = 0
+    with store.run("telemetry-import", params) as run:
+        for campus in fleet.campuses:
+            usage = scale_usage_history(fleet, seed, end=end, campuses=[campus.name])
+            power = scale_power_telemetry(fleet, usage[usage["hour"] >= power_start], seed)
+            usage_rows += store.upsert("usage_history", usage, run.run_id)
+            power_rows += store.upsert("power_telemetry", power, run.run_id)
+        import_carbon_history(store, zones, fleet.history_start, fleet.history_end, seed, run.run_id)
+    return {"run_id": run.run_id, "usage_rows": usage_rows, "power_rows": power_rows, "zones": zones}
+
+
+def ingest_telemetry(store: Store, usage: pd.DataFrame, power: pd.DataFrame, source: str) -> dict:
+    """The nightly ingestion: new usage and power rows (the usage_history / power_telemetry columns) in one run.
+    Rows are keyed by (cluster|domain, hour), so re-ingesting a day replaces it."""
+    with store.run("telemetry-ingest", {"source": source, "usage_rows": len(usage), "power_rows": len(power)}) as run:
+        store.upsert("usage_history", usage, run.run_id)
+        store.upsert("power_telemetry", power, run.run_id)
+    return {"run_id": run.run_id, "usage_rows": len(usage), "power_rows": len(power)}

@@ -107,35 +107,61 @@ class ClusterModels:
     load_problem: str | None  # "insufficient-history: ..." or "bad-history: ..."
 
 
-def fit_cluster_power(cluster, telemetry: pd.DataFrame, now: pd.Timestamp):
-    """Fit each power domain on its last 7 days; combine into the cluster's piecewise-linear P(u)."""
-    from cicm.models.power import cluster_power_kw, fit_power_model
+def fit_domain_power_models(telemetry: pd.DataFrame, now: pd.Timestamp) -> dict:
+    """Every power domain's model on its last 7 days (domain -> PowerModel, or the InputError saying why not)."""
+    from cicm.models.power import fit_power_model
+
+    fits = {}
+    for domain, data in telemetry.groupby("domain", sort=False):
+        data = data.set_index("hour")
+        try:
+            fits[domain] = fit_power_model(data["cpu_cores"], data["power_kw"], now, window_days=POWER_WINDOW_DAYS)
+        except InputError as exc:
+            fits[domain] = exc
+    return fits
+
+
+def power_model_rows(cluster, fits: dict, telemetry_rows: dict[str, int], now: pd.Timestamp) -> list[dict]:
+    """The power_models rows of one cluster's domains (a domain with no telemetry has no fit: it failed)."""
+    rows = []
+    for domain in cluster.power_domains:
+        row = {"cluster": cluster.name, "domain": domain.name, "fitted_at": now}
+        model = fits.get(domain.name, InputError("cpu_cores", "no power telemetry in the window"))
+        if isinstance(model, InputError):
+            rows.append({**row, "status": "failed", "reason": str(model), "model": None, "r2": None,
+                         "mape_pct": None, "n_samples": telemetry_rows.get(domain.name, 0)})
+        else:
+            rows.append({**row, "status": "ok", "reason": None, "model": json.dumps(model.to_dict()),
+                         "r2": model.r2, "mape_pct": model.mape_pct, "n_samples": model.n_samples})
+    return rows
+
+
+def cluster_power_curve(cluster, fits: dict):
+    """The cluster's piecewise-linear P(u) from its domains' models, or (None, "no-power-model: ...")."""
+    from cicm.models.power import cluster_power_kw
     from cicm.optimize.inputs import PowerCurve
 
-    rows, models, shares, problems = [], [], [], []
-    for domain in cluster.power_domains:
-        data = telemetry[telemetry["domain"] == domain.name].set_index("hour")
-        row = {"cluster": cluster.name, "domain": domain.name, "fitted_at": now}
-        try:
-            model = fit_power_model(data["cpu_cores"], data["power_kw"], now, window_days=POWER_WINDOW_DAYS)
-        except InputError as exc:
-            problems.append(f"{domain.name}: {exc}")
-            rows.append({**row, "status": "failed", "reason": str(exc), "model": None, "r2": None,
-                         "mape_pct": None, "n_samples": len(data)})
-            continue
-        rows.append({**row, "status": "ok", "reason": None, "model": json.dumps(model.to_dict()),
-                     "r2": model.r2, "mape_pct": model.mape_pct, "n_samples": model.n_samples})
-        models.append(model)
-        shares.append(domain.capacity_cores / cluster.capacity_cores)
-    frame = pd.DataFrame(rows)
+    missing = InputError("cpu_cores", "no power telemetry in the window")
+    problems = [f"{d.name}: {fits.get(d.name, missing)}" for d in cluster.power_domains
+                if isinstance(fits.get(d.name, missing), InputError)]
     if problems:
-        return frame, None, "no-power-model: " + "; ".join(problems)
+        return None, "no-power-model: " + "; ".join(problems)
+    models = [fits[d.name] for d in cluster.power_domains]
+    shares = [d.capacity_cores / cluster.capacity_cores for d in cluster.power_domains]
     knots = {0.0, float(cluster.capacity_cores)}
     for model, share in zip(models, shares):
         knots.update(b / share for b in model.breakpoints_cpu_cores)
     cpu = np.array(sorted(k for k in knots if 0.0 <= k <= cluster.capacity_cores))
     power = np.maximum(np.asarray(cluster_power_kw(models, shares, cpu), dtype=float), 0.0)
-    return frame, PowerCurve(cpu_cores=cpu, power_kw=power), None
+    return PowerCurve(cpu_cores=cpu, power_kw=power), None
+
+
+def fit_cluster_power(cluster, telemetry: pd.DataFrame, now: pd.Timestamp):
+    """One cluster's power_models rows, its P(u) curve and the problem (None if both domains fitted)."""
+    fits = fit_domain_power_models(telemetry, now)
+    counts = telemetry.groupby("domain").size().to_dict() if len(telemetry) else {}
+    curve, problem = cluster_power_curve(cluster, fits)
+    return pd.DataFrame(power_model_rows(cluster, fits, counts, now)), curve, problem
 
 
 def forecast_cluster_load(history: pd.DataFrame, day: CampusDay, gamma: float):
@@ -145,46 +171,59 @@ def forecast_cluster_load(history: pd.DataFrame, day: CampusDay, gamma: float):
     return forecast_load(frame, day.hours, day.campus.timezone, gamma, day.planned_at)
 
 
+def forecast_campus_load(usage: pd.DataFrame, day: CampusDay, gamma: float, clusters: list[str]) -> dict:
+    """Each named cluster's LoadForecast, or the InputError its history raised (cluster -> either)."""
+    out = {}
+    groups = dict(tuple(usage.groupby("cluster", sort=False))) if len(usage) else {}
+    for name in clusters:
+        history = groups.get(name, usage.iloc[:0])
+        try:
+            out[name] = forecast_cluster_load(history, day, gamma)
+        except InputError as exc:
+            out[name] = exc
+    return out
+
+
+def load_problem(load) -> str | None:
+    if isinstance(load, InputError):
+        return f"bad-history: {load}"
+    return None if load.ok else f"insufficient-history: {load.reason}"
+
+
 def cluster_models_from_frames(cluster, telemetry: pd.DataFrame, history: pd.DataFrame, day: CampusDay,
                                 gamma: float) -> ClusterModels:
-    """Power models and load forecast of one cluster from its telemetry frames (the backtest calls this too)."""
+    """Power models and load forecast of one cluster from its telemetry frames (the backtest calls this)."""
     power_rows, curve, problem = fit_cluster_power(cluster, telemetry, day.planned_at)
-    try:
-        load = forecast_cluster_load(history, day, gamma)
-    except InputError as exc:  # gaps, NaN, duplicates in telemetry: this cluster is not shaped, and we say why
-        return ClusterModels(power_rows, curve, problem, None, f"bad-history: {exc}")
-    return ClusterModels(power_rows, curve, problem, load,
-                         None if load.ok else f"insufficient-history: {load.reason}")
+    load = forecast_campus_load(history.assign(cluster=cluster.name), day, gamma, [cluster.name])[cluster.name]
+    return ClusterModels(power_rows, curve, problem, None if isinstance(load, InputError) else load,
+                         load_problem(load))
 
 
-def cluster_models(store, cluster, day: CampusDay, gamma: float) -> ClusterModels:
-    telemetry = store.power_telemetry(cluster.name, before=day.planned_at, days=POWER_WINDOW_DAYS + 1)
-    history = store.usage_history(cluster.name, before=day.planned_at, days=LOAD_HISTORY_DAYS)
-    return cluster_models_from_frames(cluster, telemetry, history, day, gamma)
+def load_day_row(cluster: str, plan_date: date, load) -> dict:
+    """The load_forecast_days row of one cluster (its forecast's daily figures, or why there is none)."""
+    if isinstance(load, InputError):
+        return {"plan_date": plan_date, "cluster": cluster, "status": "bad-history", "reason": load_problem(load),
+                "flexible_core_hours": None, "reservations_core_hours": None, "theta_core_hours": None,
+                "reservations_rel_error_q97": None, "params": "{}"}
+    return {"plan_date": plan_date, "cluster": cluster, "status": load.status, "reason": load.reason,
+            "flexible_core_hours": load.flexible_core_hours, "reservations_core_hours": load.reservations_core_hours,
+            "theta_core_hours": load.theta_core_hours, "reservations_rel_error_q97": load.reservations_rel_error_q97,
+            "params": json.dumps(load.parameters, default=str)}
 
 
-def load_rows(cluster: str, plan_date: date, load, problem: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    if load is None:
-        return pd.DataFrame(), pd.DataFrame([{
-            "plan_date": plan_date, "cluster": cluster, "status": "bad-history", "reason": problem,
-            "flexible_core_hours": None, "reservations_core_hours": None, "theta_core_hours": None,
-            "reservations_rel_error_q97": None, "params": "{}",
-        }])
-    day = pd.DataFrame([{
-        "plan_date": plan_date, "cluster": cluster, "status": load.status, "reason": load.reason,
-        "flexible_core_hours": load.flexible_core_hours, "reservations_core_hours": load.reservations_core_hours,
-        "theta_core_hours": load.theta_core_hours, "reservations_rel_error_q97": load.reservations_rel_error_q97,
-        "params": json.dumps(load.parameters, default=str),
-    }])
-    if not load.ok:
-        return pd.DataFrame(), day
-    hourly = pd.DataFrame({
-        "plan_date": plan_date, "cluster": cluster, "hour": load.target_hours,
-        "inflexible_cpu_cores": load.inflexible_cpu_cores.to_numpy(),
-        "inflexible_upper_cpu_cores": load.inflexible_upper_cpu_cores.to_numpy(),
-        "reservation_ratio": load.reservation_ratio.to_numpy(),
-    })
-    return hourly, day
+def load_hour_rows(plan_date: date, loads: dict) -> pd.DataFrame:
+    """The load_forecasts rows (hourly) of every cluster whose forecast is ok, as one frame."""
+    ok = [(name, load) for name, load in loads.items() if not isinstance(load, InputError) and load.ok]
+    if not ok:
+        return pd.DataFrame()
+    n = [len(load.target_hours) for _, load in ok]
+    return pd.DataFrame({
+        "plan_date": plan_date, "cluster": np.repeat([name for name, _ in ok], n),
+        "hour": np.concatenate([load.target_hours.to_numpy() for _, load in ok]),
+        "inflexible_cpu_cores": np.concatenate([load.inflexible_cpu_cores.to_numpy() for _, load in ok]),
+        "inflexible_upper_cpu_cores": np.concatenate([load.inflexible_upper_cpu_cores.to_numpy() for _, load in ok]),
+        "reservation_ratio": np.concatenate([load.reservation_ratio.to_numpy() for _, load in ok]),
+    }).assign(hour=lambda f: pd.to_datetime(f["hour"], utc=True))
 
 
 # ---------------------------------------------------------------------------------------------- the program
@@ -221,14 +260,18 @@ def low_benefit_reason(value, min_value_pct: float) -> str | None:
 
 def shaping_disabled(store, cluster: str, plan_date: date) -> str | None:
     """The SLO loop's verdict for this cluster and day: None, or why shaping is off."""
+    return shaping_disabled_many(store, [cluster], plan_date).get(cluster)
+
+
+def shaping_disabled_many(store, clusters: list[str], plan_date: date) -> dict[str, str]:
+    """Why shaping is off on `plan_date`, for each named cluster whose shaping the SLO loop switched off."""
     found = store.query(
-        "SELECT reason, disabled_until FROM shaping_state WHERE cluster = ? AND disabled_from <= ?"
-        " AND disabled_until >= ? ORDER BY disabled_from DESC LIMIT 1",
-        [cluster, plan_date, plan_date],
+        "SELECT cluster, reason, disabled_until FROM shaping_state WHERE list_contains(?, cluster)"
+        " AND disabled_from <= ? AND disabled_until >= ?"
+        " QUALIFY row_number() OVER (PARTITION BY cluster ORDER BY disabled_from DESC) = 1",
+        [list(clusters), plan_date, plan_date],
     )
-    if found.empty:
-        return None
-    return f"{found['reason'].iloc[0]} (shaping off until {found['disabled_until'].iloc[0]})"
+    return {r.cluster: f"{r.reason} (shaping off until {r.disabled_until})" for r in found.itertuples()}
 
 
 def unplanned_rows(cluster, campus: str, plan_date: date, hours: pd.DatetimeIndex, reason: str,
@@ -306,41 +349,109 @@ def plan_rows(plan, plan_date: date, capacity: dict[str, float]) -> tuple[pd.Dat
     return vccs, status
 
 
+@dataclass
+class PartitionJob:
+    """A share of the nightly plan that runs on its own (in this process, or as a task on a Dask worker): the
+    days of some campuses, with their carbon forecasts. It reads the store and returns frames; it never writes."""
+
+    plan_date: date
+    days: list[CampusDay]
+    carbon: dict[str, pd.Series]  # campus -> forecast over its day's hours
+    problems: dict[str, str]  # campus -> why it has no forecast
+    options: object  # cicm.flows.nightly.PlanOptions
+
+
+def partition_jobs(days: list[CampusDay], carbon: CarbonResult, plan_date: date, options,
+                   n_partitions: int) -> list[PartitionJob]:
+    """Split the campuses into at most `n_partitions` contiguous groups of about equal cluster counts (a
+    campus is one program, so it is never split). The order of campuses is kept, so results concatenate the same
+    whatever the split."""
+    sizes = np.array([len(d.campus.clusters) for d in days])
+    n = max(1, min(int(n_partitions), len(days)))
+    bounds = np.searchsorted(np.cumsum(sizes), np.linspace(0, sizes.sum(), n + 1)[1:-1], side="left") + 1
+    groups = [g for g in np.split(np.arange(len(days)), bounds) if len(g)]
+    return [
+        PartitionJob(plan_date, [days[i] for i in g],
+                     {days[i].campus.name: carbon.by_campus[days[i].campus.name]
+                      for i in g if days[i].campus.name in carbon.by_campus},
+                     {days[i].campus.name: carbon.problems[days[i].campus.name]
+                      for i in g if days[i].campus.name in carbon.problems}, options)
+        for g in groups
+    ]
+
+
+def plan_partition(store, job: PartitionJob) -> dict:
+    """Models and programs of a partition's campuses, merged in campus order."""
+    parts = [plan_campus_day(store, day, job.plan_date, job.carbon.get(day.campus.name), job.options,
+                             job.problems.get(day.campus.name)) for day in job.days]
+    return merge_parts(parts)
+
+
+def plan_partition_from_file(db_path: str, job: PartitionJob) -> dict:
+    """`plan_partition` on a read-only connection of its own: what a Dask worker runs."""
+    from cicm.data.store import Store
+
+    with Store(db_path, read_only=True) as store:
+        return plan_partition(store, job)
+
+
+PART_FRAMES = ("vccs", "status", "power_models", "load_forecasts", "load_forecast_days")
+STAGE_NOTES = ("forecast-value", "power-models", "load-forecast", "vcc-program")
+
+
+def merge_parts(parts: list[dict]) -> dict:
+    out = {key: [f for p in parts for f in p[key] if not f.empty] for key in PART_FRAMES}
+    out = {key: [pd.concat(frames, ignore_index=True)] if frames else [] for key, frames in out.items()}
+    out["notes"] = {stage: [n for p in parts for n in p["notes"][stage]] for stage in STAGE_NOTES}
+    return out
+
+
 def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | None, options,
                     problem: str | None) -> dict:
-    """Models and program for one campus. Returns frames for the store and per-stage notes."""
+    """Models and program for one campus: a constant number of store reads, whatever its size. Returns frames
+    for the store and per-stage notes."""
     from cicm.optimize.program import plan_campus
 
-    out = {"vccs": [], "status": [], "power_models": [], "load_forecasts": [], "load_forecast_days": [],
-           "notes": {"forecast-value": [], "power-models": [], "load-forecast": [], "vcc-program": []}}
-    inputs = []
+    out = {key: [] for key in PART_FRAMES}
+    out["notes"] = {stage: [] for stage in STAGE_NOTES}
     value = campus_forecast_value(store, day, options.delta_max)
     low_benefit = low_benefit_reason(value, options.min_forecast_value_pct)
     out["notes"]["forecast-value"].append(
         f"{day.campus.name} ({day.campus.grid_zone}): "
         + (f"{value.realised_cut_pct:.1f}% (perfect {value.ceiling_cut_pct:.1f}%)" if value else "unknown")
         + (" → not shaped" if low_benefit else ""))
-    for cluster in day.campus.clusters:
-        models = cluster_models(store, cluster, day, options.gamma)
-        out["power_models"].append(models.power_rows)
-        hourly, daily = load_rows(cluster.name, plan_date, models.load, models.load_problem)
-        out["load_forecasts"].append(hourly)
-        out["load_forecast_days"].append(daily)
-        if models.power_problem:
-            out["notes"]["power-models"].append(f"{cluster.name}: {models.power_problem}")
-        if models.load_problem:
-            out["notes"]["load-forecast"].append(f"{cluster.name}: {models.load_problem}")
-        reason = problem or models.load_problem or models.power_problem
+    clusters = day.campus.clusters
+    names = [c.name for c in clusters]
+    telemetry = store.power_telemetries(names, before=day.planned_at, days=POWER_WINDOW_DAYS + 1)
+    fits = fit_domain_power_models(telemetry, day.planned_at)
+    counts = telemetry.groupby("domain").size().to_dict() if len(telemetry) else {}
+    usage = store.usage_histories(names, before=day.planned_at, days=LOAD_HISTORY_DAYS)
+    loads = forecast_campus_load(usage, day, options.gamma, names)
+    disabled = shaping_disabled_many(store, names, plan_date)
+    out["power_models"].append(pd.DataFrame(
+        [row for c in clusters for row in power_model_rows(c, fits, counts, day.planned_at)]))
+    out["load_forecasts"].append(load_hour_rows(plan_date, loads))
+    out["load_forecast_days"].append(pd.DataFrame([load_day_row(n, plan_date, loads[n]) for n in names]))
+    inputs = []
+    for cluster in clusters:
+        load = loads[cluster.name]
+        curve, power_problem = cluster_power_curve(cluster, fits)
+        problem_load = load_problem(load)
+        if power_problem:
+            out["notes"]["power-models"].append(f"{cluster.name}: {power_problem}")
+        if problem_load:
+            out["notes"]["load-forecast"].append(f"{cluster.name}: {problem_load}")
+        reason = problem or problem_load or power_problem
         if reason:
             vccs, status = unplanned_rows(cluster, day.campus.name, plan_date, day.hours, reason, carbon)
             out["vccs"].append(vccs)
             out["status"].append(status)
             continue
-        preset = shaping_disabled(store, cluster.name, plan_date) or low_benefit
-        inputs.append(cluster_input(cluster, models, preset))
+        preset = disabled.get(cluster.name) or low_benefit
+        inputs.append(cluster_input(cluster, ClusterModels(pd.DataFrame(), curve, None, load, None), preset))
     if inputs:
         plan = plan_campus(campus_input(day.campus, inputs, carbon.to_numpy(), day.hours, options))
-        vccs, status = plan_rows(plan, plan_date, {c.name: float(c.capacity_cores) for c in day.campus.clusters})
+        vccs, status = plan_rows(plan, plan_date, {c.name: float(c.capacity_cores) for c in clusters})
         out["vccs"].append(vccs)
         out["status"].append(status)
         out["notes"]["vcc-program"].append(
@@ -351,21 +462,20 @@ def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | 
 
 
 def plan_clusters(store, fleet: Fleet, plan_date: date, days: list[CampusDay], carbon: CarbonResult,
-                  options) -> PlanClustersResult:
-    parts = [
-        plan_campus_day(store, day, plan_date, carbon.by_campus.get(day.campus.name), options,
-                        carbon.problems.get(day.campus.name))
-        for day in days
-    ]
+                  options, run_partitions=None, n_partitions: int = 1) -> PlanClustersResult:
+    """Every campus's models and program. `run_partitions(jobs)` returns each job's `plan_partition` result
+    (e.g. as Dask tasks); by default the jobs run here, one after another, on `store`."""
+    jobs = partition_jobs(days, carbon, plan_date, options, n_partitions)
+    parts = run_partitions(jobs) if run_partitions else [plan_partition(store, job) for job in jobs]
+    merged = merge_parts(parts)
 
     def cat(key: str) -> pd.DataFrame:
-        frames = [f for p in parts for f in p[key] if not f.empty]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        return merged[key][0] if merged[key] else pd.DataFrame()
 
     status = cat("status")
     reports = []
-    for stage in ("forecast-value", "power-models", "load-forecast", "vcc-program"):
-        notes = [n for p in parts for n in p["notes"][stage]]
+    for stage in STAGE_NOTES:
+        notes = merged["notes"][stage]
         degraded = stage in ("power-models", "load-forecast") and notes
         reports.append(StageReport(stage, "degraded" if degraded else "ran", "; ".join(notes) or "all clusters"))
     shaped = int((status["status"] == "shaped").sum()) if not status.empty else 0
