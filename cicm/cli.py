@@ -43,6 +43,7 @@ def _mount_subcommands() -> None:
     app.add_typer(agent_app, name="agent", help="The enforcement agent: applies the VCC hourly via the ecovisor.")
     app.add_typer(slo_app, name="slo", help="The SLO feedback loop: violations and shaping state.")
     app.command("backtest")(backtest_command)
+    app.add_typer(__import__("cicm.data.retention", fromlist=["store_app"]).store_app, name="store", help="The store: size, compaction of cold history to Parquet.")
 
 
 @app.command()
