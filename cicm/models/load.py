@@ -302,45 +302,76 @@ def _week_ahead_all(X: np.ndarray, lag: int, alphas: np.ndarray, betas: np.ndarr
     return WA
 
 
+def _week_ahead_pick(
+    X: np.ndarray, lag: int, alpha_grid: tuple[float, ...], beta_grid: tuple[float, ...]
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Rolling-origin MAPE (G, C) of WA(D | D - lag) over the history days every grid member forecasts, for
+    the grid (alpha, beta) in alpha-major order, and that number of days: `_pick` over `_week_ahead_all`,
+    without holding the whole grid of forecasts."""
+    C, n, P = X.shape
+    alphas = np.asarray(alpha_grid, dtype=float)[:, None]
+    betas = np.asarray(beta_grid, dtype=float)[:, None]
+    m, r, n_blocks = _week_ahead_inputs(X, lag)
+    n_scored = max(n - 6 - lag, 0)
+    actual = np.zeros((C, 7 * m.shape[1], P))
+    actual[:, :n_scored] = X[:, 6 + lag : n]
+    denominator = np.where(actual > 0, actual, np.inf).reshape(C, -1, 7, P)
+    actual = actual.reshape(C, -1, 7, P)
+    sums = np.zeros((len(alphas), len(betas), C))
+    for k, (level, factor) in enumerate(_week_ahead_blocks(m, r, alphas, betas)):
+        if 7 * k >= n_scored:
+            break
+        wa = level[:, None, :, :, None] * factor[None]
+        np.subtract(wa, actual[:, k], out=wa)
+        np.abs(wa, out=wa)
+        np.divide(wa, denominator[:, k], out=wa)
+        sums += wa.sum(axis=(3, 4))
+    count = (X[:, 6 + lag : n] > 0).sum(axis=(1, 2))
+    return 100 * sums.reshape(-1, C) / np.maximum(count, 1), n_scored
+
+
 def _level_ewma_all(X: np.ndarray, lag: int, alphas: np.ndarray) -> np.ndarray:
-    """F[g, D, p] = L_g after day D - lag, where L = α·X(e) + (1-α)·L(e-1) starts at X(0). NaN before."""
-    n, P = X.shape
-    F = np.full((len(alphas), n + lag, P), np.nan)
-    a = alphas[:, None]
-    level = np.repeat(X[:1], len(alphas), axis=0)
-    F[:, lag] = level
+    """F[g, c, D, p] = L_g after day D - lag, where L = α·X(e) + (1-α)·L(e-1) starts at X(0). NaN before.
+    X: (C, n, P)."""
+    C, n, P = X.shape
+    F = np.full((len(alphas), C, n + lag, P), np.nan)
+    a = alphas[:, None, None]
+    level = np.repeat(X[None, :, 0], len(alphas), axis=0)
+    F[:, :, lag] = level
     for e in range(1, n):
-        level = a * X[e] + (1 - a) * level
-        F[:, e + lag] = level
+        level = a * X[:, e] + (1 - a) * level
+        F[:, :, e + lag] = level
     return F
 
 
 def _moving_average_all(X: np.ndarray, lag: int, windows: tuple[int, ...]) -> np.ndarray:
-    """F[g, D, p] = mean of X over the w_g days ending on day D - lag (fewer at the start). NaN before."""
-    n, P = X.shape
-    F = np.full((len(windows), n + lag, P), np.nan)
-    csum = np.vstack([np.zeros((1, P)), np.cumsum(X, axis=0)])
+    """F[g, c, D, p] = mean of X over the w_g days ending on day D - lag (fewer at the start). NaN before."""
+    C, n, P = X.shape
+    F = np.full((len(windows), C, n + lag, P), np.nan)
+    csum = np.concatenate([np.zeros((C, 1, P)), np.cumsum(X, axis=1)], axis=1)
     ends = np.arange(1, n + 1)  # day e's window is [max(0, e + 1 - w), e]
     for g, w in enumerate(windows):
         starts = np.maximum(0, ends - w)
-        F[g, lag:] = (csum[ends] - csum[starts]) / (ends - starts)[:, None]
+        F[g, :, lag:] = (csum[:, ends] - csum[:, starts]) / (ends - starts)[:, None]
     return F
 
 
-def _mape(actual: np.ndarray, forecast: np.ndarray, axis=None) -> np.ndarray:
-    ok = (actual > 0) & ~np.isnan(forecast)
+def _mape(actual: np.ndarray, forecast: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """MAPE % per cluster over the rows (..., C, D) selected, the periods with actual > 0 and a forecast.
+    actual, forecast: (..., C, D, P)."""
+    ok = rows[..., None] & (actual > 0) & ~np.isnan(forecast)
     ape = np.where(ok, np.abs(actual - np.where(ok, forecast, 0)) / np.where(ok, actual, 1), 0.0)
-    return 100 * ape.sum(axis=axis) / np.maximum(ok.sum(axis=axis), 1)
+    return 100 * ape.sum(axis=(-2, -1)) / np.maximum(ok.sum(axis=(-2, -1)), 1)
 
 
-def _pick(grid_forecasts: np.ndarray, X: np.ndarray) -> tuple[int, float, int]:
-    """Index of the grid member with the lowest rolling-origin MAPE over the days every member forecasts;
-    that MAPE; the number of days scored."""
-    n = len(X)
-    scored = ~np.isnan(grid_forecasts[:, :n]).any(axis=(0, 2))
-    scores = np.array([_mape(X[scored], F[:n][scored]) for F in grid_forecasts])
-    best = int(np.argmin(scores))
-    return best, float(scores[best]), int(scored.sum())
+def _pick(grid_forecasts: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per cluster: index of the grid member (G, C, n + lag, P) with the lowest rolling-origin MAPE over the
+    days every member forecasts; that MAPE; the number of days scored."""
+    n = X.shape[1]
+    scored = ~np.isnan(grid_forecasts[:, :, :n]).any(axis=(0, 3))  # (C, n)
+    scores = _mape(X[None], grid_forecasts[:, :, :n], scored[None])
+    best = np.argmin(scores, axis=0)
+    return best, scores[best, np.arange(X.shape[0])], scored.sum(axis=1)
 
 
 def _adjust_rows(X: np.ndarray, WA: np.ndarray, lag: int) -> tuple[np.ndarray, np.ndarray]:
@@ -453,7 +484,7 @@ def _day_ahead(
 class _Candidate:
     model: str  # SEASONAL, LEVEL_EWMA or MOVING_AVERAGE
     adjusted: bool
-    base: np.ndarray  # (n + lag, P) rolling-origin base forecasts of every day, NaN where none
+    base: np.ndarray  # (C, n + lag, P) rolling-origin base forecasts of every day, NaN where none
 
     @property
     def label(self) -> str:
@@ -462,14 +493,13 @@ class _Candidate:
 
 @dataclass(frozen=True)
 class _SeriesForecast:
-    target: np.ndarray  # (P,) day-ahead forecast of the target day (mean cores per period)
-    rel_errors: np.ndarray  # flattened relative errors of the rolling backtest
-    params: dict
+    target: np.ndarray  # (C, P) day-ahead forecast of the target day (mean cores per period)
+    rel_errors: list[np.ndarray]  # per cluster, the flattened relative errors of the rolling backtest
+    params: list[dict]  # per cluster
 
 
 def _forecast_series(
     X: np.ndarray,
-    dow: np.ndarray,
     lag: int,
     alpha_grid: tuple[float, ...],
     beta_grid: tuple[float, ...],
@@ -478,77 +508,90 @@ def _forecast_series(
     select: bool = False,
     windows: tuple[int, ...] = LEVEL_WINDOWS,
 ) -> _SeriesForecast:
-    """Day-ahead forecast of one series (n days × P periods). select=False: the seasonal model with the
-    adjustment (hourly inflexible, daily reservations). select=True (daily flexible, P = 1): the base model
-    (seasonal, level EWMA, moving average) and whether to adjust it are chosen by the rolling-origin MAPE of
-    the day-ahead forecasts over the days on which all six candidates forecast."""
-    n, P = X.shape
-    grid = [(a, b) for a in alpha_grid for b in beta_grid]
-    alphas = np.array([g[0] for g in grid])
-    betas = np.array([g[1] for g in grid])
-    WA_grid = _week_ahead_all(X[None], lag, alphas, betas)[:, 0]
-    best, wa_mape, n_scored = _pick(WA_grid, X)
-    params: dict = {
-        "alpha": float(alphas[best]),
-        "beta": float(betas[best]),
-        "week_ahead_mape_pct": wa_mape,
-        "n_scored_days": n_scored,
-    }
-    candidates = [_Candidate(SEASONAL, True, WA_grid[best])]
+    """Day-ahead forecast of one series of C clusters (C × n days × P periods, the same consecutive dates).
+    select=False: the seasonal model with the adjustment (hourly inflexible, daily reservations). select=True
+    (daily flexible, P = 1): the base model (seasonal, level EWMA, moving average) and whether to adjust it
+    are chosen by the rolling-origin MAPE of the day-ahead forecasts over the days on which all six
+    candidates forecast."""
+    C, n, P = X.shape
+    clusters = np.arange(C)
+    alphas = np.repeat(np.asarray(alpha_grid, dtype=float), len(beta_grid))
+    betas = np.tile(np.asarray(beta_grid, dtype=float), len(alpha_grid))
+    wa_scores, n_scored = _week_ahead_pick(X, lag, alpha_grid, beta_grid)
+    best = np.argmin(wa_scores, axis=0)
+    wa_mape = wa_scores[best, clusters]
+    WA = _week_ahead_all(X, lag, alphas[best][None], betas[best][None])[0]
+    params = [
+        {"alpha": float(alphas[g]), "beta": float(betas[g]), "week_ahead_mape_pct": float(s),
+         "n_scored_days": int(n_scored)}
+        for g, s in zip(best, wa_mape)
+    ]
+    candidates = [_Candidate(SEASONAL, True, WA)]
     if select:
         level_alphas = np.array(alpha_grid, dtype=float)
         level_grid = _level_ewma_all(X, lag, level_alphas)
         g_level, level_mape, _ = _pick(level_grid, X)
         ma_grid = _moving_average_all(X, lag, windows)
         g_ma, ma_mape, _ = _pick(ma_grid, X)
-        params.update(
-            level_alpha=float(level_alphas[g_level]), level_mape_pct=level_mape,
-            window_days=int(windows[g_ma]), moving_average_mape_pct=ma_mape,
-        )
+        for c, p in enumerate(params):
+            p.update(
+                level_alpha=float(level_alphas[g_level[c]]), level_mape_pct=float(level_mape[c]),
+                window_days=int(windows[g_ma[c]]), moving_average_mape_pct=float(ma_mape[c]),
+            )
+        level_base, ma_base = level_grid[g_level, clusters], ma_grid[g_ma, clusters]
         candidates += [
-            _Candidate(SEASONAL, False, WA_grid[best]),
-            _Candidate(LEVEL_EWMA, True, level_grid[g_level]),
-            _Candidate(LEVEL_EWMA, False, level_grid[g_level]),
-            _Candidate(MOVING_AVERAGE, True, ma_grid[g_ma]),
-            _Candidate(MOVING_AVERAGE, False, ma_grid[g_ma]),
+            _Candidate(SEASONAL, False, WA),
+            _Candidate(LEVEL_EWMA, True, level_base),
+            _Candidate(LEVEL_EWMA, False, level_base),
+            _Candidate(MOVING_AVERAGE, True, ma_base),
+            _Candidate(MOVING_AVERAGE, False, ma_base),
         ]
 
     # every candidate's rolling day-ahead forecasts: of the history days (for the selection and the errors)
     # and of the target day, last
     all_days = np.r_[np.arange(0 if select else max(0, n - error_window_days), n), n - 1 + lag]
-    runs = []
-    for c in candidates:
-        out, coef, n_train = _day_ahead(X[None], c.base[None], lag, all_days, c.adjusted, adjust_window_days)
-        coef = None if coef is None or np.isnan(coef[0]).any() else coef[0]
-        runs.append((out[0], coef, int(n_train[0])))
+    runs = [_day_ahead(X, c.base, lag, all_days, c.adjusted, adjust_window_days) for c in candidates]
     history_rows = all_days < n
-    chosen = 0
+    actual = X[:, np.minimum(all_days, n - 1)]  # the target day's row is never scored
+    chosen = np.zeros(C, dtype=int)
     if select:
         # the days on which every candidate has a forecast: all are scored on the same days
-        common = history_rows & ~np.isnan(np.stack([r[0] for r in runs])).any(axis=(0, 2))
-        scores = None
-        if common.any():
-            scores = [float(_mape(X[all_days[common]], r[0][common])) for r in runs]
-            chosen = int(np.argmin(scores))  # a tie keeps the earlier candidate (seasonal + adjustment first)
-        params.update(
-            selection_mape_pct={c.label: s for c, s in zip(candidates, scores)} if scores else None,
-            n_selection_days=int(common.sum()),
-        )
-    cand, (fc, coef, n_train) = candidates[chosen], runs[chosen]
+        forecasts = np.stack([r[0] for r in runs])  # (6, C, days, P)
+        common = history_rows & ~np.isnan(forecasts).any(axis=(0, 3))  # (C, days)
+        scores = _mape(actual[None], forecasts, common[None])  # (6, C)
+        has_common = common.any(axis=1)
+        chosen = np.where(has_common, np.argmin(scores, axis=0), 0)  # a tie keeps the earlier candidate
+        for c, p in enumerate(params):
+            p.update(
+                selection_mape_pct={
+                    cand.label: float(scores[i, c]) for i, cand in enumerate(candidates)
+                } if has_common[c] else None,
+                n_selection_days=int(common[c].sum()),
+            )
+        fc = forecasts[chosen, clusters]
+    else:
+        fc = runs[0][0]
 
-    backtest = history_rows & (all_days >= n - error_window_days) & ~np.isnan(fc).any(axis=1)
-    bt_days, bt_fc = all_days[backtest], fc[backtest]
-    rel = [(X[d][f > 0] - f[f > 0]) / f[f > 0] for d, f in zip(bt_days, bt_fc)]
-    rel_errors = np.concatenate(rel) if rel else np.zeros(0)
-    params.update(
-        model=cand.model,
-        adjusted=cand.adjusted,
-        adjust_a_b_c=[float(c) for c in coef] if coef is not None else None,
-        n_adjust_days=int(n_train),
-        n_backtest_days=int(len(bt_days)),
-        backtest_day_ahead_mape_pct=float(_mape(X[bt_days], bt_fc)) if len(bt_days) else None,
-    )
-    return _SeriesForecast(fc[-1], rel_errors, params)
+    backtest = history_rows & (all_days >= n - error_window_days) & ~np.isnan(fc).any(axis=2)  # (C, days)
+    positive = backtest[..., None] & (fc > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = np.where(positive, (actual - fc) / np.where(positive, fc, 1.0), np.nan)
+    bt_mape = _mape(actual, fc, backtest)
+    rel_errors = [rel[c][positive[c]] for c in range(C)]
+    for c, p in enumerate(params):
+        _, coef, n_train = runs[chosen[c]]
+        cand = candidates[chosen[c]]
+        has_coef = coef is not None and not np.isnan(coef[c]).any()
+        n_bt = int(backtest[c].sum())
+        p.update(
+            model=cand.model,
+            adjusted=cand.adjusted,
+            adjust_a_b_c=[float(v) for v in coef[c]] if has_coef else None,
+            n_adjust_days=int(n_train[c]),
+            n_backtest_days=n_bt,
+            backtest_day_ahead_mape_pct=float(bt_mape[c]) if n_bt else None,
+        )
+    return _SeriesForecast(fc[:, -1], rel_errors, params)
 
 
 def _quantile(values: np.ndarray, q: float) -> float:
@@ -584,6 +627,256 @@ def _check_int(value, name: str, low: int) -> int:
     return int(value)
 
 
+@dataclass(frozen=True)
+class _Request:
+    """The validated arguments shared by every cluster of a call."""
+
+    hours: pd.DatetimeIndex
+    target_date: pd.Timestamp
+    tz: str
+    gamma: float
+    now: pd.Timestamp
+    min_history_days: int
+    max_history_days: int
+    error_window_days: int
+    adjust_window_days: int
+    ratio_days: int
+    alpha_grid: tuple[float, ...]
+    beta_grid: tuple[float, ...]
+
+
+def _check_request(target_hours, tz, gamma, now, min_history_days, max_history_days, error_window_days,
+                   adjust_window_days, ratio_days, alpha_grid, beta_grid) -> _Request:
+    now = _check_now(now)
+    tz = _check_tz(tz)
+    hours, target_date = _check_target_hours(target_hours, tz)
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0 < gamma < 1:
+        raise InputError("gamma", f"must be in (0, 1), got {gamma!r}")
+    if hours[0] < now:
+        raise InputError("now", f"the target day starts at {hours[0]}, before the issue time {now}")
+    min_history_days = _check_int(min_history_days, "min_history_days", 21)
+    max_history_days = _check_int(max_history_days, "max_history_days", min_history_days + 1)
+    error_window_days = _check_int(error_window_days, "error_window_days", 7)
+    adjust_window_days = _check_int(adjust_window_days, "adjust_window_days", MIN_ADJUST_DAYS)
+    ratio_days = _check_int(ratio_days, "ratio_days", 1)
+    for name, grid in (("alpha_grid", alpha_grid), ("beta_grid", beta_grid)):
+        if len(grid) == 0 or not all(isinstance(v, numbers.Real) and 0 < v <= 1 for v in grid):
+            raise InputError(name, "need a non-empty list of weights in (0, 1]")
+    return _Request(hours, target_date, tz, float(gamma), now, min_history_days, max_history_days,
+                    error_window_days, adjust_window_days, ratio_days, tuple(alpha_grid), tuple(beta_grid))
+
+
+_NS_PER_HOUR = 3_600_000_000_000
+# clusters per engine call: bounds the memory of the week-ahead grid (G × clusters × 7 days × 24 per step)
+CHUNK_CLUSTERS = 128
+
+
+def _utc_ns(values, field_name: str) -> np.ndarray:
+    index = pd.DatetimeIndex(values)
+    if index.tz is None:
+        raise InputError(field_name, "must be tz-aware (UTC)")
+    return index.tz_convert("UTC").as_unit("ns").asi8
+
+
+def _forecast_rows(
+    codes: np.ndarray, n_clusters: int, hour_ns: np.ndarray, values: np.ndarray, rows_of, req: _Request
+) -> list:
+    """The forecast (or InputError) of every cluster 0 ... n_clusters-1 from its rows: codes (N,) cluster,
+    hour_ns (N,) UTC hour start in ns, values (N, 3) of HISTORY_COLUMNS (NaN: missing or non-numeric).
+    rows_of(c) gives cluster c's original rows, only read to word the error of a cluster that fails a check
+    (`_prepare_history` raises it, as for one cluster alone)."""
+    results: list = [None] * n_clusters
+    now_ns = req.now.as_unit("ns").value
+    start_ns = (req.now - pd.Timedelta(days=req.max_history_days)).as_unit("ns").value
+    keep = (hour_ns + _NS_PER_HOUR <= now_ns) & (hour_ns >= start_ns)
+    codes, hour_ns, values = codes[keep], hour_ns[keep], values[keep]
+    if len(codes) > 1 and not ((np.diff(codes) > 0) | ((np.diff(codes) == 0) & (np.diff(hour_ns) > 0))).all():
+        order = np.lexsort((hour_ns, codes))
+        codes, hour_ns, values = codes[order], hour_ns[order], values[order]
+
+    # the checks of `_prepare_history`, for every cluster at once
+    bad_rows = (hour_ns % _NS_PER_HOUR != 0) | ~np.isfinite(values).all(axis=1) | (values < 0).any(axis=1)
+    bad = np.zeros(n_clusters, dtype=bool)
+    bad[codes[bad_rows]] = True
+    same = codes[1:] == codes[:-1]
+    bad[codes[1:][same & (np.diff(hour_ns) != _NS_PER_HOUR)]] = True  # duplicates and gaps
+    for c in np.flatnonzero(bad):
+        try:
+            _prepare_history(rows_of(c), req.now, req.max_history_days)
+        except InputError as exc:
+            results[c] = exc
+        else:  # pragma: no cover - the checks above are those of _prepare_history
+            raise AssertionError(f"cluster {c} failed a check that _prepare_history passes")
+
+    counts = np.bincount(codes, minlength=n_clusters)
+    first_row = np.r_[0, np.cumsum(counts)[:-1]]
+    good = np.flatnonzero(~bad & (counts > 0))
+    empty = np.flatnonzero(~bad & (counts == 0))
+    for c in empty:
+        results[c] = _insufficient(
+            f"0 complete local days of history before {req.now}; need {req.min_history_days}",
+            req.hours, req.now, req.gamma, {"history_days": 0, "min_history_days": req.min_history_days},
+        )
+    if len(good) == 0:
+        return results
+
+    # the local days of the hours any cluster covers (a contiguous grid of UTC hours)
+    h0 = hour_ns[first_row[good]]
+    h1 = hour_ns[first_row[good] + counts[good] - 1]
+    grid_start = h0.min()
+    n_grid = int((h1.max() - grid_start) // _NS_PER_HOUR) + 1
+    grid = pd.DatetimeIndex((grid_start + _NS_PER_HOUR * np.arange(n_grid, dtype=np.int64)).astype("datetime64[ns]"),
+                            tz="UTC")
+    local = grid.tz_convert(req.tz)
+    local_dates = local.tz_localize(None).normalize()
+    hod = local.hour.to_numpy()
+    dates, date_of_hour = np.unique(local_dates.to_numpy(), return_inverse=True)
+    dates = pd.DatetimeIndex(dates)
+    first_hour = np.searchsorted(date_of_hour, np.arange(len(dates)), side="left")
+    last_hour = np.searchsorted(date_of_hour, np.arange(len(dates)), side="right") - 1
+    full = (last_hour - first_hour + 1) == _local_day_lengths(dates, req.tz)
+    # complete days of a cluster: full days inside its (gap-free) hours; consecutive
+    g0 = (h0 - grid_start) // _NS_PER_HOUR
+    g1 = (h1 - grid_start) // _NS_PER_HOUR
+    full_dates = np.flatnonzero(full)
+    d0 = full_dates[np.minimum(np.searchsorted(first_hour[full_dates], g0, side="left"), len(full_dates) - 1)]
+    d1 = full_dates[np.maximum(np.searchsorted(last_hour[full_dates], g1, side="right") - 1, 0)]
+    n_days = np.where((first_hour[d0] >= g0) & (last_hour[d1] <= g1), d1 - d0 + 1, 0)
+    n_days = np.maximum(n_days, 0)
+
+    keys = np.where(n_days > 0, d0 * len(dates) + d1, -1)
+    for key in np.unique(keys):
+        members = good[keys == key]
+        n = int(n_days[keys == key][0])
+        params = {"history_days": n, "min_history_days": req.min_history_days}
+        if n < req.min_history_days:
+            for c in members:
+                results[c] = _insufficient(
+                    f"{n} complete local days of history before {req.now}; need {req.min_history_days}",
+                    req.hours, req.now, req.gamma, dict(params),
+                )
+            continue
+        first_date, last_date = int(key // len(dates)), int(key % len(dates))
+        lag = int((req.target_date - dates[last_date]).days)
+        params["lag_days"] = lag
+        if not 1 <= lag <= 7:
+            for c in members:
+                results[c] = _insufficient(
+                    f"the last complete day of history is {dates[last_date].date()}, {lag} days before the "
+                    f"target day {req.target_date.date()}; at most 7 allowed",
+                    req.hours, req.now, req.gamma, dict(params),
+                )
+            continue
+        # day matrix layout of the group's hours: first and second (DST doubled hour) hour of each
+        # (day, local hour of day), relative to the group's first hour
+        span = np.arange(first_hour[first_date], last_hour[last_date] + 1)
+        day_pos = date_of_hour[span] - first_date
+        slot = day_pos * 24 + hod[span]
+        hour_count = np.bincount(slot, minlength=n * 24)
+        first_in_slot = np.full(n * 24, -1)
+        first_in_slot[slot[::-1]] = np.arange(len(span))[::-1]
+        second = np.flatnonzero(np.r_[False, slot[1:] == slot[:-1]])  # doubled hours follow each other
+        for start in range(0, len(members), CHUNK_CLUSTERS):
+            chunk = members[start : start + CHUNK_CLUSTERS]
+            offset = first_row[chunk] + (first_hour[first_date] - (hour_ns[first_row[chunk]] - grid_start)
+                                         // _NS_PER_HOUR)
+            V = values[offset[:, None] + np.arange(len(span))]  # (chunk, hours, 3)
+            total = np.where((first_in_slot >= 0)[None, :, None], V[:, np.maximum(first_in_slot, 0)], 0.0)
+            if len(second):
+                np.add.at(total, (slice(None), slot[second]), V[:, second])
+            total = total.reshape(len(chunk), n, 24, 3)
+            count = hour_count.reshape(n, 24)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                hourly = total / count[None, :, :, None]
+            daily = total.sum(axis=2) / count.sum(axis=1)[None, :, None]
+            # DST: a missing local hour, interpolated from its neighbours (`_fill_row_gaps`)
+            missing_days = np.flatnonzero((count == 0).any(axis=1))
+            hods = np.arange(24)
+            for d in missing_days:
+                ok = count[d] > 0
+                for k in range(len(chunk)):
+                    for col in range(3):
+                        hourly[k, d, :, col] = np.interp(hods, hods[ok], hourly[k, d, ok, col])
+            forecasts = _forecast_chunk(hourly, daily, lag, req, params)
+            for c, fc in zip(chunk, forecasts):
+                results[c] = fc
+    return results
+
+
+def _forecast_chunk(hourly: np.ndarray, daily: np.ndarray, lag: int, req: _Request, params: dict) -> list:
+    """The model for clusters with the same complete days: hourly (C, n, 24, 3) and daily (C, n, 3) means
+    of HISTORY_COLUMNS. Returns a LoadForecast per cluster."""
+    C, n = daily.shape[:2]
+    fit = lambda X, select: _forecast_series(  # noqa: E731
+        X, lag, req.alpha_grid, req.beta_grid, req.error_window_days, req.adjust_window_days, select
+    )
+    inflexible = fit(np.ascontiguousarray(hourly[..., 0]), False)
+    flexible = fit(daily[..., 1:2], True)
+    reserved = fit(daily[..., 2:3], SELECT_RESERVATIONS_MODEL)
+    hours, tz, now, gamma = req.hours, req.tz, req.now, req.gamma
+    target_hod = hours.tz_convert(tz).hour.to_numpy()
+    n_hours = len(hours)
+    recent = slice(max(0, n - req.ratio_days), n)
+    reserved_by_hod = hourly[:, recent, :, 2].sum(axis=1)
+    usage_by_hod = (hourly[:, recent, :, 0] + hourly[:, recent, :, 1]).sum(axis=1)
+    out = []
+    for c in range(C):
+        p = dict(params, inflexible=inflexible.params[c], flexible=flexible.params[c],
+                 reservations=reserved.params[c])
+        if (np.isnan(inflexible.target[c]).any() or np.isnan(flexible.target[c]).any()
+                or np.isnan(reserved.target[c]).any()):
+            out.append(_insufficient("not enough days to fit the day-ahead adjustment", hours, now, gamma, p))
+            continue
+        inflexible_errors, reserved_errors = inflexible.rel_errors[c], reserved.rel_errors[c]
+        if len(inflexible_errors) == 0 or len(reserved_errors) == 0:
+            out.append(_insufficient("no backtest errors to estimate the uncertainty from", hours, now, gamma, p))
+            continue
+        q_upper_raw = _quantile(inflexible_errors, 1 - gamma)
+        q97_raw = _quantile(reserved_errors, RESERVATIONS_QUANTILE)
+        q_upper, q97 = max(q_upper_raw, 0.0), max(q97_raw, 0.0)
+        p.update(
+            inflexible_rel_error_upper_raw=q_upper_raw,
+            reservations_rel_error_q97_raw=q97_raw,
+            n_inflexible_errors=int(len(inflexible_errors)),
+            n_reservation_errors=int(len(reserved_errors)),
+        )
+        if (usage_by_hod[c] <= 0).any():
+            out.append(_insufficient(
+                f"zero CPU usage at some local hour over the last {req.ratio_days} days; R(h) undefined",
+                hours, now, gamma, p,
+            ))
+            continue
+        ratio_by_hod = reserved_by_hod[c] / usage_by_hod[c]
+        inflexible_cores = inflexible.target[c][target_hod]
+        flexible_core_hours = float(flexible.target[c, 0] * n_hours)
+        reservations_core_hours = float(reserved.target[c, 0] * n_hours)
+        out.append(LoadForecast(
+            status="ok",
+            reason=None,
+            target_hours=hours,
+            issued_at=now,
+            gamma=gamma,
+            inflexible_cpu_cores=pd.Series(inflexible_cores, index=hours, name="inflexible_cpu_cores"),
+            inflexible_upper_cpu_cores=pd.Series(
+                inflexible_cores * (1 + q_upper), index=hours, name="inflexible_upper_cpu_cores"
+            ),
+            flexible_core_hours=flexible_core_hours,
+            reservations_core_hours=reservations_core_hours,
+            reservation_ratio=pd.Series(ratio_by_hod[target_hod], index=hours, name="reservation_ratio"),
+            reservations_rel_error_q97=q97,
+            theta_core_hours=reservations_core_hours * (1 + q97),
+            inflexible_rel_error_upper=q_upper,
+            parameters=p,
+        ))
+    return out
+
+
+def _numeric_values(frame: pd.DataFrame) -> np.ndarray:
+    return np.column_stack(
+        [pd.to_numeric(frame[c], errors="coerce").to_numpy(dtype=float) for c in HISTORY_COLUMNS]
+    ) if len(frame) else np.zeros((0, 3))
+
+
 def forecast_load(
     history: pd.DataFrame,
     target_hours: pd.DatetimeIndex,
@@ -606,100 +899,79 @@ def forecast_load(
     are read, at most `max_history_days` back; those must be gap-free, NaN-free and non-negative.
     target_hours: the UTC start times of the hours of one local day in `tz` (see `local_day_hours`),
     starting at or after `now`. gamma: the inflexible upper bound is the (1-gamma) quantile.
+    The same engine as `forecast_load_batch`, with one cluster.
     """
-    now = _check_now(now)
-    tz = _check_tz(tz)
-    hours, target_date = _check_target_hours(target_hours, tz)
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0 < gamma < 1:
-        raise InputError("gamma", f"must be in (0, 1), got {gamma!r}")
-    gamma = float(gamma)
-    if hours[0] < now:
-        raise InputError("now", f"the target day starts at {hours[0]}, before the issue time {now}")
-    min_history_days = _check_int(min_history_days, "min_history_days", 21)
-    max_history_days = _check_int(max_history_days, "max_history_days", min_history_days + 1)
-    error_window_days = _check_int(error_window_days, "error_window_days", 7)
-    adjust_window_days = _check_int(adjust_window_days, "adjust_window_days", MIN_ADJUST_DAYS)
-    ratio_days = _check_int(ratio_days, "ratio_days", 1)
-    for name, grid in (("alpha_grid", alpha_grid), ("beta_grid", beta_grid)):
-        if len(grid) == 0 or not all(isinstance(v, numbers.Real) and 0 < v <= 1 for v in grid):
-            raise InputError(name, "need a non-empty list of weights in (0, 1]")
+    req = _check_request(target_hours, tz, gamma, now, min_history_days, max_history_days, error_window_days,
+                         adjust_window_days, ratio_days, alpha_grid, beta_grid)
+    if not isinstance(history, pd.DataFrame):
+        raise InputError("history", "must be a pandas DataFrame")
+    frame = history.set_index("hour") if "hour" in history.columns else history
+    if not isinstance(frame.index, pd.DatetimeIndex):
+        raise InputError("hour", "history needs a DatetimeIndex (or column) named 'hour'")
+    if frame.index.tz is None:
+        raise InputError("hour", "must be tz-aware (UTC)")
+    if "cluster" in frame.columns and frame["cluster"].nunique() > 1:
+        raise InputError("cluster", f"history must hold one cluster, holds {frame['cluster'].nunique()}")
+    missing = [c for c in HISTORY_COLUMNS if c not in frame.columns]
+    if missing:
+        raise InputError(missing[0], "column missing from history")
+    result = _forecast_rows(np.zeros(len(frame), dtype=np.intp), 1, _utc_ns(frame.index, "hour"),
+                            _numeric_values(frame), lambda c: history, req)[0]
+    if isinstance(result, InputError):
+        raise result
+    return result
 
-    frame = _prepare_history(history, now, max_history_days)
-    days = _day_matrix(frame, tz)
-    n = len(days.dates)
-    params: dict = {"history_days": n, "min_history_days": min_history_days}
-    if n < min_history_days:
-        return _insufficient(
-            f"{n} complete local days of history before {now}; need {min_history_days}", hours, now, gamma, params
-        )
-    lag = int((target_date - days.dates[-1]).days)
-    params["lag_days"] = lag
-    if not 1 <= lag <= 7:
-        return _insufficient(
-            f"the last complete day of history is {days.dates[-1].date()}, {lag} days before the target day "
-            f"{target_date.date()}; at most 7 allowed",
-            hours, now, gamma, params,
-        )
-    all_dates = days.dates.append(pd.date_range(days.dates[-1] + pd.Timedelta(days=1), periods=lag, freq="D"))
-    dow = all_dates.dayofweek.to_numpy()
-    target_local = hours.tz_convert(tz)
-    target_hod = target_local.hour.to_numpy()
 
-    fit = lambda X, select: _forecast_series(  # noqa: E731
-        X, dow, lag, tuple(alpha_grid), tuple(beta_grid), error_window_days, adjust_window_days, select
-    )
-    inflexible = fit(days.hourly["inflexible_cpu_cores"], False)
-    flexible = fit(days.daily_mean["flexible_cpu_cores"][:, None], True)
-    reserved = fit(days.daily_mean["reserved_cpu_cores"][:, None], SELECT_RESERVATIONS_MODEL)
-    params.update(inflexible=inflexible.params, flexible=flexible.params, reservations=reserved.params)
+def forecast_load_batch(
+    history: pd.DataFrame,
+    target_hours: pd.DatetimeIndex,
+    tz: str,
+    gamma: float,
+    now: pd.Timestamp,
+    *,
+    min_history_days: int = 28,
+    max_history_days: int = 182,
+    error_window_days: int = 90,
+    adjust_window_days: int = 90,
+    ratio_days: int = 28,
+    alpha_grid: tuple[float, ...] = ALPHA_GRID,
+    beta_grid: tuple[float, ...] = BETA_GRID,
+) -> dict[str, LoadForecast | InputError]:
+    """`forecast_load` for many clusters of one campus (same tz, target day and issue time) at once.
 
-    if np.isnan(inflexible.target).any() or np.isnan(flexible.target).any() or np.isnan(reserved.target).any():
-        return _insufficient("not enough days to fit the day-ahead adjustment", hours, now, gamma, params)
-    if len(inflexible.rel_errors) == 0 or len(reserved.rel_errors) == 0:
-        return _insufficient("no backtest errors to estimate the uncertainty from", hours, now, gamma, params)
+    history: long frame with columns cluster, hour (UTC), inflexible_cpu_cores, flexible_cpu_cores,
+    reserved_cpu_cores, e.g. `SELECT cluster, hour, ... ORDER BY cluster, hour` (any order is accepted).
+    Returns, for every cluster present (in order of first appearance), what `forecast_load` gives for that
+    cluster's rows alone: its LoadForecast, or the InputError it would raise (gaps, duplicate hours, NaN,
+    negative values...). Errors in the shared arguments (target_hours, tz, gamma, now, options) or in the
+    frame itself (not a DataFrame, a column missing, naive hours) are raised.
+    """
+    req = _check_request(target_hours, tz, gamma, now, min_history_days, max_history_days, error_window_days,
+                         adjust_window_days, ratio_days, alpha_grid, beta_grid)
+    if not isinstance(history, pd.DataFrame):
+        raise InputError("history", "must be a pandas DataFrame")
+    for column in ("cluster", "hour", *HISTORY_COLUMNS):
+        if column not in history.columns:
+            raise InputError(column, "column missing from history")
+    try:
+        hour_ns = _utc_ns(history["hour"], "hour")
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError("hour", f"not timestamps: {exc}") from exc
+    codes, names = pd.factorize(history["cluster"], sort=False)
+    if (codes < 0).any():
+        raise InputError("cluster", "missing cluster names")
+    positions = None
 
-    q_upper_raw = _quantile(inflexible.rel_errors, 1 - gamma)
-    q97_raw = _quantile(reserved.rel_errors, RESERVATIONS_QUANTILE)
-    q_upper, q97 = max(q_upper_raw, 0.0), max(q97_raw, 0.0)
-    params.update(
-        inflexible_rel_error_upper_raw=q_upper_raw,
-        reservations_rel_error_q97_raw=q97_raw,
-        n_inflexible_errors=int(len(inflexible.rel_errors)),
-        n_reservation_errors=int(len(reserved.rel_errors)),
-    )
+    def rows_of(c: int) -> pd.DataFrame:
+        nonlocal positions
+        if positions is None:
+            positions = pd.Series(np.arange(len(codes))).groupby(codes).indices
+        return history.iloc[positions[c]]
 
-    recent = slice(max(0, n - ratio_days), n)
-    reserved_by_hod = days.hourly["reserved_cpu_cores"][recent].sum(axis=0)
-    usage_by_hod = (days.hourly["inflexible_cpu_cores"][recent] + days.hourly["flexible_cpu_cores"][recent]).sum(axis=0)
-    if (usage_by_hod <= 0).any():
-        return _insufficient(
-            f"zero CPU usage at some local hour over the last {ratio_days} days; R(h) undefined",
-            hours, now, gamma, params,
-        )
-    ratio_by_hod = reserved_by_hod / usage_by_hod
-
-    n_hours = len(hours)
-    inflexible_cores = inflexible.target[target_hod]
-    flexible_core_hours = float(flexible.target[0] * n_hours)
-    reservations_core_hours = float(reserved.target[0] * n_hours)
-    return LoadForecast(
-        status="ok",
-        reason=None,
-        target_hours=hours,
-        issued_at=now,
-        gamma=gamma,
-        inflexible_cpu_cores=pd.Series(inflexible_cores, index=hours, name="inflexible_cpu_cores"),
-        inflexible_upper_cpu_cores=pd.Series(
-            inflexible_cores * (1 + q_upper), index=hours, name="inflexible_upper_cpu_cores"
-        ),
-        flexible_core_hours=flexible_core_hours,
-        reservations_core_hours=reservations_core_hours,
-        reservation_ratio=pd.Series(ratio_by_hod[target_hod], index=hours, name="reservation_ratio"),
-        reservations_rel_error_q97=q97,
-        theta_core_hours=reservations_core_hours * (1 + q97),
-        inflexible_rel_error_upper=q_upper,
-        parameters=params,
-    )
+    results = _forecast_rows(codes.astype(np.intp), len(names), hour_ns, _numeric_values(history), rows_of, req)
+    return dict(zip(names, results))
 
 
 # --------------------------------------------------------------------------------------- baselines
