@@ -780,8 +780,12 @@ def _forecast_rows(
             chunk = members[start : start + CHUNK_CLUSTERS]
             offset = first_row[chunk] + (first_hour[first_date] - (hour_ns[first_row[chunk]] - grid_start)
                                          // _NS_PER_HOUR)
-            V = values[offset[:, None] + np.arange(len(span))]  # (chunk, hours, 3)
-            total = np.where((first_in_slot >= 0)[None, :, None], V[:, np.maximum(first_in_slot, 0)], 0.0)
+            V = np.stack([values[o : o + len(span)] for o in offset])  # (chunk, hours, 3)
+            if len(span) == n * 24 and not len(second):  # no DST change: hours are the slots
+                total = V
+            else:
+                total = np.take(V, np.maximum(first_in_slot, 0), axis=1)
+                total[:, first_in_slot < 0] = 0.0
             if len(second):
                 np.add.at(total, (slice(None), slot[second]), V[:, second])
             total = total.reshape(len(chunk), n, 24, 3)
