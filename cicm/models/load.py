@@ -1,5 +1,8 @@
 """Day-ahead load forecasts of one cluster, with their uncertainty (CICM, Radovanović et al. 2023).
 
+`forecast_load` forecasts one cluster; `forecast_load_batch` many clusters of one campus at once, with the same
+numbers per cluster (one engine, vectorised over a cluster axis; `forecast_load` is its one-cluster case).
+
 For the target day D (a local day of the campus: 23, 24 or 25 UTC hours) and an issue time `now`:
 
 - inflexible CPU per hour U_IF(h), and its upper (1-γ) bound;
