@@ -174,15 +174,18 @@ class CleanedSamples:
     n_low_power: int
 
 
-def _previous_present(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Per cell, the value at the previous present cell of its row (NaN where there is none)."""
+def _previous_present(mask: np.ndarray, *grids: np.ndarray) -> list[np.ndarray]:
+    """Per cell, the values of `grids` at the previous present cell of its row (NaN where there is none)."""
     n_rows, n_cols = mask.shape
-    cols = np.where(mask, np.arange(n_cols), -1)
-    prev = np.full((n_rows, n_cols), -1, dtype=cols.dtype)
-    if n_cols > 1:
-        prev[:, 1:] = np.maximum.accumulate(cols, axis=1)[:, :-1]
-    taken = np.take_along_axis(values, np.maximum(prev, 0), axis=1)
-    return np.where(prev >= 0, taken, np.nan)
+    row_start = np.arange(n_rows)[:, None] * n_cols
+    latest = (np.where(mask, np.arange(n_cols), -1) + row_start).ravel()  # flat index; absent: row start - 1
+    np.maximum.accumulate(latest, out=latest)
+    prev = np.empty_like(latest)
+    prev[:1], prev[1:] = -1, latest[:-1]
+    prev = prev.reshape(n_rows, n_cols)
+    found = prev >= row_start
+    np.maximum(prev, 0, out=prev)
+    return [np.where(found, g.ravel().take(prev), np.nan) for g in grids]
 
 
 def _daily_median(day: np.ndarray, power: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -214,20 +217,20 @@ def _clean_grid(
     with np.errstate(invalid="ignore"):
         keep1 = mask & (power >= low_power_frac_of_daily_median * median)
 
-    prev_u = _previous_present(cpu, keep1)
+    (prev_u,) = _previous_present(keep1, cpu)
     with np.errstate(divide="ignore", invalid="ignore"):
         du = np.abs(cpu - prev_u) / prev_u
     du = np.where(prev_u == 0, np.where(cpu == 0, 0.0, np.inf), du)
-    jump = keep1 & (np.nan_to_num(du, nan=0.0) > max_usage_jump_frac)
+    jump = keep1 & (np.nan_to_num(du, copy=False, nan=0.0) > max_usage_jump_frac)
     keep2 = keep1 & ~jump
 
-    prev_u, prev_p = _previous_present(cpu, keep2), _previous_present(power, keep2)
+    prev_u, prev_p = _previous_present(keep2, cpu, power)
     with np.errstate(divide="ignore", invalid="ignore"):
         du = np.abs(cpu - prev_u) / prev_u
         dp = np.abs(power - prev_p) / prev_p
-        du = np.nan_to_num(du, nan=0.0, posinf=np.inf)
-        dp = np.nan_to_num(dp, nan=0.0, posinf=np.inf)
-        mismatch = keep2 & (dp > min_power_change_frac) & (dp > max_power_to_usage_change * du)
+    du = np.nan_to_num(du, copy=False, nan=0.0, posinf=np.inf)
+    dp = np.nan_to_num(dp, copy=False, nan=0.0, posinf=np.inf)
+    mismatch = keep2 & (dp > min_power_change_frac) & (dp > max_power_to_usage_change * du)
     keep3 = keep2 & ~mismatch
     return keep3, (mask & ~keep1).sum(axis=1), jump.sum(axis=1), mismatch.sum(axis=1)
 
