@@ -75,6 +75,96 @@ def fluid_served(arrivals: np.ndarray, room: np.ndarray, deadline_hours: int = D
     return served
 
 
+def fluid_served_many(arrivals: np.ndarray, room: np.ndarray, deadline_hours: int = DEADLINE_HOURS) -> np.ndarray:
+    """``fluid_served`` for many series at once: row i of the result is ``fluid_served(arrivals[i], room[i])``,
+    bit for bit (the same additions and subtractions in the same order, vectorised over the leading axis)."""
+    a = np.asarray(arrivals, dtype=float)
+    r = np.asarray(room, dtype=float)
+    if a.shape != r.shape:
+        raise ValueError("arrivals and room must have the same length")
+    if a.ndim != 2:
+        raise ValueError("arrivals and room must be 2-D (series x hours)")
+    if np.isnan(a).any() or (a < 0).any():
+        raise ValueError("arrivals must be numbers >= 0")
+    n, hours = a.shape
+    served = np.zeros_like(a)
+    if n == 0 or hours == 0:
+        return served
+    deadline_hours = int(deadline_hours)
+    rem = a.copy()
+    # The queue of row i is the positive arrivals head[i] .. t not yet served or dropped; zero arrivals are never
+    # queued, so the head skips them (nxt[i, s]: the first positive arrival at or after s, ``hours`` if none).
+    position = np.where(a > 0, np.arange(hours), hours)
+    nxt = np.empty((n, hours + 1), dtype=np.intp)
+    nxt[:, hours] = hours
+    nxt[:, :hours] = np.minimum.accumulate(position[:, ::-1], axis=1)[:, ::-1]
+    head = nxt[:, 0].copy()
+    room_left = np.where(np.isfinite(r), np.maximum(r, 0.0), 0.0)
+    for t in range(hours):
+        low = t - deadline_hours + 1  # arrivals before ``low`` missed their deadline
+        if low > 0:
+            late = np.nonzero(head < low)[0]
+            if late.size:
+                head[late] = nxt[late, low]
+        left = room_left[:, t]
+        active = np.nonzero((left > 0) & (head <= t))[0]
+        if not active.size:
+            continue
+        left = left[active]
+        while active.size:
+            h = head[active]
+            queued = rem[active, h]
+            take = np.minimum(left, queued)
+            served[active, h] += take
+            queued = queued - take
+            rem[active, h] = queued
+            left = left - take
+            done = queued <= 1e-12
+            if done.any():
+                head[active[done]] = nxt[active[done], h[done] + 1]
+            more = (left > 0) & (head[active] <= t)
+            active, left = active[more], left[more]
+    return served
+
+
+def _pairwise_rows(x: np.ndarray) -> np.ndarray:
+    """Row sums of a 2-D array in numpy's 1-D pairwise order (``x[i].sum()`` for each row, vectorised)."""
+    n, m = x.shape
+    if m < 8:
+        out = np.zeros(n)
+        for j in range(m):
+            out = out + x[:, j]
+        return out
+    if m <= 128:
+        acc = x[:, :8].copy()
+        whole = m - m % 8
+        for j in range(8, whole, 8):
+            acc += x[:, j:j + 8]
+        out = ((acc[:, 0] + acc[:, 1]) + (acc[:, 2] + acc[:, 3])) + ((acc[:, 4] + acc[:, 5]) + (acc[:, 6] + acc[:, 7]))
+        for j in range(whole, m):
+            out = out + x[:, j]
+        return out
+    half = m // 2
+    half -= half % 8
+    return _pairwise_rows(x[:, :half]) + _pairwise_rows(x[:, half:])
+
+
+_ROW_SUMS_MATCH: list[bool] = []
+
+
+def _row_sums(x: np.ndarray) -> np.ndarray:
+    """``[float(row.sum()) for row in x]``, exactly (the stage's stored sums must not depend on batching)."""
+    if not _ROW_SUMS_MATCH:  # this numpy sums 1-D arrays in the order _pairwise_rows assumes?
+        rng = np.random.default_rng(0)
+        sample = rng.lognormal(0.0, 3.0, (64, 300))
+        _ROW_SUMS_MATCH.append(all(
+            np.array_equal(_pairwise_rows(sample[:, :m]), np.array([row[:m].sum() for row in sample]))
+            for m in (1, 5, 8, 23, 24, 25, 48, 129, 300)))
+    if _ROW_SUMS_MATCH[0]:
+        return _pairwise_rows(x)
+    return np.array([row.sum() for row in x], dtype=float)
+
+
 def _plan_hours(store, cluster: str, start: pd.Timestamp, end: pd.Timestamp) -> pd.DataFrame:
     return store.query(
         """SELECT v.hour, v.plan_date, v.vcc_cores, s.status, s.theta_core_hours, s.capacity_cores,
@@ -147,6 +237,148 @@ def check_cluster_days(store, cluster, tz: str, days: list[date], cutoff: pd.Tim
     return pd.DataFrame(rows, columns=EVENT_COLUMNS)
 
 
+_CLUSTERS_CTE = "WITH k AS (SELECT unnest(?::VARCHAR[]) AS cluster, unnest(?::INTEGER[]) AS ci)"
+
+
+def check_fleet_days(store, fleet, days: list[date], plan_date: date, *, deadline_hours: int = DEADLINE_HOURS,
+                     close_fraction: float = CLOSE_FRACTION) -> pd.DataFrame:
+    """``check_cluster_days`` for every cluster of the fleet (cutoff: the plan of ``plan_date``'s planning time in
+    each campus's zone), with three queries for the whole fleet and the checks vectorised over clusters.
+    Same rows, in the same order (campus, cluster, day), with the same values as the per-cluster check."""
+    clusters = [(campus, cluster) for campus in fleet.campuses for cluster in campus.clusters]
+    names = [cluster.name for _, cluster in clusters]
+    if not days or not clusters:
+        return pd.DataFrame(columns=EVENT_COLUMNS)
+    deadline_hours = int(deadline_hours)
+    days = sorted(days)
+    first, last = days[0], days[-1]
+    hour_us = 3_600_000_000
+
+    # one hour grid per campus, as check_cluster_days makes it: the day before the first day .. the day after the
+    # last, cut at the planning time
+    grids, campus_rows, row = [], [], 0
+    for campus in fleet.campuses:
+        cutoff = planning_time_utc(plan_date, campus.timezone)
+        start = local_day_hours_utc(first - timedelta(days=1), campus.timezone)[0]
+        end = local_day_hours_utc(last + timedelta(days=1), campus.timezone)[-1] + pd.Timedelta(hours=1)
+        end = min(end, cutoff.floor("h"))
+        grids.append((start, end, cutoff, pd.date_range(start, end, freq="h", inclusive="left", name="hour")))
+        campus_rows.append((row, row + len(campus.clusters)))
+        row += len(campus.clusters)
+    n = len(names)
+    width = max(len(g[3]) for g in grids)
+    start_us = np.concatenate([np.full(b - a, g[0].value // 1000, dtype=np.int64)
+                               for g, (a, b) in zip(grids, campus_rows)])
+    length = np.concatenate([np.full(b - a, len(g[3]), dtype=np.int64) for g, (a, b) in zip(grids, campus_rows)])
+    lo = min(g[0] for g in grids)
+    hi = max(g[1] for g in grids)
+    keys = [names, list(range(n))]
+
+    def cells(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row, column, kept) of the rows of ``frame`` (ci, us) that fall on their cluster's grid."""
+        ci = frame["ci"].to_numpy(np.int64)
+        offset = frame["us"].to_numpy(np.int64) - start_us[ci]
+        col = offset // hour_us
+        kept = (offset % hour_us == 0) & (col >= 0) & (col < length[ci])
+        return ci[kept], col[kept], kept
+
+    usage = store.query(
+        f"""{_CLUSTERS_CTE}
+            SELECT k.ci, epoch_us(u.hour) AS us, u.inflexible_cpu_cores, u.flexible_cpu_cores, u.reserved_cpu_cores,
+                   u.flexible_arrived_core_hours
+            FROM usage_history u JOIN k ON k.cluster = u.cluster WHERE u.hour >= ? AND u.hour < ?""",
+        [*keys, lo, hi])
+    plans = store.query(
+        f"""{_CLUSTERS_CTE}
+            SELECT k.ci, epoch_us(v.hour) AS us, v.vcc_cores, s.status = 'shaped' AS shaped, lf.reservation_ratio
+            FROM current_vccs v JOIN current_vcc_status s ON s.run_id = v.run_id AND s.cluster = v.cluster
+            LEFT JOIN load_forecasts lf ON lf.run_id = v.run_id AND lf.cluster = v.cluster AND lf.hour = v.hour
+            JOIN k ON k.cluster = v.cluster
+            WHERE v.hour >= ? AND v.hour < ?""",
+        [*keys, lo, hi])
+    status = store.query(
+        f"""{_CLUSTERS_CTE}
+            SELECT k.ci, datediff('day', ?::DATE, s.plan_date) AS di, s.theta_core_hours
+            FROM current_vcc_status s JOIN k ON k.cluster = s.cluster
+            WHERE s.plan_date >= ? AND s.plan_date <= ?""",
+        [*keys, first, first, last])
+
+    def table(frame: pd.DataFrame, column: str, where: tuple) -> np.ndarray:
+        out = np.full((n, width), np.nan)
+        out[where[0], where[1]] = frame[column].to_numpy(float)[where[2]]
+        return out
+
+    where = cells(usage)
+    infl = table(usage, "inflexible_cpu_cores", where)
+    flex = table(usage, "flexible_cpu_cores", where)
+    reserved = table(usage, "reserved_cpu_cores", where)
+    arrived = table(usage, "flexible_arrived_core_hours", where)
+    where = cells(plans)
+    if len(where[0]) and (np.unique(where[0] * (width + 1) + where[1]).size < len(where[0])):
+        raise ValueError("cannot reindex on an axis with duplicate labels")  # as the per-cluster check
+    vcc = table(plans, "vcc_cores", where)
+    plan_ratio = table(plans, "reservation_ratio", where)
+    shaped = np.zeros((n, width), dtype=bool)
+    shaped[where[0], where[1]] = plans["shaped"].to_numpy(dtype=bool, na_value=False)[where[2]]
+
+    capacity = np.array([float(cluster.capacity_cores) for _, cluster in clusters])[:, None]
+    default_ratio = np.array([cluster.reservation_ratio for _, cluster in clusters], dtype=float)[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        total = infl + flex
+        measured_r = np.where(total > 0, reserved / np.where(total > 0, total, 1), np.nan)
+        ratio = np.where(np.isfinite(plan_ratio) & (plan_ratio > 0), plan_ratio,
+                         np.where(np.isfinite(measured_r) & (measured_r > 0), measured_r, default_ratio))
+        shaped &= np.isfinite(vcc)
+        cap_usage = np.where(shaped, np.minimum(vcc / ratio, capacity), capacity)
+        room = np.maximum(cap_usage - np.nan_to_num(np.where(np.isnan(infl), capacity, infl)), 0.0)
+    arrivals = np.nan_to_num(arrived, nan=0.0)
+    served = fluid_served_many(arrivals, room, deadline_hours)
+    have = ~np.isnan(infl)
+    reserved_sum = np.where(np.isnan(reserved), 0.0, reserved)  # pandas' sum skips missing values
+
+    planned = np.zeros((n, len(days)), dtype=bool)
+    theta = np.full((n, len(days)), np.nan)
+    di = status["di"].to_numpy(np.int64)
+    ci = status["ci"].to_numpy(np.int64)
+    offsets = {(day - first).days: k for k, day in enumerate(days)}
+    k_of = np.array([offsets.get(int(d), -1) for d in di], dtype=np.int64)
+    on = k_of >= 0
+    planned[ci[on], k_of[on]] = True
+    theta[ci[on], k_of[on]] = status["theta_core_hours"].to_numpy(float)[on]
+    theta = np.where(np.isfinite(theta), theta, np.nan)
+
+    parts = []  # (ci, k, demand, served, theta, reserved) per campus and day
+    for campus, (a, b), (_, _, cutoff, grid) in zip(fleet.campuses, campus_rows, grids):
+        if a == b:
+            continue
+        for k, day in enumerate(days):
+            hours = local_day_hours_utc(day, campus.timezone)
+            if hours[-1] + pd.Timedelta(hours=deadline_hours) > cutoff:
+                continue  # evidence not complete yet
+            window = grid.get_indexer(hours)
+            if (window < 0).any():
+                continue
+            after = slice(window[-1], min(window[-1] + deadline_hours, len(grid)))
+            ok = planned[a:b, k] & have[a:b][:, window].all(axis=1) & have[a:b, after].all(axis=1)
+            rows = np.nonzero(ok)[0] + a
+            if not rows.size:
+                continue
+            parts.append((rows, np.full(rows.size, k), _row_sums(arrivals[rows][:, window]),
+                          _row_sums(served[rows][:, window]), theta[rows, k],
+                          _row_sums(reserved_sum[rows][:, window])))
+    if not parts:
+        return pd.DataFrame(columns=EVENT_COLUMNS)
+    ci, k, demand, got, theta, res = (np.concatenate(x) for x in zip(*parts))
+    order = np.lexsort((k, ci))
+    ci, k, demand, got, theta, res = ci[order], k[order], demand[order], got[order], theta[order], res[order]
+    return pd.DataFrame({
+        "cluster": [names[i] for i in ci], "day": [days[j] for j in k], "demand_core_hours": demand,
+        "served_core_hours": got, "theta_core_hours": theta,
+        "violated": got < demand - 1e-6 * np.maximum(demand, 1.0),
+        "close": np.isfinite(theta) & (res >= close_fraction * theta),
+    }, columns=EVENT_COLUMNS)
+
+
 # ------------------------------------------------------------------------------------------------ feedback
 
 
@@ -173,6 +405,59 @@ def feedback_decision(events: pd.DataFrame, plan_date: date, *, consecutive_days
     return None
 
 
+def feedback_reason(days: list[date], violated: list[bool], close: list[bool], *, consecutive_days: int = 2,
+                    recur_violations: int = 2) -> Optional[str]:
+    """``feedback_decision`` on plain lists (one cluster's checked days, in day order, each day once)."""
+    flagged = [(d, v, c) for d, v, c in zip(days, violated, close) if v or c]
+    label = {d: ("violated" + (", close" if c else "")) if v else "close" for d, v, c in flagged}
+    run: list[date] = []
+    for d, _, _ in flagged:
+        run = run + [d] if run and d == run[-1] + timedelta(days=1) else [d]
+        if len(run) >= consecutive_days:
+            listed = ", ".join(f"{x} {label[x]}" for x in run[-consecutive_days:])
+            return f"{REASON_PREFIX}: {consecutive_days} close or violating days in a row ({listed})"
+    violations = [d for d, v in zip(days, violated) if v]
+    if len(violations) >= recur_violations:
+        return (f"{REASON_PREFIX}: {len(violations)} violating days in the window "
+                f"({', '.join(str(d) for d in violations)})")
+    return None
+
+
+def _feedback_inputs(store, fleet, plan_date: date, window_start: date, window_days: int):
+    """Per cluster in fleet order: (name, (days, violated, close) of the checked days the feedback looks at, why
+    shaping is already off or None). Three queries for the fleet: the last SLO switch-off of each cluster, the
+    stored slo_events of the window, the switch-offs in force on ``plan_date``."""
+    from cicm.flows.plan_stages import shaping_disabled_many
+
+    names = [c.name for c in fleet.clusters()]
+    prev = store.query(
+        "SELECT cluster, max(disabled_from) AS d FROM shaping_state WHERE cluster IN (SELECT unnest(?::VARCHAR[]))"
+        " AND reason LIKE ? AND disabled_from <= ? GROUP BY cluster",
+        [names, f"{REASON_PREFIX}%", plan_date])
+    since = {c: max(window_start, pd.Timestamp(d).date()) for c, d in zip(prev["cluster"], prev["d"])
+             if d is not None and not pd.isna(d)}
+    ev = store.query(
+        "SELECT cluster, day, violated, close FROM slo_events WHERE cluster IN (SELECT unnest(?::VARCHAR[]))"
+        " AND day >= ? AND day < ? ORDER BY cluster, day",
+        [names, window_start, plan_date])
+    by_cluster: dict[str, tuple[list, list, list]] = {}
+    if not ev.empty:
+        ev_days = list(pd.to_datetime(ev["day"]).dt.date)
+        ev_names = ev["cluster"].tolist()
+        violated = ev["violated"].tolist()
+        close = ev["close"].tolist()
+        cuts = [0] + [i for i in range(1, len(ev_names)) if ev_names[i] != ev_names[i - 1]] + [len(ev_names)]
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            name = ev_names[a]
+            first = since.get(name, window_start)
+            keep = [i for i in range(a, b) if ev_days[i] >= first][-window_days:]
+            by_cluster[name] = ([ev_days[i] for i in keep], [bool(violated[i]) for i in keep],
+                                [bool(close[i]) for i in keep])
+    disabled = shaping_disabled_many(store, names, plan_date)
+    empty: tuple[list, list, list] = ([], [], [])
+    return [(name, by_cluster.get(name, empty), disabled.get(name)) for name in names]
+
+
 def slo_stage(store, fleet, plan_date: date, *, window_days: int = 7, close_fraction: float = CLOSE_FRACTION,
               disable_days: int = 7, consecutive_days: int = 2, recur_violations: int = 2,
               deadline_hours: int = DEADLINE_HOURS, run_id: str | None = None) -> dict:
@@ -182,8 +467,6 @@ def slo_stage(store, fleet, plan_date: date, *, window_days: int = 7, close_frac
     Writes in the caller's transaction when ``run_id`` is given, else in its own run (kind ``slo``).
     Returns ``{"events", "shaping", "clusters": DataFrames, "summary": one line, "run_id"}``.
     """
-    from cicm.flows.plan_stages import shaping_disabled
-
     for name, value in (("window_days", window_days), ("disable_days", disable_days),
                         ("consecutive_days", consecutive_days), ("recur_violations", recur_violations),
                         ("deadline_hours", deadline_hours)):
@@ -203,38 +486,21 @@ def slo_stage(store, fleet, plan_date: date, *, window_days: int = 7, close_frac
               "deadline_hours": deadline_hours}
 
     def body(rid: str) -> dict:
-        frames = []
-        for campus in fleet.campuses:
-            cutoff = planning_time_utc(plan_date, campus.timezone)
-            for cluster in campus.clusters:
-                frames.append(check_cluster_days(store, cluster, campus.timezone, days, cutoff,
-                                                 deadline_hours=deadline_hours, close_fraction=close_fraction))
-        frames = [f for f in frames if not f.empty]
-        events = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=EVENT_COLUMNS)
+        events = check_fleet_days(store, fleet, days, plan_date, deadline_hours=deadline_hours,
+                                  close_fraction=close_fraction)
         if not events.empty:
             store.upsert("slo_events", events, rid)
-        shaping_rows, decisions = [], []
         until = plan_date + timedelta(days=disable_days - 1)
-        for cluster in fleet.clusters():
-            prev = store.query(
-                "SELECT max(disabled_from) AS d FROM shaping_state"
-                " WHERE cluster = ? AND reason LIKE ? AND disabled_from <= ?",
-                [cluster.name, f"{REASON_PREFIX}%", plan_date])["d"].iloc[0]
-            since = window_start if prev is None or pd.isna(prev) else max(window_start, pd.Timestamp(prev).date())
-            ev = store.query(
-                "SELECT day, violated, close FROM slo_events WHERE cluster = ? AND day >= ? AND day < ? ORDER BY day",
-                [cluster.name, since, plan_date])
-            ev["day"] = pd.to_datetime(ev["day"]).dt.date
-            ev = ev.tail(window_days)
-            active = shaping_disabled(store, cluster.name, plan_date)
-            reason = None if active else feedback_decision(ev, plan_date, consecutive_days=consecutive_days,
-                                                               recur_violations=recur_violations)
+        shaping_rows, decisions = [], []
+        for name, ev, active in _feedback_inputs(store, fleet, plan_date, window_start, window_days):
+            checked, violated, close = ev
+            reason = None if active else feedback_reason(checked, violated, close, consecutive_days=consecutive_days,
+                                                         recur_violations=recur_violations)
             if reason:
-                shaping_rows.append({"cluster": cluster.name, "disabled_from": plan_date, "disabled_until": until,
+                shaping_rows.append({"cluster": name, "disabled_from": plan_date, "disabled_until": until,
                                      "reason": reason})
             decisions.append({
-                "cluster": cluster.name, "checked_days": len(ev), "violated": int(ev["violated"].sum()),
-                "close": int(ev["close"].sum()),
+                "cluster": name, "checked_days": len(checked), "violated": sum(violated), "close": sum(close),
                 "shaping": "off (new)" if reason else ("off" if active else "on"),
                 "disabled_until": until if reason else None, "reason": reason or active,
             })
