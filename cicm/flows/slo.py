@@ -314,7 +314,7 @@ def check_fleet_days(store, fleet, days: list[date], plan_date: date, *, deadlin
     reserved = table(usage, "reserved_cpu_cores", where)
     arrived = table(usage, "flexible_arrived_core_hours", where)
     where = cells(plans)
-    if len(where[0]) and (np.unique(where[0] * (width + 1) + where[1]).size < len(where[0])):
+    if len(where[0]) and np.bincount(where[0] * width + where[1], minlength=1).max() > 1:
         raise ValueError("cannot reindex on an axis with duplicate labels")  # as the per-cluster check
     vcc = table(plans, "vcc_cores", where)
     plan_ratio = table(plans, "reservation_ratio", where)
