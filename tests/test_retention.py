@@ -272,6 +272,20 @@ def test_cli_bad_before_exits_2(loaded, tmp_path, args, field):
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_cli_compacts_one_table(loaded, telemetry, tmp_path):
+    usage, power = telemetry
+    archive = tmp_path / "arch"
+    result = _cli("compact", "--before", "2022-08-20", "--archive", str(archive), "--db", str(loaded),
+                  "--table", "power_telemetry", "--force")
+    assert result.exit_code == 0, result.output
+    with Store(loaded, read_only=True) as store:
+        assert _counts(store) == (len(usage), 8 * 24 * 2 * len(usage["cluster"].unique()))
+    assert not (archive / "usage_history").exists()
+    result = _cli("compact", "--before", "2022-02-01", "--archive", str(archive), "--db", str(loaded),
+                  "--table", "vccs")
+    assert result.exit_code == 2 and "error: table:" in result.output
+
+
 def test_cli_bad_archive_and_db_exit_2(loaded, tmp_path):
     not_dir = tmp_path / "file"
     not_dir.write_text("x")

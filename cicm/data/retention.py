@@ -424,12 +424,18 @@ def compact_command(
     db: Optional[Path] = DbOption,
     force: bool = typer.Option(False, "--force", help="allow a --before inside the planner's 190-day window"),
     rebuild: bool = typer.Option(False, "--rebuild", help="then rewrite the DuckDB file so it shrinks on disk"),
+    table: Optional[list[str]] = typer.Option(
+        None, "--table", help="compact only this table (repeatable; default: usage_history and power_telemetry)"),
 ) -> None:
     """Move usage and power rows older than --before to Parquet (verified), then delete them from DuckDB."""
     try:
         day = _as_date(before)
+        tables = tuple(table) if table else HISTORY_TABLES
+        for name in tables:
+            if name not in HISTORY_TABLES:
+                raise InputError("table", f"{name!r} is not one of {', '.join(HISTORY_TABLES)}")
         with _open_store(db, read_only=False) as store:
-            summary = compact_history(store, day, archive, force=force)
+            summary = compact_history(store, day, archive, tables=tables, force=force)
             path = store.path
         if rebuild:
             summary["db_bytes_after"] = rebuild_file(path)["db_bytes_after"]
