@@ -275,7 +275,7 @@ def test_cli_bad_before_exits_2(loaded, tmp_path, args, field):
 def test_cli_compacts_one_table(loaded, telemetry, tmp_path):
     usage, power = telemetry
     archive = tmp_path / "arch"
-    result = _cli("compact", "--before", "2022-08-20", "--archive", str(archive), "--db", str(loaded),
+    result = _cli("compact", "--before", "2022-08-21", "--archive", str(archive), "--db", str(loaded),
                   "--table", "power_telemetry", "--force")
     assert result.exit_code == 0, result.output
     with Store(loaded, read_only=True) as store:
