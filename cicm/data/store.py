@@ -174,6 +174,17 @@ class Store:
             self._migrate()
         self._check_version()
 
+    @contextmanager
+    def released(self) -> Iterator[Path]:
+        """Close the connection for a while, so that other processes (Dask workers) can open the file
+        read-only; reconnect after. Not inside a transaction."""
+        self.con.close()
+        try:
+            yield self.path
+        finally:
+            self.con = _connect_with_retry(self.path, self.read_only)
+            self.con.execute("SET TimeZone='UTC'")
+
     def __enter__(self) -> "Store":
         return self
 
@@ -225,6 +236,12 @@ class Store:
             self.con.execute("ROLLBACK")
             raise
         self.con.execute("COMMIT")
+
+    def failed_run(self, kind: str, params: dict | None, plan_date: date | None, exc: BaseException) -> str:
+        """Record a run that failed before it could write anything."""
+        run_id = self.begin_run(kind, params, plan_date)
+        self.finish_run(run_id, "failed", f"{type(exc).__name__}: {exc}")
+        return run_id
 
     @contextmanager
     def run(self, kind: str, params: dict | None = None, plan_date: date | None = None) -> Iterator["RunRecord"]:

@@ -6,6 +6,8 @@ transaction → markdown artifact.
 """
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -40,6 +42,9 @@ class PlanOptions:
     min_forecast_value_pct: float = 3.0
     fetch_retries: int = 2
     fetch_retry_delay_seconds: float = 2.0
+    runner: str = "auto"  # "local" | "dask" | "auto" (see choose_runner)
+    dask_address: str | None = None  # tcp://scheduler:8786; None with runner dask: a local cluster
+    dask_workers: int = 2  # worker processes of a local Dask cluster
 
 
 @dataclass
@@ -50,6 +55,7 @@ class PlanOutcome:
     stages: list[stages.StageReport] = field(default_factory=list)
     clusters: pd.DataFrame = field(default_factory=pd.DataFrame)
     message: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each step of plan_day
 
 
 def ensure_telemetry(store: Store, fleet: Fleet, seed: int) -> stages.StageReport:
@@ -73,14 +79,22 @@ def fetch_day_carbon(day: stages.CampusDay, options: PlanOptions) -> pd.DataFram
 def plan_day(store: Store, fleet: Fleet, plan_date: date, options: PlanOptions,
              fetch: Callable[[stages.CampusDay, PlanOptions], pd.DataFrame] = fetch_day_carbon,
              telemetry: Callable[[Store, Fleet, int], stages.StageReport] = ensure_telemetry,
-             slo: Callable[[Store, Fleet, date], stages.StageReport] | None = None) -> PlanOutcome:
+             slo: Callable[[Store, Fleet, date], stages.StageReport] | None = None,
+             run_partitions: Callable[[list[stages.PartitionJob]], list[dict]] | None = None,
+             n_partitions: int = 1) -> PlanOutcome:
     """The nightly plan's body, stage by stage, as plain calls. The flow passes its Prefect tasks in.
 
     The SLO check of the last judged days runs in its own run before the plan, so its verdicts (shaping off for a
     week) bind this plan, and an SLO failure cannot stop the plan from being stored.
+
+    Models and programs run as partitions of campuses that only read the store. By default they run here on
+    `store`; `run_partitions` runs them elsewhere (Dask workers), which open the file read-only while this
+    process has let go of it. Everything is then written here, by the one writer, in one transaction.
     """
     slo = slo or check_slo
+    clock = _Clock()
     reports = [telemetry(store, fleet, options.seed)]
+    clock.lap("telemetry")
     days = stages.campus_days(fleet, plan_date)
     fetched = {}
     for day in days:
@@ -90,19 +104,46 @@ def plan_day(store: Store, fleet: Fleet, plan_date: date, options: PlanOptions,
             fetched[day.campus.name] = exc
     carbon = stages.collect_carbon(days, fetched)
     reports.append(stages.carbon_report(carbon, days))
+    clock.lap("carbon-forecast")
     reports.append(slo(store, fleet, plan_date))
-    with store.run("plan", {"fleet": fleet.name, **options.__dict__}, plan_date=plan_date) as run:
+    clock.lap("slo-feedback")
+    params = {"fleet": fleet.name, **options.__dict__}
+    try:
+        if run_partitions is None:
+            result = stages.plan_clusters(store, fleet, plan_date, days, carbon, options, None, n_partitions)
+        else:
+            with store.released():
+                result = stages.plan_clusters(None, fleet, plan_date, days, carbon, options, run_partitions,
+                                              n_partitions)
+    except Exception as exc:
+        store.failed_run("plan", params, plan_date, exc)
+        raise
+    clock.lap("models-and-programs")
+    with store.run("plan", params, plan_date=plan_date) as run:
         if not carbon.forecasts.empty:
             store.write_carbon_forecast(carbon.forecasts, run.run_id)
-        result = stages.plan_clusters(store, fleet, plan_date, days, carbon, options)
         reports.extend(result.reports)
         store.replace_plan(plan_date, result.vccs, result.status, run.run_id)
         for table, frame in result.extra_tables.items():
             store.upsert(table, frame, run.run_id)
         run.status = "degraded" if any(r.status in ("degraded", "failed") for r in reports) else "ok"
         summary = stages.cluster_summary(result.status)
-        run.summary = {"stages": [r.__dict__ for r in reports], "clusters": summary.to_dict("records")}
-    return PlanOutcome(plan_date, run.run_id, run.status, reports, summary)
+        run.summary = {"stages": [r.__dict__ for r in reports], "clusters": summary.to_dict("records"),
+                       "seconds": {**clock.seconds, **result.seconds}}
+    clock.lap("store-write")
+    return PlanOutcome(plan_date, run.run_id, run.status, reports, summary, seconds={**clock.seconds,
+                                                                                       **result.seconds})
+
+
+class _Clock:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self._last
+        self._last = now
 
 
 def check_slo(store: Store, fleet: Fleet, plan_date: date) -> stages.StageReport:
@@ -131,24 +172,99 @@ def _markdown(outcome: PlanOutcome) -> str:
     return "\n".join(lines)
 
 
+partition_task = task(stages.plan_partition_from_file, name="plan-partition", cache_policy=NO_CACHE)
+
+# A local Dask cluster costs ~15 s to start on 2 cores, and the partitions then share those 2 cores, so
+# below this many clusters (measured: docs/scale.md) "auto" plans in the flow's own process.
+DASK_AUTO_MIN_CLUSTERS = 50_000
+PARTITIONS_PER_WORKER = 4
+
+
+def choose_runner(options: PlanOptions, n_clusters: int) -> str:
+    """'dask' or 'local'. auto: Dask when a scheduler address is given or the fleet is large."""
+    if options.runner not in ("auto", "local", "dask"):
+        from cicm.errors import InputError
+
+        raise InputError("runner", f"must be auto, local or dask, got {options.runner!r}")
+    if options.runner != "auto":
+        return options.runner
+    return "dask" if options.dask_address or n_clusters >= DASK_AUTO_MIN_CLUSTERS else "local"
+
+
+def _submit_partitions(db_path: str):
+    def run(jobs: list[stages.PartitionJob]) -> list[dict]:
+        futures = [partition_task.submit(db_path, job) for job in jobs]
+        return [future.result() for future in futures]
+
+    return run
+
+
 @flow(name="nightly-plan", flow_run_name="nightly-plan-{plan_date}")
 def nightly_plan(plan_date: date, db_path: str, fleet_path: str | None = None,
-                 options: PlanOptions | None = None) -> PlanOutcome:
+                 options: PlanOptions | None = None, n_partitions: int = 1) -> PlanOutcome:
+    """The nightly plan. Under a DaskTaskRunner (see run_nightly_plan) the campus partitions are tasks on the
+    Dask workers; otherwise they run here."""
+    from prefect.context import get_run_context
+
     options = options or PlanOptions()
     fleet = load_fleet(fleet_path)
     fetch = fetch_carbon_task.with_options(
         retries=options.fetch_retries, retry_delay_seconds=options.fetch_retry_delay_seconds
     )
+    on_dask = type(get_run_context().task_runner).__name__ == "DaskTaskRunner"
     with Store(db_path) as store:
-        outcome = plan_day(store, fleet, plan_date, options, fetch=fetch, telemetry=telemetry_task, slo=slo_task)
+        outcome = plan_day(store, fleet, plan_date, options, fetch=fetch, telemetry=telemetry_task, slo=slo_task,
+                           run_partitions=_submit_partitions(db_path) if on_dask else None,
+                           n_partitions=n_partitions)
     create_markdown_artifact(_markdown(outcome), key=f"nightly-plan-{plan_date}", description="nightly plan")
     get_run_logger().info("plan %s stored as run %s (%s)", plan_date, outcome.run_id, outcome.status)
     return outcome
 
 
+def dask_task_runner(options: PlanOptions):
+    """prefect-dask's DaskTaskRunner: on the scheduler at `dask_address`, or on a local cluster of worker
+    processes (one thread each: the models and HiGHS are CPU-bound and hold the GIL in places)."""
+    from prefect_dask import DaskTaskRunner
+
+    if options.dask_address:
+        return DaskTaskRunner(address=options.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": options.dask_workers, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": ":0"})
+
+
 def run_nightly_plan(plan_date: date, db_path: Path | str, fleet_path: Path | str | None = None,
                      options: PlanOptions | None = None) -> PlanOutcome:
-    return nightly_plan(plan_date, str(db_path), str(fleet_path) if fleet_path else None, options)
+    options = options or PlanOptions()
+    fleet = load_fleet(fleet_path)
+    args = (plan_date, str(Path(db_path).resolve()), str(fleet_path) if fleet_path else None, options)
+    if choose_runner(options, len(fleet.clusters())) == "local":
+        return nightly_plan(*args)
+    with shared_prefect_api():
+        return nightly_plan.with_options(task_runner=dask_task_runner(options))(
+            *args, n_partitions=PARTITIONS_PER_WORKER * options.dask_workers)
+
+
+@contextmanager
+def shared_prefect_api():
+    """Dask workers report their task runs to the flow's Prefect API. Offline there is none to share (each process
+    would start its own ephemeral server, ~10 s each), so start one local server and hand its URL to the flow and,
+    through the environment, to the local cluster's worker processes. A configured PREFECT_API_URL is kept."""
+    import os
+
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if os.environ.get("PREFECT_API_URL"):
+        yield None
+        return
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:  # the server itself stops at exit (after the flow's last log batch is sent)
+        del os.environ["PREFECT_API_URL"]
 
 
 NIGHTLY_CRON = "0 18 * * *"

@@ -7,6 +7,7 @@ with the plan. Only a bug or a failed write fails the run.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from datetime import date
 
@@ -108,17 +109,13 @@ class ClusterModels:
 
 
 def fit_domain_power_models(telemetry: pd.DataFrame, now: pd.Timestamp) -> dict:
-    """Every power domain's model on its last 7 days (domain -> PowerModel, or the InputError saying why not)."""
-    from cicm.models.power import fit_power_model
+    """Every power domain's model on its last 7 days (domain -> PowerModel, or the InputError saying why not),
+    all domains in one batch."""
+    from cicm.models.power import fit_power_models_batch
 
-    fits = {}
-    for domain, data in telemetry.groupby("domain", sort=False):
-        data = data.set_index("hour")
-        try:
-            fits[domain] = fit_power_model(data["cpu_cores"], data["power_kw"], now, window_days=POWER_WINDOW_DAYS)
-        except InputError as exc:
-            fits[domain] = exc
-    return fits
+    if telemetry.empty:
+        return {}
+    return fit_power_models_batch(telemetry, now, window_days=POWER_WINDOW_DAYS)
 
 
 def power_model_rows(cluster, fits: dict, telemetry_rows: dict[str, int], now: pd.Timestamp) -> list[dict]:
@@ -172,16 +169,20 @@ def forecast_cluster_load(history: pd.DataFrame, day: CampusDay, gamma: float):
 
 
 def forecast_campus_load(usage: pd.DataFrame, day: CampusDay, gamma: float, clusters: list[str]) -> dict:
-    """Each named cluster's LoadForecast, or the InputError its history raised (cluster -> either)."""
-    out = {}
-    groups = dict(tuple(usage.groupby("cluster", sort=False))) if len(usage) else {}
+    """Each named cluster's LoadForecast, or the InputError its history raised (cluster -> either), all in one
+    batch; a cluster with no rows at all is forecast from an empty history (insufficient)."""
+    from cicm.models.load import forecast_load_batch
+
+    columns = ["cluster", "hour", "inflexible_cpu_cores", "flexible_cpu_cores", "reserved_cpu_cores"]
+    out = forecast_load_batch(usage[columns], day.hours, day.campus.timezone, gamma, day.planned_at) \
+        if len(usage) else {}
     for name in clusters:
-        history = groups.get(name, usage.iloc[:0])
-        try:
-            out[name] = forecast_cluster_load(history, day, gamma)
-        except InputError as exc:
-            out[name] = exc
-    return out
+        if name not in out:
+            try:
+                out[name] = forecast_cluster_load(usage[columns].iloc[:0], day, gamma)
+            except InputError as exc:
+                out[name] = exc
+    return {name: out[name] for name in clusters}
 
 
 def load_problem(load) -> str | None:
@@ -235,6 +236,7 @@ class PlanClustersResult:
     vccs: pd.DataFrame
     status: pd.DataFrame
     extra_tables: dict[str, pd.DataFrame]
+    seconds: dict[str, float] = field(default_factory=dict)  # per step, summed over partitions
 
 
 FORECAST_VALUE_WINDOW_DAYS = 28
@@ -397,13 +399,26 @@ def plan_partition_from_file(db_path: str, job: PartitionJob) -> dict:
 
 PART_FRAMES = ("vccs", "status", "power_models", "load_forecasts", "load_forecast_days")
 STAGE_NOTES = ("forecast-value", "power-models", "load-forecast", "vcc-program")
+TIMED_STEPS = ("store-reads", "forecast-value", "power-models", "load-forecast", "vcc-program")
 
 
 def merge_parts(parts: list[dict]) -> dict:
+    """Partitions' results concatenated in order; their step seconds summed (CPU-seconds across workers)."""
     out = {key: [f for p in parts for f in p[key] if not f.empty] for key in PART_FRAMES}
     out = {key: [pd.concat(frames, ignore_index=True)] if frames else [] for key, frames in out.items()}
     out["notes"] = {stage: [n for p in parts for n in p["notes"][stage]] for stage in STAGE_NOTES}
+    out["seconds"] = {step: sum(p["seconds"][step] for p in parts) for step in TIMED_STEPS}
     return out
+
+
+class _Timer:
+    def __init__(self, seconds: dict[str, float]):
+        self.seconds, self._last = seconds, time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[step] += now - self._last
+        self._last = now
 
 
 def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | None, options,
@@ -414,20 +429,27 @@ def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | 
 
     out = {key: [] for key in PART_FRAMES}
     out["notes"] = {stage: [] for stage in STAGE_NOTES}
+    out["seconds"] = dict.fromkeys(TIMED_STEPS, 0.0)
+    timer = _Timer(out["seconds"])
     value = campus_forecast_value(store, day, options.delta_max)
     low_benefit = low_benefit_reason(value, options.min_forecast_value_pct)
     out["notes"]["forecast-value"].append(
         f"{day.campus.name} ({day.campus.grid_zone}): "
         + (f"{value.realised_cut_pct:.1f}% (perfect {value.ceiling_cut_pct:.1f}%)" if value else "unknown")
         + (" → not shaped" if low_benefit else ""))
+    timer.lap("forecast-value")
     clusters = day.campus.clusters
     names = [c.name for c in clusters]
     telemetry = store.power_telemetries(names, before=day.planned_at, days=POWER_WINDOW_DAYS + 1)
+    usage = store.usage_histories(names, before=day.planned_at, days=LOAD_HISTORY_DAYS)
+    disabled = shaping_disabled_many(store, names, plan_date)
+    timer.lap("store-reads")
     fits = fit_domain_power_models(telemetry, day.planned_at)
     counts = telemetry.groupby("domain").size().to_dict() if len(telemetry) else {}
-    usage = store.usage_histories(names, before=day.planned_at, days=LOAD_HISTORY_DAYS)
+    curves = {c.name: cluster_power_curve(c, fits) for c in clusters}
+    timer.lap("power-models")
     loads = forecast_campus_load(usage, day, options.gamma, names)
-    disabled = shaping_disabled_many(store, names, plan_date)
+    timer.lap("load-forecast")
     out["power_models"].append(pd.DataFrame(
         [row for c in clusters for row in power_model_rows(c, fits, counts, day.planned_at)]))
     out["load_forecasts"].append(load_hour_rows(plan_date, loads))
@@ -435,7 +457,7 @@ def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | 
     inputs = []
     for cluster in clusters:
         load = loads[cluster.name]
-        curve, power_problem = cluster_power_curve(cluster, fits)
+        curve, power_problem = curves[cluster.name]
         problem_load = load_problem(load)
         if power_problem:
             out["notes"]["power-models"].append(f"{cluster.name}: {power_problem}")
@@ -458,6 +480,7 @@ def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | 
             f"{day.campus.name}: {plan.lp_status} via {plan.solver} in {plan.solve_seconds:.2f} s"
             + (f" ({plan.message})" if plan.message else "")
         )
+    timer.lap("vcc-program")
     return out
 
 
@@ -484,6 +507,7 @@ def plan_clusters(store, fleet: Fleet, plan_date: date, days: list[CampusDay], c
         reports, cat("vccs"), status,
         {"power_models": cat("power_models"), "load_forecasts": cat("load_forecasts"),
          "load_forecast_days": cat("load_forecast_days")},
+        merged["seconds"],
     )
 
 
