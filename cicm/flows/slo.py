@@ -23,6 +23,11 @@ already triggered an earlier switch-off): ``consecutive_days`` (2) flagged (viol
 ``recur_violations`` (2) violations, switch shaping off from P for ``disable_days`` (7) days: a ``shaping_state``
 row with reason ``slo-feedback: ...``. ``plan_stages.shaping_disabled`` then makes the plan fall back with that
 reason.
+
+**At scale.** ``slo_stage`` checks the whole fleet with ``check_fleet_days``: three queries (usage, plan hours,
+plan status) for all clusters, the fluid queue run for all clusters at once (``fluid_served_many``), and three
+queries for the feedback; the query count does not depend on the number of clusters. ``check_cluster_days`` and
+``feedback_decision`` are the per-cluster reference: the stage gives exactly their rows and decisions.
 """
 from __future__ import annotations
 
