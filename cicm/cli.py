@@ -64,6 +64,13 @@ def plan(
     min_forecast_value_pct: float = typer.Option(
         3.0, help="shape a campus only if following its zone's forecasts cut flexible carbon by this much (%)"
                   " over the last 28 days"),
+    telemetry: Optional[Path] = typer.Option(
+        None, help="folder of new usage*.parquet / power*.parquet telemetry to ingest before planning"),
+    runner: str = typer.Option("auto", help="where the campus partitions run: local (this process), dask, or"
+                                            " auto (dask if --dask-address is given or the fleet is very large)"),
+    dask_address: Optional[str] = typer.Option(None, help="Dask scheduler, e.g. tcp://10.0.0.5:8786 (default with"
+                                                          " --runner dask: a local cluster)"),
+    dask_workers: int = typer.Option(2, help="worker processes of the local Dask cluster"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Run the nightly plan: forecasts, models, VCCs for every cluster; store them; print a summary."""
@@ -77,7 +84,9 @@ def plan(
         plan_date = parse_plan_date(date) if date else fleet_cfg.default_plan_date
         options = PlanOptions(provider=provider, base_url=base_url, csv_path=str(csv) if csv else None, seed=seed,
                               gamma=gamma, lambda_e=lambda_e, lambda_p=lambda_p, delta_min=delta_min,
-                              delta_max=delta_max, solver=solver, min_forecast_value_pct=min_forecast_value_pct)
+                              delta_max=delta_max, solver=solver, min_forecast_value_pct=min_forecast_value_pct,
+                              runner=runner, dask_address=dask_address, dask_workers=dask_workers,
+                              telemetry_dir=str(telemetry) if telemetry else None)
         outcome = run_nightly_plan(plan_date, db or default_db_path(), fleet, options)
     except (InputError, ProviderError) as exc:
         _fail(exc)
@@ -177,6 +186,29 @@ def _finite_or_none(value):
     if isinstance(value, float) and value != value:
         return None
     return value
+
+
+scale_app = typer.Typer(no_args_is_help=True)
+app.add_typer(scale_app, name="scale", help="Scale runs: generated fleets of any size from the demo traces.")
+
+
+@scale_app.command("generate")
+def scale_generate(
+    clusters: int = typer.Option(..., help="number of clusters"),
+    out: Path = typer.Option(..., help="folder for fleet.toml, cicm.duckdb and telemetry/"),
+    seed: int = typer.Option(0, help="seed of scales, phases and noise"),
+    per_campus: int = typer.Option(100, help="clusters per campus"),
+) -> None:
+    """Generate an N-cluster fleet, a store with its history, and its next night's telemetry."""
+    from cicm.flows.scale import prepare_scale_run
+
+    try:
+        info = prepare_scale_run(out, clusters, seed=seed, clusters_per_campus=per_campus)
+    except InputError as exc:
+        _fail(exc)
+    console.print(f"{info['clusters']} clusters in {info['campuses']} campuses; {info['usage_rows']:,} usage rows "
+                  f"stored in {info['db']}. Plan it with:\n  cicm plan --fleet {info['fleet']} --db {info['db']} "
+                  f"--telemetry {info['telemetry']}")
 
 
 @app.command()

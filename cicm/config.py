@@ -28,6 +28,7 @@ def specpower_table() -> pd.DataFrame:
     return pd.read_csv(bundled_data_dir() / SPECPOWER_FILE)
 
 
+@lru_cache(maxsize=None)
 def threads_per_machine(spec_row: int) -> int:
     """Logical CPUs (hardware threads) of a SPECpower server: the 'cores' a scheduler hands out."""
     text = str(specpower_table().iloc[spec_row]["hardware_threads"])

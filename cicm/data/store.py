@@ -293,6 +293,10 @@ class Store:
     def query(self, sql: str, params: list | None = None) -> pd.DataFrame:
         return self.con.execute(sql, params or []).df()
 
+    def query_bulk(self, sql: str, params: list | None = None) -> pd.DataFrame:
+        """`query` for large results: through Arrow, about 2x faster for a campus's history."""
+        return self.con.sql(sql, params=params or []).to_arrow_table().to_pandas()
+
     # -- named writes -------------------------------------------------------------------------------------
     def write_carbon_forecast(self, frame: pd.DataFrame, run_id: str) -> int:
         return self.upsert("carbon_forecasts", frame, run_id)
@@ -346,7 +350,7 @@ class Store:
         """Usage rows of the named clusters in [before - days, before), ordered by cluster and hour: one query
         for a whole campus."""
         start = before - pd.Timedelta(days=days) if days else pd.Timestamp("1970-01-01", tz="UTC")
-        return self.query(
+        return self.query_bulk(
             "SELECT * EXCLUDE (run_id) FROM usage_history WHERE list_contains(?, cluster) AND hour >= ?"
             " AND hour < ? ORDER BY cluster, hour",
             [list(clusters), start, before],
@@ -357,7 +361,7 @@ class Store:
 
     def power_telemetries(self, clusters: list[str], before: pd.Timestamp, days: int) -> pd.DataFrame:
         """Power-domain rows of the named clusters in [before - days, before), ordered by domain and hour."""
-        return self.query(
+        return self.query_bulk(
             "SELECT * EXCLUDE (run_id) FROM power_telemetry WHERE list_contains(?, cluster) AND hour >= ?"
             " AND hour < ? ORDER BY domain, hour",
             [list(clusters), before - pd.Timedelta(days=days), before],

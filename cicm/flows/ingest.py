@@ -1,11 +1,14 @@
 """Glue for ingestion: demo telemetry and carbon actuals into the store. Plain functions; flows call them."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from cicm.config import Fleet
 from cicm.data.store import Store
 from cicm.data.telemetry import demo_power_telemetry, demo_usage_history
+from cicm.errors import InputError
 
 
 def trace_forecast_history(zone: str, start: pd.Timestamp, end: pd.Timestamp, seed: int) -> pd.DataFrame:
@@ -78,6 +81,63 @@ def import_scale_telemetry(store: Store, fleet: Fleet, seed: int = 0, held_back_
             power_rows += store.upsert("power_telemetry", power, run.run_id)
         import_carbon_history(store, zones, fleet.history_start, fleet.history_end, seed, run.run_id)
     return {"run_id": run.run_id, "usage_rows": usage_rows, "power_rows": power_rows, "zones": zones}
+
+
+USAGE_FILE_COLUMNS = ("cluster", "hour", "inflexible_cpu_cores", "flexible_cpu_cores", "reserved_cpu_cores",
+                      "flexible_arrived_core_hours")
+POWER_FILE_COLUMNS = ("cluster", "domain", "hour", "cpu_cores", "power_kw")
+
+
+def read_telemetry_dir(path: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """New telemetry dropped by the monitoring pipeline: `usage*.parquet` and `power*.parquet` in one folder,
+    with the usage_history / power_telemetry columns (hour in UTC). Validated: a bad file raises an InputError
+    naming the column, and nothing is stored."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InputError("telemetry", f"{folder} is not a folder")
+    usage_files, power_files = sorted(folder.glob("usage*.parquet")), sorted(folder.glob("power*.parquet"))
+    if not usage_files and not power_files:
+        raise InputError("telemetry", f"no usage*.parquet or power*.parquet in {folder}")
+    usage = _read_parquet(usage_files, USAGE_FILE_COLUMNS, ("cluster", "hour"))
+    power = _read_parquet(power_files, POWER_FILE_COLUMNS, ("domain", "hour"))
+    return usage, power
+
+
+def _read_parquet(files: list[Path], columns: tuple[str, ...], key: tuple[str, ...]) -> pd.DataFrame:
+    import numpy as np
+
+    if not files:
+        return pd.DataFrame(columns=list(columns))
+    try:
+        frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for a broken file
+        raise InputError("telemetry", f"cannot read {', '.join(f.name for f in files)}: {exc}") from exc
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise InputError(missing[0], f"column missing from {files[0].name}")
+    frame = frame[list(columns)]
+    hours = frame["hour"]
+    if not pd.api.types.is_datetime64_any_dtype(hours) or getattr(hours.dt, "tz", None) is None:
+        raise InputError("hour", "must be tz-aware UTC timestamps")
+    frame["hour"] = hours.dt.tz_convert("UTC")
+    if (frame["hour"] != frame["hour"].dt.floor("h")).any():
+        raise InputError("hour", "must start on a whole hour")
+    for column in columns:
+        if column in ("cluster", "domain", "hour"):
+            if frame[column].isna().any():
+                raise InputError(column, "missing values")
+            continue
+        values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float)
+        if not np.isfinite(values).all():
+            raise InputError(column, f"{int((~np.isfinite(values)).sum())} NaN, infinite or non-numeric values")
+        if (values < 0).any():
+            raise InputError(column, "negative values")
+        frame[column] = values
+    duplicated = frame.duplicated(list(key))
+    if duplicated.any():
+        first = frame.loc[duplicated, list(key)].iloc[0].to_dict()
+        raise InputError(key[0], f"{int(duplicated.sum())} duplicate rows, e.g. {first}")
+    return frame
 
 
 def ingest_telemetry(store: Store, usage: pd.DataFrame, power: pd.DataFrame, source: str) -> dict:

@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from cicm.config import Fleet, load_fleet
 from cicm.data.store import Store
 from cicm.flows import plan_stages as stages
-from cicm.flows.ingest import import_demo_telemetry
+from cicm.flows.ingest import import_demo_telemetry, ingest_telemetry, read_telemetry_dir
 
 
 @dataclass
@@ -45,6 +45,7 @@ class PlanOptions:
     runner: str = "auto"  # "local" | "dask" | "auto" (see choose_runner)
     dask_address: str | None = None  # tcp://scheduler:8786; None with runner dask: a local cluster
     dask_workers: int = 2  # worker processes of a local Dask cluster
+    telemetry_dir: str | None = None  # new usage*/power*.parquet to ingest before planning
 
 
 @dataclass
@@ -58,7 +59,17 @@ class PlanOutcome:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each step of plan_day
 
 
-def ensure_telemetry(store: Store, fleet: Fleet, seed: int) -> stages.StageReport:
+def ingest_new_telemetry(store: Store, folder: str) -> stages.StageReport:
+    """The nightly ingestion of the telemetry the monitoring pipeline dropped in `folder` (one run)."""
+    usage, power = read_telemetry_dir(folder)
+    info = ingest_telemetry(store, usage, power, source=str(folder))
+    return stages.StageReport("telemetry", "ran", f"ingested {info['usage_rows']} usage and {info['power_rows']}"
+                                                  f" power rows from {folder} (run {info['run_id']})")
+
+
+def ensure_telemetry(store: Store, fleet: Fleet, seed: int, telemetry_dir: str | None = None) -> stages.StageReport:
+    if telemetry_dir:
+        return ingest_new_telemetry(store, telemetry_dir)
     names = [c.name for c in fleet.clusters()]
     if store.has_usage(names):
         return stages.StageReport("telemetry", "ran", "store already holds telemetry for every cluster")
@@ -78,7 +89,7 @@ def fetch_day_carbon(day: stages.CampusDay, options: PlanOptions) -> pd.DataFram
 
 def plan_day(store: Store, fleet: Fleet, plan_date: date, options: PlanOptions,
              fetch: Callable[[stages.CampusDay, PlanOptions], pd.DataFrame] = fetch_day_carbon,
-             telemetry: Callable[[Store, Fleet, int], stages.StageReport] = ensure_telemetry,
+             telemetry: Callable[..., stages.StageReport] = ensure_telemetry,
              slo: Callable[[Store, Fleet, date], stages.StageReport] | None = None,
              run_partitions: Callable[[list[stages.PartitionJob]], list[dict]] | None = None,
              n_partitions: int = 1) -> PlanOutcome:
@@ -93,15 +104,18 @@ def plan_day(store: Store, fleet: Fleet, plan_date: date, options: PlanOptions,
     """
     slo = slo or check_slo
     clock = _Clock()
-    reports = [telemetry(store, fleet, options.seed)]
+    reports = [telemetry(store, fleet, options.seed, options.telemetry_dir)]
     clock.lap("telemetry")
     days = stages.campus_days(fleet, plan_date)
-    fetched = {}
-    for day in days:
-        try:
-            fetched[day.campus.name] = fetch(day, options)
-        except Exception as exc:  # noqa: BLE001 - collect_carbon decides what is a fallback and what a bug
-            fetched[day.campus.name] = exc
+    fetched, by_zone_day = {}, {}
+    for day in days:  # campuses in one zone and time zone share their forecast: fetched once
+        key = stages.zone_day_key(day)
+        if key not in by_zone_day:
+            try:
+                by_zone_day[key] = fetch(day, options)
+            except Exception as exc:  # noqa: BLE001 - collect_carbon decides what is a fallback and what a bug
+                by_zone_day[key] = exc
+        fetched[day.campus.name] = by_zone_day[key]
     carbon = stages.collect_carbon(days, fetched)
     reports.append(stages.carbon_report(carbon, days))
     clock.lap("carbon-forecast")

@@ -40,6 +40,11 @@ class CarbonResult:
     problems: dict[str, str] = field(default_factory=dict)  # campus -> reason its forecast is missing
 
 
+def zone_day_key(day: CampusDay) -> tuple:
+    """Campuses with equal keys have the same carbon forecast and forecast value (same zone, hours, issue time)."""
+    return day.campus.grid_zone, day.hours[0], len(day.hours), day.planned_at
+
+
 def campus_days(fleet: Fleet, plan_date: date) -> list[CampusDay]:
     return [
         CampusDay(c, local_day_hours_utc(plan_date, c.timezone), planning_time_utc(plan_date, c.timezone))
@@ -384,8 +389,9 @@ def partition_jobs(days: list[CampusDay], carbon: CarbonResult, plan_date: date,
 
 def plan_partition(store, job: PartitionJob) -> dict:
     """Models and programs of a partition's campuses, merged in campus order."""
+    values: dict = {}  # zone_day_key -> forecast value, shared by the campuses of a zone and time zone
     parts = [plan_campus_day(store, day, job.plan_date, job.carbon.get(day.campus.name), job.options,
-                             job.problems.get(day.campus.name)) for day in job.days]
+                             job.problems.get(day.campus.name), values) for day in job.days]
     return merge_parts(parts)
 
 
@@ -422,7 +428,7 @@ class _Timer:
 
 
 def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | None, options,
-                    problem: str | None) -> dict:
+                    problem: str | None, values: dict | None = None) -> dict:
     """Models and program for one campus: a constant number of store reads, whatever its size. Returns frames
     for the store and per-stage notes."""
     from cicm.optimize.program import plan_campus
@@ -431,7 +437,11 @@ def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | 
     out["notes"] = {stage: [] for stage in STAGE_NOTES}
     out["seconds"] = dict.fromkeys(TIMED_STEPS, 0.0)
     timer = _Timer(out["seconds"])
-    value = campus_forecast_value(store, day, options.delta_max)
+    values = {} if values is None else values
+    key = zone_day_key(day)
+    if key not in values:
+        values[key] = campus_forecast_value(store, day, options.delta_max)
+    value = values[key]
     low_benefit = low_benefit_reason(value, options.min_forecast_value_pct)
     out["notes"]["forecast-value"].append(
         f"{day.campus.name} ({day.campus.grid_zone}): "
