@@ -6,6 +6,7 @@ transaction → markdown artifact.
 """
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -175,22 +176,29 @@ fetch_carbon_task = task(fetch_day_carbon, name="fetch-carbon", cache_policy=NO_
 slo_task = task(check_slo, name="slo-feedback", cache_policy=NO_CACHE)
 
 
+MARKDOWN_MAX_CLUSTERS = 200
+
+
 def _markdown(outcome: PlanOutcome) -> str:
     lines = [f"# Nightly plan {outcome.plan_date}", "", f"run `{outcome.run_id}`, status **{outcome.status}**", ""]
     lines += ["| stage | status | detail |", "|---|---|---|"]
     lines += [f"| {s.name} | {s.status} | {s.detail} |" for s in outcome.stages]
     if not outcome.clusters.empty:
-        table = outcome.clusters.round(1).astype(str)
+        table = outcome.clusters.head(MARKDOWN_MAX_CLUSTERS).round(1).astype(str)
         lines += ["", "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
         lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+        if len(outcome.clusters) > MARKDOWN_MAX_CLUSTERS:
+            lines += ["", f"… and {len(outcome.clusters) - MARKDOWN_MAX_CLUSTERS} more clusters: `cicm vcc show`"]
     return "\n".join(lines)
 
 
 partition_task = task(stages.plan_partition_from_file, name="plan-partition", cache_policy=NO_CACHE)
 
-# A local Dask cluster costs ~15 s to start on 2 cores, and the partitions then share those 2 cores, so
-# below this many clusters (measured: docs/scale.md) "auto" plans in the flow's own process.
-DASK_AUTO_MIN_CLUSTERS = 50_000
+# "auto" and a local Dask cluster (docs/scale.md): on 2 cores a local cluster never paid (10,000 clusters: 63.6 s
+# against 62.7 s in-process; it costs ~10-15 s to start and its workers share the flow's 2 cores). It is chosen
+# only for big fleets on machines with cores to spare; a given --dask-address always means Dask.
+DASK_AUTO_MIN_CLUSTERS = 20_000
+DASK_AUTO_MIN_CORES = 8
 PARTITIONS_PER_WORKER = 4
 
 
@@ -200,9 +208,16 @@ def choose_runner(options: PlanOptions, n_clusters: int) -> str:
         from cicm.errors import InputError
 
         raise InputError("runner", f"must be auto, local or dask, got {options.runner!r}")
+    if isinstance(options.dask_workers, bool) or not isinstance(options.dask_workers, int) or options.dask_workers < 1:
+        from cicm.errors import InputError
+
+        raise InputError("dask_workers", f"must be a positive integer, got {options.dask_workers!r}")
     if options.runner != "auto":
         return options.runner
-    return "dask" if options.dask_address or n_clusters >= DASK_AUTO_MIN_CLUSTERS else "local"
+    if options.dask_address:
+        return "dask"
+    big = n_clusters >= DASK_AUTO_MIN_CLUSTERS and (os.cpu_count() or 1) >= DASK_AUTO_MIN_CORES
+    return "dask" if big else "local"
 
 
 def _submit_partitions(db_path: str):
@@ -260,57 +275,27 @@ def run_nightly_plan(plan_date: date, db_path: Path | str, fleet_path: Path | st
 
 @contextmanager
 def shared_prefect_api():
-    """Dask workers report their task runs to the flow's Prefect API. Offline there is none to share (each process
-    would start its own ephemeral server, ~10 s each), so start one local server and hand its URL to the flow and,
-    through the environment, to the local cluster's worker processes. A configured PREFECT_API_URL is kept."""
+    """Dask workers report their task runs to the flow's Prefect API, which they find in PREFECT_API_URL. A
+    configured API (a Prefect server, or a test harness) is handed to them as it is. Offline there is none (each
+    process would start its own ephemeral server, ~10 s each), so one local server is started for the flow and
+    its local workers."""
     import os
 
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if os.environ.get("PREFECT_API_URL"):
-        yield None
-        return
-    server = SubprocessASGIServer()
-    server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
+    url, started = PREFECT_API_URL.value(), None
+    if not url:
+        started = SubprocessASGIServer()
+        started.start()
+        url = started.api_url
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield server.api_url
-    finally:  # the server itself stops at exit (after the flow's last log batch is sent)
-        del os.environ["PREFECT_API_URL"]
-
-
-NIGHTLY_CRON = "0 18 * * *"
-
-
-def earliest_campus_timezone(fleet: Fleet) -> str:
-    """The campus whose day starts first (the most eastern): the nightly run must finish before its midnight."""
-    probe = pd.Timestamp("2022-01-15")
-    return min((c.timezone for c in fleet.campuses), key=lambda tz: probe.tz_localize(tz).tz_convert("UTC"))
-
-
-def tomorrow_in(tz: str, now: pd.Timestamp | None = None) -> date:
-    now = now if now is not None else pd.Timestamp.now(tz="UTC")
-    return (now.tz_convert(tz) + pd.Timedelta(days=1)).date()
-
-
-@flow(name="nightly-plan-scheduled", flow_run_name="nightly-plan-scheduled")
-def scheduled_nightly_plan(db_path: str, fleet_path: str | None = None, provider: str = "trace") -> PlanOutcome:
-    """What the deployment runs every evening: plan tomorrow (in the earliest campus's time zone)."""
-    fleet = load_fleet(fleet_path)
-    return nightly_plan(tomorrow_in(earliest_campus_timezone(fleet)), db_path, fleet_path, PlanOptions(provider))
-
-
-def nightly_deployment(db_path: str, fleet_path: str | None = None):
-    """A Prefect deployment with a nightly cron at 18:00 in the earliest campus's evening."""
-    from prefect.schedules import Cron
-
-    fleet = load_fleet(fleet_path)
-    return scheduled_nightly_plan.to_deployment(
-        name="nightly",
-        parameters={"db_path": db_path, "fleet_path": fleet_path},
-        schedules=[Cron(NIGHTLY_CRON, timezone=earliest_campus_timezone(fleet))],
-        description="Carbon-aware day-ahead plan for tomorrow",
-        _sync=True,  # always the deployment, even when called under a running event loop
-    )
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:  # a server started here stops at exit, after the flow's last log batch is sent
+        if previous is None:
+            del os.environ["PREFECT_API_URL"]
+        else:
+            os.environ["PREFECT_API_URL"] = previous

@@ -1,0 +1,202 @@
+"""Fleet scale: the generated fleets, the nightly telemetry ingestion, and the Dask runner's plan equal to the
+in-process plan (a real local Dask cluster of several worker processes, through prefect-dask)."""
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cicm.config import load_fleet
+from cicm.data.scale_fleet import ZONE_TIMEZONES, scale_fleet, scale_usage_history, write_fleet_toml
+from cicm.data.store import Store
+from cicm.errors import InputError
+
+N_CLUSTERS = 24
+
+
+@pytest.fixture(scope="module")
+def scale_run(tmp_path_factory):
+    from cicm.flows.scale import prepare_scale_run
+
+    folder = tmp_path_factory.mktemp("scale")
+    info = prepare_scale_run(folder, N_CLUSTERS, seed=3, clusters_per_campus=4)
+    return folder, info
+
+
+# ------------------------------------------------------------------------------------------- the generator
+
+
+def test_scale_fleet_is_seeded_and_varied():
+    a, b, c = scale_fleet(40, seed=1), scale_fleet(40, seed=1), scale_fleet(40, seed=2)
+    assert a == b and a != c
+    assert len(a.clusters()) == 40 and len(a.campuses) == 1
+    capacities = np.array([cl.capacity_cores for cl in a.clusters()])
+    assert capacities.max() / capacities.min() > 3  # scale varies (log-normal, sd 0.5)
+    fleet = scale_fleet(20, seed=1, clusters_per_campus=2)
+    assert [campus.grid_zone for campus in fleet.campuses[:8]] == ["AZPS", "BPAT", "CISO", "ERCO", "MISO", "NYIS",
+                                                                   "PJM", "SOCO"]
+    assert all(campus.timezone == ZONE_TIMEZONES[campus.grid_zone] for campus in fleet.campuses)
+
+
+def test_scale_fleet_round_trips_through_toml(tmp_path):
+    fleet = scale_fleet(30, seed=4, clusters_per_campus=7)
+    assert load_fleet(write_fleet_toml(fleet, tmp_path / "fleet.toml")) == fleet
+
+
+@pytest.mark.parametrize("field,kwargs", [("n_clusters", {"n_clusters": 0}),
+                                          ("clusters_per_campus", {"n_clusters": 5, "clusters_per_campus": 0})])
+def test_scale_fleet_rejects_bad_sizes(field, kwargs):
+    with pytest.raises(InputError) as err:
+        scale_fleet(**kwargs)
+    assert err.value.field == field
+
+
+def test_generated_usage_keeps_local_daily_shape_and_phase():
+    """Clusters copy a demo cluster moved to their own time zone: the daily shape follows local time, the phase
+    in days differs, and the usage never exceeds capacity."""
+    fleet = scale_fleet(20, seed=5, clusters_per_campus=10)  # 2 campuses: AZPS (Phoenix), BPAT (Los Angeles)
+    usage = scale_usage_history(fleet, seed=5)
+    first, twin = "c00000", "c00010"  # same template (demo cluster 0, in Los Angeles), different zones
+    peaks = {}
+    for name, campus in ((first, fleet.campuses[0]), (twin, fleet.campuses[1])):
+        rows = usage[usage["cluster"] == name]
+        local_hour = rows["hour"].dt.tz_convert(campus.timezone).dt.hour
+        peaks[name] = rows.groupby(local_hour)["inflexible_cpu_cores"].mean().idxmax()
+        capacity = fleet.cluster(name).capacity_cores
+        assert (rows["inflexible_cpu_cores"] + rows["flexible_cpu_cores"] <= capacity + 1e-6).all()
+    assert abs(peaks[first] - peaks[twin]) <= 1
+    a = usage[usage["cluster"] == first]["flexible_cpu_cores"].to_numpy()
+    b = usage[usage["cluster"] == twin]["flexible_cpu_cores"].to_numpy()
+    assert not np.allclose(a / a.mean(), b / b.mean())  # different phase in days
+
+
+# -------------------------------------------------------------------------------------------- ingestion
+
+
+def _telemetry_dir(scale_run, tmp_path, change=None) -> Path:
+    folder = tmp_path / "telemetry"
+    shutil.copytree(scale_run[0] / "telemetry", folder)
+    if change:
+        usage = pd.read_parquet(folder / "usage.parquet")
+        change(usage).to_parquet(folder / "usage.parquet", index=False)
+    return folder
+
+
+@pytest.mark.parametrize("field,change", [
+    ("flexible_cpu_cores", lambda u: u.assign(flexible_cpu_cores=u["flexible_cpu_cores"].where(u.index != 5))),
+    ("reserved_cpu_cores", lambda u: u.assign(reserved_cpu_cores=-u["reserved_cpu_cores"])),
+    ("cluster", lambda u: pd.concat([u, u.iloc[:3]], ignore_index=True)),
+    ("hour", lambda u: u.assign(hour=u["hour"].dt.tz_localize(None))),
+    ("hour", lambda u: u.assign(hour=u["hour"] + pd.Timedelta(minutes=30))),
+    ("inflexible_cpu_cores", lambda u: u.drop(columns="inflexible_cpu_cores")),
+])
+def test_bad_telemetry_is_refused_by_name_and_nothing_is_stored(scale_run, tmp_path, field, change):
+    from cicm.flows.nightly import ingest_new_telemetry
+
+    folder = _telemetry_dir(scale_run, tmp_path, change)
+    db = tmp_path / "db.duckdb"
+    shutil.copy(scale_run[0] / "cicm.duckdb", db)
+    with Store(db) as store:
+        before = store.query("SELECT count(*) AS n, max(hour) AS newest FROM usage_history")
+        with pytest.raises(InputError) as err:
+            ingest_new_telemetry(store, str(folder))
+        assert err.value.field == field
+        pd.testing.assert_frame_equal(store.query("SELECT count(*) AS n, max(hour) AS newest FROM usage_history"),
+                                      before)
+
+
+def test_ingestion_brings_in_the_night_and_is_idempotent(scale_run, tmp_path):
+    from cicm.flows.nightly import ingest_new_telemetry
+
+    folder, info = scale_run
+    db = tmp_path / "db.duckdb"
+    shutil.copy(folder / "cicm.duckdb", db)
+    night = pd.read_parquet(folder / "telemetry" / "usage.parquet")
+    with Store(db) as store:
+        before = store.query("SELECT count(*) AS n FROM usage_history")["n"].iloc[0]
+        ingest_new_telemetry(store, str(folder / "telemetry"))
+        ingest_new_telemetry(store, str(folder / "telemetry"))
+        after = store.query("SELECT count(*) AS n, max(hour) AS newest FROM usage_history")
+    assert after["n"].iloc[0] == before + len(night) == info["usage_rows"] + len(night)
+    assert after["newest"].iloc[0] == night["hour"].max()
+
+
+# ------------------------------------------------------------------------------------------------- runners
+
+
+def test_choose_runner():
+    from cicm.flows.nightly import DASK_AUTO_MIN_CLUSTERS, PlanOptions, choose_runner
+
+    assert choose_runner(PlanOptions(runner="auto"), 10) == "local"
+    assert choose_runner(PlanOptions(runner="auto", dask_address="tcp://127.0.0.1:8786"), 10) == "dask"
+    assert choose_runner(PlanOptions(runner="dask"), 10) == "dask"
+    assert choose_runner(PlanOptions(runner="local"), DASK_AUTO_MIN_CLUSTERS * 10) == "local"
+    for field, options in (("runner", PlanOptions(runner="spark")), ("dask_workers", PlanOptions(dask_workers=0))):
+        with pytest.raises(InputError) as err:
+            choose_runner(options, 10)
+        assert err.value.field == field
+
+
+def test_partitions_keep_campuses_whole_and_in_order():
+    from datetime import date
+
+    from cicm.flows import plan_stages as stages
+    from cicm.flows.nightly import PlanOptions
+
+    fleet = scale_fleet(23, seed=0, clusters_per_campus=3)
+    days = stages.campus_days(fleet, date(2022, 6, 15))
+    carbon = stages.CarbonResult(pd.DataFrame(), {}, {d.campus.name: "no-carbon-forecast: test" for d in days})
+    for n in (1, 2, 3, 5, 100):
+        jobs = stages.partition_jobs(days, carbon, date(2022, 6, 15), PlanOptions(), n)
+        assert len(jobs) == min(n, len(days))
+        assert [d.campus.name for job in jobs for d in job.days] == [d.campus.name for d in days]
+        sizes = [sum(len(d.campus.clusters) for d in job.days) for job in jobs]
+        assert max(sizes) - min(sizes) <= 2 * 3  # balanced to within a campus or two
+
+
+TABLES = {"current_vccs": "cluster, hour", "current_vcc_status": "cluster", "load_forecasts": "cluster, hour",
+          "load_forecast_days": "cluster", "power_models": "domain"}
+
+
+def _plan_tables(db: Path) -> dict[str, pd.DataFrame]:
+    with Store(db, read_only=True) as store:
+        return {t: store.query(f"SELECT * EXCLUDE (run_id) FROM {t} ORDER BY {order}") for t, order in TABLES.items()}
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def test_dask_plan_equals_the_in_process_plan(scale_run, tmp_path, prefect_api):
+    """The same flow with its campus partitions on a local Dask cluster of 3 worker processes stores the same
+    plan, bit for bit, as the in-process run; the partitions really ran as Prefect tasks."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    from cicm.flows.nightly import PARTITIONS_PER_WORKER, PlanOptions, run_nightly_plan
+
+    folder, info = scale_run
+    outcomes = {}
+    for runner in ("local", "dask"):
+        db = tmp_path / f"{runner}.duckdb"
+        shutil.copy(folder / "cicm.duckdb", db)
+        options = PlanOptions(runner=runner, dask_workers=3, telemetry_dir=str(folder / "telemetry"))
+        outcomes[runner] = run_nightly_plan(pd.Timestamp(info["plan_date"]).date(), db, folder / "fleet.toml",
+                                            options)
+    local, dask = _plan_tables(tmp_path / "local.duckdb"), _plan_tables(tmp_path / "dask.duckdb")
+    for table in TABLES:
+        assert len(local[table]) > 0, table
+        pd.testing.assert_frame_equal(local[table], dask[table], check_exact=True, obj=table)
+    assert outcomes["local"].status == outcomes["dask"].status
+    status = local["current_vcc_status"]
+    assert len(status) == N_CLUSTERS and (status["status"] == "shaped").any()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="plan-partition")))
+    n_campuses = info["campuses"]
+    assert len(runs) == min(PARTITIONS_PER_WORKER * 3, n_campuses)
+    assert all(r.state.is_completed() for r in runs)
