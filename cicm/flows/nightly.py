@@ -299,3 +299,38 @@ def shared_prefect_api():
             del os.environ["PREFECT_API_URL"]
         else:
             os.environ["PREFECT_API_URL"] = previous
+
+
+NIGHTLY_CRON = "0 18 * * *"
+
+
+def earliest_campus_timezone(fleet: Fleet) -> str:
+    """The campus whose day starts first (the most eastern): the nightly run must finish before its midnight."""
+    probe = pd.Timestamp("2022-01-15")
+    return min((c.timezone for c in fleet.campuses), key=lambda tz: probe.tz_localize(tz).tz_convert("UTC"))
+
+
+def tomorrow_in(tz: str, now: pd.Timestamp | None = None) -> date:
+    now = now if now is not None else pd.Timestamp.now(tz="UTC")
+    return (now.tz_convert(tz) + pd.Timedelta(days=1)).date()
+
+
+@flow(name="nightly-plan-scheduled", flow_run_name="nightly-plan-scheduled")
+def scheduled_nightly_plan(db_path: str, fleet_path: str | None = None, provider: str = "trace") -> PlanOutcome:
+    """What the deployment runs every evening: plan tomorrow (in the earliest campus's time zone)."""
+    fleet = load_fleet(fleet_path)
+    return nightly_plan(tomorrow_in(earliest_campus_timezone(fleet)), db_path, fleet_path, PlanOptions(provider))
+
+
+def nightly_deployment(db_path: str, fleet_path: str | None = None):
+    """A Prefect deployment with a nightly cron at 18:00 in the earliest campus's evening."""
+    from prefect.schedules import Cron
+
+    fleet = load_fleet(fleet_path)
+    return scheduled_nightly_plan.to_deployment(
+        name="nightly",
+        parameters={"db_path": db_path, "fleet_path": fleet_path},
+        schedules=[Cron(NIGHTLY_CRON, timezone=earliest_campus_timezone(fleet))],
+        description="Carbon-aware day-ahead plan for tomorrow",
+        _sync=True,  # always the deployment, even when called under a running event loop
+    )
