@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 STAGES = ("telemetry", "carbon-forecast", "slo-feedback", "store-reads", "forecast-value", "power-models",

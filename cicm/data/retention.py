@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
 import time
 from datetime import date, timedelta
