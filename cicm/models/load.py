@@ -442,19 +442,22 @@ def _pick(grid_forecasts: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _adjust_rows(X: np.ndarray, WA: np.ndarray, lag: int) -> tuple[np.ndarray, np.ndarray]:
-    """Features (C, n + lag, P, 3) = [1, WA(D), mean over the day of X(D-lag) - WA(D-lag)], and a per-day
+    """The features of day D are [1, WA(D), mean over the day of X(D-lag) - WA(D-lag)] (per period; the last
+    one the same for every period of the day). Returns that last one (C, n + lag), NaN where none, and a per-day
     availability mask (C, n + lag). X: (C, n, P), WA: (C, n + lag, P)."""
     C, n_all, P = WA.shape
     n = X.shape[1]
-    resid = np.full((C, n_all, P), np.nan)
-    resid[:, :n] = X - WA[:, :n]
-    lagged = np.full((C, n_all, P), np.nan)
+    lagged = np.full((C, n_all), np.nan)
     # the last complete day's error as its daily mean (the hourly errors are mostly noise: measured on the
     # demo fleet, the daily mean gives 3.30% hourly MAPE against 3.42% for the same-hour error)
-    lagged[:, lag:] = resid[:, :-lag].mean(axis=2, keepdims=True)
-    feats = np.stack([np.ones((C, n_all, P)), WA, lagged], axis=-1)
-    ok = ~np.isnan(feats).any(axis=(2, 3))
-    return feats, ok
+    lagged[:, lag : lag + n] = (X - WA[:, :n]).mean(axis=2)
+    ok = ~(np.isnan(WA).any(axis=2) | np.isnan(lagged))
+    return lagged, ok
+
+
+def _features(WA: np.ndarray, lagged: np.ndarray) -> np.ndarray:
+    """The features (..., P, 3) of `_adjust_rows`'s days: WA (..., P), lagged (...)."""
+    return np.stack([np.ones_like(WA), WA, np.broadcast_to(lagged[..., None], WA.shape)], axis=-1)
 
 
 def _fit_adjust(feats: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -475,9 +478,11 @@ _NOISE_COLUMN = 1e-7
 
 
 def _rolling_adjust_fits(
-    feats: np.ndarray, ok: np.ndarray, X: np.ndarray, lag: int, days: np.ndarray, adjust_window_days: int
+    WA: np.ndarray, lagged: np.ndarray, ok: np.ndarray, X: np.ndarray, lag: int, days: np.ndarray,
+    adjust_window_days: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Least-squares fits of X on the features over each origin's training window, for all origins at once.
+    """Least-squares fits of X on the features [1, WA, lagged] (`_adjust_rows`) over each origin's training
+    window, for all origins at once.
 
     The window of day D is the days t with features, t < n, D - lag - adjust_window_days < t <= D - lag: a
     sliding window, so its Σ f fᵀ and Σ f·y are differences of cumulative sums of per-day sums.
@@ -485,43 +490,61 @@ def _rolling_adjust_fits(
     days (C, len(days))."""
     C, n, P = X.shape
     train = ok[:, :n]
-    f = np.where(train[:, :, None, None], feats[:, :n], 0.0)  # (C, n, P, 3)
-    y = np.where(train[:, :, None], X, 0.0)
-    per_day = np.concatenate(
-        [np.einsum("cnpi,cnpj->cnij", f, f).reshape(C, n, 9), np.einsum("cnpi,cnp->cni", f, y),
-         train[:, :, None].astype(float), np.einsum("cnp,cnp->cn", y, y)[:, :, None]], axis=2,
-    )  # (C, n, 14): Σ f fᵀ, Σ f y, 1, Σ y²
-    cum = np.concatenate([np.zeros((C, 1, 14)), np.cumsum(per_day, axis=1)], axis=1)
+    g = np.where(train, lagged[:, :n], 0.0)  # (C, n): the same for every period
+    # per day, Σ_p of the products of the features [1, w, g] and the target y (zero off the training days),
+    # each summed over p in order, as einsum("cnpi,cnpj->cnij") did: the fits are the reference arithmetic's
+    # to the last bit. Rows: Σw, Σw², Σwg, Σy, Σwy, Σgy, Σg, Σg², training day, Σy²; layout (row, C, n).
+    terms = np.empty((P, 6, C, n))
+    w, y = terms[:, 0], terms[:, 3]
+    np.copyto(w, np.moveaxis(WA[:, :n], 2, 0))
+    np.copyto(y, np.moveaxis(X, 2, 0))
+    if not train.all():
+        np.copyto(w, 0.0, where=~train)
+        np.copyto(y, 0.0, where=~train)
+    np.multiply(w, w, out=terms[:, 1])
+    np.multiply(w, g, out=terms[:, 2])
+    np.multiply(w, y, out=terms[:, 4])
+    np.multiply(g, y, out=terms[:, 5])
+    per_day = np.empty((10, C, n))
+    np.add.reduce(terms, axis=0, out=per_day[:6])
+    per_day[6:8] = g_terms = np.stack([g, g * g])
+    for _ in range(P - 1):
+        per_day[6:8] += g_terms
+    per_day[8] = train
+    y_days = np.where(train[:, :, None], X, 0.0)
+    per_day[9] = np.einsum("cnp,cnp->cn", y_days, y_days)
+    cum = np.zeros((10, C, n + 1))
+    np.cumsum(per_day, axis=2, out=cum[:, :, 1:])
     hi = np.clip(days - lag + 1, 0, n)
     lo = np.clip(days - lag - adjust_window_days + 1, 0, n)
-    window = cum[:, hi] - cum[:, lo]  # (C, n_days, 13)
-    n_train = np.rint(window[..., 12]).astype(int)
+    window = cum[:, :, hi] - cum[:, :, lo]  # (10, C, n_days)
+    n_train = np.rint(window[8]).astype(int)
     fitted = (n_train >= MIN_ADJUST_DAYS) & ok[:, days]
-    N = window[..., :9].reshape(C, len(days), 3, 3)
-    r = window[..., 9:12]
-    diag = np.einsum("...ii->...i", N)
+    N01, N11, N12, r0, r1, r2, N02, N22 = window[:8]
+    N00 = P * window[8]
     with np.errstate(invalid="ignore", divide="ignore"):
-        d = np.sqrt(np.where(diag > 0, diag, np.nan))
-        Nn = N / (d[..., :, None] * d[..., None, :])
-        rn = r / d
-        a, b, c = Nn[..., 0, 0], Nn[..., 0, 1], Nn[..., 0, 2]
-        e, f_, i = Nn[..., 1, 1], Nn[..., 1, 2], Nn[..., 2, 2]
-        adj = np.stack([
-            np.stack([e * i - f_ * f_, c * f_ - b * i, b * f_ - c * e], axis=-1),
-            np.stack([c * f_ - b * i, a * i - c * c, b * c - a * f_], axis=-1),
-            np.stack([b * f_ - c * e, b * c - a * f_, a * e - b * b], axis=-1),
-        ], axis=-2)
-        det = a * adj[..., 0, 0] + b * adj[..., 0, 1] + c * adj[..., 0, 2]
-        coef = np.einsum("...ij,...j->...i", adj, rn) / det[..., None] / d
-    y_norm = np.sqrt(np.maximum(window[..., 13], 0.0))
-    good = fitted & (det > _WELL_CONDITIONED_DET) & (d[..., 1:] >= _NOISE_COLUMN * y_norm[..., None]).all(axis=-1)
+        # Jacobi scaling, then the inverse of the symmetric 3×3 by its adjugate
+        d0, d1, d2 = (np.sqrt(np.where(v > 0, v, np.nan)) for v in (N00, N11, N22))
+        a, b, c = N00 / (d0 * d0), N01 / (d0 * d1), N02 / (d0 * d2)
+        e, f_, i = N11 / (d1 * d1), N12 / (d1 * d2), N22 / (d2 * d2)
+        rn0, rn1, rn2 = r0 / d0, r1 / d1, r2 / d2
+        A00, A01, A02 = e * i - f_ * f_, c * f_ - b * i, b * f_ - c * e
+        A11, A12, A22 = a * i - c * c, b * c - a * f_, a * e - b * b
+        det = a * A00 + b * A01 + c * A02
+        coef = np.stack([  # (terms summed in the order of the reference arithmetic, einsum's)
+            (A00 * rn0 + A02 * rn2 + A01 * rn1) / det / d0,
+            (A01 * rn0 + A12 * rn2 + A11 * rn1) / det / d1,
+            (A02 * rn0 + A22 * rn2 + A12 * rn1) / det / d2,
+        ], axis=-1)
+    y_norm = np.sqrt(np.maximum(window[9], 0.0))
+    good = fitted & (det > _WELL_CONDITIONED_DET) & (d1 >= _NOISE_COLUMN * y_norm) & (d2 >= _NOISE_COLUMN * y_norm)
     # (NaN det or d: a zero column, is not good)
     coef[~fitted] = np.nan
-    train_days = [np.flatnonzero(train[k]) for k in range(C)]
     for k, j in zip(*np.nonzero(fitted & ~good)):
         day = days[j]
-        usable = train_days[k][(train_days[k] <= day - lag) & (train_days[k] > day - lag - adjust_window_days)]
-        coef[k, j] = _fit_adjust(feats[k, usable], X[k, usable])
+        usable = np.flatnonzero(train[k])
+        usable = usable[(usable <= day - lag) & (usable > day - lag - adjust_window_days)]
+        coef[k, j] = _fit_adjust(_features(WA[k, usable], lagged[k, usable]), X[k, usable])
     return coef, fitted, n_train
 
 
@@ -539,10 +562,11 @@ def _day_ahead(
     C, n, P = X.shape
     if not adjust:
         return np.maximum(base[:, days], 0.0), None, np.zeros(C, dtype=int)
-    feats, ok = _adjust_rows(X, base, lag)
-    coef, fitted, n_train = _rolling_adjust_fits(feats, ok, X, lag, days, adjust_window_days)
+    lagged, ok = _adjust_rows(X, base, lag)
+    coef, fitted, n_train = _rolling_adjust_fits(base, lagged, ok, X, lag, days, adjust_window_days)
+    use = np.where(fitted[..., None], coef, 0.0)[:, :, None, :]  # (C, days, 1, 3)
+    fc = use[..., 0] + lagged[:, days, None] * use[..., 2] + base[:, days] * use[..., 1]  # einsum's order
     out = np.full((C, len(days), P), np.nan)
-    fc = np.einsum("cdpk,cdk->cdp", feats[:, days], np.where(fitted[..., None], coef, 0.0))
     out[fitted] = np.maximum(fc[fitted], 0.0)
     return out, coef[:, -1], n_train[:, -1]
 
