@@ -780,17 +780,23 @@ def _forecast_rows(
     now_ns = req.now.as_unit("ns").value
     start_ns = (req.now - pd.Timedelta(days=req.max_history_days)).as_unit("ns").value
     keep = (hour_ns + _NS_PER_HOUR <= now_ns) & (hour_ns >= start_ns)
-    codes, hour_ns, values = codes[keep], hour_ns[keep], values[keep]
-    if len(codes) > 1 and not ((np.diff(codes) > 0) | ((np.diff(codes) == 0) & (np.diff(hour_ns) > 0))).all():
+    if not keep.all():
+        codes, hour_ns, values = codes[keep], hour_ns[keep], values[keep]
+    d_code, d_hour = np.diff(codes), np.diff(hour_ns)
+    if len(codes) > 1 and not ((d_code > 0) | ((d_code == 0) & (d_hour > 0))).all():
         order = np.lexsort((hour_ns, codes))
         codes, hour_ns, values = codes[order], hour_ns[order], values[order]
+        d_code, d_hour = np.diff(codes), np.diff(hour_ns)
 
     # the checks of `_prepare_history`, for every cluster at once
-    bad_rows = (hour_ns % _NS_PER_HOUR != 0) | ~np.isfinite(values).all(axis=1) | (values < 0).any(axis=1)
     bad = np.zeros(n_clusters, dtype=bool)
-    bad[codes[bad_rows]] = True
-    same = codes[1:] == codes[:-1]
-    bad[codes[1:][same & (np.diff(hour_ns) != _NS_PER_HOUR)]] = True  # duplicates and gaps
+    if len(values) and not (values.min() >= 0 and values.max() < np.inf):  # NaN, infinite or negative values
+        bad[codes[np.nonzero(~((values >= 0) & (values < np.inf)))[0]]] = True
+    same = d_code == 0
+    bad[codes[1:][same & (d_hour != _NS_PER_HOUR)]] = True  # duplicates and gaps
+    # hours off the whole hour: a cluster's hours are whole hours apart or it failed above, so its first tells
+    first = np.flatnonzero(np.r_[True, ~same]) if len(codes) else np.zeros(0, dtype=np.intp)
+    bad[codes[first[hour_ns[first] % _NS_PER_HOUR != 0]]] = True
     for c in np.flatnonzero(bad):
         try:
             _prepare_history(rows_of(c), req.now, req.max_history_days)
@@ -967,9 +973,12 @@ def _forecast_chunk(hourly: np.ndarray, daily: np.ndarray, lag: int, req: _Reque
 
 
 def _numeric_values(frame: pd.DataFrame) -> np.ndarray:
-    return np.column_stack(
-        [pd.to_numeric(frame[c], errors="coerce").to_numpy(dtype=float) for c in HISTORY_COLUMNS]
-    ) if len(frame) else np.zeros((0, 3))
+    values = np.empty((len(frame), 3))
+    for i, column in enumerate(HISTORY_COLUMNS):
+        series = frame[column]
+        values[:, i] = series.to_numpy() if series.dtype == np.float64 else \
+            pd.to_numeric(series, errors="coerce").to_numpy(dtype=float)
+    return values
 
 
 def forecast_load(
