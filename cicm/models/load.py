@@ -773,7 +773,7 @@ def _forecast_rows(
     codes: np.ndarray, n_clusters: int, hour_ns: np.ndarray, values: np.ndarray, rows_of, req: _Request
 ) -> list:
     """The forecast (or InputError) of every cluster 0 ... n_clusters-1 from its rows: codes (N,) cluster,
-    hour_ns (N,) UTC hour start in ns, values (N, 3) of HISTORY_COLUMNS (NaN: missing or non-numeric).
+    hour_ns (N,) UTC hour start in ns, values (3, N) of HISTORY_COLUMNS (NaN: missing or non-numeric).
     rows_of(c) gives cluster c's original rows, only read to word the error of a cluster that fails a check
     (`_prepare_history` raises it, as for one cluster alone)."""
     results: list = [None] * n_clusters
@@ -781,17 +781,17 @@ def _forecast_rows(
     start_ns = (req.now - pd.Timedelta(days=req.max_history_days)).as_unit("ns").value
     keep = (hour_ns + _NS_PER_HOUR <= now_ns) & (hour_ns >= start_ns)
     if not keep.all():
-        codes, hour_ns, values = codes[keep], hour_ns[keep], values[keep]
+        codes, hour_ns, values = codes[keep], hour_ns[keep], values[:, keep]
     d_code, d_hour = np.diff(codes), np.diff(hour_ns)
     if len(codes) > 1 and not ((d_code > 0) | ((d_code == 0) & (d_hour > 0))).all():
         order = np.lexsort((hour_ns, codes))
-        codes, hour_ns, values = codes[order], hour_ns[order], values[order]
+        codes, hour_ns, values = codes[order], hour_ns[order], values[:, order]
         d_code, d_hour = np.diff(codes), np.diff(hour_ns)
 
     # the checks of `_prepare_history`, for every cluster at once
     bad = np.zeros(n_clusters, dtype=bool)
-    if len(values) and not (values.min() >= 0 and values.max() < np.inf):  # NaN, infinite or negative values
-        bad[codes[np.nonzero(~((values >= 0) & (values < np.inf)))[0]]] = True
+    if values.size and not (values.min() >= 0 and values.max() < np.inf):  # NaN, infinite or negative values
+        bad[codes[np.nonzero(~((values >= 0) & (values < np.inf)))[1]]] = True
     same = d_code == 0
     bad[codes[1:][same & (d_hour != _NS_PER_HOUR)]] = True  # duplicates and gaps
     # hours off the whole hour: a cluster's hours are whole hours apart or it failed above, so its first tells
@@ -877,19 +877,24 @@ def _forecast_rows(
             chunk = members[start : start + CHUNK_CLUSTERS]
             offset = first_row[chunk] + (first_hour[first_date] - (hour_ns[first_row[chunk]] - grid_start)
                                          // _NS_PER_HOUR)
-            V = np.stack([values[o : o + len(span)] for o in offset])  # (chunk, hours, 3)
+            V = np.empty((3, len(chunk), len(span)))  # C order: the series' rows are contiguous
+            for i, o in enumerate(offset):
+                V[:, i] = values[:, o : o + len(span)]
             if len(span) == n * 24 and not len(second):  # no DST change: hours are the slots
                 total = V
             else:
-                total = np.take(V, np.maximum(first_in_slot, 0), axis=1)
-                total[:, first_in_slot < 0] = 0.0
+                total = np.take(V, np.maximum(first_in_slot, 0), axis=2)
+                total[:, :, first_in_slot < 0] = 0.0
             if len(second):
-                np.add.at(total, (slice(None), slot[second]), V[:, second])
-            total = total.reshape(len(chunk), n, 24, 3)
+                np.add.at(total, (slice(None), slice(None), slot[second]), V[:, :, second])
+            total = total.reshape(3, len(chunk), n, 24)
             count = hour_count.reshape(n, 24)
             with np.errstate(invalid="ignore", divide="ignore"):
-                hourly = total / count[None, :, :, None]
-            daily = total.sum(axis=2) / count.sum(axis=1)[None, :, None]
+                hourly = total / count
+            daily = total[..., 0].copy()  # Σ over the hours of the day, in order
+            for h in range(1, 24):
+                daily += total[..., h]
+            daily /= count.sum(axis=1)
             # DST: a missing local hour, interpolated from its neighbours (`_fill_row_gaps`)
             missing_days = np.flatnonzero((count == 0).any(axis=1))
             hods = np.arange(24)
@@ -897,7 +902,7 @@ def _forecast_rows(
                 ok = count[d] > 0
                 for k in range(len(chunk)):
                     for col in range(3):
-                        hourly[k, d, :, col] = np.interp(hods, hods[ok], hourly[k, d, ok, col])
+                        hourly[col, k, d] = np.interp(hods, hods[ok], hourly[col, k, d, ok])
             forecasts = _forecast_chunk(hourly, daily, lag, req, params)
             for c, fc in zip(chunk, forecasts):
                 results[c] = fc
@@ -905,21 +910,21 @@ def _forecast_rows(
 
 
 def _forecast_chunk(hourly: np.ndarray, daily: np.ndarray, lag: int, req: _Request, params: dict) -> list:
-    """The model for clusters with the same complete days: hourly (C, n, 24, 3) and daily (C, n, 3) means
+    """The model for clusters with the same complete days: hourly (3, C, n, 24) and daily (3, C, n) means
     of HISTORY_COLUMNS. Returns a LoadForecast per cluster."""
-    C, n = daily.shape[:2]
+    C, n = daily.shape[1:]
     fit = lambda X, select: _forecast_series(  # noqa: E731
         X, lag, req.alpha_grid, req.beta_grid, req.error_window_days, req.adjust_window_days, select
     )
-    inflexible = fit(np.ascontiguousarray(hourly[..., 0]), False)
-    flexible = fit(daily[..., 1:2], True)
-    reserved = fit(daily[..., 2:3], SELECT_RESERVATIONS_MODEL)
+    inflexible = fit(np.ascontiguousarray(hourly[0]), False)  # (a no-op: the reductions over hours see C order)
+    flexible = fit(daily[1][..., None], True)
+    reserved = fit(daily[2][..., None], SELECT_RESERVATIONS_MODEL)
     hours, tz, now, gamma = req.hours, req.tz, req.now, req.gamma
     target_hod = hours.tz_convert(tz).hour.to_numpy()
     n_hours = len(hours)
     recent = slice(max(0, n - req.ratio_days), n)
-    reserved_by_hod = hourly[:, recent, :, 2].sum(axis=1)
-    usage_by_hod = (hourly[:, recent, :, 0] + hourly[:, recent, :, 1]).sum(axis=1)
+    reserved_by_hod = hourly[2][:, recent].sum(axis=1)
+    usage_by_hod = (hourly[0][:, recent] + hourly[1][:, recent]).sum(axis=1)
     out = []
     for c in range(C):
         p = dict(params, inflexible=inflexible.params[c], flexible=flexible.params[c],
@@ -973,10 +978,11 @@ def _forecast_chunk(hourly: np.ndarray, daily: np.ndarray, lag: int, req: _Reque
 
 
 def _numeric_values(frame: pd.DataFrame) -> np.ndarray:
-    values = np.empty((len(frame), 3))
+    """(3, N): the HISTORY_COLUMNS of the frame's rows, NaN where not numeric."""
+    values = np.empty((3, len(frame)))
     for i, column in enumerate(HISTORY_COLUMNS):
         series = frame[column]
-        values[:, i] = series.to_numpy() if series.dtype == np.float64 else \
+        values[i] = series.to_numpy() if series.dtype == np.float64 else \
             pd.to_numeric(series, errors="coerce").to_numpy(dtype=float)
     return values
 
