@@ -266,10 +266,16 @@ def _week_ahead_inputs(X: np.ndarray, lag: int) -> tuple[np.ndarray, np.ndarray,
     r = np.ones((C, 7 * K, P))
     if n_blocks:
         day_sums = X.sum(axis=2)
-        m[:, :n_blocks] = np.lib.stride_tricks.sliding_window_view(day_sums, 7, axis=1).sum(axis=2) / (7 * P)
+        block_sums = day_sums[:, : n_blocks].copy()  # the 7 days' sums added in order
+        for i in range(1, 7):
+            block_sums += day_sums[:, i : i + n_blocks]
+        m[:, :n_blocks] = block_sums / (7 * P)
         observed = X[:, lag - 1 : lag - 1 + n_blocks]  # day d + lag - 7 for d = 6 ...
         mm = m[:, :n_blocks, None]
-        r[:, :n_blocks] = np.where(mm > 0, observed / np.where(mm > 0, mm, 1.0), 1.0)
+        if (mm > 0).all():
+            np.divide(observed, mm, out=r[:, :n_blocks])
+        else:
+            r[:, :n_blocks] = np.where(mm > 0, observed / np.where(mm > 0, mm, 1.0), 1.0)
     return m.reshape(C, K, 7), r.reshape(C, K, 7, P), n_blocks
 
 
@@ -308,13 +314,30 @@ def _week_ahead_all(X: np.ndarray, lag: int, alphas: np.ndarray, betas: np.ndarr
     return WA
 
 
+_ALL_BLOCKS_FLOATS = 1 << 20
+
+
 def _week_ahead_ape_sums(m: np.ndarray, r: np.ndarray, actual: np.ndarray, K: int, alphas: np.ndarray,
                          betas: np.ndarray) -> np.ndarray:
     """Σ |WA - X| / X (A, B, C) over the days 6 + lag ... of the first K blocks with X > 0, for the grid alphas
     (A, 1) × betas (B, 1): each WA computed and compared (the reference arithmetic). actual: (C, K', 7, P), 0
     past the last day."""
     denominator = np.where(actual > 0, actual, np.inf)
-    sums = np.zeros((len(alphas), len(betas), actual.shape[0]))
+    A, B, (C, _, _, P) = len(alphas), len(betas), actual.shape
+    if P == 1 and K * A * B * C * 7 <= _ALL_BLOCKS_FLOATS:
+        # every block at once, chain-major (7, K, A, B, C): the same operations, the sums over the 7 days in
+        # order as for a row of 7 (below 8 terms numpy's sum is sequential), then over the blocks in order
+        levels, factors = np.empty((7, K, A, 1, C)), np.empty((7, K, 1, B, C))
+        for k, (level, factor) in zip(range(K), _week_ahead_blocks(m, r, alphas, betas)):
+            levels[:, k, :, 0] = np.moveaxis(level, 2, 0)
+            factors[:, k, 0] = np.moveaxis(factor[..., 0], 2, 0)
+        wa = levels * factors
+        chain_major = lambda a: a[:, :K, :, 0].transpose(2, 1, 0)[:, :, None, None]  # noqa: E731
+        np.subtract(wa, chain_major(actual), out=wa)
+        np.abs(wa, out=wa)
+        np.divide(wa, chain_major(denominator), out=wa)
+        return np.add.reduce(np.add.reduce(wa, axis=0), axis=0)
+    sums = np.zeros((A, B, C))
     for k, (level, factor) in zip(range(K), _week_ahead_blocks(m, r, alphas, betas)):
         wa = level[:, None, :, :, None] * factor[None]
         np.subtract(wa, actual[:, k], out=wa)
@@ -379,7 +402,7 @@ def _week_ahead_pick(
     actual[:, :n_scored] = X[:, 6 + lag : n]
     actual = actual.reshape(C, -1, 7, P)
     with np.errstate(invalid="ignore", over="ignore"):
-        # one period a day: the reference arithmetic is as fast
+        # one period a day: the reference arithmetic is faster
         sums = (_week_ahead_ape_sums_fast if P > 1 else _week_ahead_ape_sums)(m, r, actual, K, alphas, betas)
     sums = sums.reshape(-1, C)
     redo = ~np.isfinite(sums).all(axis=0)
@@ -685,8 +708,16 @@ def _forecast_series(
     return _SeriesForecast(fc[:, -1], rel_errors, params)
 
 
-def _quantile(values: np.ndarray, q: float) -> float:
-    return float(np.quantile(values, q, method="higher"))
+def _quantiles(arrays: list[np.ndarray], q: float) -> list[float | None]:
+    """np.quantile(a, q, method="higher") of each array a (None if empty), one call per array length ('higher'
+    picks an element: the same number as alone)."""
+    out: list[float | None] = [None] * len(arrays)
+    lengths = np.array([len(a) for a in arrays])
+    for length in np.unique(lengths[lengths > 0]):
+        rows = np.flatnonzero(lengths == length)
+        for i, v in zip(rows, np.quantile(np.stack([arrays[i] for i in rows]), q, axis=1, method="higher")):
+            out[i] = float(v)
+    return out
 
 
 # -------------------------------------------------------------------------------------- public API
@@ -925,6 +956,8 @@ def _forecast_chunk(hourly: np.ndarray, daily: np.ndarray, lag: int, req: _Reque
     recent = slice(max(0, n - req.ratio_days), n)
     reserved_by_hod = hourly[2][:, recent].sum(axis=1)
     usage_by_hod = (hourly[0][:, recent] + hourly[1][:, recent]).sum(axis=1)
+    q_uppers = _quantiles(inflexible.rel_errors, 1 - gamma)
+    q97s = _quantiles(reserved.rel_errors, RESERVATIONS_QUANTILE)
     out = []
     for c in range(C):
         p = dict(params, inflexible=inflexible.params[c], flexible=flexible.params[c],
@@ -937,8 +970,7 @@ def _forecast_chunk(hourly: np.ndarray, daily: np.ndarray, lag: int, req: _Reque
         if len(inflexible_errors) == 0 or len(reserved_errors) == 0:
             out.append(_insufficient("no backtest errors to estimate the uncertainty from", hours, now, gamma, p))
             continue
-        q_upper_raw = _quantile(inflexible_errors, 1 - gamma)
-        q97_raw = _quantile(reserved_errors, RESERVATIONS_QUANTILE)
+        q_upper_raw, q97_raw = q_uppers[c], q97s[c]
         q_upper, q97 = max(q_upper_raw, 0.0), max(q97_raw, 0.0)
         p.update(
             inflexible_rel_error_upper_raw=q_upper_raw,
@@ -1080,8 +1112,9 @@ def forecast_load_batch(
             positions = pd.Series(np.arange(len(codes))).groupby(codes).indices
         return history.iloc[positions[c]]
 
-    results = _forecast_rows(codes.astype(np.intp), len(names), hour_ns, _numeric_values(history), rows_of, req)
-    return dict(zip(names, results))
+    results = _forecast_rows(codes.astype(np.intp, copy=False), len(names), hour_ns, _numeric_values(history),
+                             rows_of, req)
+    return dict(zip(names.tolist(), results))
 
 
 # --------------------------------------------------------------------------------------- baselines
