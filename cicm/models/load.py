@@ -810,8 +810,8 @@ def _forecast_rows(
     results: list = [None] * n_clusters
     now_ns = req.now.as_unit("ns").value
     start_ns = (req.now - pd.Timedelta(days=req.max_history_days)).as_unit("ns").value
-    keep = (hour_ns + _NS_PER_HOUR <= now_ns) & (hour_ns >= start_ns)
-    if not keep.all():
+    if len(hour_ns) and not (hour_ns.max() + _NS_PER_HOUR <= now_ns and hour_ns.min() >= start_ns):
+        keep = (hour_ns + _NS_PER_HOUR <= now_ns) & (hour_ns >= start_ns)
         codes, hour_ns, values = codes[keep], hour_ns[keep], values[:, keep]
     d_code, d_hour = np.diff(codes), np.diff(hour_ns)
     if len(codes) > 1 and not ((d_code > 0) | ((d_code == 0) & (d_hour > 0))).all():
@@ -908,24 +908,26 @@ def _forecast_rows(
             chunk = members[start : start + CHUNK_CLUSTERS]
             offset = first_row[chunk] + (first_hour[first_date] - (hour_ns[first_row[chunk]] - grid_start)
                                          // _NS_PER_HOUR)
-            V = np.empty((3, len(chunk), len(span)))  # C order: the series' rows are contiguous
-            for i, o in enumerate(offset):
-                V[:, i] = values[:, o : o + len(span)]
             if len(span) == n * 24 and not len(second):  # no DST change: hours are the slots
-                total = V
+                total = np.empty((3, len(chunk), len(span)))  # C order: the series' rows are contiguous
+                for i, o in enumerate(offset):
+                    total[:, i] = values[:, o : o + len(span)]
             else:
-                total = np.take(V, np.maximum(first_in_slot, 0), axis=2)
+                total = np.take(values, offset[:, None] + np.maximum(first_in_slot, 0), axis=1)  # C order
                 total[:, :, first_in_slot < 0] = 0.0
             if len(second):
-                np.add.at(total, (slice(None), slice(None), slot[second]), V[:, :, second])
+                doubled = np.take(values, offset[:, None] + second, axis=1)
+                np.add.at(total, (slice(None), slice(None), slot[second]), doubled)
             total = total.reshape(3, len(chunk), n, 24)
             count = hour_count.reshape(n, 24)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                hourly = total / count
             daily = total[..., 0].copy()  # Σ over the hours of the day, in order
             for h in range(1, 24):
                 daily += total[..., h]
             daily /= count.sum(axis=1)
+            hourly = total  # the mean of each (day, hour): the value itself, but on DST days
+            with np.errstate(invalid="ignore", divide="ignore"):
+                for d in np.flatnonzero((count != 1).any(axis=1)):
+                    hourly[:, :, d] /= count[d]
             # DST: a missing local hour, interpolated from its neighbours (`_fill_row_gaps`)
             missing_days = np.flatnonzero((count == 0).any(axis=1))
             hods = np.arange(24)
