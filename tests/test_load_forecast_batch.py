@@ -212,3 +212,58 @@ def test_order_and_splitting_do_not_change_results(pool, order, split):
             assert isinstance(got, InputError) and (got.field, got.message) == (want.field, want.message)
         else:
             assert_same_forecast(got, want)
+
+
+# ------------------------------------------------------------------------------ the engine's shortcuts
+
+
+def _reference_week_ahead_mape(X: np.ndarray, lag: int) -> np.ndarray:
+    """The grid's rolling-origin MAPE (G, C) with every WA computed and compared (`_week_ahead_ape_sums`)."""
+    from cicm.models.load import ALPHA_GRID, BETA_GRID, _week_ahead_ape_sums, _week_ahead_inputs
+
+    C, n, P = X.shape
+    m, r, _ = _week_ahead_inputs(X, lag)
+    n_scored = n - 6 - lag
+    actual = np.zeros((C, 7 * m.shape[1], P))
+    actual[:, :n_scored] = X[:, 6 + lag :]
+    sums = _week_ahead_ape_sums(m, r, actual.reshape(C, -1, 7, P), -(-n_scored // 7),
+                                np.array(ALPHA_GRID)[:, None], np.array(BETA_GRID)[:, None])
+    return 100 * sums.reshape(-1, C) / np.maximum((X[:, 6 + lag :] > 0).sum(axis=(1, 2)), 1)
+
+
+@pytest.mark.parametrize("lag", [1, 2])
+@pytest.mark.parametrize("periods", [24, 1])
+def test_week_ahead_grid_mape_equals_the_reference_arithmetic(lag, periods):
+    """The one-pass identity of `_week_ahead_ape_sums_fast` gives the grid's MAPE to round-off and the same
+    choice; clusters whose best members are within round-off of each other (noise-free, constant) and zero
+    clusters get the reference arithmetic's numbers exactly."""
+    from cicm.models.load import ALPHA_GRID, BETA_GRID, _week_ahead_pick
+
+    rng = np.random.default_rng(periods + lag)
+    n = 130
+    days = np.arange(n)[:, None]
+    hod = np.arange(periods)[None, :]
+    shape = (1 + 0.3 * np.sin(2 * np.pi * hod / 24)) * np.where(days % 7 >= 5, 0.8, 1.0)
+    noisy = [rng.uniform(10, 1000) * shape * np.exp(rng.normal(0, rng.uniform(0.005, 0.1), (n, periods)))
+             for _ in range(20)]
+    sparse = noisy[0] * (rng.random((n, periods)) < 0.7)  # zero hours: not scored
+    X = np.stack(noisy + [sparse, 100 * shape, np.full((n, periods), 50.0), np.zeros((n, periods))])
+    got, n_scored = _week_ahead_pick(X, lag, ALPHA_GRID, BETA_GRID)
+    want = _reference_week_ahead_mape(X, lag)
+    assert n_scored == n - 6 - lag and got.shape == (len(ALPHA_GRID) * len(BETA_GRID), len(X))
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(got.argmin(axis=0), want.argmin(axis=0))
+    np.testing.assert_array_equal(got[:, -3:], want[:, -3:])  # noise-free, constant, zero: the reference's
+
+
+def test_factorize_clusters_equals_pandas():
+    from cicm.models.load import _factorize_clusters
+
+    names = pd.Series([f"c{i % 37:02d}" for i in range(5000)]).sort_values(kind="stable").reset_index(drop=True)
+    with_nan = names.astype(object).where(names.index % 700 != 3)
+    for column in (names, names.astype("string[pyarrow]"), names.astype(object), names.sample(frac=1.0, random_state=0),
+                   with_nan, with_nan.astype("string[pyarrow]"), names.iloc[17:4000]):
+        codes, uniques = _factorize_clusters(column)
+        want_codes, want_uniques = pd.factorize(column, sort=False)
+        np.testing.assert_array_equal(codes, want_codes)
+        assert uniques.equals(want_uniques) and uniques.dtype == want_uniques.dtype
