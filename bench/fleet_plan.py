@@ -103,8 +103,9 @@ def main() -> None:
         f"{max(r['peak_rss_mb'], r['children_peak_rss_mb']):>12.0f}" for _, _, r in rows))
     if len(rows) >= 2:
         sizes = [n for n, _, _ in rows]
-        print(f"\nscaling exponent b (wall ≈ a·N^b): {exponent(sizes, [w for _, w, _ in rows]):.2f}; "
-              f"plan stages only: {exponent(sizes, in_plan):.2f}")
+        print(f"\nscaling exponent b (wall ≈ a·N^b), fitted over all sizes: {exponent(sizes, [w for _, w, _ in rows]):.2f};"
+              f" plan stages only: {exponent(sizes, in_plan):.2f}; plan stages between the two largest sizes: "
+              f"{exponent(sizes[-2:], in_plan[-2:]):.2f}")
 
 
 if __name__ == "__main__":
