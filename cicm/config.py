@@ -6,6 +6,7 @@ SPECpower_ssj2008 server (a row of data/server_power/...csv), which gives its co
 """
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from collections import Counter
 import zoneinfo
@@ -157,22 +158,22 @@ def default_fleet_path() -> Path:
 def load_fleet(path: Path | str | None = None) -> Fleet:
     """Read and validate a fleet file. Errors name the field, e.g. `campuses.0.grid_zone`.
 
-    A Fleet is immutable, so an unchanged file (same size and modification time) is read once per process: a
-    10,000-cluster fleet takes seconds to validate."""
+    A Fleet is immutable, so the same file content is validated once per process (a 10,000-cluster fleet takes
+    seconds); a copy is returned, so no caller can change another's fleet."""
     path = Path(path) if path else default_fleet_path()
     try:
-        stat = path.resolve().stat()
+        text = path.read_bytes()
     except FileNotFoundError as exc:
         raise InputError("fleet", f"fleet file not found: {path}") from exc
-    return _load_fleet(path.resolve(), stat.st_mtime_ns, stat.st_size)
+    return _load_fleet(str(path), hashlib.sha256(text).hexdigest(), text).model_copy(deep=True)
 
 
-@lru_cache(maxsize=8)
-def _load_fleet(path: Path, _mtime_ns: int, _size: int) -> Fleet:
+@lru_cache(maxsize=4)
+def _load_fleet(path: str, _digest: str, text: bytes) -> Fleet:
     try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise InputError("fleet", f"fleet file not found: {path}") from exc
+        raw = tomllib.loads(text.decode())
+    except UnicodeDecodeError as exc:
+        raise InputError("fleet", f"{path} is not UTF-8 text: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise InputError("fleet", f"{path} is not valid TOML: {exc}") from exc
     try:

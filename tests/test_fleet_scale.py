@@ -97,13 +97,74 @@ def test_bad_telemetry_is_refused_by_name_and_nothing_is_stored(scale_run, tmp_p
     folder = _telemetry_dir(scale_run, tmp_path, change)
     db = tmp_path / "db.duckdb"
     shutil.copy(scale_run[0] / "cicm.duckdb", db)
+    fleet = load_fleet(scale_run[0] / "fleet.toml")
     with Store(db) as store:
         before = store.query("SELECT count(*) AS n, max(hour) AS newest FROM usage_history")
         with pytest.raises(InputError) as err:
-            ingest_new_telemetry(store, str(folder))
+            ingest_new_telemetry(store, str(folder), fleet, pd.Timestamp("2022-06-16", tz="UTC"))
         assert err.value.field == field
         pd.testing.assert_frame_equal(store.query("SELECT count(*) AS n, max(hour) AS newest FROM usage_history"),
                                       before)
+        failed = store.query("SELECT status, message FROM runs WHERE kind = 'telemetry-ingest'")
+        assert list(failed["status"]) == ["failed"] and field in failed["message"].iloc[0]
+
+
+@pytest.mark.parametrize("field,change", [
+    ("cluster", lambda u: u.assign(cluster=u["cluster"].where(u.index != 7, "not-ours"))),
+    ("cluster", lambda u: u.assign(cluster=np.arange(len(u)))),
+    ("cluster", lambda u: u.assign(cluster=u["cluster"].where(u.index != 7, ""))),
+    ("hour", lambda u: u.assign(hour=u["hour"] + pd.Timedelta(days=400))),
+    ("flexible_cpu_cores", lambda u: u.assign(flexible_cpu_cores=u["flexible_cpu_cores"].astype(str))),
+    ("telemetry", lambda u: u.iloc[:0]),
+])
+def test_telemetry_must_belong_to_the_fleet_and_the_past(scale_run, tmp_path, field, change):
+    from cicm.flows.ingest import read_telemetry_dir
+
+    folder = _telemetry_dir(scale_run, tmp_path, change)
+    if field == "telemetry":
+        (folder / "power.parquet").unlink()
+    with pytest.raises(InputError) as err:
+        read_telemetry_dir(folder, load_fleet(scale_run[0] / "fleet.toml"), pd.Timestamp("2022-06-16", tz="UTC"))
+    assert err.value.field == field
+
+
+def test_a_refused_drop_degrades_the_plan_but_the_fleet_is_still_planned(scale_run, tmp_path):
+    from cicm.flows.nightly import PlanOptions, plan_day
+
+    folder, info = scale_run
+    bad = _telemetry_dir(scale_run, tmp_path, lambda u: u.assign(cluster="not-ours"))
+    db = tmp_path / "db.duckdb"
+    shutil.copy(folder / "cicm.duckdb", db)
+    fleet = load_fleet(folder / "fleet.toml")
+    with Store(db) as store:
+        outcome = plan_day(store, fleet, pd.Timestamp(info["plan_date"]).date(),
+                           PlanOptions(telemetry_dir=str(bad)))
+        plans = store.query("SELECT count(*) AS n FROM current_vcc_status")["n"].iloc[0]
+    assert outcome.status == "degraded"
+    assert outcome.stages[0].status == "degraded" and "not-ours" in outcome.stages[0].detail
+    assert plans == N_CLUSTERS
+
+
+def test_a_failing_partition_is_recorded_and_the_store_stays_usable(scale_run, tmp_path):
+    """Partitions that run elsewhere (here: a runner that fails after the store was let go) leave a failed plan
+    run, no plan rows, and a store connection that works."""
+    from cicm.flows.nightly import PlanOptions, plan_day
+
+    folder, info = scale_run
+    db = tmp_path / "db.duckdb"
+    shutil.copy(folder / "cicm.duckdb", db)
+
+    def failing(jobs):
+        with Store(db, read_only=True):  # the file can be opened by others meanwhile
+            raise RuntimeError("worker lost")
+
+    with Store(db) as store:
+        with pytest.raises(RuntimeError, match="worker lost"):
+            plan_day(store, load_fleet(folder / "fleet.toml"), pd.Timestamp(info["plan_date"]).date(),
+                     PlanOptions(), run_partitions=failing, n_partitions=3)
+        runs = store.query("SELECT status, message FROM runs WHERE kind = 'plan'")
+        assert list(runs["status"]) == ["failed"] and "worker lost" in runs["message"].iloc[0]
+        assert store.query("SELECT count(*) AS n FROM vccs")["n"].iloc[0] == 0
 
 
 def test_ingestion_brings_in_the_night_and_is_idempotent(scale_run, tmp_path):
@@ -123,6 +184,32 @@ def test_ingestion_brings_in_the_night_and_is_idempotent(scale_run, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- runners
+
+
+def test_fleet_files_are_read_by_content(tmp_path):
+    path = write_fleet_toml(scale_fleet(12, seed=1, clusters_per_campus=6), tmp_path / "fleet.toml")
+    first = load_fleet(path)
+    stat = path.stat()
+    path.write_text(path.read_text().replace('grid_zone = "AZPS"', 'grid_zone = "ERCO"'))
+    import os
+
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime: still read again
+    second = load_fleet(path)
+    assert first.campuses[0].grid_zone == "AZPS" and second.campuses[0].grid_zone == "ERCO"
+    assert load_fleet(path) == second and load_fleet(path) is not second
+
+
+def test_remote_dask_needs_a_prefect_api(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from cicm.flows.nightly import shared_prefect_api
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        with pytest.raises(InputError) as err:
+            with shared_prefect_api(remote=True):
+                pass
+    assert err.value.field == "dask_address"
 
 
 def test_choose_runner():
@@ -173,30 +260,38 @@ def prefect_api():
 
 
 def test_dask_plan_equals_the_in_process_plan(scale_run, tmp_path, prefect_api):
-    """The same flow with its campus partitions on a local Dask cluster of 3 worker processes stores the same
-    plan, bit for bit, as the in-process run; the partitions really ran as Prefect tasks."""
+    """The same flow with its campus partitions on Dask (a local cluster of 3 worker processes it starts, and a
+    running 2-worker cluster given by its scheduler address) stores the same plan, bit for bit, as the in-process
+    run; the partitions really ran as Prefect tasks."""
     from prefect import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 
     from cicm.flows.nightly import PARTITIONS_PER_WORKER, PlanOptions, run_nightly_plan
 
+    from distributed import LocalCluster
+
     folder, info = scale_run
     outcomes = {}
-    for runner in ("local", "dask"):
-        db = tmp_path / f"{runner}.duckdb"
-        shutil.copy(folder / "cicm.duckdb", db)
-        options = PlanOptions(runner=runner, dask_workers=3, telemetry_dir=str(folder / "telemetry"))
-        outcomes[runner] = run_nightly_plan(pd.Timestamp(info["plan_date"]).date(), db, folder / "fleet.toml",
-                                            options)
-    local, dask = _plan_tables(tmp_path / "local.duckdb"), _plan_tables(tmp_path / "dask.duckdb")
-    for table in TABLES:
-        assert len(local[table]) > 0, table
-        pd.testing.assert_frame_equal(local[table], dask[table], check_exact=True, obj=table)
-    assert outcomes["local"].status == outcomes["dask"].status
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        runs = {"local": PlanOptions(runner="local"), "dask": PlanOptions(runner="dask", dask_workers=3),
+                "address": PlanOptions(runner="auto", dask_address=cluster.scheduler_address)}
+        for name, options in runs.items():
+            db = tmp_path / f"{name}.duckdb"
+            shutil.copy(folder / "cicm.duckdb", db)
+            options.telemetry_dir = str(folder / "telemetry")
+            outcomes[name] = run_nightly_plan(pd.Timestamp(info["plan_date"]).date(), db, folder / "fleet.toml",
+                                              options)
+    local = _plan_tables(tmp_path / "local.duckdb")
+    for name in ("dask", "address"):
+        other = _plan_tables(tmp_path / f"{name}.duckdb")
+        for table in TABLES:
+            assert len(local[table]) > 0, table
+            pd.testing.assert_frame_equal(local[table], other[table], check_exact=True, obj=f"{name}: {table}")
+        assert outcomes[name].status == outcomes["local"].status
     status = local["current_vcc_status"]
     assert len(status) == N_CLUSTERS and (status["status"] == "shaped").any()
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="plan-partition")))
-    n_campuses = info["campuses"]
-    assert len(runs) == min(PARTITIONS_PER_WORKER * 3, n_campuses)
+    n_campuses = info["campuses"]  # 3 local workers, then 2 workers behind the address: 4 partitions per worker
+    assert len(runs) == min(PARTITIONS_PER_WORKER * 3, n_campuses) + min(PARTITIONS_PER_WORKER * 2, n_campuses)
     assert all(r.state.is_completed() for r in runs)

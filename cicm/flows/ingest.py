@@ -88,10 +88,12 @@ USAGE_FILE_COLUMNS = ("cluster", "hour", "inflexible_cpu_cores", "flexible_cpu_c
 POWER_FILE_COLUMNS = ("cluster", "domain", "hour", "cpu_cores", "power_kw")
 
 
-def read_telemetry_dir(path: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_telemetry_dir(path: Path | str, fleet: Fleet | None = None,
+                       now: pd.Timestamp | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """New telemetry dropped by the monitoring pipeline: `usage*.parquet` and `power*.parquet` in one folder,
     with the usage_history / power_telemetry columns (hour in UTC). Validated: a bad file raises an InputError
-    naming the column, and nothing is stored."""
+    naming the column, and nothing is stored. With a fleet, every cluster and power domain must be one of its own
+    (and each domain in its own cluster); with `now`, no hour may have started after it."""
     folder = Path(path)
     if not folder.is_dir():
         raise InputError("telemetry", f"{folder} is not a folder")
@@ -100,6 +102,21 @@ def read_telemetry_dir(path: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise InputError("telemetry", f"no usage*.parquet or power*.parquet in {folder}")
     usage = _read_parquet(usage_files, USAGE_FILE_COLUMNS, ("cluster", "hour"))
     power = _read_parquet(power_files, POWER_FILE_COLUMNS, ("domain", "hour"))
+    if usage.empty and power.empty:
+        raise InputError("telemetry", f"the files in {folder} hold no rows")
+    if now is not None:
+        for frame in (usage, power):
+            if len(frame) and frame["hour"].max() > now:
+                raise InputError("hour", f"hours in the future (up to {frame['hour'].max()}, now is {now})")
+    if fleet is not None:
+        clusters = {c.name: {d.name for d in c.power_domains} for c in fleet.clusters()}
+        unknown = sorted(set(usage["cluster"]) - clusters.keys()) + sorted(set(power["cluster"]) - clusters.keys())
+        if unknown:
+            raise InputError("cluster", f"not in fleet {fleet.name!r}: {', '.join(unknown[:5])}")
+        pairs = power[["cluster", "domain"]].drop_duplicates()
+        wrong = [f"{d} (in {c})" for c, d in pairs.itertuples(index=False) if d not in clusters[c]]
+        if wrong:
+            raise InputError("domain", f"not a power domain of its cluster: {', '.join(wrong[:5])}")
     return usage, power
 
 
@@ -123,11 +140,17 @@ def _read_parquet(files: list[Path], columns: tuple[str, ...], key: tuple[str, .
     if (frame["hour"] != frame["hour"].dt.floor("h")).any():
         raise InputError("hour", "must start on a whole hour")
     for column in columns:
-        if column in ("cluster", "domain", "hour"):
-            if frame[column].isna().any():
-                raise InputError(column, "missing values")
+        if column in ("cluster", "domain"):
+            if not (pd.api.types.is_string_dtype(frame[column]) or pd.api.types.is_object_dtype(frame[column])) \
+                    or not frame[column].map(lambda v: isinstance(v, str) and v != "").all():
+                raise InputError(column, "must be non-empty text")
             continue
-        values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float)
+        if column == "hour":
+            continue
+        if not pd.api.types.is_float_dtype(frame[column]) and not pd.api.types.is_integer_dtype(frame[column]) \
+                or pd.api.types.is_bool_dtype(frame[column]):
+            raise InputError(column, f"must be numbers, not {frame[column].dtype}")
+        values = frame[column].to_numpy(dtype=float)
         if not np.isfinite(values).all():
             raise InputError(column, f"{int((~np.isfinite(values)).sum())} NaN, infinite or non-numeric values")
         if (values < 0).any():

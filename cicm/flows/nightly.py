@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 from typing import Callable
@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from cicm.config import Fleet, load_fleet
 from cicm.data.store import Store
+from cicm.errors import InputError
 from cicm.flows import plan_stages as stages
 from cicm.flows.ingest import import_demo_telemetry, ingest_telemetry, read_telemetry_dir
 
@@ -60,17 +61,27 @@ class PlanOutcome:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each step of plan_day
 
 
-def ingest_new_telemetry(store: Store, folder: str) -> stages.StageReport:
-    """The nightly ingestion of the telemetry the monitoring pipeline dropped in `folder` (one run)."""
-    usage, power = read_telemetry_dir(folder)
+def ingest_new_telemetry(store: Store, folder: str, fleet: Fleet | None = None,
+                         now: pd.Timestamp | None = None) -> stages.StageReport:
+    """The nightly ingestion of the telemetry the monitoring pipeline dropped in `folder` (one run). A refused
+    drop raises an InputError naming the field, and is recorded as a failed telemetry-ingest run."""
+    try:
+        usage, power = read_telemetry_dir(folder, fleet, now)
+    except InputError as exc:
+        store.failed_run("telemetry-ingest", {"source": str(folder)}, None, exc)
+        raise
     info = ingest_telemetry(store, usage, power, source=str(folder))
     return stages.StageReport("telemetry", "ran", f"ingested {info['usage_rows']} usage and {info['power_rows']}"
                                                   f" power rows from {folder} (run {info['run_id']})")
 
 
 def ensure_telemetry(store: Store, fleet: Fleet, seed: int, telemetry_dir: str | None = None) -> stages.StageReport:
-    if telemetry_dir:
-        return ingest_new_telemetry(store, telemetry_dir)
+    if telemetry_dir:  # a bad drop must not cost the fleet its plan: plan on the stored history, and say so
+        try:
+            return ingest_new_telemetry(store, telemetry_dir, fleet, pd.Timestamp.now(tz="UTC"))
+        except InputError as exc:
+            return stages.StageReport("telemetry", "degraded", f"refused {telemetry_dir} ({exc}); planned on the "
+                                                               "stored history")
     names = [c.name for c in fleet.clusters()]
     if store.has_usage(names):
         return stages.StageReport("telemetry", "ran", "store already holds telemetry for every cluster")
@@ -130,8 +141,11 @@ def plan_day(store: Store, fleet: Fleet, plan_date: date, options: PlanOptions,
             with store.released():
                 result = stages.plan_clusters(None, fleet, plan_date, days, carbon, options, run_partitions,
                                               n_partitions)
-    except Exception as exc:
-        store.failed_run("plan", params, plan_date, exc)
+    except BaseException as exc:  # interrupts and cancellations too: the run log must show the attempt
+        try:
+            store.failed_run("plan", params, plan_date, exc)
+        except Exception:  # noqa: BLE001 - an unreachable store must not hide the error that stopped the plan
+            pass
         raise
     clock.lap("models-and-programs")
     with store.run("plan", params, plan_date=plan_date) as run:
@@ -222,7 +236,10 @@ def choose_runner(options: PlanOptions, n_clusters: int) -> str:
 
 def _submit_partitions(db_path: str):
     def run(jobs: list[stages.PartitionJob]) -> list[dict]:
+        from prefect.futures import wait
+
         futures = [partition_task.submit(db_path, job) for job in jobs]
+        wait(futures)  # all of them, even if one failed: their read-only handles must be closed before we write
         return [future.result() for future in futures]
 
     return run
@@ -250,6 +267,21 @@ def nightly_plan(plan_date: date, db_path: str, fleet_path: str | None = None,
     return outcome
 
 
+def dask_worker_count(options: PlanOptions) -> int:
+    """Workers of the Dask cluster the plan will run on: a remote cluster has as many as its operators gave it."""
+    if not options.dask_address:
+        return options.dask_workers
+    from distributed import Client
+
+    try:
+        with Client(options.dask_address, timeout="30s") as client:
+            return max(1, len(client.scheduler_info().get("workers", {})))
+    except (OSError, TimeoutError) as exc:
+        from cicm.errors import InputError
+
+        raise InputError("dask_address", f"no Dask scheduler at {options.dask_address}: {exc}") from exc
+
+
 def dask_task_runner(options: PlanOptions):
     """prefect-dask's DaskTaskRunner: on the scheduler at `dask_address`, or on a local cluster of worker
     processes (one thread each: the models and HiGHS are CPU-bound and hold the GIL in places)."""
@@ -268,13 +300,20 @@ def run_nightly_plan(plan_date: date, db_path: Path | str, fleet_path: Path | st
     args = (plan_date, str(Path(db_path).resolve()), str(fleet_path) if fleet_path else None, options)
     if choose_runner(options, len(fleet.clusters())) == "local":
         return nightly_plan(*args)
-    with shared_prefect_api():
+    if options.runner == "auto" and not options.dask_address:  # a big fleet on a big machine: use its cores
+        options = replace(options, dask_workers=max(options.dask_workers, os.cpu_count() or 1))
+    with shared_prefect_api(remote=bool(options.dask_address) and not _is_loopback(options.dask_address)):
         return nightly_plan.with_options(task_runner=dask_task_runner(options))(
-            *args, n_partitions=PARTITIONS_PER_WORKER * options.dask_workers)
+            *args, n_partitions=PARTITIONS_PER_WORKER * dask_worker_count(options))
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "127.0.0.1", "::1")
 
 
 @contextmanager
-def shared_prefect_api():
+def shared_prefect_api(remote: bool = False):
     """Dask workers report their task runs to the flow's Prefect API, which they find in PREFECT_API_URL. A
     configured API (a Prefect server, or a test harness) is handed to them as it is. Offline there is none (each
     process would start its own ephemeral server, ~10 s each), so one local server is started for the flow and
@@ -285,6 +324,11 @@ def shared_prefect_api():
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url, started = PREFECT_API_URL.value(), None
+    if not url and remote:
+        from cicm.errors import InputError
+
+        raise InputError("dask_address", "workers on other machines report to a Prefect API: set PREFECT_API_URL "
+                                         "to a Prefect server they can reach")
     if not url:
         started = SubprocessASGIServer()
         started.start()
@@ -316,10 +360,13 @@ def tomorrow_in(tz: str, now: pd.Timestamp | None = None) -> date:
 
 
 @flow(name="nightly-plan-scheduled", flow_run_name="nightly-plan-scheduled")
-def scheduled_nightly_plan(db_path: str, fleet_path: str | None = None, provider: str = "trace") -> PlanOutcome:
+def scheduled_nightly_plan(db_path: str, fleet_path: str | None = None, provider: str = "trace",
+                           telemetry_dir: str | None = None, runner: str = "auto",
+                           dask_address: str | None = None) -> PlanOutcome:
     """What the deployment runs every evening: plan tomorrow (in the earliest campus's time zone)."""
     fleet = load_fleet(fleet_path)
-    return nightly_plan(tomorrow_in(earliest_campus_timezone(fleet)), db_path, fleet_path, PlanOptions(provider))
+    options = PlanOptions(provider, telemetry_dir=telemetry_dir, runner=runner, dask_address=dask_address)
+    return run_nightly_plan(tomorrow_in(earliest_campus_timezone(fleet)), db_path, fleet_path, options)
 
 
 def nightly_deployment(db_path: str, fleet_path: str | None = None):

@@ -24,14 +24,16 @@ def prepare_scale_run(folder: Path | str, n_clusters: int, seed: int = 0, cluste
     fleet = scale_fleet(n_clusters, seed=seed, clusters_per_campus=clusters_per_campus)
     fleet_path = write_fleet_toml(fleet, folder / "fleet.toml")
     db_path = folder / "cicm.duckdb"
-    if db_path.exists():
-        db_path.unlink()
+    telemetry = folder / "telemetry"
+    stale = [db_path, db_path.with_suffix(".duckdb.wal"), *telemetry.glob("usage*.parquet"),
+             *telemetry.glob("power*.parquet")]
+    for path in stale:  # a rerun starts clean: no old WAL replayed, no old drop ingested
+        path.unlink(missing_ok=True)
     with Store(db_path) as store:
         info = import_scale_telemetry(store, fleet, seed=seed, held_back_days=1)
     last_day = fleet.history_end - pd.Timedelta(days=1)
     usage = scale_usage_history(fleet, seed, start=last_day)
     power = scale_power_telemetry(fleet, usage, seed)
-    telemetry = folder / "telemetry"
     telemetry.mkdir(parents=True, exist_ok=True)
     usage.to_parquet(telemetry / "usage.parquet", index=False)
     power.to_parquet(telemetry / "power.parquet", index=False)
