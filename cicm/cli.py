@@ -206,6 +206,8 @@ def scale_generate(
         info = prepare_scale_run(out, clusters, seed=seed, clusters_per_campus=per_campus)
     except InputError as exc:
         _fail(exc)
+    except OSError as exc:
+        _fail(InputError("out", f"cannot write to {out}: {exc.strerror or exc}"))
     console.print(f"{info['clusters']} clusters in {info['campuses']} campuses; {info['usage_rows']:,} usage rows "
                   f"stored in {info['db']}. Plan it with:\n  cicm plan --fleet {info['fleet']} --db {info['db']} "
                   f"--telemetry {info['telemetry']}")

@@ -39,6 +39,19 @@ def test_scale_fleet_is_seeded_and_varied():
     assert all(campus.timezone == ZONE_TIMEZONES[campus.grid_zone] for campus in fleet.campuses)
 
 
+@pytest.mark.parametrize("args,field", [(["--clusters", "0"], "n_clusters"), (["--clusters", "3"], "out")])
+def test_scale_generate_refuses_bad_input_by_name(tmp_path, args, field):
+    from typer.testing import CliRunner
+
+    from cicm.cli import app
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = CliRunner().invoke(app, ["scale", "generate", *args, "--out", str(blocker / "run")])
+    assert result.exit_code == 1 and f"{field}:" in result.output
+    assert blocker.read_text() == "not a folder"
+
+
 def test_scale_fleet_round_trips_through_toml(tmp_path):
     fleet = scale_fleet(30, seed=4, clusters_per_campus=7)
     assert load_fleet(write_fleet_toml(fleet, tmp_path / "fleet.toml")) == fleet
