@@ -8,17 +8,17 @@ traces via :func:`cicm.data.telemetry.scaled_cluster_jobs`), and is charged the 
   below the 30th percentile of the local day's forecast (cap 0 otherwise, the machine room in those hours).
 - ``threshold-guard``: the same, but a task that would otherwise miss its 24 h deadline runs anyway (deadline-
   aware suspend/resume; a fairer baseline, since plain thresholding is unstable at realistic loads).
-- ``planner``: our nightly plan, made at 18:00 local on the eve of each day from data before that moment only:
-  the trace carbon forecast, the load forecaster and power models refit on the closed-loop history (past hours
-  of this very backtest, as the planner shaped them), the VCC program, and the SLO feedback loop (the project's
-  rule, :func:`cicm.flows.slo.feedback_decision`, on the backtest's job-level evidence: shaping off for
-  ``slo_off_days`` days after two close-or-violating days in a row or two violations in the last 7 checked days).
-- ``planner-guard``: the planner's VCCs with deadline-aware admission: a task that would otherwise miss its
-  deadline runs above the VCC (within the machines). Not CICM; it measures what such an exception would buy.
-- ``oracle``: the same program with the actual carbon and actual loads (inflexible usage hour by hour, the
-  reservation ratio, the day's realised flexible demand, the true power curve) and the same capacity margin as the
-  planner (the margin is the queue's slack, not forecast knowledge; without it, the caps' area equals the day's
-  work exactly and any idle capped hour leaves a backlog that never drains).
+- ``cicm-ceiling``: the CICM ceiling program (:mod:`cicm.optimize.program`), the baseline from the paper, made at
+  18:00 local on the eve of each day from data before that moment only: the trace carbon forecast, the load
+  forecaster and power models refit on the closed-loop history (past hours of this very backtest, as it shaped
+  them), the VCC program, and the SLO feedback loop (the project's rule, :func:`cicm.flows.slo.feedback_decision`,
+  on the backtest's job-level evidence: shaping off for ``slo_off_days`` days after two close-or-violating days in
+  a row or two violations in the last 7 checked days). Its VCC is a ceiling over a work-conserving queue.
+- ``planner``: the queue-aware planner (:mod:`cicm.backtest.queue_policy`): the same nightly inputs plus the
+  measured backlog and hourly arrival forecasts, a plan of record of WHEN flexible work runs, corrected every hour
+  from the live backlog, with the deadline guard and the same SLO feedback and forecast-value gate.
+- ``oracle``: the queue-aware program and its hourly correction with perfect foresight (actual carbon, every
+  job's actual arrival, width and deadline, actual inflexible usage, the true power curve).
 
 A VCC (reservation cores) becomes a flexible usage cap through the actual reservation ratio of the hour:
 ``cap = VCC / R_actual(h) - inflexible(h)``, so the cap binds the cluster's reservations exactly as the VCC does.
@@ -42,7 +42,7 @@ from cicm.errors import InputError
 from cicm.flows.nightly import PlanOptions
 from cicm.timeutil import local_day_hours_utc, planning_time_utc
 
-POLICIES = ("carbon-agnostic", "threshold", "threshold-guard", "planner", "planner-guard", "oracle")
+POLICIES = ("carbon-agnostic", "threshold", "threshold-guard", "cicm-ceiling", "planner", "oracle")
 BASELINE = "carbon-agnostic"
 ZONE_TIMEZONES = {
     "AZPS": "America/Phoenix", "BPAT": "America/Los_Angeles", "CISO": "America/Los_Angeles",
@@ -63,6 +63,11 @@ class BacktestOptions(PlanOptions):
     slo_off_days: int = 7
     drain_hours: int = 72
     max_task_share: float = 0.01  # tasks no wider than this share of the cluster
+    # the queue-aware planner
+    horizon_hours: int = 48  # look-ahead of every solve (only the planning day is committed)
+    planning_margin_hours: float = 4.0  # deadlines are planned this much early
+    arrival_quantile: float = 0.9  # upper quantile of arrivals behind the VCC's risk margin
+    hourly_correction: bool = True  # re-plan every hour from the live backlog
     # the randomised experiment
     experiment: bool = True
     experiment_p: float = 0.5
@@ -76,8 +81,12 @@ class BacktestOptions(PlanOptions):
             raise InputError("policies", f"{BASELINE} is the baseline and must be included")
         if self.experiment and "planner" not in self.policies:
             raise InputError("experiment", "the experiment applies the planner's VCCs; include the planner")
-        if ("oracle" in self.policies or "planner-guard" in self.policies) and "planner" not in self.policies:
-            raise InputError("policies", "the oracle and planner-guard need the planner's run; include the planner")
+        if not 24 <= self.horizon_hours <= 72:
+            raise InputError("horizon_hours", f"must be in [24, 72], got {self.horizon_hours}")
+        if not 0 <= self.planning_margin_hours < 24:
+            raise InputError("planning_margin_hours", f"must be in [0, 24), got {self.planning_margin_hours}")
+        if not 0.5 <= self.arrival_quantile < 1:
+            raise InputError("arrival_quantile", f"must be in [0.5, 1), got {self.arrival_quantile}")
         if not 0 < self.threshold_quantile < 1:
             raise InputError("threshold_quantile", "must be in (0, 1)")
         if not 0 < self.experiment_p < 1:
@@ -172,6 +181,7 @@ class Segment:
     hours: pd.DatetimeIndex  # simulated hours (window + drain)
     carbon: np.ndarray  # actual gCO2/kWh per simulated hour
     forecast: np.ndarray  # day-ahead forecast per window hour (NaN in the drain)
+    forecast_ext: np.ndarray  # the same, continued into the drain by the following days' forecasts (look-ahead)
     day_of_hour: np.ndarray  # index into days per simulated hour, -1 in the drain
     inflexible: dict[str, np.ndarray]
     ratio: dict[str, np.ndarray]
@@ -222,9 +232,18 @@ def run_segment(fleet: Fleet, campus: Campus, days: list[date], options: Backtes
     forecast = np.full(n_h, np.nan)
     for cd in campus_days:
         forecast[_slots(hours, cd.hours)] = forecast_source(cd, options.seed).to_numpy(float)
+    forecast_ext = forecast.copy()
+    later = days[-1]
+    while np.isnan(forecast_ext).any():
+        later += timedelta(days=1)
+        dh = local_day_hours_utc(later, tz)
+        inside = hours.get_indexer(dh)
+        cd = CampusDay(campus, dh, planning_time_utc(later, tz))
+        forecast_ext[inside[inside >= 0]] = forecast_source(cd, options.seed).to_numpy(float)[inside >= 0]
 
     seg = Segment(campus=campus, days=list(days), t0=t0, window_end=window_end, hours=hours, carbon=carbon,
-                  forecast=forecast, day_of_hour=day_of_hour, inflexible={}, ratio={}, tasks={})
+                  forecast=forecast, forecast_ext=forecast_ext, day_of_hour=day_of_hour, inflexible={}, ratio={},
+                  tasks={})
     for c in campus.clusters:
         d = data[c.name]
         u = d.usage.set_index("hour")
@@ -247,17 +266,18 @@ def run_segment(fleet: Fleet, campus: Campus, days: list[date], options: Backtes
                 for c in campus.clusters:
                     _open_loop(seg, c, name, thr, deadline_guard=guard)
                 tick(name)
+    from cicm.backtest.queue_policy import run_queue_policy
+
+    frames = []
+    if "cicm-ceiling" in options.policies:
+        frames.append(_run_ceiling(fleet, seg, campus_days, options, data, lambda: tick("cicm-ceiling day")))
     if "planner" in options.policies:
-        plans = _run_planner(fleet, seg, campus_days, options, data, lambda: tick("planner day"))
-        seg.plans = plans
-    if "planner-guard" in options.policies:
-        for c in campus.clusters:
-            run = seg.runs[("planner", c.name)]
-            _open_loop(seg, c, "planner-guard", run.cap, deadline_guard=True, vcc=run.vcc)
-        tick("planner-guard")
+        frames.append(run_queue_policy(seg, campus_days, options, data, "planner", lambda: tick("planner day")))
     if "oracle" in options.policies:
-        _run_oracle(seg, campus_days, options, data)
+        frames.append(run_queue_policy(seg, campus_days, options, data, "oracle"))
         tick("oracle")
+    for f in frames:
+        seg.plans = f if seg.plans.empty else seg.plans.merge(f, on=["day", "cluster"], how="outer")
     if options.experiment:
         _run_experiment(seg, options)
         tick("experiment")
@@ -310,9 +330,9 @@ def _forecast_value(campus: Campus, cd, options: BacktestOptions):
                           options.delta_max)
 
 
-def _run_planner(fleet: Fleet, seg: Segment, campus_days: list, options: BacktestOptions,
+def _run_ceiling(fleet: Fleet, seg: Segment, campus_days: list, options: BacktestOptions,
                  data: dict[str, ClusterData], tick: Callable[[], None]) -> pd.DataFrame:
-    """The nightly plan, day by day, on the closed-loop history; the simulator advances between plans."""
+    """The CICM ceiling program, day by day, on the closed-loop history; the simulator advances between plans."""
     from cicm.data.telemetry import cluster_power_telemetry
     from cicm.flows import plan_stages as stages
     from cicm.optimize.program import plan_campus
@@ -358,7 +378,7 @@ def _run_planner(fleet: Fleet, seg: Segment, campus_days: list, options: Backtes
             problem = models.load_problem or models.power_problem
             if problem or models.power_curve is None:
                 fallbacks[c.name] = problem or "no-power-model"
-                rows.append({**row, "planner_status": "fallback", "planner_reason": fallbacks[c.name]})
+                rows.append({**row, "ceiling_status": "fallback", "ceiling_reason": fallbacks[c.name]})
                 continue
             inputs.append(stages.cluster_input(c, models, preset))
             rows.append(row)
@@ -382,15 +402,15 @@ def _run_planner(fleet: Fleet, seg: Segment, campus_days: list, options: Backtes
         for row in rows[-len(campus.clusters):]:
             if row["cluster"] in status:
                 st, reason, saving, tau = status[row["cluster"]]
-                row.update({"planner_status": st, "planner_reason": reason, "planned_flexible_saving_pct": saving,
+                row.update({"ceiling_status": st, "ceiling_reason": reason, "planned_flexible_saving_pct": saving,
                             "tau_core_hours": tau})
         tick()
     for c in campus.clusters:
         sims[c.name].advance(n_h)
         res = sims[c.name].result()
         cap = sims[c.name].cap.copy()
-        seg.runs[("planner", c.name)] = PolicyRun("planner", c.name, res, job_outcomes(seg.tasks[c.name], res),
-                                                  cap, vccs[c.name])
+        seg.runs[("cicm-ceiling", c.name)] = PolicyRun("cicm-ceiling", c.name, res,
+                                                       job_outcomes(seg.tasks[c.name], res), cap, vccs[c.name])
     return pd.DataFrame(rows)
 
 
@@ -447,54 +467,6 @@ def _closed_loop_history(base: pd.DataFrame, seg: Segment, sim: ClusterSim, name
     return pd.concat([before, sim_frame]).rename_axis("hour")
 
 
-def _run_oracle(seg: Segment, campus_days: list, options: BacktestOptions, data: dict[str, ClusterData]) -> None:
-    """The same program with actual carbon and actual loads (see the module docstring)."""
-    from cicm.flows import plan_stages as stages
-    from cicm.optimize.inputs import ClusterInput
-    from cicm.optimize.program import plan_campus
-
-    campus = seg.campus
-    n_h = len(seg.hours)
-    caps = {c.name: np.full(n_h, np.inf) for c in campus.clusters}
-    vccs = {c.name: np.full(n_h, np.nan) for c in campus.clusters}
-    plans = seg.plans.set_index(["day", "cluster"]) if not seg.plans.empty else None
-    statuses = []
-    for k, (cd, d) in enumerate(zip(campus_days, seg.days)):
-        idx = _slots(seg.hours, cd.hours)
-        inputs = []
-        for c in campus.clusters:
-            u = seg.inflexible[c.name][idx]
-            r = seg.ratio[c.name][idx]
-            served = seg.runs[(BASELINE, c.name)].result.flexible_cpu_cores[idx]
-            t_uf = float(served.sum())
-            t_r = float(((u + t_uf / len(idx)) * r).sum())
-            q = np.nan
-            if plans is not None and (d, c.name) in plans.index:
-                q = plans.loc[(d, c.name), "q97"]
-            if not np.isfinite(q):
-                q = float(np.nanmedian(seg.plans["q97"])) if not seg.plans.empty else 0.0
-                q = q if np.isfinite(q) else 0.0
-            inputs.append(ClusterInput(
-                name=c.name, inflexible_cpu_cores=u, inflexible_upper_cpu_cores=u, flexible_core_hours=t_uf,
-                reservations_core_hours=t_r, reservation_ratio=r, reservations_rel_error_q97=q,
-                capacity_cores=float(c.capacity_cores) * float(r.max()),
-                power_capped_capacity_cores=float(c.capacity_cores), power_curve=data[c.name].power.curve()))
-        plan = plan_campus(stages.campus_input(campus, inputs, seg.carbon[idx], cd.hours, options))
-        for row in plan.clusters.itertuples():
-            statuses.append({"day": d, "cluster": row.cluster, "oracle_status": row.status,
-                             "oracle_reason": row.reason})
-            if row.status != "shaped":
-                continue
-            h = plan.hourly[plan.hourly["cluster"] == row.cluster]
-            vcc = h["vcc_cores"].to_numpy(float)
-            vccs[row.cluster][idx] = vcc
-            caps[row.cluster][idx] = _vcc_to_cap(vcc, seg.ratio[row.cluster][idx], seg.inflexible[row.cluster][idx])
-    for c in campus.clusters:
-        _open_loop(seg, c, "oracle", caps[c.name], vcc=vccs[c.name])
-    st = pd.DataFrame(statuses)
-    seg.plans = st if seg.plans.empty else seg.plans.merge(st, on=["day", "cluster"], how="outer")
-
-
 def _run_experiment(seg: Segment, options: BacktestOptions) -> None:
     """Randomised cluster-days (p = experiment_p): treated ones enforce the planner's VCC, the others run
     unshaped. The assignment is drawn from the seed, independently of everything else."""
@@ -511,7 +483,8 @@ def _run_experiment(seg: Segment, options: BacktestOptions) -> None:
             if t and shaped:
                 cap[idx] = planner.cap[idx]
             rows.append({"cluster": c.name, "day": seg.days[k], "treated": bool(t), "shaped": bool(shaped)})
-        _open_loop(seg, c, "experiment", cap, vcc=np.where(np.isfinite(cap), planner.vcc, np.nan))
+        _open_loop(seg, c, "experiment", cap, deadline_guard=True,
+                   vcc=np.where(np.isfinite(cap), planner.vcc, np.nan))
     seg.treated = pd.DataFrame(rows)
 
 
@@ -589,6 +562,6 @@ def run_backtest(zone: str, start: date, n_days: int, options: BacktestOptions |
 
 def progress_steps(n_days: int, options: BacktestOptions) -> int:
     """How many progress ticks run_backtest makes (for a progress bar)."""
-    steps = 1 + sum(p in options.policies for p in ("threshold", "threshold-guard", "planner-guard", "oracle"))
-    steps += n_days if "planner" in options.policies else 0
+    steps = 1 + sum(p in options.policies for p in ("threshold", "threshold-guard", "oracle"))
+    steps += n_days * sum(p in options.policies for p in ("cicm-ceiling", "planner"))
     return steps + (1 if options.experiment else 0)

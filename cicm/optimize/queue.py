@@ -1,0 +1,340 @@
+"""The queue-aware program: plan WHEN flexible work runs, one batched cvxpy LP per campus. Pure: arrays in, arrays out.
+
+The CICM ceiling program (:mod:`cicm.optimize.program`) shapes a padded ceiling over a work-conserving queue; held
+work then runs in the first open hour, not the cleanest one. This program plans each cluster's hourly flexible
+*service* s(c, h) directly, as a fluid queue (docs/optimizer.md has the derivation and the risk model):
+
+- S(c, h) = sum_{j <= h} s(c, j): cumulative service by the end of hour h (core-hours);
+- available: S(c, h) <= avail(c, h), the work that has arrived (and could have run) by then;
+- deadlines: S(c, h) + late(c, h) >= must(c, h), the work due by then (planning deadlines); late >= 0 is a soft
+  slack priced far above any carbon, so the program always returns a plan and reports the lateness it expects;
+- room: 0 <= s(c, h) <= room(c, h) = capacity(c, h) - inflexible upper quantile(c, h);
+- optional plan of record: s(c, h) <= limit(c, h) + over(c, h), over >= 0 priced between carbon and lateness
+  (the intraday correction: exceed the day-ahead plan only where a deadline needs it);
+- power: z(c, h) >= a_k + b_k * (U_IF(c, h) + s(c, h)) for every segment k of the lower convex hull of the
+  cluster's power curve (the epigraph; exact for a convex curve);
+- peak: y(c) >= z(c, h) over the committed hours; sum_c y(c) <= the campus contract.
+
+Objective: lambda_e * sum_{c,h} eta(h) z(c, h) / 1000 + lambda_p * sum_c y(c)
+           + lambda_e * sum_c leftover(c) * eta_term * b_term(c) / 1000      (work deferred past the horizon)
+           + penalties (lateness, over-plan) + a tiny price on waiting (ties go to serving early).
+
+``leftover`` is the work still queued at the end of the horizon; it is charged at the horizon's mean carbon and
+the hull slope at the mean inflexible usage: deferring work beyond what the program can see is worth what an
+average hour costs, no more (otherwise the last hours would always be emptied).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import cvxpy as cp
+import numpy as np
+
+from cicm.errors import InputError
+from cicm.optimize.curves import CurveTable, lower_hulls
+from cicm.optimize.inputs import PowerCurve, SOLVERS
+
+#: Price of one core-hour of lateness per hour late, and of one core-hour served above the plan of record, in
+#: units of the campus's dearest core-hour of carbon (lambda_e * max eta * max slope / 1000). Lateness must cost
+#: more than any exceedance, and an exceedance more than any carbon it could save.
+LATE_PRICE = 1000.0
+OVER_PRICE = 10.0
+#: Price of one core-hour waiting one hour, same unit: breaks ties between equally clean hours towards serving
+#: early (flat carbon and linear power then give run-on-arrival), far too small to move work for carbon.
+WAIT_PRICE = 1e-6
+#: Tolerance (core-hours, relative to the work) of the input checks must <= avail.
+CHECK_RTOL = 1e-6
+SOLVER_OPTIONS: dict[str, dict] = {"HIGHS": {}, "CLARABEL": {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10}}
+
+
+@dataclass(frozen=True, eq=False)
+class QueueCluster:
+    """One cluster over the planning horizon (N hours). Core-hours are cumulative from the horizon's start.
+
+    - ``inflexible_cpu_cores[N]``: forecast inflexible usage (draws power).
+    - ``inflexible_upper_cpu_cores[N]``: its (1 - gamma) quantile, always admitted: room = capacity - this.
+    - ``capacity_cores``: usable cores (power-capped), scalar or N values.
+    - ``must_core_hours[N]``: cumulative flexible work due by the end of each hour (non-decreasing, >= 0).
+    - ``avail_core_hours[N]``: cumulative flexible work that can have run by the end of each hour (non-decreasing,
+      >= must): the backlog plus forecast arrivals, each limited by its width.
+    - ``power_curve``: cluster power (kW) against usage (cores).
+    - ``limit_cpu_cores[N]``: optional plan of record; service above it is priced (intraday correction).
+    - ``fallback_reason``: preset to leave the cluster unshaped (it then serves as early as it can).
+    """
+
+    name: str
+    inflexible_cpu_cores: np.ndarray
+    inflexible_upper_cpu_cores: np.ndarray
+    capacity_cores: float | np.ndarray
+    must_core_hours: np.ndarray
+    avail_core_hours: np.ndarray
+    power_curve: PowerCurve
+    limit_cpu_cores: np.ndarray | None = None
+    fallback_reason: str | None = None
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise InputError("name", f"must be a non-empty string, got {self.name!r}")
+        u = _vector("inflexible_cpu_cores", self.inflexible_cpu_cores, None)
+        n = u.size
+        set_("inflexible_cpu_cores", u)
+        set_("inflexible_upper_cpu_cores", np.maximum(
+            _vector("inflexible_upper_cpu_cores", self.inflexible_upper_cpu_cores, n), u))
+        cap = np.broadcast_to(np.asarray(self.capacity_cores, dtype=float), (n,)).copy() \
+            if np.ndim(self.capacity_cores) == 0 else _vector("capacity_cores", self.capacity_cores, n)
+        if np.isnan(cap).any() or (cap <= 0).any() or np.isinf(cap).any():
+            raise InputError("capacity_cores", "must be finite and > 0")
+        set_("capacity_cores", cap)
+        must = _vector("must_core_hours", self.must_core_hours, n)
+        avail = _vector("avail_core_hours", self.avail_core_hours, n)
+        scale = max(float(avail[-1]), 1.0)
+        for name, arr in (("must_core_hours", must), ("avail_core_hours", avail)):
+            if (np.diff(arr) < -CHECK_RTOL * scale).any():
+                raise InputError(name, "must be cumulative (non-decreasing)")
+        if (must > avail + CHECK_RTOL * scale).any():
+            h = int(np.argmax(must - avail))
+            raise InputError("must_core_hours", f"hour {h}: {must[h]:.6g} core-hours due but only "
+                                                f"{avail[h]:.6g} can have run (must <= avail)")
+        set_("must_core_hours", np.minimum(np.maximum.accumulate(must), avail))
+        set_("avail_core_hours", np.maximum.accumulate(avail))
+        if not isinstance(self.power_curve, PowerCurve):
+            raise InputError("power_curve", f"must be a PowerCurve, got {type(self.power_curve).__name__}")
+        if self.limit_cpu_cores is not None:
+            set_("limit_cpu_cores", _vector("limit_cpu_cores", self.limit_cpu_cores, n))
+
+    @property
+    def hours(self) -> int:
+        return int(self.inflexible_cpu_cores.size)
+
+    @property
+    def room_cpu_cores(self) -> np.ndarray:
+        return np.maximum(self.capacity_cores - self.inflexible_upper_cpu_cores, 0.0)
+
+
+@dataclass(frozen=True, eq=False)
+class QueueCampus:
+    """A campus over the horizon: its clusters, the carbon forecast, and which hours are committed (the planning
+    day; the rest is look-ahead, planned but not enforced). ``contract_kw`` bounds the sum of the clusters' peaks
+    over the committed hours (inf = none)."""
+
+    name: str
+    clusters: tuple[QueueCluster, ...]
+    carbon_gco2_per_kwh: np.ndarray
+    committed: np.ndarray | None = None  # (N,) bool; default: every hour
+    contract_kw: float = float("inf")
+    lambda_e: float = 1.0
+    lambda_p: float = 0.0
+    solver: str = "HIGHS"
+
+    def __post_init__(self):
+        if not self.clusters:
+            raise InputError("clusters", "a campus needs at least one cluster")
+        n = self.clusters[0].hours
+        for i, c in enumerate(self.clusters):
+            if c.hours != n:
+                raise InputError(f"clusters[{i}].inflexible_cpu_cores", f"has {c.hours} hours, expected {n}")
+        names = [c.name for c in self.clusters]
+        if len(set(names)) != len(names):
+            raise InputError("clusters", "cluster names must be unique in a campus")
+        eta = _vector("carbon_gco2_per_kwh", self.carbon_gco2_per_kwh, n)
+        object.__setattr__(self, "carbon_gco2_per_kwh", eta)
+        com = np.ones(n, bool) if self.committed is None else np.asarray(self.committed, dtype=bool)
+        if com.shape != (n,) or not com.any():
+            raise InputError("committed", f"must be {n} booleans with at least one True")
+        object.__setattr__(self, "committed", com)
+        for name in ("lambda_e", "lambda_p"):
+            v = getattr(self, name)
+            if not np.isfinite(v) or v < 0:
+                raise InputError(name, f"must be finite and >= 0, got {v!r}")
+        if self.lambda_e == 0 and self.lambda_p == 0:
+            raise InputError("lambda_e", "lambda_e and lambda_p cannot both be 0")
+        if np.isnan(self.contract_kw) or self.contract_kw <= 0:
+            raise InputError("contract_kw", f"must be > 0, got {self.contract_kw!r}")
+        if self.solver not in SOLVERS:
+            raise InputError("solver", f"unknown solver {self.solver!r}; choose from {', '.join(SOLVERS)}")
+
+
+@dataclass(frozen=True, eq=False)
+class QueuePlan:
+    """The plan: (C, N) arrays in the campus's cluster order.
+
+    ``service_cpu_cores``: planned flexible usage per hour; ``late_core_hours``: planned shortfall against the
+    planning deadlines at the end of each hour (0 when every deadline is met); ``over_cpu_cores``: service above
+    the plan of record; ``leftover_core_hours`` (C,): work queued at the horizon's end; ``status``: ``"optimal"``
+    or ``"fallback"`` per cluster, ``reason`` its cause (None when shaped)."""
+
+    clusters: tuple[str, ...]
+    service_cpu_cores: np.ndarray
+    late_core_hours: np.ndarray
+    over_cpu_cores: np.ndarray
+    leftover_core_hours: np.ndarray
+    status: tuple[str, ...]
+    reason: tuple[str | None, ...]
+    solver: str
+    solve_seconds: float
+    detail: dict = field(default_factory=dict)
+
+
+def _vector(name: str, value, n: int | None) -> np.ndarray:
+    if value is None:
+        raise InputError(name, "is required")
+    try:
+        arr = np.array(value, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise InputError(name, f"is not numeric ({exc})") from None
+    if arr.ndim != 1 or arr.size == 0:
+        raise InputError(name, f"must be a non-empty 1-D array, got shape {arr.shape}")
+    if n is not None and arr.size != n:
+        raise InputError(name, f"has {arr.size} values, expected {n} (one per hour)")
+    if not np.isfinite(arr).all():
+        raise InputError(name, "contains NaN or an infinite value")
+    if (arr < 0).any():
+        raise InputError(name, f"must be >= 0, got {arr.min():g}")
+    return arr
+
+
+def greedy_service(must: np.ndarray, avail: np.ndarray, room: np.ndarray) -> np.ndarray:
+    """Run-on-arrival: serve whatever is available as soon as the room allows (the carbon-agnostic schedule of
+    the fluid queue, and the plan of an unshaped cluster)."""
+    served = 0.0
+    out = np.zeros_like(avail)
+    for h in range(avail.size):
+        out[h] = max(min(room[h], avail[h] - served), 0.0)
+        served += out[h]
+    return out
+
+
+def plan_queue(campus: QueueCampus) -> QueuePlan:
+    """Solve the campus's queue program (see the module docstring). Clusters with a preset fallback serve
+    run-on-arrival and are not in the LP; a solver failure falls every cluster back the same way, with a reason."""
+    t0 = time.perf_counter()
+    n = campus.clusters[0].hours
+    shaped = [i for i, c in enumerate(campus.clusters) if c.fallback_reason is None]
+    n_c = len(campus.clusters)
+    service = np.zeros((n_c, n))
+    late = np.zeros((n_c, n))
+    over = np.zeros((n_c, n))
+    status = ["fallback"] * n_c
+    reason: list[str | None] = [c.fallback_reason for c in campus.clusters]
+    for i, c in enumerate(campus.clusters):
+        service[i] = greedy_service(c.must_core_hours, c.avail_core_hours, c.room_cpu_cores)
+    detail: dict = {}
+    if shaped:
+        try:
+            s, lt, ov = _solve(campus, [campus.clusters[i] for i in shaped])
+            for k, i in enumerate(shaped):
+                service[i], late[i], over[i] = s[k], lt[k], ov[k]
+                status[i], reason[i] = "optimal", None
+        except _SolveFailed as exc:
+            detail["solver_error"] = str(exc)
+            for i in shaped:
+                reason[i] = "solver-error"
+    left = np.array([c.avail_core_hours[-1] for c in campus.clusters]) - service.sum(axis=1)
+    return QueuePlan(tuple(c.name for c in campus.clusters), service, late, over, np.maximum(left, 0.0),
+                     tuple(status), tuple(reason), campus.solver, time.perf_counter() - t0, detail)
+
+
+class _SolveFailed(RuntimeError):
+    pass
+
+
+def _solve(campus: QueueCampus, clusters: list[QueueCluster]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n_c, n = len(clusters), clusters[0].hours
+    u = np.stack([c.inflexible_cpu_cores for c in clusters])
+    room = np.stack([c.room_cpu_cores for c in clusters])
+    must = np.stack([c.must_core_hours for c in clusters])
+    avail = np.stack([c.avail_core_hours for c in clusters])
+    eta = campus.carbon_gco2_per_kwh
+    table = CurveTable.pack([c.power_curve for c in clusters])
+    hulls = lower_hulls(table, u.min(axis=1), (u + room).max(axis=1), convex_rtol=1e-9)
+    a, b = hulls.padded()  # (C, K)
+    # Scale: core-hours in units of each cluster's largest room (well-conditioned for any cluster size).
+    scale = np.maximum(room.max(axis=1), 1e-9)[:, None]
+    unit = campus.lambda_e * max(float(eta.max()), 1e-9) * max(float(b.max()), 1e-9) / 1000.0  # per core-hour
+    if campus.lambda_e == 0:
+        unit = campus.lambda_p * max(float(b.max()), 1e-9)
+    tri = np.tril(np.ones((n, n)))  # cumulative sums as a matrix product (N <= ~72)
+    x = cp.Variable((n_c, n), nonneg=True)  # service / scale
+    lat = cp.Variable((n_c, n), nonneg=True)
+    z = cp.Variable((n_c, n))
+    s_cum = x @ tri.T
+    cons = [x <= room / scale, s_cum <= avail / scale, s_cum + lat >= must / scale]
+    for k in range(a.shape[1]):
+        cons.append(z >= a[:, k:k + 1] + cp.multiply(b[:, k:k + 1], u + cp.multiply(scale, x)))
+    objective = campus.lambda_e * cp.sum(z @ (eta / 1000.0))
+    eta_term = float(eta.mean())
+    slope_term = table.slope_at(u.mean(axis=1, keepdims=True))[:, 0]
+    leftover = avail[:, -1] / scale[:, 0] - s_cum[:, n - 1]
+    objective += campus.lambda_e * eta_term / 1000.0 * cp.sum(cp.multiply(slope_term * scale[:, 0], leftover))
+    objective += unit * LATE_PRICE * cp.sum(cp.multiply(scale, lat))
+    objective += unit * WAIT_PRICE * cp.sum(cp.multiply(scale, avail / scale - s_cum))
+    ov = None
+    limits = [c.limit_cpu_cores for c in clusters]
+    if any(lim is not None for lim in limits):
+        lim = np.stack([room[i] if limits[i] is None else np.minimum(limits[i], room[i]) for i in range(n_c)])
+        ov = cp.Variable((n_c, n), nonneg=True)
+        cons.append(x <= lim / scale + ov)
+        objective += unit * OVER_PRICE * cp.sum(cp.multiply(scale, ov))
+    com = np.flatnonzero(campus.committed)
+    if campus.lambda_p > 0 or np.isfinite(campus.contract_kw):
+        y = cp.Variable(n_c)
+        cons.append(z[:, com] <= y[:, None] @ np.ones((1, com.size)))
+        if np.isfinite(campus.contract_kw):
+            cons.append(cp.sum(y) <= campus.contract_kw)
+        objective += campus.lambda_p * cp.sum(y)
+    prob = cp.Problem(cp.Minimize(objective), cons)
+    try:
+        prob.solve(solver=campus.solver, **SOLVER_OPTIONS.get(campus.solver, {}))
+    except cp.error.SolverError as exc:
+        raise _SolveFailed(f"{campus.solver}: {exc}") from None
+    if prob.status not in ("optimal", "optimal_inaccurate") or x.value is None:
+        raise _SolveFailed(f"{campus.solver} returned {prob.status}")
+    s = np.clip(x.value * scale, 0.0, room)
+    late_v = np.maximum(lat.value * scale, 0.0)
+    over_v = np.zeros_like(s) if ov is None else np.maximum(ov.value * scale, 0.0)
+    return s, late_v, over_v
+
+
+# ------------------------------------------------------------------------------------------ queue bounds
+
+
+def ramps(ends_h: np.ndarray, start_h: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """sum_k weight_k * max(0, e - start_k) for every e in ``ends_h``, in O((K + N) log K)."""
+    ends_h = np.asarray(ends_h, dtype=float)
+    if len(start_h) == 0:
+        return np.zeros(ends_h.size)
+    order = np.argsort(start_h)
+    b, c = np.asarray(start_h, float)[order], np.asarray(weight, float)[order]
+    cum_c = np.concatenate([[0.0], np.cumsum(c)])
+    cum_cb = np.concatenate([[0.0], np.cumsum(c * b)])
+    k = np.searchsorted(b, ends_h, side="left")
+    return ends_h * cum_c[k] - cum_cb[k]
+
+
+def task_bounds(n_hours: int, arrival_h: np.ndarray, work_h: np.ndarray, cpu_cores: np.ndarray,
+                deadline_h: np.ndarray, margin_hours: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative (must, avail) core-hours at the end of each of ``n_hours`` hours for known tasks (the measured
+    backlog, or every arrival for perfect foresight). Times in hours from the horizon's start (a backlog task has
+    arrival <= 0). A task runs at most ``cpu_cores`` wide for ``work_h`` hours: by time e it can have done
+    c * clip(e - a, 0, w), and must have done c * clip(e - (d' - w), 0, w) to finish by its planning deadline
+    d' = deadline - margin (never earlier than a + w: a margin alone cannot make a task late)."""
+    a = np.maximum(np.asarray(arrival_h, float), 0.0)
+    w = np.asarray(work_h, float)
+    c = np.asarray(cpu_cores, float)
+    d = np.maximum(np.asarray(deadline_h, float) - margin_hours, a + w)
+    ends = np.arange(1, n_hours + 1, dtype=float)
+    avail = ramps(ends, a, c) - ramps(ends, a + w, c)
+    must = ramps(ends, d - w, c) - ramps(ends, d, c)
+    return must, avail
+
+
+def arrival_bounds(arrivals_core_hours: np.ndarray, deadline_hours: float) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative (must, avail) of forecast hourly arrivals (core-hours arriving in each hour, widths unknown):
+    available from their hour, due ``deadline_hours`` after it (whole hours, at least 1)."""
+    arr = np.asarray(arrivals_core_hours, float)
+    lag = max(int(np.floor(deadline_hours)), 1)
+    avail = np.cumsum(arr)
+    must = np.concatenate([np.zeros(min(lag, arr.size)), avail[: max(arr.size - lag, 0)]])
+    return must, avail
