@@ -11,7 +11,6 @@ import pytest
 
 from cicm.backtest import metrics as M
 from cicm.backtest import report as R
-from cicm.backtest.accounting import DESIGN_CEILING_PCT
 from cicm.backtest.runner import (
     BASELINE,
     BacktestOptions,
@@ -53,20 +52,42 @@ def test_no_job_is_admitted_over_the_vcc(backtest):
     seg = bt.segments[0]
     for c in bt.campus.clusters:
         room = c.capacity_cores - seg.inflexible[c.name]
-        for policy in ("planner", "oracle", "experiment", "threshold", BASELINE):
+        for policy in ("cicm-ceiling", "threshold", BASELINE):
             run = seg.runs[(policy, c.name)]
             u = run.result.flexible_cpu_cores
             assert np.all(u <= np.minimum(run.cap, room) + 1e-6), (policy, c.name)
-        planner = seg.runs[("planner", c.name)]
-        shaped = np.isfinite(planner.vcc)
-        assert shaped.any(), "the planner shaped nothing: the VCC check would be vacuous"
+        # the queue-aware policies run above their cap only through the deadline guard, never above the machines
+        for policy in ("planner", "oracle", "experiment"):
+            run = seg.runs[(policy, c.name)]
+            u = run.result.flexible_cpu_cores
+            assert np.all(u <= room + 1e-6), (policy, c.name)
+            over = np.maximum(u - np.minimum(run.cap, room), 0.0).sum()
+            assert over <= run.result.guard_core_hours + 1e-6, (policy, c.name)
+        ceiling = seg.runs[("cicm-ceiling", c.name)]
+        shaped = np.isfinite(ceiling.vcc)
+        assert shaped.any(), "the ceiling program shaped nothing: the VCC check would be vacuous"
         # the cap is the VCC in usage terms, and reservations (usage x R) stay within the VCC
-        cap = np.maximum(planner.vcc[shaped] / seg.ratio[c.name][shaped] - seg.inflexible[c.name][shaped], 0)
-        assert np.allclose(planner.cap[shaped], cap)
-        reserved = (seg.inflexible[c.name] + planner.result.flexible_cpu_cores) * seg.ratio[c.name]
-        over = reserved[shaped] - np.maximum(planner.vcc[shaped], seg.inflexible[c.name][shaped] *
+        cap = np.maximum(ceiling.vcc[shaped] / seg.ratio[c.name][shaped] - seg.inflexible[c.name][shaped], 0)
+        assert np.allclose(ceiling.cap[shaped], cap)
+        reserved = (seg.inflexible[c.name] + ceiling.result.flexible_cpu_cores) * seg.ratio[c.name]
+        over = reserved[shaped] - np.maximum(ceiling.vcc[shaped], seg.inflexible[c.name][shaped] *
                                              seg.ratio[c.name][shaped])
-        assert np.all(over <= 1e-6 * planner.vcc[shaped])
+        assert np.all(over <= 1e-6 * ceiling.vcc[shaped])
+
+
+def test_the_planners_vcc_never_starves_the_inflexible_load(backtest):
+    bt, _ = backtest
+    seg = bt.segments[0]
+    for c in bt.campus.clusters:
+        planner = seg.runs[("planner", c.name)]
+        win = seg.day_of_hour >= 0
+        shaped = np.isfinite(planner.vcc) & win
+        assert shaped.sum() >= 24, "the planner shaped (almost) nothing: the check would be vacuous"
+        floor = seg.inflexible[c.name][shaped] * seg.ratio[c.name][shaped]
+        assert np.all(planner.vcc[shaped] >= floor - 1e-9)
+        # and it holds work back: some shaped hour admits less than the room
+        room = (c.capacity_cores - seg.inflexible[c.name][shaped])
+        assert (planner.cap[shaped] < room - 1.0).any()
 
 
 def test_carbon_agnostic_barely_queues(backtest):
@@ -76,18 +97,19 @@ def test_carbon_agnostic_barely_queues(backtest):
     assert row["delay_p95_hours"] == pytest.approx(0.0, abs=1e-9)
 
 
-def test_nothing_beats_perfect_foresight_and_no_saving_exceeds_the_ceiling(backtest):
+def test_no_policy_beats_perfect_foresight(backtest):
     bt, ev = backtest
     t = ev["table"].set_index("policy")
     simulated = t["flexible_kgco2"] - t["unfinished_charge_kgco2"]
     assert (simulated >= t["bound_kgco2"] - 1e-6 * t.loc[BASELINE, "flexible_kgco2"]).all()
-    assert (t["flexible_reduction_pct"] <= DESIGN_CEILING_PCT["CISO"][0]).all()
     assert R.hard_checks_ok(ev["checks"])
     names = {c.name for c in ev["checks"]}
-    assert {f"bound:{p}" for p in t.index} <= names and {f"ceiling:{p}" for p in t.index} <= names
-    # the program oracle knows the carbon: its flexible work sees lower intensity than the planner's. (Its carbon
-    # is NOT a bound: harder caps cost energy on the convex power curve; docs/backtests.md.)
-    assert t.loc["oracle", "shift_reduction_pct"] > t.loc["planner", "shift_reduction_pct"] > 0
+    assert {f"bound:{p}" for p in t.index} <= names
+    assert not any(n.startswith("ceiling:") for n in names)  # the DESIGN table is no bound (issue 13)
+    # perfect foresight does better than forecasts, and planning when work runs beats the CICM ceiling
+    red = t["flexible_reduction_pct"]
+    assert red["oracle"] > red["planner"] > red["cicm-ceiling"]
+    assert red["planner"] > 0
 
 
 def test_the_checks_can_fail(backtest):
@@ -97,11 +119,7 @@ def test_the_checks_can_fail(backtest):
     t.loc[i, "flexible_kgco2"] = t.loc[i, "bound_kgco2"] * 0.9  # an accounting bug: below perfect foresight
     failed = {c.name for c in M.run_checks(t, bt) if not c.ok}
     assert "bound:planner" in failed
-    t = ev["table"].copy()
-    t.loc[i, "flexible_reduction_pct"] = DESIGN_CEILING_PCT["CISO"][0] + 1.0  # a saving beyond the ceiling
-    checks = M.run_checks(t, bt)
-    assert "ceiling:planner" in {c.name for c in checks if not c.ok}
-    assert not R.hard_checks_ok(checks)
+    assert not R.hard_checks_ok(M.run_checks(t, bt))
 
 
 def test_experiment_assigns_cluster_days_and_estimates(backtest):
@@ -149,11 +167,15 @@ def test_flat_carbon_days_give_no_saving_even_across_dst(fleet):
     t = M.policy_table(bt).set_index("policy")
     # nothing to shift: the intensity the flexible work sees cannot change
     assert t["shift_reduction_pct"].abs().max() < 1e-9
-    # the carbon change left is energy: caps smooth utilisation on the convex power curve (small)
-    assert t["flexible_reduction_pct"].abs().max() < 1.5
+    # the carbon change left is energy: smoothing utilisation on the convex power curve. The ceiling program's
+    # caps do little of it; the queue-aware program plans it (a few %), never beyond the perfect-foresight bound
+    assert abs(t.loc["cicm-ceiling", "flexible_reduction_pct"]) < 1.5
+    bound_pct = 100 * (1 - t.loc[BASELINE, "bound_kgco2"] / t.loc[BASELINE, "flexible_kgco2"])
+    assert (t["flexible_reduction_pct"] <= bound_pct + 1e-6).all()
+    assert 0 <= t.loc["planner", "flexible_reduction_pct"] <= t.loc["oracle", "flexible_reduction_pct"]
     assert t.loc["threshold", "flexible_kgco2"] == pytest.approx(t.loc[BASELINE, "flexible_kgco2"])
     # the plan's only possible gain is energy: filling inflexible valleys on the convex power curve (tiny, >= 0)
-    assert seg.plans["planned_flexible_saving_pct"].between(-1e-6, 0.5).all()
+    assert seg.plans["planned_flexible_saving_pct"].dropna().between(-1e-6, 0.5).all()
 
 
 def test_zone_without_a_campus_and_the_pjm_gap(fleet):

@@ -4,7 +4,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -27,6 +29,24 @@ def _zones(value: str) -> list[str]:
     if bad or not zones:
         raise InputError("zone", f"unknown zone(s) {bad or value!r}; choose from {', '.join(GRID_ZONES)} or all")
     return zones
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(enabled: bool):
+    """Send everything written to file descriptor 1 (Python's and C libraries', e.g. the HiGHS banner) to stderr,
+    so that ``--json`` leaves stdout holding the JSON document alone."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def backtest_command(
@@ -63,37 +83,38 @@ def backtest_command(
         console.print(f"[bold red]error[/]: {exc}")
         raise typer.Exit(1)
     docs, failed = [], False
-    for z in zones:
-        folder = (out / z if len(zones) > 1 else out) if out else \
-            home_dir() / "backtests" / f"{z}_{first}_{days}d_seed{seed}"
-        try:
-            with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), console=console, transient=True) as bar:
-                task = bar.add_task(f"backtest {z}", total=progress_steps(days, options))
-                bt = run_backtest(z, first, days, options, fleet=fleet_cfg, campus=campus,
-                                  progress=lambda label, n: bar.update(task, advance=n,
-                                                                       description=f"{z}: {label}"))
-                bar.update(task, description=f"{z}: metrics and report")
-                ev = R.evaluate(bt)
-                if no_plots:
-                    folder.mkdir(parents=True, exist_ok=True)
-                    doc = R.summary(bt, ev)
-                    (folder / "summary.json").write_text(json.dumps(doc, indent=2))
-                    ev["table"].to_csv(folder / "policies.csv", index=False)
-                    (folder / "report.md").write_text(R.markdown(bt, ev))
-                else:
-                    R.write_report(bt, ev, folder)
-        except (InputError, ProviderError) as exc:
-            console.print(f"[bold red]error[/] ({z}): {exc}")
-            raise typer.Exit(1)
-        doc = R.summary(bt, ev)
-        doc["report_dir"] = str(folder)
-        docs.append(doc)
-        if db:
-            _store_results(db, bt, ev["table"], first, days, seed, folder)
-        failed |= not doc["hard_checks_ok"]
-        if not as_json:
-            _print(console, bt, ev, folder)
+    with _stdout_to_stderr(as_json):
+        for z in zones:
+            folder = (out / z if len(zones) > 1 else out) if out else \
+                home_dir() / "backtests" / f"{z}_{first}_{days}d_seed{seed}"
+            try:
+                with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                              TimeElapsedColumn(), console=console, transient=True) as bar:
+                    task = bar.add_task(f"backtest {z}", total=progress_steps(days, options))
+                    bt = run_backtest(z, first, days, options, fleet=fleet_cfg, campus=campus,
+                                      progress=lambda label, n: bar.update(task, advance=n,
+                                                                           description=f"{z}: {label}"))
+                    bar.update(task, description=f"{z}: metrics and report")
+                    ev = R.evaluate(bt)
+                    if no_plots:
+                        folder.mkdir(parents=True, exist_ok=True)
+                        doc = R.summary(bt, ev)
+                        (folder / "summary.json").write_text(json.dumps(doc, indent=2))
+                        ev["table"].to_csv(folder / "policies.csv", index=False)
+                        (folder / "report.md").write_text(R.markdown(bt, ev))
+                    else:
+                        R.write_report(bt, ev, folder)
+            except (InputError, ProviderError) as exc:
+                console.print(f"[bold red]error[/] ({z}): {exc}")
+                raise typer.Exit(1)
+            doc = R.summary(bt, ev)
+            doc["report_dir"] = str(folder)
+            docs.append(doc)
+            if db:
+                _store_results(db, bt, ev["table"], first, days, seed, folder)
+            failed |= not doc["hard_checks_ok"]
+            if not as_json:
+                _print(console, bt, ev, folder)
     if as_json:
         print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
     if failed:

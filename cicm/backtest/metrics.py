@@ -251,6 +251,24 @@ def policy_table(bt: Backtest, with_bound: bool = True) -> pd.DataFrame:
     return table.reset_index()
 
 
+def smoothing_bound_pct(bt: Backtest) -> float:
+    """The part of the perfect-foresight bound that needs no carbon signal: the same LP with every hour at the
+    window's mean intensity (only smoothing utilisation on the convex power curve saves), as a cut (%) in the
+    carbon-agnostic run's flexible carbon at that same constant intensity."""
+    base = best = 0.0
+    for seg in bt.segments:
+        flat = np.full(len(seg.carbon), float(seg.carbon.mean()))
+        for c in bt.campus.clusters:
+            power = ClusterPower(c)
+            infl = seg.inflexible[c.name]
+            run = seg.runs[(BASELINE, c.name)]
+            u = run.result.flexible_cpu_cores
+            base += float(((power(infl + u) - power(infl)) * flat).sum() / 1000.0)
+            done = seg.tasks[c.name].core_hours - run.result.remaining_core_hours
+            best += perfect_foresight_bound(seg.tasks[c.name], infl, c.capacity_cores, power, flat, None, done)
+    return 100.0 * (1.0 - best / base) if base > 0 else float("nan")
+
+
 # ------------------------------------------------------------------------------------------------ checks
 
 
@@ -269,7 +287,7 @@ def ceilings(bt: Backtest) -> dict:
 
 
 def run_checks(table: pd.DataFrame, bt: Backtest) -> list[Check]:
-    """The evidence's sanity checks: the perfect-foresight bound, the program oracle, the DESIGN ceiling."""
+    """The evidence's sanity checks: the perfect-foresight bound (hard) and the program oracle (flagged only)."""
     t = table.set_index("policy")
     out = []
     base = t.loc[BASELINE, "flexible_kgco2"]
@@ -308,15 +326,8 @@ def run_checks(table: pd.DataFrame, bt: Backtest) -> list[Check]:
             out.append(Check(f"oracle:{p}", bool(ok),
                              f"{p} flexible carbon is {margin:+.2f}% of agnostic below the oracle"
                              + (f" (tolerance {ORACLE_TOLERANCE_PCT}%)" if ok else why)))
-    # 3. The DESIGN ceiling (delta in [-1, 1]) of the zone.
-    ceil = ceilings(bt)
-    for p, row in t.iterrows():
-        red = row["flexible_reduction_pct"]
-        ok = red <= ceil["design_pct"] + CEILING_TOLERANCE_PP
-        out.append(Check(f"ceiling:{p}", bool(ok),
-                         f"{p}: {red:.2f}% <= {bt.zone} ceiling {ceil['design_pct']:.1f}% (window "
-                         f"{ceil['window_pct']:.1f}%)" if ok else
-                         f"{p}: {red:.2f}% exceeds the {bt.zone} ceiling {ceil['design_pct']:.1f}%: a bug"))
+    # The DESIGN ceiling table is a within-day bound for flat usage: it is no upper bound for schedules that
+    # cross midnight or use the power curve's shape, so it is reported (ceilings()), never checked.
     return out
 
 

@@ -73,7 +73,8 @@ def run_queue_policy(seg, campus_days: list, options, data: dict, policy: str, t
         week_ago = d.usage.set_index("hour")["inflexible_cpu_cores"].reindex(seg.hours - pd.Timedelta(days=7))
         clusters[c.name] = _Cluster(
             name=c.name, capacity=float(c.capacity_cores),
-            sim=ClusterSim(seg.tasks[c.name], infl, c.capacity_cores, deadline_guard=True),
+            sim=ClusterSim(seg.tasks[c.name], infl, c.capacity_cores, deadline_guard=True,
+                           guard_hours=options.guard_hours),
             arrivals_hist=arr, arrivals_fc=np.nan_to_num(seasonal_ewma(arr, seg.hours)),
             inflexible_fc=infl.copy() if oracle else week_ago.to_numpy(float).copy(),
             inflexible_up=infl.copy() if oracle else week_ago.to_numpy(float) * 1.05,
@@ -90,7 +91,7 @@ def run_queue_policy(seg, campus_days: list, options, data: dict, policy: str, t
     day_of_hour = seg.day_of_hour
     window_hours = int((day_of_hour >= 0).sum())
     next_day = 0
-    for t in range(window_hours):
+    for t in range(n_h):
         # The nightly plan of every day whose planning time has come.
         while next_day < len(campus_days) and plan_slots[next_day] <= t:
             cd, d = campus_days[next_day], seg.days[next_day]
@@ -138,10 +139,11 @@ def run_queue_policy(seg, campus_days: list, options, data: dict, policy: str, t
             next_day += 1
             if tick:
                 tick()
-        # The hour's correction from the live backlog.
+        # The hour's correction from the live backlog (in the drain, after the last day, the window's work is
+        # still planned, against the room alone).
         for cl in clusters.values():
             cl.sim.advance(t)
-        _correct(seg, clusters, carbon_plan, options, oracle, t)
+        _correct(seg, clusters, carbon_plan, options, oracle, t, drain=t >= window_hours)
     for c in campus.clusters:
         cl = clusters[c.name]
         cl.sim.advance(n_h)
@@ -162,14 +164,14 @@ def _horizon(seg, t: int, options) -> np.ndarray:
 
 
 def _cluster_input(seg, cl: _Cluster, t: int, hz: np.ndarray, options, oracle: bool,
-                   limit: np.ndarray | None) -> QueueCluster:
+                   limit: np.ndarray | None, carry: float = 0.0) -> QueueCluster:
     sim = cl.sim
     tasks = sim.tasks
     n = hz.size
     known = int(np.searchsorted(tasks.arrival_h, float(t), side="left"))
     rem = sim.remaining[:known]
     live = np.flatnonzero(rem > 1e-12)
-    margin = options.planning_margin_hours
+    margin = 0.0 if oracle else options.planning_margin_hours  # perfect foresight needs no safety margin
     must, avail = task_bounds(n, tasks.arrival_h[live] - t, rem[live], tasks.cores[live],
                               sim.deadline[live] - t, margin)
     if oracle:
@@ -178,8 +180,9 @@ def _cluster_input(seg, cl: _Cluster, t: int, hz: np.ndarray, options, oracle: b
                              sim.deadline[ahead] - t, margin)
     else:
         m2, a2 = arrival_bounds(cl.arrivals_fc[hz], 24.0 - margin)
-    return QueueCluster(cl.name, cl.inflexible_fc[hz], cl.inflexible_up[hz], cl.capacity, must + m2, avail + a2,
-                        cl.curve, limit_cpu_cores=limit)
+    return QueueCluster(cl.name, cl.inflexible_fc[hz], cl.inflexible_up[hz], cl.capacity * options.plan_capacity_share,
+                        must + m2, avail + a2,
+                        cl.curve, limit_cpu_cores=limit, carry_core_hours=carry)
 
 
 def _solve(seg, clusters: dict, t: int, hz: np.ndarray, carbon: np.ndarray, options, oracle: bool,
@@ -189,15 +192,27 @@ def _solve(seg, clusters: dict, t: int, hz: np.ndarray, carbon: np.ndarray, opti
         return None, shaped
     inputs = []
     for cl in shaped:
-        limit = None
+        limit, carry = None, 0.0
         if with_limit:
             rec = cl.record[hz]
             limit = np.where(np.isfinite(rec), rec, cl.capacity) if np.isfinite(rec).any() else None
-        inputs.append(_cluster_input(seg, cl, t, hz, options, oracle, limit))
+            carry = _carry(seg, cl, t)
+        inputs.append(_cluster_input(seg, cl, t, hz, options, oracle, limit, carry))
     campus = QueueCampus(seg.campus.name, tuple(inputs), carbon[hz], committed=committed,
                          contract_kw=seg.campus.contract_limit_kw, lambda_e=options.lambda_e,
                          lambda_p=options.lambda_p, solver=options.solver)
     return plan_queue(campus), shaped
+
+
+def _carry(seg, cl: _Cluster, t: int) -> float:
+    """What the plan of record released since the start of hour t's local day and the cluster did not run."""
+    k = seg.day_of_hour[t]
+    if k < 0:
+        return 0.0
+    start = int(np.flatnonzero(seg.day_of_hour == k)[0])
+    rec = cl.record[start:t]
+    ok = np.isfinite(rec)
+    return max(float((rec[ok] - cl.sim.usage[start:t][ok]).sum()), 0.0)
 
 
 def _plan_of_record(seg, clusters: dict, cd, carbon: np.ndarray, options, oracle: bool, t: int) -> None:
@@ -232,11 +247,15 @@ def risk_margin(service: np.ndarray, room: np.ndarray, extra_core_hours: float) 
     return np.minimum(service / total * extra_core_hours, np.maximum(room - service, 0.0))
 
 
-def _correct(seg, clusters: dict, carbon: np.ndarray, options, oracle: bool, t: int) -> None:
+def _correct(seg, clusters: dict, carbon: np.ndarray, options, oracle: bool, t: int, drain: bool = False) -> None:
     """Re-plan from the live backlog at hour t and set each cluster's cap for that hour."""
     hz = _horizon(seg, t, options)
     committed = np.zeros(hz.size, bool)
     committed[0] = True
+    if drain:
+        for cl in clusters.values():
+            if not cl.fallback and cl.curve is not None:
+                cl.record[t] = cl.capacity  # no plan of record in the drain: the room is the only limit
     active = [cl for cl in clusters.values() if np.isfinite(cl.record[t])]
     for cl in clusters.values():
         if not np.isfinite(cl.record[t]):
@@ -252,9 +271,20 @@ def _correct(seg, clusters: dict, carbon: np.ndarray, options, oracle: bool, t: 
     plan, shaped = _solve(seg, sub, t, hz, carbon, options, oracle, committed, with_limit=True)
     for cl in active:
         i = plan.clusters.index(cl.name) if plan is not None and cl.name in plan.clusters else -1
-        cap = cl.record[t] if i < 0 or plan.status[i] != "optimal" else float(plan.service_cpu_cores[i][0])
+        cap = cl.record[t] if i < 0 or plan.status[i] != "optimal" else correction_cap(
+            plan.service_cpu_cores[i], plan.late_core_hours[i], plan.room_cpu_cores[i])
         cl.replan[t] = cap
         cl.sim.set_cap(t, np.array([cap]))
+
+
+def correction_cap(service: np.ndarray, late: np.ndarray, room: np.ndarray, rtol: float = 1e-6) -> float:
+    """The admission cap of the hour from a re-plan: its first hour's service, or no cap at all when the re-plan
+    is saturated (it expects to miss a planning deadline, or runs the hour at the room it assumed): holding
+    nothing back then, the machines take what they can, since the room the program assumes is only a forecast."""
+    scale = max(float(room.max()), 1.0)
+    if late.sum() > rtol * scale or service[0] >= room[0] - rtol * scale:
+        return float("inf")
+    return float(service[0])
 
 
 def _deviations(seg, clusters: dict) -> pd.DataFrame:

@@ -65,9 +65,11 @@ class BacktestOptions(PlanOptions):
     max_task_share: float = 0.01  # tasks no wider than this share of the cluster
     # the queue-aware planner
     horizon_hours: int = 48  # look-ahead of every solve (only the planning day is committed)
-    planning_margin_hours: float = 4.0  # deadlines are planned this much early
+    planning_margin_hours: float = 6.0  # deadlines are planned this much early
     arrival_quantile: float = 0.9  # upper quantile of arrivals behind the VCC's risk margin
     hourly_correction: bool = True  # re-plan every hour from the live backlog
+    plan_capacity_share: float = 1.0  # the program plans within this share of the machines (the rest: the guard)
+    guard_hours: float = 0.0  # the deadline guard releases a task once its laxity falls below this
     # the randomised experiment
     experiment: bool = True
     experiment_p: float = 0.5

@@ -17,7 +17,9 @@ Model (docs/backtests.md has the reasoning):
 - A task arriving inside a slot can run only for the rest of that slot; a task runs ``min(remaining, available)``
   hours in a slot. It finishes at ``max(slot start, arrival) + run``, hour-level precision.
 - Optional **deadline guard**: a task that can no longer meet its deadline unless it runs in this slot bypasses the
-  cap (never the machine capacity). Off by default; used by the deadline-aware threshold baseline.
+  cap (never the machine capacity). Off by default; used by the deadline-aware threshold baseline. With
+  ``guard_hours`` > 0 it acts that many hours earlier (laxity below guard_hours), so that a burst of tasks that
+  all turn urgent together still finds room before their deadlines (the queue-aware planner uses 2 h).
 
 A job is **late** if it finishes more than 24 h after its arrival (or never, within the simulated hours). Its
 **delay** is ``finish - (arrival + length_hours)``: the extra time queueing and suspension cost it.
@@ -92,7 +94,7 @@ class ClusterSim:
     """One cluster's flexible queue, stepped hour by hour (so a closed-loop planner can look at the state)."""
 
     def __init__(self, tasks: Tasks, inflexible_cpu_cores: np.ndarray, capacity_cores: float,
-                 deadline_guard: bool = False):
+                 deadline_guard: bool = False, guard_hours: float = 0.0):
         self.tasks = tasks
         self.inflexible = np.asarray(inflexible_cpu_cores, dtype=float)
         if self.inflexible.ndim != 1 or np.isnan(self.inflexible).any():
@@ -101,6 +103,9 @@ class ClusterSim:
             raise InputError("capacity_cores", f"must be > 0, got {capacity_cores!r}")
         self.capacity = float(capacity_cores)
         self.deadline_guard = deadline_guard
+        if not 0.0 <= guard_hours < DEADLINE_HOURS:
+            raise InputError("guard_hours", f"must be in [0, {DEADLINE_HOURS:g}), got {guard_hours!r}")
+        self.guard_hours = float(guard_hours)
         n_h = len(self.inflexible)
         self.cap = np.full(n_h, np.inf)  # flexible cap (usage cores); set per day by the policy
         self.usage = np.zeros(n_h)
@@ -158,7 +163,7 @@ class ClusterSim:
         used = 0.0
         if self.deadline_guard:
             # Must run now: even running without pause from the end of this slot it would miss the deadline.
-            urgent = np.sort(laxity, kind="stable") < -_EPS
+            urgent = np.sort(laxity, kind="stable") < self.guard_hours - _EPS
             if urgent.any():
                 chosen, used = _greedy(need, urgent, room, chosen, 0.0)
         if need[~chosen].sum() + used <= limit * (1 + 1e-12):

@@ -9,8 +9,10 @@ work then runs in the first open hour, not the cleanest one. This program plans 
 - deadlines: S(c, h) + late(c, h) >= must(c, h), the work due by then (planning deadlines); late >= 0 is a soft
   slack priced far above any carbon, so the program always returns a plan and reports the lateness it expects;
 - room: 0 <= s(c, h) <= room(c, h) = capacity(c, h) - inflexible upper quantile(c, h);
-- optional plan of record: s(c, h) <= limit(c, h) + over(c, h), over >= 0 priced between carbon and lateness
-  (the intraday correction: exceed the day-ahead plan only where a deadline needs it);
+- optional plan of record, as a cumulative release schedule: S(c, h) <= carry(c) + sum_{j <= h} limit(c, j)
+  + sum_{j <= h} over(c, j), over >= 0 priced between carbon and lateness (the intraday correction: never run
+  ahead of the day-ahead plan, except where a deadline needs it; ``carry`` is what the plan released earlier in
+  the day but the cluster did not run, so a shortfall may be made up in a later planned hour);
 - power: z(c, h) >= a_k + b_k * (U_IF(c, h) + s(c, h)) for every segment k of the lower convex hull of the
   cluster's power curve (the epigraph; exact for a convex curve);
 - peak: y(c) >= z(c, h) over the committed hours; sum_c y(c) <= the campus contract.
@@ -59,7 +61,8 @@ class QueueCluster:
     - ``avail_core_hours[N]``: cumulative flexible work that can have run by the end of each hour (non-decreasing,
       >= must): the backlog plus forecast arrivals, each limited by its width.
     - ``power_curve``: cluster power (kW) against usage (cores).
-    - ``limit_cpu_cores[N]``: optional plan of record; service above it is priced (intraday correction).
+    - ``limit_cpu_cores[N]``: optional plan of record; running ahead of it is priced (intraday correction).
+    - ``carry_core_hours``: released by the plan of record earlier but not run (>= 0), added to its schedule.
     - ``fallback_reason``: preset to leave the cluster unshaped (it then serves as early as it can).
     """
 
@@ -71,6 +74,7 @@ class QueueCluster:
     avail_core_hours: np.ndarray
     power_curve: PowerCurve
     limit_cpu_cores: np.ndarray | None = None
+    carry_core_hours: float = 0.0
     fallback_reason: str | None = None
 
     def __post_init__(self):
@@ -103,6 +107,10 @@ class QueueCluster:
             raise InputError("power_curve", f"must be a PowerCurve, got {type(self.power_curve).__name__}")
         if self.limit_cpu_cores is not None:
             set_("limit_cpu_cores", _vector("limit_cpu_cores", self.limit_cpu_cores, n))
+        carry = float(self.carry_core_hours)
+        if not np.isfinite(carry) or carry < 0:
+            raise InputError("carry_core_hours", f"must be finite and >= 0, got {self.carry_core_hours!r}")
+        set_("carry_core_hours", carry)
 
     @property
     def hours(self) -> int:
@@ -163,7 +171,8 @@ class QueuePlan:
     ``service_cpu_cores``: planned flexible usage per hour; ``late_core_hours``: planned shortfall against the
     planning deadlines at the end of each hour (0 when every deadline is met); ``over_cpu_cores``: service above
     the plan of record; ``leftover_core_hours`` (C,): work queued at the horizon's end; ``status``: ``"optimal"``
-    or ``"fallback"`` per cluster, ``reason`` its cause (None when shaped)."""
+    or ``"fallback"`` per cluster, ``reason`` its cause (None when shaped); ``room_cpu_cores`` the room the
+    program planned within."""
 
     clusters: tuple[str, ...]
     service_cpu_cores: np.ndarray
@@ -172,6 +181,7 @@ class QueuePlan:
     leftover_core_hours: np.ndarray
     status: tuple[str, ...]
     reason: tuple[str | None, ...]
+    room_cpu_cores: np.ndarray
     solver: str
     solve_seconds: float
     detail: dict = field(default_factory=dict)
@@ -233,7 +243,8 @@ def plan_queue(campus: QueueCampus) -> QueuePlan:
                 reason[i] = "solver-error"
     left = np.array([c.avail_core_hours[-1] for c in campus.clusters]) - service.sum(axis=1)
     return QueuePlan(tuple(c.name for c in campus.clusters), service, late, over, np.maximum(left, 0.0),
-                     tuple(status), tuple(reason), campus.solver, time.perf_counter() - t0, detail)
+                     tuple(status), tuple(reason), np.stack([c.room_cpu_cores for c in campus.clusters]),
+                     campus.solver, time.perf_counter() - t0, detail)
 
 
 class _SolveFailed(RuntimeError):
@@ -274,8 +285,9 @@ def _solve(campus: QueueCampus, clusters: list[QueueCluster]) -> tuple[np.ndarra
     limits = [c.limit_cpu_cores for c in clusters]
     if any(lim is not None for lim in limits):
         lim = np.stack([room[i] if limits[i] is None else np.minimum(limits[i], room[i]) for i in range(n_c)])
+        carry = np.array([c.carry_core_hours for c in clusters])[:, None]
         ov = cp.Variable((n_c, n), nonneg=True)
-        cons.append(x <= lim / scale + ov)
+        cons.append(s_cum <= (carry + np.cumsum(lim, axis=1)) / scale + ov @ tri.T)
         objective += unit * OVER_PRICE * cp.sum(cp.multiply(scale, ov))
     com = np.flatnonzero(campus.committed)
     if campus.lambda_p > 0 or np.isfinite(campus.contract_kw):
