@@ -71,6 +71,8 @@ def plan(
     dask_address: Optional[str] = typer.Option(None, help="Dask scheduler, e.g. tcp://10.0.0.5:8786 (default with"
                                                           " --runner dask: a local cluster)"),
     dask_workers: int = typer.Option(2, help="worker processes of the local Dask cluster"),
+    program: str = typer.Option("ceiling", help="the VCC program: ceiling (CICM's, the default for now) or queue"
+                                                " (plans when flexible work runs; docs/optimizer.md)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Run the nightly plan: forecasts, models, VCCs for every cluster; store them; print a summary."""
@@ -86,7 +88,9 @@ def plan(
                               gamma=gamma, lambda_e=lambda_e, lambda_p=lambda_p, delta_min=delta_min,
                               delta_max=delta_max, solver=solver, min_forecast_value_pct=min_forecast_value_pct,
                               runner=runner, dask_address=dask_address, dask_workers=dask_workers,
-                              telemetry_dir=str(telemetry) if telemetry else None)
+                              telemetry_dir=str(telemetry) if telemetry else None, program=program)
+        if program not in ("ceiling", "queue"):
+            raise InputError("program", f"must be ceiling or queue, got {program!r}")
         outcome = run_nightly_plan(plan_date, db or default_db_path(), fleet, options)
     except (InputError, ProviderError) as exc:
         _fail(exc)

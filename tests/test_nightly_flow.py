@@ -149,3 +149,30 @@ def test_deployment_has_nightly_cron_in_campus_evening():
     schedule = deployment.schedules[0].schedule
     assert schedule.cron == "0 18 * * *" and schedule.timezone == "America/Chicago"
     assert str(tomorrow_in("America/Chicago", pd.Timestamp("2022-06-15 04:00", tz="UTC"))) == "2022-06-15"
+
+
+def test_the_queue_program_plans_when_flexible_work_runs(planned_copy):
+    """`--program queue`: the VCC admits the inflexible quantile plus the planned service (plus its margin), holds
+    work in dirty hours and releases it in clean ones; fallbacks keep the full machines and their reason."""
+    from cicm.flows.nightly import PlanOptions, run_nightly_plan
+
+    outcome = run_nightly_plan(PLAN_DATE, planned_copy, options=PlanOptions(program="queue"))
+    assert outcome.status == "ok", outcome.stages
+    with Store(planned_copy, read_only=True) as store:
+        status = store.query("SELECT * FROM current_vcc_status").set_index("cluster")
+        vccs = store.query("SELECT * FROM current_vccs")
+        loads = store.query("SELECT * FROM load_forecasts WHERE plan_date = ? AND run_id = ?",
+                            [PLAN_DATE, outcome.run_id])
+    shaped = status[status["status"] == "shaped"]
+    assert set(shaped["campus"]) == {"ca-sj", "tx-midlothian"}
+    assert (shaped["expected_kgco2"] < shaped["flat_kgco2"]).all()
+    assert status.loc[status["status"] == "fallback", "reason"].str.startswith("low-benefit").all()
+    for name in shaped.index:
+        rows = vccs[vccs["cluster"] == name].sort_values("hour").reset_index(drop=True)
+        load = loads[loads["cluster"] == name].sort_values("hour").reset_index(drop=True)
+        floor = load["inflexible_upper_cpu_cores"] * load["reservation_ratio"]
+        assert (rows["vcc_cores"] >= np.minimum(floor, status.loc[name, "capacity_cores"]) - 1e-6).all()
+        assert (rows["flexible_cpu_cores"] >= -1e-9).all()
+        held = rows["flexible_cpu_cores"] < 1e-6 * rows["flexible_cpu_cores"].max()
+        assert held.any() and (~held).any(), name  # some hours hold work back, others release it
+        assert rows.loc[held, "gco2_per_kwh"].mean() > rows.loc[~held, "gco2_per_kwh"].mean(), name

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cicm.backtest.queue_policy import correction_cap, risk_margin
+from cicm.backtest.queue_policy import correction_cap
+from cicm.optimize.queue import fifo_backlog, risk_margin
 from cicm.errors import InputError
 from cicm.optimize.inputs import PowerCurve
 from cicm.optimize.queue import (
@@ -159,3 +160,10 @@ def test_bad_campus_input_names_the_field():
         QueueCampus("x", (c, c), np.ones(5))
     with pytest.raises(InputError, match="solver"):
         QueueCampus("x", (c,), np.ones(5), solver="GLPK")
+
+
+def test_fifo_backlog_serves_the_oldest_work_first():
+    arrived = np.array([10.0, 0.0, 5.0, 8.0])
+    np.testing.assert_allclose(fifo_backlog(arrived, np.array([4.0, 4.0, 4.0, 0.0])), [0.0, 0.0, 3.0, 8.0])
+    np.testing.assert_allclose(fifo_backlog(arrived, np.zeros(4)), arrived)
+    np.testing.assert_allclose(fifo_backlog(arrived, np.full(4, 100.0)), 0.0)

@@ -26,7 +26,7 @@ import pandas as pd
 
 from cicm.backtest.sim import ClusterSim, job_outcomes
 from cicm.models.arrivals import forecast_arrivals, hourly_arrivals, seasonal_ewma
-from cicm.optimize.queue import QueueCampus, QueueCluster, arrival_bounds, plan_queue, task_bounds
+from cicm.optimize.queue import QueueCampus, QueueCluster, arrival_bounds, plan_queue, risk_margin, task_bounds
 
 _H = pd.Timedelta(hours=1)
 
@@ -236,15 +236,6 @@ def _plan_of_record(seg, clusters: dict, cd, carbon: np.ndarray, options, oracle
         room = np.maximum(cl.capacity - cl.inflexible_up[day_idx], 0.0)
         extra = cl.q_arrivals * float(cl.arrivals_fc[day_idx].sum())
         cl.record[day_idx] = service + risk_margin(service, room, extra)
-
-
-def risk_margin(service: np.ndarray, room: np.ndarray, extra_core_hours: float) -> np.ndarray:
-    """Spread ``extra_core_hours`` (the upper-quantile arrivals beyond the central forecast) over the hours the
-    plan releases work, in proportion to the planned service, within the room left. Held hours get none."""
-    total = float(service.sum())
-    if extra_core_hours <= 0 or total <= 0:
-        return np.zeros_like(service)
-    return np.minimum(service / total * extra_core_hours, np.maximum(room - service, 0.0))
 
 
 def _correct(seg, clusters: dict, carbon: np.ndarray, options, oracle: bool, t: int, drain: bool = False) -> None:

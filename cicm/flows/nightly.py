@@ -48,6 +48,9 @@ class PlanOptions:
     dask_address: str | None = None  # tcp://scheduler:8786; None with runner dask: a local cluster
     dask_workers: int = 2  # worker processes of a local Dask cluster
     telemetry_dir: str | None = None  # new usage*/power*.parquet to ingest before planning
+    program: str = "ceiling"  # "ceiling" (CICM's VCC program) | "queue" (the queue-aware program)
+    planning_margin_hours: float = 6.0  # queue program: deadlines planned this much early
+    arrival_quantile: float = 0.9  # queue program: upper quantile of arrivals behind the VCC's margin
 
 
 @dataclass

@@ -481,7 +481,12 @@ def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | 
             continue
         preset = disabled.get(cluster.name) or low_benefit
         inputs.append(cluster_input(cluster, ClusterModels(pd.DataFrame(), curve, None, load, None), preset))
-    if inputs:
+    if inputs and getattr(options, "program", "ceiling") == "queue":
+        vccs, status, note = queue_plan_rows(day, plan_date, inputs, usage, carbon, options, curves)
+        out["vccs"].append(vccs)
+        out["status"].append(status)
+        out["notes"]["vcc-program"].append(note)
+    elif inputs:
         plan = plan_campus(campus_input(day.campus, inputs, carbon.to_numpy(), day.hours, options))
         vccs, status = plan_rows(plan, plan_date, {c.name: float(c.capacity_cores) for c in clusters})
         out["vccs"].append(vccs)
@@ -492,6 +497,104 @@ def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | 
         )
     timer.lap("vcc-program")
     return out
+
+
+BACKLOG_WINDOW_HOURS = 48  # the FIFO backlog is measured over this window (assumed empty before it)
+
+
+def queue_cluster(cluster_input, usage: pd.DataFrame, day: CampusDay, options):
+    """One cluster's queue-program input for the planning day, from its stored usage: the FIFO backlog at
+    planning time (each arrival hour's remaining work, due 24 h after it), forecast hourly arrivals over the day
+    (:func:`cicm.models.arrivals.forecast_arrivals`), and the load forecast's inflexible usage and quantile.
+    Returns (QueueCluster, the upper-quantile extra core-hours)."""
+    from cicm.models.arrivals import forecast_arrivals
+    from cicm.optimize.queue import QueueCluster, arrival_bounds, fifo_backlog, task_bounds
+
+    ci = cluster_input
+    rows = usage[usage["cluster"] == ci.name]
+    arrived = pd.Series(rows["flexible_arrived_core_hours"].to_numpy(float),
+                        index=pd.DatetimeIndex(rows["hour"])).fillna(0.0)
+    served = pd.Series(rows["flexible_cpu_cores"].to_numpy(float), index=arrived.index).fillna(0.0)
+    recent = arrived.index >= day.planned_at - pd.Timedelta(hours=BACKLOG_WINDOW_HOURS)
+    backlog = fifo_backlog(arrived[recent].to_numpy(), served[recent].to_numpy())
+    start = day.hours[0]
+    rel = ((arrived.index[recent] - start) / pd.Timedelta(hours=1)).to_numpy(float)
+    keep = backlog > 0
+    n = len(day.hours)
+    # a backlog bucket may run within one hour (its width is unknown): work 1 h at width = its core-hours
+    must, avail = task_bounds(n, np.minimum(rel[keep], 0.0), np.ones(keep.sum()), backlog[keep],
+                              rel[keep] + 24.0, options.planning_margin_hours)
+    fc = forecast_arrivals(arrived, day.hours, quantile=options.arrival_quantile)
+    m2, a2 = arrival_bounds(fc.core_hours, 24.0 - options.planning_margin_hours)
+    physical = float(np.max(ci.power_capped_capacity_cores))
+    qc = QueueCluster(ci.name, ci.inflexible_cpu_cores, ci.inflexible_upper_cpu_cores, physical, must + m2,
+                      avail + a2, ci.power_curve, fallback_reason=ci.fallback_reason)
+    return qc, float(fc.upper_core_hours.sum() - fc.core_hours.sum())
+
+
+def queue_plan_rows(day: CampusDay, plan_date: date, inputs: list, usage: pd.DataFrame, carbon: pd.Series,
+                    options, curves: dict) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """The campus's plan from the queue-aware program, as vccs and vcc_status rows (the ceiling program's
+    columns). VCC = (inflexible upper quantile + planned service + risk margin) x R; a fallback cluster keeps
+    the full machine capacity, with its reason."""
+    from cicm.optimize.queue import QueueCampus, greedy_service, plan_queue, risk_margin
+
+    built, extras, problems = [], {}, {}
+    for ci in inputs:
+        try:
+            qc, extra = queue_cluster(ci, usage, day, options)
+            built.append(qc)
+            extras[ci.name] = extra
+        except InputError as exc:
+            problems[ci.name] = f"bad-history: {exc}"
+    vcc_frames, status_rows = [], []
+    eta = carbon.to_numpy(float)
+    plan = None
+    if built:
+        plan = plan_queue(QueueCampus(day.campus.name, tuple(built), eta, contract_kw=day.campus.contract_limit_kw,
+                                      lambda_e=options.lambda_e, lambda_p=options.lambda_p, solver=options.solver))
+    by_name = {ci.name: ci for ci in inputs}
+    for ci in inputs:
+        ratio = ci.reservation_ratio
+        capacity_res = float(np.max(ci.capacity_cores))
+        i = plan.clusters.index(ci.name) if plan is not None and ci.name in plan.clusters else -1
+        reason = problems.get(ci.name) or (plan.reason[i] if i >= 0 else "no-plan")
+        shaped = i >= 0 and plan.status[i] == "optimal"
+        u = ci.inflexible_cpu_cores
+        curve = by_name[ci.name].power_curve
+        if shaped:
+            s = plan.service_cpu_cores[i]
+            qc = built[[b.name for b in built].index(ci.name)]
+            flat = greedy_service(qc.must_core_hours, qc.avail_core_hours, qc.room_cpu_cores)
+            margin = risk_margin(s, qc.room_cpu_cores, extras[ci.name])
+            vcc = np.minimum((ci.inflexible_upper_cpu_cores + s + margin) * ratio, capacity_res)
+            power = curve(u + s)
+            kg = power * eta / 1000.0
+            flat_kg = curve(u + flat) * eta / 1000.0
+            flex_kg = float(((power - curve(u)) * eta).sum() / 1000.0)
+            flat_flex_kg = float(((curve(u + flat) - curve(u)) * eta).sum() / 1000.0)
+        else:
+            s = np.full(len(u), np.nan)
+            vcc = np.full(len(u), capacity_res)
+            power = kg = np.full(len(u), np.nan)
+            flat_kg = np.full(len(u), np.nan)
+            flex_kg = flat_flex_kg = np.nan
+        vcc_frames.append(pd.DataFrame({
+            "plan_date": plan_date, "cluster": ci.name, "hour": day.hours, "hour_index": np.arange(len(u)),
+            "vcc_cores": vcc, "flexible_cpu_cores": s, "inflexible_cpu_cores": u, "power_kw": power,
+            "carbon_kgco2": kg, "gco2_per_kwh": eta}))
+        status_rows.append({
+            "plan_date": plan_date, "cluster": ci.name, "campus": day.campus.name,
+            "status": "shaped" if shaped else "fallback", "reason": None if shaped else reason,
+            "capacity_cores": capacity_res, "theta_core_hours": np.nan,
+            "tau_core_hours": float(np.nansum(s)) if shaped else np.nan,
+            "expected_kgco2": float(np.sum(kg)) if shaped else np.nan,
+            "flat_kgco2": float(np.sum(flat_kg)) if shaped else np.nan,
+            "saving_pct": 100 * (1 - flex_kg / flat_flex_kg) if shaped and flat_flex_kg > 0 else np.nan,
+            "peak_kw": float(np.max(power)) if shaped else np.nan})
+    note = (f"{day.campus.name}: queue program, {sum(r['status'] == 'shaped' for r in status_rows)}/"
+            f"{len(status_rows)} shaped" + (f" via {plan.solver} in {plan.solve_seconds:.2f} s" if plan else ""))
+    return pd.concat(vcc_frames, ignore_index=True), pd.DataFrame(status_rows), note
 
 
 def plan_clusters(store, fleet: Fleet, plan_date: date, days: list[CampusDay], carbon: CarbonResult,

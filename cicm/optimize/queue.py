@@ -350,3 +350,21 @@ def arrival_bounds(arrivals_core_hours: np.ndarray, deadline_hours: float) -> tu
     avail = np.cumsum(arr)
     must = np.concatenate([np.zeros(min(lag, arr.size)), avail[: max(arr.size - lag, 0)]])
     return must, avail
+
+
+def risk_margin(service: np.ndarray, room: np.ndarray, extra_core_hours: float) -> np.ndarray:
+    """Spread ``extra_core_hours`` (the upper-quantile arrivals beyond the central forecast) over the hours the
+    plan releases work, in proportion to the planned service, within the room left. Held hours get none."""
+    total = float(service.sum())
+    if extra_core_hours <= 0 or total <= 0:
+        return np.zeros_like(service)
+    return np.minimum(service / total * extra_core_hours, np.maximum(room - service, 0.0))
+
+
+def fifo_backlog(arrived_core_hours: np.ndarray, served_core_hours: np.ndarray) -> np.ndarray:
+    """Work still queued from each hour's arrivals when flexible work is served first-in first-out: the hourly
+    arrivals and service of a window that began with an empty queue. Pure."""
+    arrived = np.asarray(arrived_core_hours, float)
+    cum_a = np.cumsum(arrived)
+    served = float(np.sum(served_core_hours))
+    return np.clip(cum_a - np.maximum(served, cum_a - arrived), 0.0, arrived)
