@@ -47,10 +47,6 @@ class _Cluster:
     fallback: str | None = None
 
 
-def _local_days_of(seg) -> list:
-    return seg.days
-
-
 def run_queue_policy(seg, campus_days: list, options, data: dict, policy: str, tick=None) -> pd.DataFrame:
     """Simulate ``policy`` ("planner" or "oracle") over the segment; store its PolicyRun; return per cluster-day
     rows (status, reason, planned figures, intraday deviations)."""
