@@ -155,8 +155,9 @@ def run_queue_policy(seg, campus_days: list, options, data: dict, policy: str, t
     return out.rename(columns={"planner_status": f"{prefix}_status", "planner_reason": f"{prefix}_reason"})
 
 
-def _horizon(seg, t: int, options) -> np.ndarray:
-    return np.arange(t, min(t + options.horizon_hours, len(seg.hours)))
+def _horizon(seg, t: int, options, oracle: bool) -> np.ndarray:
+    hours = options.oracle_horizon_hours if oracle else options.horizon_hours
+    return np.arange(t, min(t + hours, len(seg.hours)))
 
 
 def _cluster_input(seg, cl: _Cluster, t: int, hz: np.ndarray, options, oracle: bool,
@@ -216,7 +217,7 @@ def _plan_of_record(seg, clusters: dict, cd, carbon: np.ndarray, options, oracle
     from cicm.backtest.runner import _slots
 
     day_idx = _slots(seg.hours, cd.hours)
-    hz = _horizon(seg, t, options)
+    hz = _horizon(seg, t, options, oracle)
     hz = np.arange(t, max(hz[-1] + 1, day_idx[-1] + 1))
     committed = np.isin(hz, day_idx)
     plan, shaped = _solve(seg, clusters, t, hz, carbon, options, oracle, committed, with_limit=False)
@@ -236,7 +237,7 @@ def _plan_of_record(seg, clusters: dict, cd, carbon: np.ndarray, options, oracle
 
 def _correct(seg, clusters: dict, carbon: np.ndarray, options, oracle: bool, t: int, drain: bool = False) -> None:
     """Re-plan from the live backlog at hour t and set each cluster's cap for that hour."""
-    hz = _horizon(seg, t, options)
+    hz = _horizon(seg, t, options, oracle)
     committed = np.zeros(hz.size, bool)
     committed[0] = True
     if drain:

@@ -65,6 +65,7 @@ class BacktestOptions(PlanOptions):
     max_task_share: float = 0.01  # tasks no wider than this share of the cluster
     # the queue-aware planner
     horizon_hours: int = 48  # look-ahead of every solve (only the planning day is committed)
+    oracle_horizon_hours: int = 72  # the oracle's: perfect foresight is not bound by a provider's forecast horizon
     planning_margin_hours: float = 6.0  # deadlines are planned this much early
     arrival_quantile: float = 0.9  # upper quantile of arrivals behind the VCC's risk margin
     hourly_correction: bool = True  # re-plan every hour from the live backlog
@@ -83,8 +84,9 @@ class BacktestOptions(PlanOptions):
             raise InputError("policies", f"{BASELINE} is the baseline and must be included")
         if self.experiment and "planner" not in self.policies:
             raise InputError("experiment", "the experiment applies the planner's VCCs; include the planner")
-        if not 24 <= self.horizon_hours <= 72:
-            raise InputError("horizon_hours", f"must be in [24, 72], got {self.horizon_hours}")
+        for name in ("horizon_hours", "oracle_horizon_hours"):
+            if not 24 <= getattr(self, name) <= 72:
+                raise InputError(name, f"must be in [24, 72], got {getattr(self, name)}")
         if not 0 <= self.planning_margin_hours < 24:
             raise InputError("planning_margin_hours", f"must be in [0, 24), got {self.planning_margin_hours}")
         if not 0.5 <= self.arrival_quantile < 1:
