@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from cicm.backtest.sim import ClusterSim, job_outcomes
+from cicm.errors import InputError
 from cicm.models.arrivals import forecast_arrivals, hourly_arrivals, seasonal_ewma
 from cicm.optimize.queue import QueueCampus, QueueCluster, arrival_bounds, plan_queue, risk_margin, task_bounds
 
@@ -126,7 +127,7 @@ def run_queue_policy(seg, campus_days: list, options, data: dict, policy: str, t
                     try:
                         fc = forecast_arrivals(past.iloc[-24 * 63:], cd.hours, quantile=options.arrival_quantile)
                         cl.q_arrivals = fc.rel_error_quantile
-                    except Exception as exc:  # noqa: BLE001 - any history problem is a visible fallback
+                    except InputError as exc:  # bad or missing arrival history: a visible fallback
                         cl.fallback = cl.fallback or f"bad-history: {exc}"
                 row.update({"planner_status": "fallback" if cl.fallback else "shaped",
                             "planner_reason": cl.fallback})
