@@ -91,7 +91,10 @@ def plan(
                               telemetry_dir=str(telemetry) if telemetry else None, program=program)
         if program not in ("ceiling", "queue"):
             raise InputError("program", f"must be ceiling or queue, got {program!r}")
-        outcome = run_nightly_plan(plan_date, db or default_db_path(), fleet, options)
+        from cicm.stdio import stdout_to_stderr
+
+        with stdout_to_stderr(as_json):
+            outcome = run_nightly_plan(plan_date, db or default_db_path(), fleet, options)
     except (InputError, ProviderError) as exc:
         _fail(exc)
     if as_json:

@@ -176,3 +176,20 @@ def test_the_queue_program_plans_when_flexible_work_runs(planned_copy):
         held = rows["flexible_cpu_cores"] < 1e-6 * rows["flexible_cpu_cores"].max()
         assert held.any() and (~held).any(), name  # some hours hold work back, others release it
         assert rows.loc[held, "gco2_per_kwh"].mean() > rows.loc[~held, "gco2_per_kwh"].mean(), name
+
+
+def test_plan_json_is_clean_on_stdout(planned_copy):
+    """As a user runs it: the console script in a subprocess; stdout must be one JSON document (no solver
+    banner before it)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cicm = Path(sys.executable).with_name("cicm")
+    proc = subprocess.run([str(cicm), "plan", "--db", str(planned_copy), "--program", "queue", "--json"],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert doc["plan_date"] == str(PLAN_DATE) and doc["status"] == "ok"
+    assert {c["status"] for c in doc["clusters"]} == {"shaped", "fallback"}

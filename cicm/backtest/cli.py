@@ -4,9 +4,7 @@
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -17,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cicm.errors import InputError, ProviderError
+from cicm.stdio import stdout_to_stderr
 
 
 def _zones(value: str) -> list[str]:
@@ -29,24 +28,6 @@ def _zones(value: str) -> list[str]:
     if bad or not zones:
         raise InputError("zone", f"unknown zone(s) {bad or value!r}; choose from {', '.join(GRID_ZONES)} or all")
     return zones
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr(enabled: bool):
-    """Send everything written to file descriptor 1 (Python's and C libraries', e.g. the HiGHS banner) to stderr,
-    so that ``--json`` leaves stdout holding the JSON document alone."""
-    if not enabled:
-        yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def backtest_command(
@@ -83,7 +64,7 @@ def backtest_command(
         console.print(f"[bold red]error[/]: {exc}")
         raise typer.Exit(1)
     docs, failed = [], False
-    with _stdout_to_stderr(as_json):
+    with stdout_to_stderr(as_json):
         for z in zones:
             folder = (out / z if len(zones) > 1 else out) if out else \
                 home_dir() / "backtests" / f"{z}_{first}_{days}d_seed{seed}"

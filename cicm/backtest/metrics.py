@@ -31,6 +31,7 @@ from scipy.optimize import linprog
 from cicm.backtest.accounting import DESIGN_CEILING_PCT, ClusterPower, window_ceiling_pct
 from cicm.backtest.runner import BASELINE, Backtest, PolicyRun, Segment
 from cicm.backtest.sim import DEADLINE_HOURS, Tasks
+from cicm.optimize.queue import ramps
 
 #: How much better than the program oracle a policy may look before the check flags it. The oracle optimises
 #: the PLANNED flexible usage with a linear power slope; the simulated queue runs differently (work-conserving
@@ -89,10 +90,10 @@ def perfect_foresight_bound(tasks: Tasks, inflexible: np.ndarray, capacity: floa
     ends = np.arange(1, n + 1, dtype=float)
     length = jobs["length_hours"].to_numpy()
     # done by t <= sum_j min(w_j, width_j (t - a_j)+) = sum_j width_j [(t - a_j)+ - (t - a_j - L_j)+]
-    upper = _ramps(ends, a, width) - _ramps(ends, a + length, width)
+    upper = ramps(ends, a, width) - ramps(ends, a + length, width)
     # done by t >= sum_j (w_j - width_j (d_j - t)+)+ = sum_j width_j [(t - d_j + L_j)+ - (t - d_j)+]
     fin = np.isfinite(deadline)
-    lower = _ramps(ends, deadline[fin] - length[fin], width[fin]) - _ramps(ends, deadline[fin], width[fin])
+    lower = ramps(ends, deadline[fin] - length[fin], width[fin]) - ramps(ends, deadline[fin], width[fin])
     total = float(w.sum()) if done_core_hours is None else float(done_core_hours)
     lower = np.minimum(lower, total)
     room = np.maximum(capacity - inflexible, 0.0)
@@ -125,18 +126,6 @@ def perfect_foresight_bound(tasks: Tasks, inflexible: np.ndarray, capacity: floa
         return float("nan")  # infeasible: the work cannot meet these deadlines under the machine capacity
     base = float((power(inflexible) * carbon).sum() / 1000.0)
     return float(res.fun) - base
-
-
-def _ramps(t: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """sum_j c_j * max(0, t - b_j) for every t, in O((J + n) log J)."""
-    if len(b) == 0:
-        return np.zeros(len(t))
-    order = np.argsort(b)
-    b, c = b[order], c[order]
-    cum_c = np.concatenate([[0.0], np.cumsum(c)])
-    cum_cb = np.concatenate([[0.0], np.cumsum(c * b)])
-    k = np.searchsorted(b, t, side="left")
-    return t * cum_c[k] - cum_cb[k]
 
 
 # ------------------------------------------------------------------------------------------------ metrics
