@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cicm.backtest.metrics import _ramps, experiment_effect, lower_convex_hull, perfect_foresight_bound
+from cicm.backtest.metrics import experiment_effect, lower_convex_hull, perfect_foresight_bound
+from cicm.optimize.queue import ramps
 from cicm.backtest.sim import ClusterSim, job_outcomes, make_tasks, simulate
 from cicm.errors import InputError
 
@@ -133,7 +134,7 @@ def test_ramps_and_hull():
     rng = np.random.default_rng(8)
     b, c, t = rng.uniform(0, 50, 100), rng.uniform(0, 2, 100), np.arange(1, 60.0)
     brute = (c[None, :] * np.clip(t[:, None] - b[None, :], 0, None)).sum(axis=1)
-    assert np.allclose(_ramps(t, b, c), brute)
+    assert np.allclose(ramps(t, b, c), brute)
     x = np.linspace(0, 10, 11)
     y = np.array([0, 5, 6, 7, 8, 9, 12, 16, 21, 27, 34.0])  # concave start, convex end
     slopes, icepts = lower_convex_hull(x, y)
