@@ -6,16 +6,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cicm.backtest.queue_policy import correction_cap
-from cicm.optimize.queue import fifo_backlog, risk_margin
 from cicm.errors import InputError
 from cicm.optimize.inputs import PowerCurve
 from cicm.optimize.queue import (
     QueueCampus,
     QueueCluster,
     arrival_bounds,
+    correction_cap,
+    fifo_backlog,
     greedy_service,
     plan_queue,
+    risk_margin,
     task_bounds,
 )
 

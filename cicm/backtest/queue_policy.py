@@ -27,7 +27,8 @@ import pandas as pd
 from cicm.backtest.sim import ClusterSim, job_outcomes
 from cicm.errors import InputError
 from cicm.models.arrivals import forecast_arrivals, hourly_arrivals, seasonal_ewma
-from cicm.optimize.queue import QueueCampus, QueueCluster, arrival_bounds, plan_queue, risk_margin, task_bounds
+from cicm.optimize.queue import QueueCampus, QueueCluster, arrival_bounds, correction_cap, plan_queue, risk_margin, \
+    task_bounds
 
 _H = pd.Timedelta(hours=1)
 
@@ -264,16 +265,6 @@ def _correct(seg, clusters: dict, carbon: np.ndarray, options, oracle: bool, t: 
             plan.service_cpu_cores[i], plan.late_core_hours[i], plan.room_cpu_cores[i])
         cl.replan[t] = cap
         cl.sim.set_cap(t, np.array([cap]))
-
-
-def correction_cap(service: np.ndarray, late: np.ndarray, room: np.ndarray, rtol: float = 1e-6) -> float:
-    """The admission cap of the hour from a re-plan: its first hour's service, or no cap at all when the re-plan
-    is saturated (it expects to miss a planning deadline, or runs the hour at the room it assumed): holding
-    nothing back then, the machines take what they can, since the room the program assumes is only a forecast."""
-    scale = max(float(room.max()), 1.0)
-    if late.sum() > rtol * scale or service[0] >= room[0] - rtol * scale:
-        return float("inf")
-    return float(service[0])
 
 
 def _deviations(seg, clusters: dict) -> pd.DataFrame:

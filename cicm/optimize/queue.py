@@ -361,6 +361,16 @@ def risk_margin(service: np.ndarray, room: np.ndarray, extra_core_hours: float) 
     return np.minimum(service / total * extra_core_hours, np.maximum(room - service, 0.0))
 
 
+def correction_cap(service: np.ndarray, late: np.ndarray, room: np.ndarray, rtol: float = 1e-6) -> float:
+    """The admission cap of the hour from a re-plan: its first hour's service, or no cap at all when the re-plan
+    is saturated (it expects to miss a planning deadline, or runs the hour at the room it assumed): holding
+    nothing back then, the machines take what they can, since the room the program assumes is only a forecast."""
+    scale = max(float(room.max()), 1.0)
+    if late.sum() > rtol * scale or service[0] >= room[0] - rtol * scale:
+        return float("inf")
+    return float(service[0])
+
+
 def fifo_backlog(arrived_core_hours: np.ndarray, served_core_hours: np.ndarray) -> np.ndarray:
     """Work still queued from each hour's arrivals when flexible work is served first-in first-out: the hourly
     arrivals and service of a window that began with an empty queue. Pure."""
