@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import zoneinfo
 from pathlib import Path
 from typing import Optional
 
@@ -33,18 +32,15 @@ def parse_utc_option(value: str, field: str) -> pd.Timestamp:
 
 
 def local_day_window(day: str, tz: str) -> tuple[pd.Timestamp, pd.Timestamp]:
-    """[start, end) in UTC of the local calendar day ``day`` in ``tz`` (23, 24 or 25 hours)."""
+    """[start, end) in UTC of the local calendar day ``day`` in ``tz``: its whole UTC hours (cicm.timeutil)."""
+    from cicm.timeutil import check_timezone, local_day_window as window
+
+    check_timezone(tz, "tz")
     try:
-        zoneinfo.ZoneInfo(tz)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
-        raise InputError("tz", f"unknown time zone {tz!r}") from exc
-    try:
-        midnight = pd.Timestamp(datetime.date.fromisoformat(day.strip()))
+        day_date = datetime.date.fromisoformat(day.strip())
     except (ValueError, TypeError, AttributeError) as exc:
         raise InputError("date", f"not a calendar date: {day!r} (use YYYY-MM-DD)") from exc
-    start = midnight.tz_localize(tz).tz_convert("UTC")
-    end = (midnight + pd.Timedelta(days=1)).tz_localize(tz).tz_convert("UTC")
-    return start, end
+    return window(day_date, tz)
 
 
 def resolve_window(

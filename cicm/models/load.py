@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from cicm.errors import InputError
+from cicm.timeutil import check_timezone, local_day_hours_utc, local_day_lengths
 
 HISTORY_COLUMNS = ("inflexible_cpu_cores", "flexible_cpu_cores", "reserved_cpu_cores")
 ALPHA_GRID = (0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9)
@@ -98,26 +99,13 @@ class LoadForecast:
 
 
 def local_day_hours(day, tz: str) -> pd.DatetimeIndex:
-    """UTC start times of the hours of local date `day` in time zone `tz` (23, 24 or 25 of them)."""
-    date = pd.Timestamp(day)
-    if date.tzinfo is not None:
-        date = date.tz_localize(None)
-    date = date.normalize()
-    try:
-        start = date.tz_localize(tz, nonexistent="shift_forward", ambiguous=True)
-        end = (date + pd.Timedelta(days=1)).tz_localize(tz, nonexistent="shift_forward", ambiguous=True)
-    except Exception as exc:  # unknown tz names raise various exception types
-        raise InputError("tz", f"unknown time zone {tz!r}: {exc}") from exc
-    return pd.date_range(start.tz_convert("UTC"), end.tz_convert("UTC"), freq="h", inclusive="left", name="hour")
+    """UTC start times of the hours of local date `day` in time zone `tz` (the one calendar: cicm.timeutil)."""
+    return local_day_hours_utc(day, check_timezone(tz, "tz"))
 
 
 def _local_day_lengths(dates: pd.DatetimeIndex, tz: str) -> np.ndarray:
     """Number of hours of each local date (naive midnights) in `tz`: 23, 24 or 25 around DST changes."""
-    def starts(midnights: pd.DatetimeIndex) -> pd.DatetimeIndex:
-        return midnights.tz_localize(tz, nonexistent="shift_forward", ambiguous=np.ones(len(midnights), bool))
-
-    seconds = (starts(dates + pd.Timedelta(days=1)) - starts(dates)).total_seconds().to_numpy()
-    return np.round(seconds / 3600).astype(int)
+    return local_day_lengths(dates, tz)
 
 
 def _check_tz(tz: str) -> str:
