@@ -11,6 +11,7 @@ import pytest
 
 from cicm.backtest import metrics as M
 from cicm.backtest import report as R
+from cicm.backtest.carbon_input import ZoneCarbon
 from cicm.backtest.runner import (
     BASELINE,
     BacktestOptions,
@@ -150,18 +151,18 @@ def test_report_files(backtest, tmp_path):
     assert set(hourly["policy"]) >= {"planner", "oracle"}
 
 
-def flat_actual(zone, start, end):
-    return pd.Series(300.0, index=pd.date_range(start, end, freq="h", inclusive="left"))
-
-
-def flat_forecast(day, seed):
-    return pd.Series(300.0, index=day.hours)
+def flat_carbon() -> ZoneCarbon:
+    """300 g/kWh every hour of 2022, forecast exactly (one vintage)."""
+    hours = pd.date_range("2022-01-01", "2023-01-01", freq="h", inclusive="left", tz="UTC").as_unit("ns")
+    vintages = pd.DataFrame({"target_hour": hours, "gco2_per_kwh": 300.0,
+                             "issued_at": pd.Series(pd.NaT, index=range(len(hours)), dtype="datetime64[ns, UTC]")})
+    return ZoneCarbon("CISO", pd.Series(300.0, index=hours), "flat", vintages)
 
 
 def test_flat_carbon_days_give_no_saving_even_across_dst(fleet):
     # 2022-11-06 is a 25-hour day in California
     bt = run_backtest("CISO", date(2022, 11, 5), 3, replace(BacktestOptions(), experiment=False), fleet=fleet,
-                      carbon_source=flat_actual, forecast_source=flat_forecast)
+                      carbon=flat_carbon())
     seg = bt.segments[0]
     assert len(seg.hours) == 24 + 25 + 24 + BacktestOptions().drain_hours
     t = M.policy_table(bt).set_index("policy")
@@ -183,14 +184,27 @@ def test_zone_without_a_campus_and_the_pjm_gap(fleet):
     assert campus.name.endswith("@PJM") and campus.grid_zone == "PJM" and campus.timezone == "America/New_York"
     assert campus_for_zone(fleet, "BPAT").name == "or-dalles"
     days = [date(2022, 3, 1) + pd.Timedelta(days=i) for i in range(20)]
-    bad = long_gap_days("PJM", days, campus.timezone, drain_hours=72)
+    bad = long_gap_days(ZoneCarbon.bundled("PJM"), days, campus.timezone, drain_hours=72)
     assert date(2022, 3, 13) in bad and date(2022, 3, 14) in bad
     assert date(2022, 3, 1) not in bad and date(2022, 3, 20) not in bad
     segments = split_segments(days, set(bad))
     assert len(segments) == 2 and not set(bad) & {d for s in segments for d in s}
-    assert long_gap_days("CISO", days, "America/Los_Angeles", 72) == []
-    with pytest.raises(InputError, match="history"):
-        run_backtest("CISO", date(2022, 1, 10), 3, fleet=fleet)
+    assert long_gap_days(ZoneCarbon.bundled("CISO"), days, "America/Los_Angeles", 72) == []
+    with pytest.raises(InputError, match="workload") as e:
+        run_backtest("CISO", date(2022, 1, 10), 400, fleet=fleet)
+    assert e.value.field == "days"
+
+
+@pytest.mark.parametrize("first, shift_weeks", [(date(2022, 6, 1), 0), (date(2024, 6, 1), 104), (date(2019, 3, 1), -157),
+                                                (date(2022, 1, 10), -4), (date(2022, 12, 28), 1)])
+def test_workload_shift_keeps_weekdays_and_covers_the_backtest(fleet, first, shift_weeks):
+    from cicm.backtest.runner import workload_shift
+
+    need_start = pd.Timestamp(first, tz="UTC") - pd.Timedelta(days=36)
+    need_end = pd.Timestamp(first, tz="UTC") + pd.Timedelta(days=10)
+    shift = workload_shift(fleet, first, need_start, need_end)
+    assert shift == pd.Timedelta(weeks=shift_weeks)  # whole weeks: weekdays stay aligned
+    assert fleet.history_start + shift <= need_start and need_end <= fleet.history_end + shift
 
 
 def test_cli_json(tmp_path):

@@ -171,16 +171,40 @@ def test_day_depends_only_on_seed_zone_and_day_not_on_window_or_order():
     assert not np.allclose(ratio_soco, ratio_azps)  # zones get their own errors
 
 
-def test_issue_time_does_not_change_values():
-    a = trace.trace_forecast("NYIS", ts("2022-02-01"), ts("2022-02-02"), ts("2022-01-31T12:00"), seed=1)
-    b = trace.trace_forecast("NYIS", ts("2022-02-01"), ts("2022-02-02"), ts("2022-01-31T20:00"), seed=1)
-    np.testing.assert_array_equal(a["gco2_per_kwh"], b["gco2_per_kwh"])
+def test_error_shrinks_with_lead_time():
+    cal = trace.gb_error_calibration()
+    start, end = ts("2022-01-01"), ts("2023-01-01")
+    actual = trace.load_actual_intensity("CISO", start, end)
+    log_err = {}
+    for lead in (0.5, 6.5, 24.73, 36.5):  # every hour forecast exactly `lead` hours ahead (to its middle)
+        f = np.concatenate([trace.simulated_forecast_gco2_per_kwh(actual.iloc[[i]], "CISO",
+                                                                  actual.index[i] - pd.Timedelta(hours=lead - 0.5), 4)
+                            for i in range(0, len(actual), 7)])
+        log_err[lead] = np.log(f / actual.to_numpy()[::7])
+    stds = [log_err[k].std(ddof=1) for k in sorted(log_err)]
+    assert stds == sorted(stds)  # later forecasts are better
+    assert stds[0] == pytest.approx(cal["final_log_ratio_std"], rel=0.15)  # the final vintage's error
+    assert stds[2] == pytest.approx(cal["log_ratio_std"], rel=0.15)  # the day-ahead vintage's error
+    # the same standardised path at every lead: vintages of one hour converge on the actual
+    assert np.corrcoef(log_err[0.5], log_err[36.5])[0, 1] > 0.999
+
+
+def test_lead_scaling_is_the_calibrated_line():
+    cal = trace.gb_error_calibration()
+    mean, std = trace.lead_scaling(np.array([0.0, cal["dayahead_lead_hours"], 1000.0]), cal)
+    assert std[0] == pytest.approx(cal["final_log_ratio_std"]) and std[1] == pytest.approx(cal["log_ratio_std"])
+    assert mean[1] == pytest.approx(cal["log_ratio_mean"])
+    assert std[2] == pytest.approx(trace.lead_scaling(np.array([cal["max_lead_hours"]]), cal)[1][0])  # held
+    assert round(cal["final_log_ratio_std"], 3) == 0.120 and round(cal["dayahead_lead_hours"], 2) == 24.73
 
 
 def _errors(zone, start, end, seed):
-    f = trace.trace_forecast(zone, start, end, start, seed=seed)["gco2_per_kwh"].to_numpy()
-    a = trace.load_actual_intensity(zone, start, end).to_numpy()
-    return f, a
+    """Each UTC day forecast the evening before, at the GB day-ahead sample's mean lead (24.73 h)."""
+    actual = trace.load_actual_intensity(zone, start, end)
+    lead = pd.Timedelta(hours=trace.gb_error_calibration()["dayahead_lead_hours"] - 12)
+    f = np.concatenate([trace.simulated_forecast_gco2_per_kwh(day, zone, d - lead, seed)
+                        for d, day in actual.groupby(actual.index.floor("D"))])
+    return f, actual.to_numpy()
 
 
 @pytest.mark.parametrize("zone, seed", [("CISO", 0), ("ERCO", 1), ("PJM", 2), ("BPAT", 3)])
@@ -199,7 +223,8 @@ def test_year_error_statistics_match_calibration():
     assert e.std(ddof=1) == pytest.approx(cal["log_ratio_std"], rel=0.12)
     within_day = np.corrcoef(e[:, :-1].ravel(), e[:, 1:].ravel())[0, 1]
     assert within_day == pytest.approx(cal["ar1_phi"], abs=0.04)
-    assert np.abs(e - cal["log_ratio_mean"]).max() <= 3 * cal["log_ratio_std"] + 1e-9  # clipped tails
+    _, longest = trace.lead_scaling(np.array([cal["max_lead_hours"]]), cal)
+    assert np.abs(e - cal["log_ratio_mean"]).max() <= 3 * longest[0] + 0.05  # clipped tails
 
 
 def test_trace_never_exceeds_plausibility_bound():

@@ -271,7 +271,7 @@ class Check:
 def ceilings(bt: Backtest) -> dict:
     carbon = pd.concat([pd.Series(s.carbon[s.day_of_hour >= 0], index=s.hours[s.day_of_hour >= 0])
                         for s in bt.segments])
-    design = DESIGN_CEILING_PCT[bt.zone]
+    design = DESIGN_CEILING_PCT.get(bt.zone, (np.nan, np.nan))  # DESIGN's table knows the 8 bundled zones only
     return {"design_pct": design[0], "design_half_pct": design[1], "window_pct": window_ceiling_pct(carbon, 1.0)}
 
 

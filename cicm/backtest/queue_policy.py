@@ -60,7 +60,10 @@ def run_queue_policy(seg, campus_days: list, options, data: dict, policy: str, t
     oracle = policy == "oracle"
     campus = seg.campus
     n_h = len(seg.hours)
-    carbon_plan = seg.carbon if oracle else seg.forecast_ext
+
+    def carbon_plan(issued_at: pd.Timestamp, hz: np.ndarray) -> np.ndarray:
+        """The carbon a solve at ``issued_at`` plans with: the forecast then known (the actual for the oracle)."""
+        return seg.carbon[hz] if oracle else seg.forecaster.at(issued_at, hz)
     clusters: dict[str, _Cluster] = {}
     for c in campus.clusters:
         d = data[c.name]
@@ -96,7 +99,7 @@ def run_queue_policy(seg, campus_days: list, options, data: dict, policy: str, t
             for cl in clusters.values():
                 cl.sim.advance(t)
             low_benefit = None if oracle else stages.low_benefit_reason(
-                _forecast_value(campus, cd, options), options.min_forecast_value_pct)
+                _forecast_value(seg, cd, options), options.min_forecast_value_pct)
             for c in campus.clusters:
                 cl = clusters[c.name]
                 row = {"day": d, "cluster": c.name}
@@ -184,7 +187,7 @@ def _cluster_input(seg, cl: _Cluster, t: int, hz: np.ndarray, options, oracle: b
                         cl.curve, limit_cpu_cores=limit, carry_core_hours=carry)
 
 
-def _solve(seg, clusters: dict, t: int, hz: np.ndarray, carbon: np.ndarray, options, oracle: bool,
+def _solve(seg, clusters: dict, t: int, hz: np.ndarray, carbon_gco2_per_kwh: np.ndarray, options, oracle: bool,
            committed: np.ndarray, with_limit: bool):
     shaped = [cl for cl in clusters.values() if not cl.fallback and cl.curve is not None]
     if not shaped:
@@ -197,7 +200,7 @@ def _solve(seg, clusters: dict, t: int, hz: np.ndarray, carbon: np.ndarray, opti
             limit = np.where(np.isfinite(rec), rec, cl.capacity) if np.isfinite(rec).any() else None
             carry = _carry(seg, cl, t)
         inputs.append(_cluster_input(seg, cl, t, hz, options, oracle, limit, carry))
-    campus = QueueCampus(seg.campus.name, tuple(inputs), carbon[hz], committed=committed,
+    campus = QueueCampus(seg.campus.name, tuple(inputs), carbon_gco2_per_kwh, committed=committed,
                          contract_kw=seg.campus.contract_limit_kw, lambda_e=options.lambda_e,
                          lambda_p=options.lambda_p, solver=options.solver)
     return plan_queue(campus), shaped
@@ -214,7 +217,7 @@ def _carry(seg, cl: _Cluster, t: int) -> float:
     return max(float((rec[ok] - cl.sim.usage[start:t][ok]).sum()), 0.0)
 
 
-def _plan_of_record(seg, clusters: dict, cd, carbon: np.ndarray, options, oracle: bool, t: int) -> None:
+def _plan_of_record(seg, clusters: dict, cd, carbon, options, oracle: bool, t: int) -> None:
     """The day's plan of record: service over the day's hours plus the risk margin, as a usage cap."""
     from cicm.backtest.runner import _slots
 
@@ -222,7 +225,8 @@ def _plan_of_record(seg, clusters: dict, cd, carbon: np.ndarray, options, oracle
     hz = _horizon(seg, t, options, oracle)
     hz = np.arange(t, max(hz[-1] + 1, day_idx[-1] + 1))
     committed = np.isin(hz, day_idx)
-    plan, shaped = _solve(seg, clusters, t, hz, carbon, options, oracle, committed, with_limit=False)
+    plan, shaped = _solve(seg, clusters, t, hz, carbon(cd.planned_at, hz), options, oracle, committed,
+                          with_limit=False)
     for cl in clusters.values():
         if cl not in shaped or plan is None:
             cl.record[day_idx] = np.nan
@@ -237,7 +241,7 @@ def _plan_of_record(seg, clusters: dict, cd, carbon: np.ndarray, options, oracle
         cl.record[day_idx] = service + risk_margin(service, room, extra)
 
 
-def _correct(seg, clusters: dict, carbon: np.ndarray, options, oracle: bool, t: int, drain: bool = False) -> None:
+def _correct(seg, clusters: dict, carbon, options, oracle: bool, t: int, drain: bool = False) -> None:
     """Re-plan from the live backlog at hour t and set each cluster's cap for that hour."""
     hz = _horizon(seg, t, options, oracle)
     committed = np.zeros(hz.size, bool)
@@ -258,7 +262,7 @@ def _correct(seg, clusters: dict, carbon: np.ndarray, options, oracle: bool, t: 
             cl.sim.set_cap(t, np.array([cl.record[t]]))
         return
     sub = {cl.name: cl for cl in active}
-    plan, shaped = _solve(seg, sub, t, hz, carbon, options, oracle, committed, with_limit=True)
+    plan, shaped = _solve(seg, sub, t, hz, carbon(seg.hours[t], hz), options, oracle, committed, with_limit=True)
     for cl in active:
         i = plan.clusters.index(cl.name) if plan is not None and cl.name in plan.clusters else -1
         cap = cl.record[t] if i < 0 or plan.status[i] != "optimal" else correction_cap(

@@ -126,7 +126,8 @@ def summary(bt: Backtest, ev: dict) -> dict:
                    "fallback_reasons": (reasons[cd["planner_status"] != "shaped"].value_counts().to_dict()
                                         if reasons is not None else {})}
     return _clean({
-        "zone": bt.zone, "campus": bt.campus.name, "timezone": bt.campus.timezone,
+        "zone": bt.zone, "carbon_source": bt.carbon_source, "workload_shift_days": bt.workload_shift_days,
+        "campus": bt.campus.name, "timezone": bt.campus.timezone,
         "clusters": [c.name for c in bt.campus.clusters], "start": bt.start, "days": bt.n_days,
         "simulated_days": sum(len(s.days) for s in bt.segments), "skipped_days": list(bt.skipped_days),
         "seconds": bt.seconds, "options": asdict(bt.options), "ceilings": ev["ceilings"],
@@ -135,6 +136,11 @@ def summary(bt: Backtest, ev: dict) -> dict:
         "hard_checks_ok": hard_checks_ok(ev["checks"]),
         "experiment": ev["effect"], "planner": planner,
     })
+
+
+def design_ceiling_text(ceil: dict) -> str:
+    """"DESIGN x%, " for the zones DESIGN's ceiling table knows, else nothing."""
+    return "" if pd.isna(ceil["design_pct"]) else f"DESIGN {ceil['design_pct']:.1f}%, "
 
 
 def hard_checks_ok(checks: list) -> bool:
@@ -188,7 +194,7 @@ def markdown(bt: Backtest, ev: dict, images: bool = False) -> str:
     cd = int(t["cluster_days"].iloc[0])
     lines += ["", f"SLO violations are out of {cd} cluster-days. Perfect-foresight bound: "
               f"{t['bound_reduction_pct'].iloc[0]:.1f}% below carbon-agnostic. Ceiling ({bt.zone}, delta in [-1, 1]): "
-              f"DESIGN {ceil['design_pct']:.1f}%, this window {ceil['window_pct']:.1f}%.", "", "## Checks", ""]
+              f"{design_ceiling_text(ceil)}this window {ceil['window_pct']:.1f}%.", "", "## Checks", ""]
     for c in ev["checks"]:
         mark = "✓" if c.ok else ("⚠" if c.name.startswith("oracle:") else "✗")
         lines.append(f"- {mark} `{c.name}` {c.detail}")

@@ -36,11 +36,12 @@ import numpy as np
 import pandas as pd
 
 from cicm.backtest.accounting import ClusterPower
+from cicm.backtest.carbon_input import Forecaster, ZoneCarbon
 from cicm.backtest.sim import ClusterSim, SimResult, Tasks, job_outcomes, make_tasks, simulate
 from cicm.config import Campus, Cluster, Fleet, GRID_ZONES
 from cicm.errors import InputError
 from cicm.flows.nightly import PlanOptions
-from cicm.timeutil import local_day_hours_utc, planning_time_utc
+from cicm.timeutil import check_timezone, local_day_hours_utc, planning_time_utc
 
 POLICIES = ("carbon-agnostic", "threshold", "threshold-guard", "cicm-ceiling", "planner", "oracle")
 BASELINE = "carbon-agnostic"
@@ -102,20 +103,24 @@ class BacktestOptions(PlanOptions):
 # ------------------------------------------------------------------------------------------------ inputs
 
 
-def campus_for_zone(fleet: Fleet, zone: str, template: str | None = None) -> Campus:
-    """The fleet's campus in ``zone``; for a zone without one, the template campus (default: the first) moved to
-    the zone and its time zone, so that only the grid differs. Its name says so: ``ca-sj@PJM``."""
-    if zone not in GRID_ZONES:
-        raise InputError("zone", f"unknown grid zone {zone!r}; bundled zones are {', '.join(GRID_ZONES)}")
+def campus_for_zone(fleet: Fleet, zone: str, template: str | None = None, timezone: str | None = None) -> Campus:
+    """The fleet's campus in ``zone``; for a zone without one (or with an explicit ``timezone``), the template
+    campus (default: the first) moved to the zone and its time zone, so that only the grid differs. Its name says
+    so: ``ca-sj@PJM``. A zone outside the bundled ones (carbon from a CSV) needs its ``timezone``."""
+    if timezone is None and zone not in GRID_ZONES:
+        raise InputError("timezone", f"zone {zone!r} is not a bundled zone ({', '.join(GRID_ZONES)}); give its "
+                                     "IANA time zone")
+    if timezone is not None:
+        check_timezone(timezone)
     if template is None:
         for campus in fleet.campuses:
-            if campus.grid_zone == zone:
+            if campus.grid_zone == zone and timezone in (None, campus.timezone):
                 return campus
     base = next((c for c in fleet.campuses if c.name == template), None) if template else fleet.campuses[0]
     if base is None:
         raise InputError("campus", f"no campus named {template!r} in fleet {fleet.name!r}")
     return base.model_copy(update={"name": f"{base.name}@{zone}", "grid_zone": zone,
-                                   "timezone": ZONE_TIMEZONES[zone]})
+                                   "timezone": timezone or ZONE_TIMEZONES[zone]})
 
 
 @dataclass
@@ -129,36 +134,34 @@ class ClusterData:
     power: ClusterPower
 
 
-def cluster_data(fleet: Fleet, cluster: Cluster, seed: int) -> ClusterData:
+def cluster_data(fleet: Fleet, cluster: Cluster, seed: int, shift: pd.Timedelta = pd.Timedelta(0)) -> ClusterData:
+    """The cluster's workload over the demo history, moved ``shift`` (whole weeks) in time."""
     from cicm.data.telemetry import cluster_usage_history, history_hours, scaled_cluster_jobs
 
     hours = history_hours(fleet)
     usage = cluster_usage_history(cluster, hours, seed)
     jobs = scaled_cluster_jobs(cluster, hours, seed)
+    usage["hour"] = usage["hour"] + shift
+    jobs["arrival"] = jobs["arrival"] + shift
     total = usage["inflexible_cpu_cores"] + usage["flexible_cpu_cores"]
     ratio = pd.Series((usage["reserved_cpu_cores"] / total).to_numpy(), index=pd.DatetimeIndex(usage["hour"]))
     return ClusterData(cluster, usage, jobs, ratio, ClusterPower(cluster))
 
 
-CarbonSource = Callable[[str, pd.Timestamp, pd.Timestamp], pd.Series]
-ForecastSource = Callable[[object, int], pd.Series]  # (CampusDay, seed) -> gco2 over the day's hours
-
-
-def actual_carbon(zone: str, start: pd.Timestamp, end: pd.Timestamp) -> pd.Series:
-    from cicm.carbon.trace import load_actual_intensity
-
-    return load_actual_intensity(zone, start, end)
-
-
-def trace_day_forecast(day, seed: int) -> pd.Series:
-    """The day-ahead forecast the nightly plan would have fetched (trace provider, issued at planning time)."""
-    from cicm.flows.plan_stages import fetch_campus_carbon
-
-    frame = fetch_campus_carbon(day, "trace", seed)
-    series = frame.set_index("target_hour")["gco2_per_kwh"].reindex(day.hours)
-    if series.isna().any():
-        raise InputError("gco2_per_kwh", f"forecast misses hours of {day.hours[0]}..{day.hours[-1]}")
-    return series
+def workload_shift(fleet: Fleet, first_day: date, need_start: pd.Timestamp, need_end: pd.Timestamp) -> pd.Timedelta:
+    """Whole weeks to move the demo workload so that it covers ``[need_start, need_end)`` (the backtest's history,
+    window and drain) in the carbon data's calendar, weekdays aligned; of those, the one closest to the same
+    season (the first day's year moved onto the workload's year). Zero when the carbon year is the workload's."""
+    lo, hi = fleet.history_start, fleet.history_end
+    if need_end - need_start > hi - lo:
+        raise InputError("days", f"the backtest needs {(need_end - need_start).days} days of workload (35 days of "
+                                 f"history, the window and the drain); the demo workload has {fleet.history_days}")
+    season = pd.Timestamp(first_day).year - lo.year
+    same_season = pd.Timestamp(lo.tz_convert(None).replace(year=lo.year + season), tz="UTC") - lo
+    weeks = round(same_season / pd.Timedelta(days=7))
+    lo_weeks = math.ceil((need_end - hi) / pd.Timedelta(days=7))
+    hi_weeks = math.floor((need_start - lo) / pd.Timedelta(days=7))
+    return pd.Timedelta(days=7 * min(max(weeks, lo_weeks), hi_weeks))
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -184,8 +187,9 @@ class Segment:
     window_end: pd.Timestamp  # end of the last local day
     hours: pd.DatetimeIndex  # simulated hours (window + drain)
     carbon: np.ndarray  # actual gCO2/kWh per simulated hour
-    forecast: np.ndarray  # day-ahead forecast per window hour (NaN in the drain)
-    forecast_ext: np.ndarray  # the same, continued into the drain by the following days' forecasts (look-ahead)
+    forecast: np.ndarray  # day-ahead forecast per window hour, issued at the day's planning time (NaN in the drain)
+    forecaster: Forecaster  # .at(issued_at, slots): the forecast of simulated hours as known at issued_at
+    zone_carbon: ZoneCarbon
     day_of_hour: np.ndarray  # index into days per simulated hour, -1 in the drain
     inflexible: dict[str, np.ndarray]
     ratio: dict[str, np.ndarray]
@@ -203,10 +207,10 @@ def _rng(seed: int, *names: str) -> np.random.Generator:
 
 
 def run_segment(fleet: Fleet, campus: Campus, days: list[date], options: BacktestOptions,
-                data: dict[str, ClusterData], *, carbon_source: CarbonSource = actual_carbon,
-                forecast_source: ForecastSource = trace_day_forecast,
+                data: dict[str, ClusterData], zone_carbon: ZoneCarbon, *,
                 progress: Callable[[str, int], None] | None = None) -> Segment:
-    """Simulate every policy over consecutive local days ``days`` of one campus."""
+    """Simulate every policy over consecutive local days ``days`` of one campus (``fleet``'s history moved onto
+    the carbon data's calendar, like ``data``)."""
     tz = campus.timezone
     day_hours = [local_day_hours_utc(d, tz) for d in days]
     for a, b in zip(day_hours, day_hours[1:]):
@@ -218,14 +222,12 @@ def run_segment(fleet: Fleet, campus: Campus, days: list[date], options: Backtes
     history_end = fleet.history_end
     if hours[-1] >= history_end:
         raise InputError("days", f"the backtest and its {options.drain_hours} h drain must end before "
-                                 f"{history_end:%Y-%m-%d} (end of the demo history)")
+                                 f"{history_end:%Y-%m-%d} (end of the demo workload)")
     earliest = fleet.history_start + pd.Timedelta(days=35)
     if planning_time_utc(days[0], tz) < earliest:
         raise InputError("start", f"the first day needs at least 35 days of history; start on or after "
                                   f"{(earliest + pd.Timedelta(days=1)):%Y-%m-%d}")
-    carbon = carbon_source(campus.grid_zone, hours[0], hours[-1] + _H).reindex(hours).to_numpy(float)
-    if np.isnan(carbon).any():
-        raise InputError("gco2_per_kwh", f"actual carbon misses hours in {hours[0]}..{hours[-1]}")
+    carbon = zone_carbon.actual(hours[0], hours[-1] + _H).reindex(hours).to_numpy(float)
     day_of_hour = np.full(n_h, -1)
     for k, dh in enumerate(day_hours):
         day_of_hour[_slots(hours, dh)] = k
@@ -233,21 +235,15 @@ def run_segment(fleet: Fleet, campus: Campus, days: list[date], options: Backtes
     from cicm.flows.plan_stages import CampusDay
 
     campus_days = [CampusDay(campus, dh, planning_time_utc(d, tz)) for d, dh in zip(days, day_hours)]
+    forecaster = zone_carbon.forecaster(hours, options.seed)
     forecast = np.full(n_h, np.nan)
     for cd in campus_days:
-        forecast[_slots(hours, cd.hours)] = forecast_source(cd, options.seed).to_numpy(float)
-    forecast_ext = forecast.copy()
-    later = days[-1]
-    while np.isnan(forecast_ext).any():
-        later += timedelta(days=1)
-        dh = local_day_hours_utc(later, tz)
-        inside = hours.get_indexer(dh)
-        cd = CampusDay(campus, dh, planning_time_utc(later, tz))
-        forecast_ext[inside[inside >= 0]] = forecast_source(cd, options.seed).to_numpy(float)[inside >= 0]
+        idx = _slots(hours, cd.hours)
+        forecast[idx] = forecaster.at(cd.planned_at, idx)
 
     seg = Segment(campus=campus, days=list(days), t0=t0, window_end=window_end, hours=hours, carbon=carbon,
-                  forecast=forecast, forecast_ext=forecast_ext, day_of_hour=day_of_hour, inflexible={}, ratio={},
-                  tasks={})
+                  forecast=forecast, forecaster=forecaster, zone_carbon=zone_carbon, day_of_hour=day_of_hour,
+                  inflexible={}, ratio={}, tasks={})
     for c in campus.clusters:
         d = data[c.name]
         u = d.usage.set_index("hour")
@@ -316,22 +312,20 @@ def _vcc_to_cap(vcc: np.ndarray, ratio: np.ndarray, inflexible: np.ndarray) -> n
     return np.maximum(vcc / ratio - inflexible, 0.0)
 
 
-def _forecast_value(campus: Campus, cd, options: BacktestOptions):
-    """As the nightly plan measures it: following the zone's day-ahead trace forecasts over the 28 days before
-    planning, scored on the actual intensity (the same vintages the demo store holds)."""
-    from cicm.carbon.trace import load_actual_intensity
-    from cicm.flows.ingest import trace_forecast_history
+def _forecast_value(seg: Segment, cd, options: BacktestOptions):
+    """As the nightly plan measures it: following the zone's day-ahead forecasts over the 28 days before
+    planning, scored on the actual intensity (the vintages a running planner would have stored)."""
     from cicm.flows.plan_stages import FORECAST_VALUE_WINDOW_DAYS
     from cicm.models.carbon_skill import forecast_value
 
+    zc = seg.zone_carbon
     end = cd.planned_at.floor("D")
-    start = max(end - pd.Timedelta(days=FORECAST_VALUE_WINDOW_DAYS), pd.Timestamp("2022-01-01", tz="UTC"))
+    start = max(end - pd.Timedelta(days=FORECAST_VALUE_WINDOW_DAYS), zc.first_hour.ceil("D"))
     if end <= start:
         return None
-    forecasts = trace_forecast_history(campus.grid_zone, start, end, options.seed)
-    actual = load_actual_intensity(campus.grid_zone, start, end, drop_long_gaps=True)
-    return forecast_value(forecasts.set_index("target_hour")["gco2_per_kwh"], actual, campus.timezone,
-                          options.delta_max)
+    forecasts = zc.forecast_history(start, end, options.seed)
+    actual = zc.filled[(zc.filled.index >= start) & (zc.filled.index < end)].dropna()
+    return forecast_value(forecasts, actual, seg.campus.timezone, options.delta_max)
 
 
 def _run_ceiling(fleet: Fleet, seg: Segment, campus_days: list, options: BacktestOptions,
@@ -358,7 +352,7 @@ def _run_ceiling(fleet: Fleet, seg: Segment, campus_days: list, options: Backtes
         for sim in sims.values():
             sim.advance(max(now_slot, 0))
         inputs, fallbacks = [], {}
-        low_benefit = stages.low_benefit_reason(_forecast_value(campus, cd, options), options.min_forecast_value_pct)
+        low_benefit = stages.low_benefit_reason(_forecast_value(seg, cd, options), options.min_forecast_value_pct)
         for c in campus.clusters:
             sim = sims[c.name]
             history = _closed_loop_history(base[c.name], seg, sim, c.name, cd.planned_at,
@@ -495,14 +489,10 @@ def _run_experiment(seg: Segment, options: BacktestOptions) -> None:
 # ------------------------------------------------------------------------------------------------ segments
 
 
-def long_gap_days(zone: str, days: Iterable[date], tz: str, drain_hours: int) -> list[date]:
+def long_gap_days(zone_carbon: ZoneCarbon, days: Iterable[date], tz: str, drain_hours: int) -> list[date]:
     """Days that cannot be backtested because the zone's actual carbon has a long gap in the day or in the hours
     its work may still run (the next drain_hours): PJM's 22-hour outage of 2022-03-13/14."""
-    from cicm.carbon.trace import MAX_INTERP_GAP_HOURS, fill_short_gaps, find_gaps, read_eia_trace
-
-    raw = read_eia_trace(zone)
-    gaps = [(a, b) for a, b, n in find_gaps(fill_short_gaps(raw)) if n > MAX_INTERP_GAP_HOURS
-            and a != raw.index[0] and b != raw.index[-1]]
+    gaps = zone_carbon.long_gaps()
     bad = []
     for d in days:
         hours = local_day_hours_utc(d, tz)
@@ -529,6 +519,8 @@ def split_segments(days: list[date], skip: set[date]) -> list[list[date]]:
 @dataclass
 class Backtest:
     zone: str
+    carbon_source: str
+    workload_shift_days: int
     campus: Campus
     start: date
     n_days: int
@@ -539,10 +531,12 @@ class Backtest:
 
 
 def run_backtest(zone: str, start: date, n_days: int, options: BacktestOptions | None = None, *,
-                 fleet: Fleet | None = None, campus: str | None = None,
-                 carbon_source: CarbonSource = actual_carbon, forecast_source: ForecastSource = trace_day_forecast,
-                 progress: Callable[[str, int], None] | None = None) -> Backtest:
-    """Backtest ``n_days`` local days from ``start`` for the campus in ``zone`` (see :func:`campus_for_zone`)."""
+                 fleet: Fleet | None = None, campus: str | None = None, carbon: ZoneCarbon | None = None,
+                 timezone: str | None = None, progress: Callable[[str, int], None] | None = None) -> Backtest:
+    """Backtest ``n_days`` local days from ``start`` for the campus in ``zone`` (see :func:`campus_for_zone`).
+
+    ``carbon``: the zone's carbon (default: the bundled trace of ``zone``). When its calendar is not the demo
+    workload's, the workload moves by whole weeks onto it (:func:`workload_shift`)."""
     from cicm.config import load_fleet
 
     t_start = time.perf_counter()
@@ -551,17 +545,22 @@ def run_backtest(zone: str, start: date, n_days: int, options: BacktestOptions |
     if n_days < 1:
         raise InputError("days", f"must be >= 1, got {n_days}")
     fleet = fleet or load_fleet()
-    camp = campus_for_zone(fleet, zone, campus)
+    carbon = carbon or ZoneCarbon.bundled(zone)
+    camp = campus_for_zone(fleet, zone, campus, timezone)
     days = [start + timedelta(days=i) for i in range(n_days)]
-    skip = set(long_gap_days(zone, days, camp.timezone, options.drain_hours)) if carbon_source is actual_carbon \
-        else set()
+    need_start = planning_time_utc(days[0], camp.timezone) - pd.Timedelta(days=35)
+    need_end = local_day_hours_utc(days[-1], camp.timezone)[-1] + (options.drain_hours + 1) * _H
+    shift = workload_shift(fleet, start, need_start, need_end)
+    moved = fleet.model_copy(update={"history_start": fleet.history_start + shift})
+    skip = set(long_gap_days(carbon, days, camp.timezone, options.drain_hours))
     segments_days = split_segments(days, skip)
     if not segments_days:
         raise InputError("start", f"every requested day touches a long gap in the {zone} carbon data")
-    data = {c.name: cluster_data(fleet, c, options.seed) for c in camp.clusters}
-    segments = [run_segment(fleet, camp, seg_days, options, data, carbon_source=carbon_source,
-                            forecast_source=forecast_source, progress=progress) for seg_days in segments_days]
-    return Backtest(zone, camp, start, n_days, options, segments, sorted(skip), time.perf_counter() - t_start)
+    data = {c.name: cluster_data(fleet, c, options.seed, shift) for c in camp.clusters}
+    segments = [run_segment(moved, camp, seg_days, options, data, carbon, progress=progress)
+                for seg_days in segments_days]
+    return Backtest(zone, carbon.source, shift.days, camp, start, n_days, options, segments, sorted(skip),
+                    time.perf_counter() - t_start)
 
 
 def progress_steps(n_days: int, options: BacktestOptions) -> int:

@@ -16,6 +16,17 @@ Forecast errors
     path is drawn per UTC day from a generator seeded by (seed, zone, day), so day D's forecast depends only on
     (seed, zone, D) and never on the calling order or window. Simulated log errors are clipped to
     mean +- 3 std so that no forecast exceeds the validator's plausibility bound.
+
+Lead time
+    A forecast gets better as its target approaches. The GB sample holds two real vintages of every half-hour:
+    the day-ahead one (lead 13-36.5 h, mean 24.7 h) and the final one published for the half-hour itself (taken
+    as lead 0.5 h). Their log-ratio errors have std 0.277 and 0.122 and means 0.061 and 0.025. The error of a
+    forecast made ``L`` hours ahead is ``mu(L) + sigma(L) / sigma_DA * (e_h - mu_DA)``: the same standardised
+    path as above, scaled by mean and std interpolated linearly in lead between the two vintages, and held at
+    the longest measured lead (36.5 h) beyond it (:func:`lead_scaling`). At the day-ahead sample's mean lead it
+    is exactly the day-ahead error, and averaged over the sample's leads it matches the sample's std. Successive
+    vintages of one hour differ only by that scaling (a forecast converges towards the actual); real revisions
+    are noisier, which this does not model. See ``docs/carbon_forecast_calibration.md``.
 """
 from __future__ import annotations
 
@@ -36,6 +47,7 @@ TRACE_ZONES = ("AZPS", "BPAT", "CISO", "ERCO", "MISO", "NYIS", "PJM", "SOCO")
 MAX_INTERP_GAP_HOURS = 6
 GB_SAMPLE_RELPATH = "carbon_forecast/gb_national_dayahead_vs_actual_2023-03-16_to_18.csv"
 ERROR_CLIP_STD = 3.0
+FINAL_FORECAST_LEAD_HOURS = 0.5  # the GB sample's "final" vintage: published for the half-hour itself
 _DAY_EPOCH = pd.Timestamp("2000-01-01", tz="UTC")
 
 
@@ -151,6 +163,9 @@ def hourly_forecast_and_actual(sample: pd.DataFrame) -> pd.DataFrame:
     """Half-hourly GB sample -> hourly means of the day-ahead forecast and the actual. Pure."""
     indexed = sample.set_index("from_utc")[["dayahead_forecast_g_per_kwh", "actual_g_per_kwh"]].astype("float64")
     hourly = indexed.resample("1h").mean()
+    if "final_forecast_g_per_kwh" in sample.columns:
+        extra = sample.set_index("from_utc")[["final_forecast_g_per_kwh", "lead_hours"]].astype("float64")
+        hourly = hourly.join(extra.resample("1h").mean())
     if hourly.isna().any().any():
         raise InputError("actual_g_per_kwh", "GB calibration sample has missing half-hours")
     return hourly
@@ -177,6 +192,17 @@ def fit_log_ratio_ar1(forecast_gco2_per_kwh: pd.Series, actual_gco2_per_kwh: pd.
 def _gb_calibration_cached() -> tuple:
     hourly = hourly_forecast_and_actual(read_gb_sample())
     fit = fit_log_ratio_ar1(hourly["dayahead_forecast_g_per_kwh"], hourly["actual_g_per_kwh"])
+    final = fit_log_ratio_ar1(hourly["final_forecast_g_per_kwh"], hourly["actual_g_per_kwh"])
+    fit.update(
+        {
+            "dayahead_lead_hours": float(hourly["lead_hours"].mean()),
+            "max_lead_hours": float(hourly["lead_hours"].max()),
+            "final_log_ratio_mean": final["log_ratio_mean"],
+            "final_log_ratio_std": final["log_ratio_std"],
+            "final_lead_hours": FINAL_FORECAST_LEAD_HOURS,
+            "final_mape": final["mape"],
+        }
+    )
     fit.update(
         {
             "resolution": "1h",
@@ -193,7 +219,9 @@ def gb_error_calibration() -> dict:
     """Parameters of the day-ahead log-ratio error model fitted on the GB sample (hourly means).
 
     Keys: ``log_ratio_mean``, ``log_ratio_std``, ``ar1_phi``, ``n_hours``, ``mape`` and ``bias_pct`` (of the GB
-    day-ahead forecast vs actual), ``resolution``, ``first_hour``, ``last_hour``, ``source``, ``error_clip_std``.
+    day-ahead forecast vs actual), ``resolution``, ``first_hour``, ``last_hour``, ``source``, ``error_clip_std``;
+    for the lead-time model ``dayahead_lead_hours`` (mean lead of the day-ahead vintage), ``max_lead_hours``, and
+    the final vintage's ``final_log_ratio_mean``, ``final_log_ratio_std``, ``final_lead_hours``, ``final_mape``.
     """
     return dict(_gb_calibration_cached())
 
@@ -244,6 +272,35 @@ def forecast_log_errors(seed: int, zone: str, start: pd.Timestamp, end: pd.Times
     return errors[(errors.index >= start) & (errors.index < end)]
 
 
+def lead_scaling(lead_hours: np.ndarray, calibration: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) of the log-ratio error of forecasts ``lead_hours`` ahead: linear in lead between the final
+    vintage and the day-ahead one, held beyond the longest measured lead. Pure."""
+    if "final_log_ratio_std" not in calibration:  # a day-ahead-only calibration: no lead dependence
+        n = np.shape(lead_hours)
+        return np.full(n, calibration["log_ratio_mean"]), np.full(n, calibration["log_ratio_std"])
+    lead0, lead1 = calibration["final_lead_hours"], calibration["dayahead_lead_hours"]
+    x = (np.clip(np.asarray(lead_hours, float), lead0, calibration["max_lead_hours"]) - lead0) / (lead1 - lead0)
+    mean = calibration["final_log_ratio_mean"] + x * (calibration["log_ratio_mean"] - calibration["final_log_ratio_mean"])
+    std = calibration["final_log_ratio_std"] + x * (calibration["log_ratio_std"] - calibration["final_log_ratio_std"])
+    return mean, std
+
+
+def simulated_forecast_gco2_per_kwh(actual_gco2_per_kwh: pd.Series, zone: str, issued_at: pd.Timestamp, seed: int,
+                                    calibration: dict | None = None) -> np.ndarray:
+    """The forecast of ``actual`` (hourly, UTC index) issued at ``issued_at``: actual x exp(error at the hour's
+    lead). Hours at or before ``issued_at`` get the final vintage's error. Pure given its arguments."""
+    cal = calibration or gb_error_calibration()
+    index = pd.DatetimeIndex(actual_gco2_per_kwh.index)
+    if len(index) == 0:
+        return np.zeros(0)
+    day_ahead = forecast_log_errors(int(seed), zone, index.min(), index.max() + pd.Timedelta(hours=1), cal)
+    e = day_ahead.reindex(index).to_numpy()
+    lead = ((index - issued_at) / pd.Timedelta(hours=1)).to_numpy(float) + 0.5  # to the middle of the hour
+    mean, std = lead_scaling(lead, cal)
+    scaled = mean + std / cal["log_ratio_std"] * (e - cal["log_ratio_mean"])
+    return actual_gco2_per_kwh.to_numpy(float) * np.exp(scaled)
+
+
 def trace_forecast(
     zone: str,
     start: pd.Timestamp,
@@ -253,15 +310,15 @@ def trace_forecast(
     *,
     calibration: dict | None = None,
 ) -> pd.DataFrame:
-    """Simulated day-ahead forecast for ``[start, end)``: actual x exp(AR(1) log error). Canonical frame."""
+    """Simulated forecast for ``[start, end)`` issued at ``issued_at``: actual x exp(lead-scaled AR(1) log error).
+    Canonical frame."""
     start = require_utc_timestamp(start, "start")
     end = require_utc_timestamp(end, "end")
     issued_at = require_utc_timestamp(issued_at, "issued_at")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError("seed", f"expected a non-negative integer, got {seed!r}")
     actual = load_actual_intensity(zone, start, end)
-    errors = forecast_log_errors(int(seed), zone, start, end, calibration or gb_error_calibration())
-    forecast = actual.to_numpy() * np.exp(errors.reindex(actual.index).to_numpy())
+    forecast = simulated_forecast_gco2_per_kwh(actual, zone, issued_at, int(seed), calibration)
     return make_forecast_frame(
         zone=zone, target_times=actual.index, issued_at=issued_at, gco2_per_kwh=forecast, provider=PROVIDER
     )
