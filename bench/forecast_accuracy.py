@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/forecast_accuracy.py [--origins 28] [--seed 0] [--no-holt-winters]
                                                 [--last-target YYYY-MM-DD] [--no-power]
+                                                [--arrival-origins 120] [--arrival-last-target YYYY-MM-DD]
+                                                [--arrivals-only]
 
 For every cluster and every rolling origin (one per local day: the `--origins` days ending on `--last-target`,
 by default the last complete local day of the demo history), each method forecasts the target local day from
@@ -9,6 +11,11 @@ the history before the issue time (18:00 local on the eve of the target day). Pr
 clusters of each cluster's MAPE (inflexible hourly, flexible daily, reservations daily), which daily model
 cicm selected how often, the share of clusters whose median hourly APE is below 10%, and the coverage of the
 reservation bound Θ = T_R·(1 + q0.97) (share of cluster-days whose actual reservations stayed at or below Θ).
+
+First, the hourly arrival forecasts (`cicm.models.arrivals`): seasonal naive (same hour a week before), the
+CICM EWMA and the quantile regression ("qr"), each planned at 18:00 local on the eve from the 63 days before,
+scored on the next local day's hours over `--arrival-origins` target days ending on `--arrival-last-target`:
+daily-total MAPE, hourly WAPE, pinball loss at q0.5 and q0.9, coverage of the q0.9 bands, seconds per call.
 """
 from __future__ import annotations
 
@@ -25,7 +32,14 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cicm.config import load_fleet  # noqa: E402
-from cicm.data.telemetry import demo_power_telemetry, demo_usage_history  # noqa: E402
+from cicm.data.telemetry import (  # noqa: E402
+    arrived_core_hours,
+    demo_power_telemetry,
+    demo_usage_history,
+    history_hours,
+    scaled_cluster_jobs,
+)
+from cicm.models.arrivals import ArrivalForecast, forecast_arrivals  # noqa: E402
 from cicm.models.power import (  # noqa: E402
     fit_power_model,
     load_specpower,
@@ -33,6 +47,7 @@ from cicm.models.power import (  # noqa: E402
     specpower_curve_w,
 )
 from cicm.paths import bundled_data_dir  # noqa: E402
+from cicm.timeutil import local_day_hours_utc, planning_time_utc  # noqa: E402
 from cicm.models.load import (  # noqa: E402
     forecast_load,
     holt_winters_core_hours,
@@ -188,10 +203,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--last-target", type=pd.Timestamp, default=None,
                         help="last target local date (default: the last complete day of the demo history)")
     parser.add_argument("--no-power", action="store_true", help="skip the power-model and SPECpower checks")
+    parser.add_argument("--arrival-origins", type=int, default=120,
+                        help="target days of the hourly-arrival section (0 skips it)")
+    parser.add_argument("--arrival-last-target", type=pd.Timestamp, default=None,
+                        help="last target local date of the arrival section (default: the last complete day)")
+    parser.add_argument("--arrivals-only", action="store_true", help="run only the hourly-arrival section")
     args = parser.parse_args(argv)
 
     started = time.time()
     fleet = load_fleet()
+    if args.arrivals_only or args.arrival_origins > 0:
+        print_arrival_accuracy(fleet, args.seed, args.arrival_origins, args.arrival_last_target, args.jobs)
+        if args.arrivals_only:
+            print(f"elapsed {time.time() - started:.0f} s")
+            return 0
     usage = demo_usage_history(fleet, seed=args.seed)
     tasks = [
         (cluster.name, usage[usage["cluster"] == cluster.name].drop(columns="cluster"), campus.timezone,
@@ -236,6 +261,141 @@ def main(argv: list[str] | None = None) -> int:
           f"max {spec['max_ape'].max():.2f}; servers with max APE <= 2%: {(spec['max_ape'] <= 2).mean():.1%}")
     print(f"elapsed {time.time() - started:.0f} s")
     return 0
+
+
+# --- Hourly arrival forecasts (cicm.models.arrivals): seasonal naive, the CICM EWMA, quantile regression ---------
+
+ARRIVAL_QUANTILE = 0.9
+ARRIVAL_HISTORY_HOURS = 24 * 63  # what the planner hands the forecaster (cicm/backtest/queue_policy.py)
+ARRIVAL_ERROR_DAYS = 28
+
+
+def pinball_loss(actual: np.ndarray, forecast: np.ndarray, quantile: float) -> np.ndarray:
+    """Per-hour pinball (quantile) loss: q·(a − f) if a ≥ f else (1 − q)·(f − a)."""
+    diff = actual - forecast
+    return np.maximum(quantile * diff, (quantile - 1) * diff)
+
+
+def seasonal_naive_arrivals(past: pd.Series, hours: pd.DatetimeIndex, quantile: float = ARRIVAL_QUANTILE,
+                            error_days: int = ARRIVAL_ERROR_DAYS) -> ArrivalForecast:
+    """Same hour one week earlier; its upper band made like the EWMA's: the ``quantile`` of the relative errors of
+    the daily totals it made over the ``error_days`` days before the target."""
+    week = pd.Timedelta(days=7)
+    central = past.reindex(hours - week).to_numpy(float)
+    central = np.where(np.isnan(central), float(past.iloc[-168:].mean()), central)
+    end = hours[0].floor("D")
+    back_hours = pd.date_range(end - pd.Timedelta(days=error_days), end, freq="h", inclusive="left")
+    frame = pd.DataFrame({"f": past.reindex(back_hours - week).to_numpy(float),
+                          "a": past.reindex(back_hours).to_numpy(float)}, index=back_hours).dropna()
+    daily = frame.groupby(frame.index.floor("D")).sum()
+    daily = daily[daily["f"] > 0]
+    q = max(float(np.quantile(daily["a"] / daily["f"] - 1.0, quantile)), 0.0) if len(daily) >= 7 else 0.0
+    return ArrivalForecast(hours, central, central * (1 + q), q, method="seasonal-naive")
+
+
+def arrival_day_scores(actual: np.ndarray, fc: ArrivalForecast) -> dict:
+    """One cluster-day's errors. Sums are kept so WAPE and scaled pinball can be pooled over days."""
+    return dict(
+        actual_core_hours=actual.sum(),
+        daily_ape=abs(actual.sum() - fc.core_hours.sum()) / actual.sum() * 100 if actual.sum() > 0 else np.nan,
+        abs_error_core_hours=np.abs(actual - fc.core_hours).sum(),
+        day_wape=np.abs(actual - fc.core_hours).sum() / actual.sum() * 100 if actual.sum() > 0 else np.nan,
+        pinball50_core_hours=pinball_loss(actual, fc.median_core_hours, 0.5).sum(),
+        pinball90_core_hours=pinball_loss(actual, fc.hourly_upper_core_hours, ARRIVAL_QUANTILE).sum(),
+        hourly_covered=float(np.mean(actual <= fc.hourly_upper_core_hours)),
+        daily_covered=float(actual.sum() <= fc.upper_core_hours.sum()),
+    )
+
+
+def evaluate_cluster_arrivals(arrivals: pd.Series, tz: str, target_days: list) -> pd.DataFrame:
+    """One row per (method, target local day): the forecast planned at 18:00 local on the eve
+    (`planning_time_utc`) from the hours that ended by then (the last 63 days, as the planner passes), for the
+    target's local-day hours (`local_day_hours_utc`)."""
+    rows = []
+    for day in target_days:
+        hours = local_day_hours_utc(day, tz)
+        now = planning_time_utc(day, tz)
+        past = arrivals[arrivals.index + pd.Timedelta(hours=1) <= now].iloc[-ARRIVAL_HISTORY_HOURS:]
+        actual = arrivals.reindex(hours).to_numpy(float)
+        methods = {"seasonal-naive": lambda: seasonal_naive_arrivals(past, hours),
+                   "ewma": lambda: forecast_arrivals(past, hours, quantile=ARRIVAL_QUANTILE),
+                   "qr": lambda: forecast_arrivals(past, hours, quantile=ARRIVAL_QUANTILE, method="qr")}
+        for method, run in methods.items():
+            started = time.perf_counter()
+            fc = run()
+            rows.append(dict(method=method, day=day, seconds=time.perf_counter() - started,
+                             q=fc.rel_error_quantile, **arrival_day_scores(actual, fc)))
+    return pd.DataFrame(rows)
+
+
+def _evaluate_arrivals_task(task: tuple) -> pd.DataFrame:
+    name, arrivals, tz, target_days = task
+    return evaluate_cluster_arrivals(arrivals, tz, target_days).assign(cluster=name)
+
+
+def summarise_arrivals(results: pd.DataFrame) -> pd.DataFrame:
+    """Per cluster over its days (MAPE = mean daily APE; WAPE and scaled pinball pooled: Σ loss / Σ actual),
+    then the median over clusters; coverages pooled over all cluster-days and hours."""
+    out = {}
+    for method, g in results.groupby("method", sort=False):
+        per_cluster = g.groupby("cluster").agg(
+            daily_mape=("daily_ape", "mean"), actual=("actual_core_hours", "sum"),
+            abs_error=("abs_error_core_hours", "sum"), p50=("pinball50_core_hours", "sum"),
+            p90=("pinball90_core_hours", "sum"))
+        out[method] = {
+            "daily-total MAPE % (median over clusters)": per_cluster["daily_mape"].median(),
+            "daily-total MAPE % (p90 over clusters)": per_cluster["daily_mape"].quantile(0.9),
+            "daily APE % (median over cluster-days)": g["daily_ape"].median(),
+            "hourly WAPE % of central (median over clusters)": (per_cluster["abs_error"] / per_cluster["actual"]).median() * 100,
+            "pinball q0.5 % of mean arrivals (median)": (per_cluster["p50"] / per_cluster["actual"]).median() * 100,
+            f"pinball q{ARRIVAL_QUANTILE} % of mean arrivals (median)": (per_cluster["p90"] / per_cluster["actual"]).median() * 100,
+            f"coverage of hourly q{ARRIVAL_QUANTILE} band (hours)": g["hourly_covered"].mean(),
+            f"coverage of daily q{ARRIVAL_QUANTILE} band (cluster-days)": g["daily_covered"].mean(),
+            "daily band q (median)": g["q"].median(),
+            "seconds per call (median)": g["seconds"].median(),
+            "seconds per call (max)": g["seconds"].max(),
+        }
+    return pd.DataFrame(out)
+
+
+def paired_comparison(results: pd.DataFrame, a: str, b: str, column: str = "daily_ape") -> str:
+    """How often method ``a`` beats ``b`` on the same cluster-day, and a Wilcoxon signed-rank test."""
+    from scipy.stats import wilcoxon
+
+    wide = results.pivot_table(index=["cluster", "day"], columns="method", values=column).dropna()
+    diff = wide[a] - wide[b]
+    p = wilcoxon(diff).pvalue if (diff != 0).any() else 1.0
+    return (f"{a} vs {b}, {column}: {a} lower on {(diff < 0).mean():.1%} of {len(diff)} cluster-days, "
+            f"mean difference {diff.mean():+.2f} points, Wilcoxon signed-rank p = {p:.3g}")
+
+
+def arrival_accuracy(fleet, seed: int, origins: int, last_target: pd.Timestamp | None, jobs: int) -> pd.DataFrame:
+    hours = history_hours(fleet)
+    last_day = (hours[-1].tz_localize(None).normalize() - pd.Timedelta(days=1)) if last_target is None \
+        else pd.Timestamp(last_target).normalize()
+    target_days = [(last_day - pd.Timedelta(days=origins - 1 - k)).date() for k in range(origins)]
+    tasks = []
+    for campus in fleet.campuses:
+        for cluster in campus.clusters:
+            arrivals = pd.Series(arrived_core_hours(scaled_cluster_jobs(cluster, hours, seed), hours), hours)
+            tasks.append((cluster.name, arrivals, campus.timezone, target_days))
+    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return pd.concat(pool.map(_evaluate_arrivals_task, tasks), ignore_index=True)
+
+
+def print_arrival_accuracy(fleet, seed: int, origins: int, last_target, jobs: int) -> pd.DataFrame:
+    started = time.time()
+    results = arrival_accuracy(fleet, seed, origins, last_target, jobs)
+    print(f"\nHourly arrival forecasts (flexible core-hours arriving per hour), demo fleet {fleet.name!r}, seed {seed}: "
+          f"{results['cluster'].nunique()} clusters x {origins} rolling origins, targets "
+          f"{min(results['day'])}..{max(results['day'])}, planned 18:00 local on the eve from the last 63 days. "
+          "WAPE (not hourly MAPE: some hours have no arrivals) = Σ|a − f| / Σ a; pinball as Σ loss / Σ a.")
+    print(summarise_arrivals(results).to_string(float_format=lambda v: f"{v:.3f}"))
+    for a, b in (("qr", "ewma"), ("qr", "seasonal-naive"), ("ewma", "seasonal-naive")):
+        print("  " + paired_comparison(results, a, b))
+    print("  " + paired_comparison(results, "qr", "ewma", "day_wape"))
+    print(f"  arrivals section: {time.time() - started:.0f} s")
+    return results
 
 
 if __name__ == "__main__":

@@ -94,3 +94,124 @@ def test_backtest_json_is_clean_on_stdout(tmp_path):
     doc = json.loads(proc.stdout)  # the whole of stdout: no banner before, nothing after
     assert doc["zone"] == "BPAT"
     assert {p["policy"] for p in doc["policies"]} >= {"carbon-agnostic", "cicm-ceiling", "planner", "oracle"}
+
+
+# --- quantile regression (method="qr") ----------------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from cicm.models.arrivals import QR_MIN_HISTORY_H, forecast_arrivals_qr  # noqa: E402
+
+
+def daily_history(days=63, noise=0.0, seed=0, level=100.0):
+    """A strongly daily-periodic history (peak-to-trough 9:1), multiplicative noise, UTC hours."""
+    hours = pd.date_range("2022-03-01", periods=days * 24, freq="h", tz="UTC")
+    shape = 1 + 0.8 * np.sin(np.arange(days * 24) / 24 * 2 * np.pi)
+    rng = np.random.default_rng(seed)
+    return pd.Series(level * shape * np.exp(noise * rng.standard_normal(days * 24)), index=hours)
+
+
+def next_day(history, gap_h=6):
+    """The 24 target hours starting ``gap_h`` h after the history, as when planning at 18:00 for the next day."""
+    return pd.date_range(history.index[-1] + pd.Timedelta(hours=1 + gap_h), periods=24, freq="h")
+
+
+@pytest.fixture(scope="module")
+def noisy_qr():
+    history = daily_history(noise=0.5, seed=1)
+    return forecast_arrivals(history, next_day(history), quantile=0.9, method="qr")
+
+
+def test_qr_is_non_negative_and_its_upper_quantiles_are_above_the_central(noisy_qr):
+    fc = noisy_qr
+    assert fc.method == "qr" and len(fc.core_hours) == 24
+    for values in (fc.core_hours, fc.median_core_hours, fc.hourly_upper_core_hours, fc.upper_core_hours):
+        assert np.isfinite(values).all() and (values >= 0).all()
+    assert (fc.hourly_upper_core_hours >= fc.median_core_hours).all()
+    assert (fc.hourly_upper_core_hours >= fc.core_hours).all()
+    assert fc.rel_error_quantile >= 0
+    np.testing.assert_allclose(fc.upper_core_hours, fc.core_hours * (1 + fc.rel_error_quantile))
+
+
+def test_ewma_stays_the_default_and_a_bad_method_is_refused():
+    history = weekly_history()
+    target = next_day(history)
+    fc = forecast_arrivals(history, target)
+    assert fc.method == "ewma"
+    np.testing.assert_allclose(fc.median_core_hours, fc.core_hours)  # one point forecast: median = central
+    with pytest.raises(InputError) as err:
+        forecast_arrivals(history, target, method="arima")
+    assert err.value.field == "method"
+
+
+def test_qr_of_a_constant_history_is_that_constant():
+    history = pd.Series(50.0, index=daily_history().index)
+    fc = forecast_arrivals_qr(history, next_day(history))
+    for values in (fc.core_hours, fc.median_core_hours, fc.hourly_upper_core_hours, fc.upper_core_hours):
+        np.testing.assert_allclose(values, 50.0, rtol=1e-6)
+    assert fc.rel_error_quantile == pytest.approx(0.0, abs=1e-9)
+
+
+def test_qr_learns_a_daily_shape_that_a_flat_mean_misses():
+    full = daily_history(days=64, noise=0.1, seed=2)
+    target = full.index[-24:]
+    history = full.iloc[:-30]  # the history ends 6 h before the target day
+    actual = full.reindex(target).to_numpy()
+    fc = forecast_arrivals_qr(history, target)
+    wape = lambda f: np.abs(actual - f).sum() / actual.sum()  # noqa: E731
+    assert wape(fc.core_hours) < 0.15
+    assert wape(fc.core_hours) < 0.3 * wape(np.full(24, history.mean()))
+    assert fc.core_hours.sum() == pytest.approx(actual.sum(), rel=0.1)
+
+
+def test_qr_reads_only_the_history_before_the_target():
+    history = daily_history(days=64, noise=0.3)
+    target = history.index[-24:]
+    spoiled = history.copy()
+    spoiled.iloc[-24:] = 1e6
+    np.testing.assert_allclose(forecast_arrivals_qr(spoiled, target).core_hours,
+                               forecast_arrivals_qr(history, target).core_hours)
+
+
+@pytest.mark.parametrize("bad, field", [
+    (lambda s: s.where(s.index != s.index[100]), "flexible_arrived_core_hours"),  # NaN
+    (lambda s: s.iloc[-(QR_MIN_HISTORY_H - 1):], "flexible_arrived_core_hours"),  # too short
+    (lambda s: s.resample("30min").ffill(), "hour"),  # half-hourly
+    (lambda s: s.resample("D").sum(), "hour"),  # daily
+    (lambda s: s.tz_localize(None), "hour"),  # naive times
+])
+def test_qr_bad_history_names_the_field(bad, field):
+    history = daily_history(days=35)
+    with pytest.raises(InputError) as err:
+        forecast_arrivals_qr(bad(history), next_day(history))
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("hours, field", [
+    (lambda t: t[::2], "hours"),  # not consecutive
+    (lambda t: t + pd.Timedelta(days=7), "hours"),  # a week or more ahead
+    (lambda t: t[:0], "hours"),  # none
+])
+def test_qr_bad_target_hours_name_the_field(hours, field):
+    history = daily_history(days=35)
+    with pytest.raises(InputError) as err:
+        forecast_arrivals_qr(history, hours(next_day(history)))
+    assert err.value.field == field
+
+
+@settings(max_examples=5)
+@given(seed=st.integers(0, 2**16), scale=st.floats(0.01, 1e4), zero_share=st.floats(0.0, 0.5))
+def test_qr_is_scale_equivariant_and_ordered(seed, scale, zero_share):
+    """Heavy-tailed arrivals with zero hours: scaling the history scales every forecast, and the bands hold."""
+    rng = np.random.default_rng(seed)
+    hours = pd.date_range("2022-03-01", periods=QR_MIN_HISTORY_H, freq="h", tz="UTC")
+    values = rng.lognormal(0.0, 1.0, len(hours)) * (rng.random(len(hours)) >= zero_share)
+    history = pd.Series(values, index=hours)
+    target = next_day(history)
+    base = forecast_arrivals_qr(history, target)
+    scaled = forecast_arrivals_qr(history * scale, target)
+    for name in ("core_hours", "median_core_hours", "hourly_upper_core_hours", "upper_core_hours"):
+        assert (getattr(base, name) >= 0).all()
+        np.testing.assert_allclose(getattr(scaled, name), getattr(base, name) * scale, rtol=1e-6, atol=1e-9 * scale)
+    assert (base.hourly_upper_core_hours >= base.median_core_hours).all()
+    assert base.rel_error_quantile == pytest.approx(scaled.rel_error_quantile, rel=1e-6, abs=1e-9)

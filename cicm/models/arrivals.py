@@ -113,28 +113,34 @@ def hourly_arrivals(arrival: pd.Series, core_hours: np.ndarray, hours: pd.Dateti
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Quantile regression ("qr"): gradient-boosted trees on calendar and legal lag features.
+# Quantile regression ("qr"): gradient-boosted trees on calendar and lag features, relative to the recent level.
 #
-# The training rows mimic the planning situation of the target: the target hours start ``gap_h`` hours after the
-# last hour of history (6 h when planning at 18:00 local for the next local day), so every history hour t is put
-# in a 24-hour block aligned with the target's first hour, and its "known at planning" features are read at that
-# block's cutoff (block start - gap_h). Lags are 168 h and more, legal for any target less than a week ahead.
+# Training rows mimic the planning situation of the target: the target hours start ``gap_h`` hours after the end
+# of the history (6 h when planning at 18:00 local for the next local day), so every history hour t is put in a
+# 24-hour block aligned with the target's first hour, and what is "known at planning" for it is read at that
+# block's cutoff (block start - gap_h). The lags are 168 h and more: legal for any target less than a week ahead.
+# Target and level features are divided by the level (the mean of the 28 days before the cutoff), so the trees
+# learn a shape around the level and a level shift needs no split.
 
 QR_FEATURES = ("hour_of_day_utc", "day_of_week_utc", "lag_168h", "lag_336h", "ewma_4w",
-               "mean_24h_at_plan", "mean_7d_at_plan", "mean_28d_at_plan")
-QR_MIN_HISTORY_H = 35 * 24  # five weeks: the first only feeds lags, three are validation folds
+               "mean_24h_at_plan", "mean_7d_at_plan")
+QR_LEVEL_H = 28 * 24  # the level every ratio is taken to: mean arrivals of the 28 days before the cutoff
+QR_WARMUP_H = 7 * 24  # the first week of history only feeds the lags and the level
+QR_FOLD_H = 7 * 24  # each rolling-origin validation fold is one week
+QR_SPLITS = 4  # at most; fewer (at least 2) when the history is short
+QR_MIN_HISTORY_H = QR_WARMUP_H + QR_FOLD_H + 2 * QR_FOLD_H  # 28 days: warm-up, a week to fit, two folds
 QR_MAX_LEAD_H = 168  # the last target hour must be less than a week after the end of the history
-QR_SPLITS = 3  # TimeSeriesSplit folds for the hyper-parameter choice and the daily error band
-QR_FOLD_H = 7 * 24  # each validation fold is one week
-QR_CANDIDATES = (  # a few settings, chosen per call by rolling-origin Poisson deviance of the central model
-    {"max_iter": 60, "learning_rate": 0.05, "max_depth": 3, "min_samples_leaf": 80},
-    {"max_iter": 100, "learning_rate": 0.1, "max_depth": 3, "min_samples_leaf": 40},
-)
+QR_CANDIDATES = {  # chosen per call by rolling-origin error of the central forecast (TimeSeriesSplit)
+    "calendar": (("hour_of_day_utc", "day_of_week_utc"),
+                 {"max_iter": 30, "learning_rate": 0.1, "max_depth": 2, "min_samples_leaf": 150}),
+    "calendar+lags": (QR_FEATURES,
+                      {"max_iter": 30, "learning_rate": 0.1, "max_depth": 3, "min_samples_leaf": 80}),
+}
 
 
 def check_hourly_index(index: pd.DatetimeIndex, field: str = "hour") -> None:
-    """InputError(field) unless ``index`` is tz-aware, on whole hours, increasing in steps of (at least) 1 h,
-    with at least one step of exactly 1 h (so a daily or half-hourly index is refused)."""
+    """InputError(field) unless ``index`` is tz-aware, on whole hours, increasing in steps of whole hours with at
+    least one step of exactly 1 h (so a daily or half-hourly index is refused; a gap is allowed)."""
     if not isinstance(index, pd.DatetimeIndex) or index.tz is None:
         raise InputError(field, "needs a tz-aware hourly DatetimeIndex")
     if len(index) and (index != index.floor("h")).any():
@@ -148,13 +154,11 @@ def check_hourly_index(index: pd.DatetimeIndex, field: str = "hour") -> None:
 
 
 def seasonal_ewma_grid(values: np.ndarray, weeks: int = 4, alpha: float = 0.5) -> np.ndarray:
-    """:func:`seasonal_ewma` for every position of a gap-free hourly grid (NaN = missing)."""
+    """:func:`seasonal_ewma` at every position of a gap-free hourly grid (NaN = unknown)."""
     num = np.zeros(len(values))
     den = np.zeros(len(values))
     for k in range(1, weeks + 1):
-        lag_h = 168 * k
-        past = np.full(len(values), np.nan)
-        past[lag_h:] = values[:-lag_h] if lag_h < len(values) else []
+        past = lagged(values, 168 * k)
         w = alpha * (1 - alpha) ** (k - 1)
         ok = ~np.isnan(past)
         num[ok] += w * past[ok]
@@ -163,98 +167,115 @@ def seasonal_ewma_grid(values: np.ndarray, weeks: int = 4, alpha: float = 0.5) -
         return np.where(den > 0, num / den, np.nan)
 
 
+def lagged(values: np.ndarray, lag_h: int) -> np.ndarray:
+    """values[t - lag_h] at every position t (NaN before the start)."""
+    out = np.full(len(values), np.nan)
+    if lag_h < len(values):
+        out[lag_h:] = values[:len(values) - lag_h]
+    return out
+
+
 def trailing_mean_grid(values: np.ndarray, window_h: int) -> np.ndarray:
-    """out[c] = mean of the known values in positions [c - window_h, c) (NaN if none); len(values) + 1 long, so
-    that out[len(values)] is the mean of the last ``window_h`` hours."""
+    """out[c] = mean of the known values at positions [c - window_h, c) (NaN if none), for c = 0..len(values)."""
     known = ~np.isnan(values)
     total = np.concatenate([[0.0], np.cumsum(np.where(known, values, 0.0))])
     count = np.concatenate([[0], np.cumsum(known)])
     lo = np.maximum(np.arange(len(total)) - window_h, 0)
     n = count - count[lo]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, (total - total[lo]) / n, np.nan)
+        return np.where(n > 0, (total - total[lo]) / np.maximum(n, 1), np.nan)
 
 
 def plan_cutoff_positions(n_grid: int, first_target: int, gap_h: int, end: int) -> np.ndarray:
-    """For every grid position t, the position of the planning cutoff its forecast would be made at: the start
-    of its 24-hour block (blocks aligned with ``first_target``) minus ``gap_h``, never after ``end`` (the end of
-    the history)."""
+    """For every grid position t, where the data known when forecasting t ends: the start of t's 24-hour block
+    (blocks aligned with ``first_target``) minus ``gap_h``, never after ``end`` (the end of the history)."""
     t = np.arange(n_grid)
     block_start = first_target + np.floor_divide(t - first_target, 24) * 24
     return np.minimum(block_start - gap_h, end)
 
 
-def qr_feature_matrix(values: np.ndarray, times: pd.DatetimeIndex, cutoffs: np.ndarray) -> np.ndarray:
-    """The :data:`QR_FEATURES` of every position of the hourly grid ``times`` (UTC calendar). ``values`` are the
-    arrivals on the grid, NaN where unknown (and from the end of the history on)."""
-    n = len(values)
-    lag = {}
-    for lag_h in (168, 336):
-        col = np.full(n, np.nan)
-        if lag_h < n:
-            col[lag_h:] = values[:-lag_h]
-        lag[lag_h] = col
-    at_plan = {w: trailing_mean_grid(values, w)[np.clip(cutoffs, 0, n)] for w in (24, 168, 672)}
+def qr_feature_frame(values: np.ndarray, times: pd.DatetimeIndex, cutoffs: np.ndarray) -> tuple[pd.DataFrame,
+                                                                                                np.ndarray]:
+    """(the :data:`QR_FEATURES` at every position of the hourly grid ``times``, the level there). Calendar in
+    UTC; lags, EWMA and trailing means as ratios to the level. ``values``: arrivals on the grid, NaN where
+    unknown (always from the end of the history on)."""
+    c = np.clip(cutoffs, 0, len(values))
+    level = trailing_mean_grid(values, QR_LEVEL_H)[c]
     utc = times.tz_convert("UTC")
-    return np.column_stack([utc.hour, utc.day_of_week, lag[168], lag[336], seasonal_ewma_grid(values),
-                            at_plan[24], at_plan[168], at_plan[672]]).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frame = pd.DataFrame({
+            "hour_of_day_utc": utc.hour.to_numpy(float),
+            "day_of_week_utc": utc.day_of_week.to_numpy(float),
+            "lag_168h": lagged(values, 168) / level,
+            "lag_336h": lagged(values, 336) / level,
+            "ewma_4w": seasonal_ewma_grid(values) / level,
+            "mean_24h_at_plan": trailing_mean_grid(values, 24)[c] / level,
+            "mean_7d_at_plan": trailing_mean_grid(values, 168)[c] / level,
+        })
+    return frame.replace([np.inf, -np.inf], np.nan), level
 
 
-def _hgb(loss: str, params: dict, quantile: float | None = None):
+def _fit_predict(loss: str, params: dict, x_fit: np.ndarray, y_fit: np.ndarray, x_pred: np.ndarray,
+                 quantile: float | None = None) -> np.ndarray:
+    """One ``HistGradientBoostingRegressor`` (loss "poisson" or "quantile"), fit and predicted, clipped at 0."""
     from sklearn.ensemble import HistGradientBoostingRegressor
 
+    if y_fit.sum() <= 0:
+        return np.zeros(len(x_pred))  # nothing arrived in the training rows (and Poisson would refuse them)
+    seen = ~np.isnan(x_fit).all(axis=0)  # e.g. the 336 h lag early in a short history: no split can use it
+    x_fit, x_pred = x_fit[:, seen], x_pred[:, seen]
     extra = {"quantile": quantile} if loss == "quantile" else {}
-    return HistGradientBoostingRegressor(loss=loss, early_stopping=False, random_state=0, **params, **extra)
+    model = HistGradientBoostingRegressor(loss=loss, early_stopping=False, random_state=0, **params, **extra)
+    return np.clip(model.fit(x_fit, y_fit).predict(x_pred), 0.0, None)
 
 
-def _fit_predict(loss: str, params: dict, x_fit, y_fit, x_pred, quantile: float | None = None) -> np.ndarray:
-    if loss == "poisson" and y_fit.sum() <= 0:
-        return np.zeros(len(x_pred))  # nothing ever arrived in the training rows
-    return np.clip(_hgb(loss, params, quantile).fit(x_fit, y_fit).predict(x_pred), 0.0, None)
+def block_totals(actual: np.ndarray, forecast: np.ndarray, blocks: np.ndarray) -> pd.DataFrame:
+    """Actual (a) and forecast (f) totals of every complete 24-hour block with a positive forecast."""
+    frame = pd.DataFrame({"block": blocks, "a": actual, "f": forecast})
+    daily = frame.groupby("block").agg(a=("a", "sum"), f=("f", "sum"), n=("a", "size"))
+    return daily[(daily["n"] == 24) & (daily["f"] > 0)]
 
 
-def _poisson_deviance(actual: np.ndarray, forecast: np.ndarray) -> float:
-    f = np.maximum(forecast, 1e-9 * max(float(actual.mean()), 1e-12))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        term = np.where(actual > 0, actual * np.log(actual / f), 0.0)
-    return float(np.mean(2 * (term - actual + f)))
-
-
-def select_qr_params(x: np.ndarray, y: np.ndarray, blocks: np.ndarray) -> tuple[dict, np.ndarray]:
-    """Rolling-origin choice among :data:`QR_CANDIDATES` (``TimeSeriesSplit``, :data:`QR_SPLITS` folds of one
-    week) by the Poisson deviance of the central (mean) model. Returns the chosen settings and the out-of-sample
-    relative errors of the daily totals (per 24-hour block fully inside a validation fold) it made."""
+def select_qr_candidate(x: pd.DataFrame, ratio: np.ndarray, level: np.ndarray, blocks: np.ndarray
+                        ) -> tuple[str, np.ndarray]:
+    """Rolling-origin choice among :data:`QR_CANDIDATES` (``TimeSeriesSplit`` with week-long folds) by the error
+    of the central (Poisson, mean) model: the WAPE of its daily totals. Returns the name of the chosen
+    candidate and the relative errors of the daily totals it made out of sample."""
     from sklearn.model_selection import TimeSeriesSplit
 
-    folds = list(TimeSeriesSplit(n_splits=QR_SPLITS, test_size=QR_FOLD_H).split(x))
-    best, best_score, best_pred = QR_CANDIDATES[0], np.inf, None
-    for params in QR_CANDIDATES:
-        pred = np.full(len(y), np.nan)
+    splits = int(np.clip((len(ratio) - QR_FOLD_H) // QR_FOLD_H, 2, QR_SPLITS))
+    folds = list(TimeSeriesSplit(n_splits=splits, test_size=QR_FOLD_H).split(x))
+    actual = ratio * level
+    best, best_score, best_errors = None, np.inf, np.array([])
+    for name, (features, params) in QR_CANDIDATES.items():
+        cols = x[list(features)].to_numpy()
+        pred = np.full(len(ratio), np.nan)
         for fit_rows, test_rows in folds:
-            pred[test_rows] = _fit_predict("poisson", params, x[fit_rows], y[fit_rows], x[test_rows])
+            pred[test_rows] = _fit_predict("poisson", params, cols[fit_rows], ratio[fit_rows], cols[test_rows])
         tested = ~np.isnan(pred)
-        score = _poisson_deviance(y[tested], pred[tested])
-        if score < best_score:
-            best, best_score, best_pred = params, score, pred
-    tested = ~np.isnan(best_pred)
-    frame = pd.DataFrame({"block": blocks[tested], "a": y[tested], "f": best_pred[tested]})
-    daily = frame.groupby("block").agg(a=("a", "sum"), f=("f", "sum"), n=("a", "size"))
-    daily = daily[(daily["n"] == 24) & (daily["f"] > 0)]
-    return best, (daily["a"] / daily["f"] - 1.0).to_numpy()
+        core_hours = pred[tested] * level[tested]
+        daily = block_totals(actual[tested], core_hours, blocks[tested])
+        errors = (daily["a"] / daily["f"] - 1.0).to_numpy()
+        score = float((daily["a"] - daily["f"]).abs().sum() / max(daily["a"].sum(), 1e-12))  # daily WAPE
+        if best is None or score < best_score:
+            best, best_score, best_errors = name, score, errors
+    return best, best_errors
 
 
 def forecast_arrivals_qr(history: pd.Series, hours: pd.DatetimeIndex, *, quantile: float = 0.9) -> ArrivalForecast:
     """Quantile-regression forecast of the arrivals in ``hours`` from the hourly history strictly before them.
 
-    Three ``HistGradientBoostingRegressor`` on :data:`QR_FEATURES` (UTC hour of day and day of week; the same hour
-    168 h and 336 h before; the 4-week seasonal EWMA; the means of the last 24 h, 7 d and 28 d before the planning
-    cutoff): the central forecast (``core_hours``) is the conditional **mean** (Poisson loss; daily totals of
-    hourly medians would fall far short, the arrivals being heavy-tailed), ``median_core_hours`` the 0.5 quantile
-    and ``hourly_upper_core_hours`` the ``quantile`` quantile per hour (pinball loss). The daily band, as for the
-    EWMA method: ``rel_error_quantile`` = the ``quantile`` of the out-of-sample relative errors of the daily totals
-    in the rolling-origin folds, ``upper_core_hours`` = core_hours * (1 + q). Needs at least
-    :data:`QR_MIN_HISTORY_H` hours of history; the targets must be hourly and less than
-    :data:`QR_MAX_LEAD_H` hours after the end of the history."""
+    ``HistGradientBoostingRegressor`` on :data:`QR_FEATURES` (UTC hour of day and day of week; the same hour 168 h
+    and 336 h before; the 4-week seasonal EWMA; the means of the 24 h and 7 d before the planning cutoff; all but
+    the calendar as ratios to the level, the 28-day mean before the cutoff), predicting arrivals / level:
+    ``core_hours`` is the conditional **mean** (Poisson loss: the arrivals are heavy-tailed, their hourly median
+    is about half the mean, so hourly medians would fall far short of the daily total), ``median_core_hours`` the
+    0.5 quantile and ``hourly_upper_core_hours`` the ``quantile`` quantile per hour (pinball loss). The feature
+    set and tree settings are chosen among :data:`QR_CANDIDATES` by ``TimeSeriesSplit``. The daily band is made
+    as the EWMA's: ``rel_error_quantile`` = the ``quantile`` of the out-of-sample relative errors of the daily
+    totals in those folds, ``upper_core_hours`` = core_hours * (1 + q). Needs :data:`QR_MIN_HISTORY_H` hours of
+    history; the target hours must be consecutive and end less than :data:`QR_MAX_LEAD_H` h after the history."""
+    import sklearn.ensemble  # noqa: F401  (loads OpenMP before threadpool_limits looks for it)
     from threadpoolctl import threadpool_limits
 
     if not 0.5 <= quantile < 1:
@@ -268,25 +289,29 @@ def forecast_arrivals_qr(history: pd.Series, hours: pd.DatetimeIndex, *, quantil
     if len(values) < QR_MIN_HISTORY_H:
         raise InputError("flexible_arrived_core_hours", f"{len(values)} hours of arrival history before "
                                                          f"{hours[0]:%Y-%m-%d %H:%M}Z, need {QR_MIN_HISTORY_H}")
-    end_time = values.index[-1] + pd.Timedelta(hours=1)
+    end_time = values.index[-1] + HOUR
     if hours[-1] - end_time >= pd.Timedelta(hours=QR_MAX_LEAD_H):
         raise InputError("hours", f"the last target hour is {QR_MAX_LEAD_H} h or more after the history")
     grid = pd.date_range(values.index[0], hours[-1], freq="h")
-    end = int(grid.searchsorted(end_time))
-    first_target = int(grid.searchsorted(hours[0]))
-    arrivals = values.reindex(grid[:end]).to_numpy(float)
-    arrivals = np.concatenate([arrivals, np.full(len(grid) - end, np.nan)])
+    end, first_target = int(grid.searchsorted(end_time)), int(grid.searchsorted(hours[0]))
+    arrivals = np.concatenate([values.reindex(grid[:end]).to_numpy(float), np.full(len(grid) - end, np.nan)])
     cutoffs = plan_cutoff_positions(len(grid), first_target, first_target - end, end)
-    x = qr_feature_matrix(arrivals, grid, cutoffs)
-    rows = np.flatnonzero((np.arange(len(grid)) >= 168) & (np.arange(len(grid)) < end) & ~np.isnan(arrivals)
-                          & (cutoffs >= 24))
-    x_fit, y_fit, x_target = x[rows], arrivals[rows], x[first_target:]
-    blocks = np.floor_divide(rows - first_target, 24)
-    with threadpool_limits(limits=1, user_api="openmp"):  # 1.5k rows: threads cost more than they give
-        params, daily_rel_errors = select_qr_params(x_fit, y_fit, blocks)
-        central = _fit_predict("poisson", params, x_fit, y_fit, x_target)
-        median = _fit_predict("quantile", params, x_fit, y_fit, x_target, 0.5)
-        upper = _fit_predict("quantile", params, x_fit, y_fit, x_target, quantile)
-    q = max(float(np.quantile(daily_rel_errors, quantile)), 0.0) if len(daily_rel_errors) >= 7 else 0.0
+    x, level = qr_feature_frame(arrivals, grid, cutoffs)
+    target_level = level[first_target]
+    if not target_level > 0:  # no arrivals in the 28 days before: none forecast
+        zeros = np.zeros(len(hours))
+        return ArrivalForecast(hours, zeros, zeros, 0.0, method="qr")
+    position = np.arange(len(grid))
+    rows = np.flatnonzero((position >= QR_WARMUP_H) & (cutoffs >= QR_WARMUP_H) & (position < end)
+                          & ~np.isnan(arrivals) & (level > 0))
+    ratio, blocks = arrivals[rows] / level[rows], np.floor_divide(rows - first_target, 24)
+    with threadpool_limits(limits=1, user_api="openmp"):  # ~1.4k rows: threads cost more than they give
+        name, errors = select_qr_candidate(x.iloc[rows], ratio, level[rows], blocks)
+        features, params = QR_CANDIDATES[name]
+        x_fit, x_target = x[list(features)].to_numpy()[rows], x[list(features)].to_numpy()[first_target:]
+        central = _fit_predict("poisson", params, x_fit, ratio, x_target) * target_level
+        median = _fit_predict("quantile", params, x_fit, ratio, x_target, 0.5) * target_level
+        upper = _fit_predict("quantile", params, x_fit, ratio, x_target, quantile) * target_level
+    q = max(float(np.quantile(errors, quantile, method="higher")), 0.0) if len(errors) >= 7 else 0.0
     return ArrivalForecast(hours, central, central * (1.0 + q), q, median_core_hours=median,
                            hourly_upper_core_hours=np.maximum(upper, np.maximum(median, central)), method="qr")
