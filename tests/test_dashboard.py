@@ -359,6 +359,68 @@ def test_a_writer_holding_the_store_shows_busy_not_a_crash(server, plan_store, p
     assert status == 200 and json.loads(body)["state"] == "live"
 
 
+def _write_deviations(db: Path, cluster: str, plan_date: date, run_id: str) -> pd.DataFrame:
+    """Two hours' corrections of a cluster-day, written by the agent's own audit writer (one pass each, the
+    deviation in the same transaction as its agent_actions row). Returns the plan's hours."""
+    from cicm.enforce.audit import StoreAudit
+
+    hours = _query(db, "SELECT hour, vcc_cores, flexible_cpu_cores FROM current_vccs WHERE cluster = ? AND "
+                       "plan_date = ? ORDER BY hour", [cluster, plan_date])
+    audit = StoreAudit(db, db.with_name(f"{run_id}.jsonl"), run_id)
+    for i, reason in ((2, "deadline-release"), (15, "deferred")):
+        hour = pd.Timestamp(hours["hour"].iloc[i]).tz_convert("UTC")
+        plan = float(hours["flexible_cpu_cores"].iloc[i])
+        applied = plan + 12345.0 if reason == "deadline-release" else 0.5 * plan
+        row = {"cluster": cluster, "acted_at": hour + pd.Timedelta(seconds=5), "hour": hour, "plan_date": plan_date,
+               "mode": "shaped", "reason": None, "vcc_cores": float(hours["vcc_cores"].iloc[i]),
+               "flexible_allowance_cores": applied, "caps": "{}", "battery_charge_kw": None,
+               "battery_max_discharge_kw": None, "result": "applied", "detail": f"hourly correction {reason}",
+               "deviation": {"plan_cores": plan, "applied_cores": applied, "reason": reason,
+                             "detail": f"test {reason} at hour {i}", "recorded_at": pd.Timestamp.now(tz="UTC")}}
+        assert audit.write(row) == "store", audit.last_error
+    return hours
+
+
+def _drop_agent_run(db: Path, run_id: str) -> None:
+    from cicm.data.store import Store
+
+    with Store(db) as store, store.transaction():
+        for table in ("intraday_deviations", "agent_actions", "runs"):
+            store.con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+
+
+def test_cluster_page_shows_the_days_intraday_deviations(server, plan_store, page, artifacts_dir):
+    run_id = "agent-20220615T000000-dashtest"
+    try:
+        hours = _write_deviations(plan_store, "sj-b", PLAN_DATES[-1], run_id)
+        _open(page, server + "/cluster?cluster=sj-b&date=2022-06-15", "#deviations-table")
+        rows = page.query_selector_all("#deviations-table tbody tr")
+        assert [r.get_attribute("data-key") for r in rows] == ["2022-06-15 02:00", "2022-06-15 15:00"]  # local
+        first = page.inner_text("#deviations-table tbody tr:first-child")
+        assert "deadline-release" in first and "12,345" in first and "test deadline-release at hour 2" in first
+        summary = page.inner_text("#deviations-summary")
+        assert "2 hour(s) differ from the plan of record" in summary and "deadline-release 1, deferred 1" in summary
+
+        day = _plot(page, "day-chart")
+        markers = {t["name"]: t for t in day["traces"] if t["name"].startswith("hourly correction")}
+        assert set(markers) == {"hourly correction: deadline-release", "hourly correction: deferred"}
+        release = markers["hourly correction: deadline-release"]
+        assert release["x"][0].startswith("2022-06-15") and "02:30" in release["x"][0]  # the middle of the hour
+        forecast = _query(plan_store, "SELECT inflexible_cpu_cores FROM load_forecasts f JOIN current_plans c "
+                          "USING (run_id, plan_date, cluster) WHERE cluster = 'sj-b' AND plan_date = ? ORDER BY hour",
+                          [PLAN_DATES[-1]])["inflexible_cpu_cores"]
+        applied = hours["flexible_cpu_cores"].iloc[2] + 12345.0
+        assert release["y"] == pytest.approx([forecast.iloc[2] + applied], rel=1e-9)
+        assert day["drawn"] == len(day["traces"])
+        page.screenshot(path=str(artifacts_dir / "dashboard-deviations.png"), full_page=True)
+
+        # a cluster-day without corrections says so
+        _open(page, server + "/cluster?cluster=sj-a&date=2022-06-15", "#deviations-none")
+        assert len(hours) == 24
+    finally:
+        _drop_agent_run(plan_store, run_id)
+
+
 # ---------------------------------------------------------------------------------------------- in-process tests
 
 
@@ -491,3 +553,34 @@ def test_cli_mounts_as_cicm_dashboard():
     result = CliRunner().invoke(app, ["dashboard", "--help"])
     assert result.exit_code == 0
     assert "--db" in result.output and "--port" in result.output
+
+
+def test_intraday_deviations_data_layer(store_copy):
+    from cicm.config import load_fleet
+    from cicm.dashboards import data
+    from cicm.dashboards.app import Pages
+
+    reader = StoreReader(store_copy)
+    with reader.read() as r:
+        assert data.intraday_deviations(r, "sj-b", PLAN_DATES[-1]).empty
+    hours = _write_deviations(store_copy, "sj-b", PLAN_DATES[-1], "agent-x")
+    with reader.read() as r:
+        dev = data.intraday_deviations(r, "sj-b", PLAN_DATES[-1])
+        other_day = data.intraday_deviations(r, "sj-b", PLAN_DATES[0])
+        other_cluster = data.intraday_deviations(r, "sj-a", PLAN_DATES[-1])
+    assert other_day.empty and other_cluster.empty
+    assert list(dev["hour"]) == [hours["hour"].iloc[2], hours["hour"].iloc[15]]
+    assert list(dev["reason"]) == ["deadline-release", "deferred"]
+    plan = hours["flexible_cpu_cores"].iloc[[2, 15]].to_numpy()
+    assert dev["plan_cores"].to_numpy() == pytest.approx(plan)
+    assert dev["difference_cores"].to_numpy() == pytest.approx([12345.0, -0.5 * plan[1]])
+    assert (dev["run_id"] == "agent-x").all()
+    summary = data.deviation_summary(dev)
+    assert summary["hours_above_plan"] == 1 and summary["core_hours_above_plan"] == pytest.approx(12345.0)
+    assert summary["hours_below_plan"] == 1 and summary["core_hours_below_plan"] == pytest.approx(0.5 * plan[1])
+    assert plan[1] > 0
+
+    page, _, _ = Pages(reader, load_fleet()).render("/cluster", "?cluster=sj-b&date=2022-06-15")
+    assert "deviations-table" in _ids(page) and "test deferred at hour 15" in _text(page)
+    page, _, _ = Pages(reader, load_fleet()).render("/cluster", "?cluster=sj-b&date=2022-06-14")
+    assert "deviations-none" in _ids(page)

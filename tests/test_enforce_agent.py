@@ -442,3 +442,209 @@ def test_enforce_never_imports_the_ecovisor():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.startswith("cicm.ecovisor") for n in names), path
+
+
+# ------------------------------------------------------------------------------------- hourly correction
+
+QUEUE_PARAMS = {"program": "queue", "planning_margin_hours": 6.0, "lambda_e": 1.0, "lambda_p": 0.0,
+                "solver": "HIGHS"}
+
+
+def domain_model(start: pd.Timestamp) -> str:
+    from cicm.models.power import PowerModel
+
+    return json.dumps(PowerModel(breakpoints_cpu_cores=(5000.0, 20000.0, 35000.0, 50000.0),
+                                 coefficients=(40.0, 0.0040, 0.0006, 0.0008), n_samples=168, r2=0.99, mape_pct=1.0,
+                                 fitted_at=start, window_start=start - pd.Timedelta(days=7),
+                                 window_end=start).to_dict())
+
+
+def write_queue_plan(db: Path, params: dict = QUEUE_PARAMS) -> None:
+    """The test day's plan as the queue program stores it: planned service as flexible_cpu_cores, with the run's
+    load forecasts (inflexible 40,000 cores, upper quantile 44,000) and the two power domains' models."""
+    vccs, st = plan_frames()
+    st["theta_core_hours"] = np.nan
+    hours = vccs["hour"]
+    planned = START - pd.Timedelta(hours=13)
+    with Store(db) as store, store.run("plan", params, plan_date=PLAN_DATE) as run:
+        store.replace_plan(PLAN_DATE, vccs, st, run.run_id)
+        store.upsert("load_forecasts", pd.DataFrame({
+            "plan_date": PLAN_DATE, "cluster": CLUSTER, "hour": hours, "inflexible_cpu_cores": 40000.0,
+            "inflexible_upper_cpu_cores": 44000.0, "reservation_ratio": 1.35}), run.run_id)
+        store.upsert("power_models", pd.DataFrame({
+            "cluster": CLUSTER, "domain": ["sj-a-pd1", "sj-a-pd2"], "fitted_at": planned, "status": "ok",
+            "reason": None, "model": domain_model(planned), "r2": 0.99, "mape_pct": 1.0, "n_samples": 168}),
+            run.run_id)
+
+
+def write_usage(db: Path, start: pd.Timestamp, end: pd.Timestamp, arrived, served) -> None:
+    hours = pd.date_range(start, end, freq="h", inclusive="left")
+    with Store(db) as store, store.run("telemetry-import") as run:
+        store.upsert("usage_history", pd.DataFrame({
+            "cluster": CLUSTER, "hour": hours, "inflexible_cpu_cores": 40000.0, "flexible_cpu_cores": served,
+            "reserved_cpu_cores": 55000.0, "flexible_arrived_core_hours": arrived}), run.run_id)
+
+
+def write_backlog_history(db: Path, arrived_hours_before: int = 22) -> None:
+    """Five weeks of 1,000 core-hours arriving and running every hour; then, in the 48 h before the plan day,
+    30,000 core-hours arrive 22 h before it and nothing runs: a backlog due 2 h into the day."""
+    write_usage(db, START - pd.Timedelta(days=35), START - pd.Timedelta(hours=48), 1000.0, 1000.0)
+    arrived = np.zeros(48)
+    arrived[48 - arrived_hours_before] = 30000.0
+    write_usage(db, START - pd.Timedelta(hours=48), START, arrived, 0.0)
+
+
+def deviations(db: Path) -> pd.DataFrame:
+    with Store(db, read_only=True) as store:
+        return store.query("SELECT * FROM intraday_deviations ORDER BY hour")
+
+
+def test_agent_corrects_a_queue_plan_from_the_backlog_and_stores_each_deviation(eco, db_path):
+    write_queue_plan(db_path)
+    write_backlog_history(db_path)
+    token = eco.register()
+    clock = SimulatedClock(START)
+    agent = make_agent(eco.url, token, clock, db=db_path)
+
+    # hour 0: the plan holds flexible work (0 cores), but 30,000 core-hours are overdue at their planning deadline
+    out = agent.step()
+    assert out.ok and out.mode == "shaped" and out.plan.program == "queue"
+    assert out.plan_allowance_cores == 0.0
+    assert out.allowance_cores == pytest.approx(30000.0, rel=1e-6)
+    assert out.deviation.reason == "deadline-release"
+    assert "hourly correction deadline-release: 0 -> 30,000 cores" in out.detail
+    state = containers(eco, token)
+    target = 30000.0 / SCALE / 2  # split over the two flexible containers
+    for name in ("batch-1", "batch-2"):
+        assert state[name]["cpu_limit_cores"] == pytest.approx(target, abs=tolerance_cores(4.0))
+    again = agent.step()  # reconciling within the hour: the same decision, nothing to change
+    assert again.allowance_cores == out.allowance_cores and again.result == "unchanged"
+
+    # the hour ran the backlog; hour 1: nothing queued, the plan still holds: at plan, no deviation
+    write_usage(db_path, START, START + pd.Timedelta(hours=1), 0.0, 30000.0)
+    for h in (1, 4):
+        t = START + pd.Timedelta(hours=h)
+        eco.tick_to(t)
+        clock.set(t)
+        if h == 4:
+            write_usage(db_path, START + pd.Timedelta(hours=1), t, 0.0, 0.0)
+        out = agent.step()
+        assert out.ok, out.line()
+        if h == 1:
+            assert out.allowance_cores == 0.0 and out.deviation is None and "at plan" in out.detail
+    # hour 4: the plan releases 20,480 cores, but only the hour's forecast arrivals (1,000 core-hours) are there,
+    # and they are not due for 18 h: the re-plan holds them for the clean afternoon (100 gCO2/kWh)
+    assert out.plan_allowance_cores == pytest.approx(2.0 * SCALE)
+    assert out.deviation.reason == "deferred" and out.allowance_cores == pytest.approx(0.0, abs=1e-6)
+    assert "1,000 core-hours could run now" in out.deviation.detail and "100 gCO2/kWh" in out.deviation.detail
+
+    dev = deviations(db_path)
+    assert list(dev["reason"]) == ["deadline-release", "deferred"]
+    assert list(dev["hour"]) == [START, START + pd.Timedelta(hours=4)]
+    assert dev["plan_cores"].tolist() == pytest.approx([0.0, 2.0 * SCALE])
+    assert dev["applied_cores"].iloc[0] == pytest.approx(30000.0, rel=1e-6)
+    assert {pd.Timestamp(d).date() for d in dev["plan_date"]} == {PLAN_DATE} and dev["detail"].str.len().min() > 20
+    with Store(db_path, read_only=True) as store:
+        actions = store.query("SELECT * FROM agent_actions ORDER BY acted_at")
+    # one transaction: every deviation row is the audit row of the pass that applied it
+    linked = dev.merge(actions, on=["cluster", "acted_at"], suffixes=("", "_action"))
+    assert len(linked) == 2 and (linked["run_id"] == linked["run_id_action"]).all()
+    assert linked["flexible_allowance_cores"].tolist() == pytest.approx(dev["applied_cores"].tolist())
+
+
+def test_ceiling_plans_and_no_correction_keep_todays_behaviour(eco, db_path):
+    write_plan(db_path)  # a ceiling-program plan (its run says no program: the nightly default)
+    write_backlog_history(db_path)  # the same overdue backlog as above
+    token = eco.register()
+    agent = make_agent(eco.url, token, SimulatedClock(START), db=db_path)
+    out = agent.step()
+    assert out.plan.program == "ceiling" and out.correction is None and "hourly correction" not in out.detail
+    assert out.allowance_cores == 0.0 and containers(eco, token)["batch-1"]["cpu_limit_cores"] < 0.05
+
+    write_queue_plan(db_path)  # re-planned with the queue program, but the agent runs --no-correction
+    off = make_agent(eco.url, token, SimulatedClock(START + pd.Timedelta(minutes=5)), db=db_path, correction=False)
+    assert off.backlog is None
+    out = off.step()
+    assert out.plan.program == "queue" and out.correction is None and out.allowance_cores == 0.0
+    assert deviations(db_path).empty
+
+
+def test_a_stale_backlog_or_a_missing_power_model_applies_the_plan(eco, db_path):
+    write_queue_plan(db_path)
+    write_backlog_history(db_path)
+    token = eco.register()
+    t = START + pd.Timedelta(hours=3)  # the usage history ends at START: 3 h old
+    eco.tick_to(t)
+    out = make_agent(eco.url, token, SimulatedClock(t), db=db_path).step()
+    assert out.ok and out.allowance_cores == 0.0 and out.correction is None
+    assert "no hourly correction: the backlog" in out.detail and "3 h before this hour (limit 2 h)" in out.detail
+    with Store(db_path) as store, store.transaction():
+        store.con.execute("DELETE FROM power_models")
+    out = make_agent(eco.url, token, SimulatedClock(START), db=db_path).step()
+    assert out.correction is None and "no hourly correction: no power curve: sj-a-pd1" in out.detail
+    assert deviations(db_path).empty
+
+
+def test_deviations_in_the_jsonl_audit_and_through_the_spool(eco, db_path, tmp_path):
+    from cicm.enforce.agent import Agent, AgentConfig
+    from cicm.enforce.audit import JsonlAudit, StoreAudit, read_deviations
+    from cicm.enforce.backlog import StoreBacklogSource
+    from cicm.enforce.client import EcovisorClient
+    from cicm.enforce.plans import StorePlanSource
+    from cicm.config import load_fleet
+
+    write_queue_plan(db_path)
+    write_backlog_history(db_path)
+    token = eco.register()
+    audit_path = tmp_path / "audit.jsonl"
+    agent = Agent(AgentConfig(cluster=CLUSTER, capacity_cores=CAPACITY), EcovisorClient(eco.url, token, retries=0),
+                  StorePlanSource(db_path, CLUSTER, load_fleet().cluster(CLUSTER)), JsonlAudit(audit_path, "agent-x"),
+                  SimulatedClock(START), backlog=StoreBacklogSource(db_path, CLUSTER))
+    out = agent.step()
+    assert out.audit_to == "jsonl" and out.deviation.reason == "deadline-release"
+    row = read_jsonl(audit_path)[-1]
+    assert row["deviation"]["reason"] == "deadline-release"
+    assert row["deviation"]["applied_cores"] == pytest.approx(30000.0, rel=1e-6)
+    from_file = read_deviations(None, audit_path, CLUSTER)
+    assert list(from_file["reason"]) == ["deadline-release"] and from_file["source"].tolist() == ["jsonl"]
+    assert deviations(db_path).empty  # a JSONL audit writes nothing into the store
+
+    # the same row spooled while the store was locked lands in intraday_deviations when the spool drains
+    spool = tmp_path / "spool.jsonl"
+    spool.write_text(audit_path.read_text())
+    store_audit = StoreAudit(db_path, spool, "agent-y")
+    later = {**{k: row[k] for k in ("cluster", "plan_date", "mode", "reason", "vcc_cores", "caps", "detail")},
+             "acted_at": pd.Timestamp(row["acted_at"]) + pd.Timedelta(hours=1), "hour": START + pd.Timedelta(hours=1),
+             "flexible_allowance_cores": 0.0, "result": "unchanged", "deviation": None}
+    assert store_audit.write(later) == "store" and read_jsonl(spool) == []
+    dev = deviations(db_path)
+    assert list(dev["hour"]) == [START] and dev["run_id"].iloc[0] == "agent-x"
+    agent.client.close()
+
+    from typer.testing import CliRunner
+
+    from cicm.enforce.cli import agent_app
+
+    result = CliRunner().invoke(agent_app, ["deviations", "--cluster", CLUSTER, "--db", str(db_path),
+                                            "--audit-file", str(audit_path), "--json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.output)
+    assert [(d["reason"], d["source"]) for d in listed] == [("deadline-release", "store"),
+                                                             ("deadline-release", "jsonl")]
+
+
+def test_the_correction_plans_with_the_newest_carbon_forecast(eco, db_path):
+    """The backlog arrived 16 h before the day: due at 08:00 local, planned by the end of hour 1. With the plan's
+    carbon (450 then 440 gCO2/kWh) it runs in hour 1; a vintage issued since says hour 0 is the clean one."""
+    write_queue_plan(db_path)
+    write_backlog_history(db_path, arrived_hours_before=16)
+    token = eco.register()
+    out = make_agent(eco.url, token, SimulatedClock(START), db=db_path).step()
+    assert out.allowance_cores == 0.0 and out.deviation is None and "carbon: newest" not in out.detail
+    with Store(db_path) as store, store.run("carbon-forecast") as run:
+        store.write_carbon_forecast(pd.DataFrame({
+            "provider": "trace", "zone": "CISO", "target_hour": pd.date_range(START, periods=24, freq="h"),
+            "issued_at": START - pd.Timedelta(hours=1), "gco2_per_kwh": [120.0, 500.0] + [300.0] * 22}), run.run_id)
+    out = make_agent(eco.url, token, SimulatedClock(START + pd.Timedelta(minutes=1)), db=db_path).step()
+    assert out.deviation.reason == "deadline-release" and out.allowance_cores == pytest.approx(30000.0, rel=1e-6)
+    assert "carbon: newest forecast for 24 of 24 hours" in out.detail

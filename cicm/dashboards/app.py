@@ -362,6 +362,7 @@ class Pages:
         errors = data.forecast_errors(r, cluster, zone)
         history = data.cluster_plan_history(r, cluster)
         backtest = data.backtest_results(r, cluster)
+        deviations = data.intraday_deviations(r, cluster, plan_date)
 
         if status is None:
             summary = html.P(f"No plan in force for {cluster} on {plan_date}.", id="cluster-status")
@@ -406,8 +407,10 @@ class Pages:
             ], className="controls"),
             summary,
             dcc.Graph(id="day-chart", figure=figures.day_chart(
-                day, tz, capacity, f"{cluster} on {plan_date}: VCC against forecast and actual usage"),
+                day, tz, capacity, f"{cluster} on {plan_date}: VCC against forecast and actual usage", deviations),
                 config={"displaylogo": False}),
+            html.H2("Intraday deviations from the plan of record (the agent's hourly correction)"),
+            self._deviations(deviations, tz, cluster, plan_date),
             dcc.Graph(id="power-fit", figure=figures.power_fit_chart(
                 fits, f"Power models of the plan in force: telemetry and fitted piecewise-linear curves"),
                 config={"displaylogo": False}),
@@ -420,6 +423,33 @@ class Pages:
         if backtest is not None:
             parts += [html.H2("Backtest results"), _frame_table(backtest, "cluster-backtest")]
         return html.Div(parts, id="cluster-page")
+
+    @staticmethod
+    def _deviations(deviations: pd.DataFrame, tz: str | None, cluster: str, plan_date) -> html.Div:
+        if deviations.empty:
+            return html.Div(html.P(f"No intraday deviations recorded for {cluster} on {plan_date}: the agent "
+                                   "applied the plan of record (or no agent corrected this cluster-day).",
+                                   className="muted", id="deviations-none"), id="deviations")
+        summary = data.deviation_summary(deviations)
+        reasons = ", ".join(f"{k} {v}" for k, v in summary["reasons"].items())
+        local = data.to_local(deviations["hour"], tz)
+        frame = deviations.assign(hour_local=[t.strftime("%Y-%m-%d %H:%M") for t in local])
+        table = grid(frame, [
+            ("hour_local", f"hour ({tz or 'UTC'})", None),
+            ("reason", "reason", lambda v, _r: html.Span(v, className=f"reason-{v}")),
+            ("plan_cores", "plan (flexible cores)", _num(0), "num"),
+            ("applied_cores", "applied", _num(0), "num"),
+            ("difference_cores", "difference", _num(0), "num"),
+            ("detail", "detail", lambda v, _r: html.Div(fmt(v), className="detail")),
+            ("acted_at", "applied at", lambda v, _r: fmt_time(v)),
+        ], "deviations-table", row_key="hour_local")
+        return html.Div([
+            html.P(f"{summary['hours']} hour(s) differ from the plan of record ({reasons}): "
+                   f"{summary['hours_above_plan']} above it by {summary['core_hours_above_plan']:,.0f} core-hours, "
+                   f"{summary['hours_below_plan']} below it by {summary['core_hours_below_plan']:,.0f} core-hours. "
+                   "The day-ahead VCC stays the plan of record.", id="deviations-summary"),
+            table,
+        ], id="deviations")
 
     # -- runs ---------------------------------------------------------------------------------------------
     def runs(self, r: Reading, params: dict) -> html.Div:

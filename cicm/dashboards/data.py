@@ -235,6 +235,37 @@ def cluster_day(r: Reading, cluster: str, plan_date: date, zone: str | None) -> 
     return frame
 
 
+DEVIATION_COLUMNS = ["hour", "reason", "plan_cores", "applied_cores", "difference_cores", "vcc_cores", "detail",
+                     "acted_at", "recorded_at", "run_id"]
+
+
+def intraday_deviations(r: Reading, cluster: str, plan_date: date) -> pd.DataFrame:
+    """The agent's hourly corrections of the cluster-day: each hour whose applied flexible allowance differs from
+    the plan of record (cluster cores), with its reason and detail, ordered by hour. Empty when there are none,
+    or the store predates the table."""
+    if not r.has_table("intraday_deviations"):
+        return pd.DataFrame(columns=DEVIATION_COLUMNS)
+    frame = r.q(
+        """SELECT d.hour, d.reason, d.plan_cores, d.applied_cores, d.applied_cores - d.plan_cores AS difference_cores,
+                  d.vcc_cores, d.detail, d.acted_at, d.recorded_at, d.run_id
+           FROM intraday_deviations d
+           WHERE d.cluster = ? AND (d.plan_date = ? OR (d.plan_date IS NULL AND d.hour IN (
+               SELECT hour FROM current_vccs WHERE cluster = ? AND plan_date = ?)))
+           ORDER BY d.hour""",
+        [cluster, plan_date, cluster, plan_date],
+    )
+    return frame[DEVIATION_COLUMNS]
+
+
+def deviation_summary(deviations: pd.DataFrame) -> dict:
+    """Hours and core-hours above and below the plan of record (as the backtests report them per cluster-day)."""
+    diff = deviations["difference_cores"].astype(float) if len(deviations) else pd.Series(dtype=float)
+    return {"hours": len(deviations), "hours_above_plan": int((diff > 0).sum()),
+            "core_hours_above_plan": float(diff[diff > 0].sum()), "hours_below_plan": int((diff < 0).sum()),
+            "core_hours_below_plan": float(-diff[diff < 0].sum()),
+            "reasons": deviations["reason"].value_counts().to_dict() if len(deviations) else {}}
+
+
 def to_local(hours: pd.Series, tz: str | None) -> pd.Series:
     """UTC hours as naive local wall-clock times, for chart axes (the axis title names the zone)."""
     hours = pd.to_datetime(hours, utc=True)

@@ -31,8 +31,15 @@ def _values(series: pd.Series) -> list:
     return [None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v) for v in series]
 
 
-def day_chart(day: pd.DataFrame, tz: str | None, capacity_cores: float | None, title: str) -> go.Figure:
-    """Top: the VCC (reservation cores) against forecast and actual usage. Bottom: carbon intensity."""
+DEVIATION_MARKERS = {"deadline-release": ("triangle-up", "#c62828"), "catch-up": ("triangle-up", "#ef6c00"),
+                     "below-plan": ("triangle-down", "#1565c0"), "deferred": ("triangle-down", "#00838f")}
+
+
+def day_chart(day: pd.DataFrame, tz: str | None, capacity_cores: float | None, title: str,
+              deviations: pd.DataFrame | None = None) -> go.Figure:
+    """Top: the VCC (reservation cores) against forecast and actual usage, and a marker for every hour the agent's
+    hourly correction applied another flexible allowance than the plan (at forecast inflexible + the applied
+    allowance, comparable with the planned-usage line). Bottom: carbon intensity."""
     if day.empty:
         return _empty(title, "no plan in force for this cluster and day")
     # Each value holds for its hour: steps, with one extra point closing the last hour.
@@ -61,6 +68,21 @@ def day_chart(day: pd.DataFrame, tz: str | None, capacity_cores: float | None, t
     line("actual inflexible usage", day["actual_inflexible_cpu_cores"], COLOURS["actual_if"], 1, dash="dash")
     actual_total = day["actual_inflexible_cpu_cores"] + day["actual_flexible_cpu_cores"]
     line("actual total usage (inflexible + flexible)", actual_total, COLOURS["actual_total"], 1, dash="dash")
+    if deviations is not None and len(deviations):
+        base = day.set_index(pd.to_datetime(day["hour"], utc=True))["forecast_inflexible_cpu_cores"]
+        hours = pd.to_datetime(deviations["hour"], utc=True)
+        at = base.reindex(hours).to_numpy(float) + deviations["applied_cores"].to_numpy(float)
+        for reason, group in deviations.assign(_y=at, _hour=hours).groupby("reason", sort=False):
+            symbol, colour = DEVIATION_MARKERS.get(reason, ("diamond", "#6a1b9a"))
+            xs = list(to_local(group["_hour"], tz) + pd.Timedelta(minutes=30))  # the middle of the hour
+            fig.add_trace(go.Scatter(
+                x=xs, y=_values(group["_y"]), mode="markers", name=f"hourly correction: {reason}",
+                marker=dict(symbol=symbol, size=13, color=colour, line=dict(width=1, color="white")),
+                customdata=list(zip(_values(group["plan_cores"]), _values(group["applied_cores"]),
+                                    [str(d)[:160] for d in group["detail"]])),
+                hovertemplate=(f"{reason}: plan %{{customdata[0]:,.0f}} → applied %{{customdata[1]:,.0f}} flexible "
+                               "cores<br>%{customdata[2]}<extra></extra>"),
+                legendgroup="row1"), row=1, col=1)
     line("carbon forecast (newest vintage)", day["forecast_gco2_per_kwh"], COLOURS["carbon_forecast"], 2)
     line("carbon actual", day["actual_gco2_per_kwh"], COLOURS["carbon_actual"], 2)
     if not np.allclose(day["plan_gco2_per_kwh"].fillna(-1), day["forecast_gco2_per_kwh"].fillna(-1)):

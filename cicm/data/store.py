@@ -88,6 +88,12 @@ CREATE TABLE IF NOT EXISTS agent_actions (
     plan_date DATE, mode VARCHAR NOT NULL, reason VARCHAR, vcc_cores DOUBLE, flexible_allowance_cores DOUBLE,
     caps VARCHAR, battery_charge_kw DOUBLE, battery_max_discharge_kw DOUBLE, result VARCHAR NOT NULL,
     detail VARCHAR, PRIMARY KEY (cluster, acted_at));
+-- The agent's hourly correction: the flexible allowance it applied where it differs from the plan of record, one
+-- row per cluster and hour (the hour's latest applied pass; acted_at links it to agent_actions).
+CREATE TABLE IF NOT EXISTS intraday_deviations (
+    run_id VARCHAR NOT NULL, cluster VARCHAR NOT NULL, hour TIMESTAMPTZ NOT NULL, plan_date DATE,
+    acted_at TIMESTAMPTZ NOT NULL, plan_cores DOUBLE NOT NULL, applied_cores DOUBLE NOT NULL, vcc_cores DOUBLE,
+    reason VARCHAR NOT NULL, detail VARCHAR, recorded_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (cluster, hour));
 CREATE TABLE IF NOT EXISTS backtest_results (
     run_id VARCHAR NOT NULL, zone VARCHAR NOT NULL, campus VARCHAR, start_day DATE NOT NULL, days INTEGER NOT NULL,
     seed INTEGER NOT NULL, policy VARCHAR NOT NULL, flexible_kgco2 DOUBLE, total_kgco2 DOUBLE,
@@ -116,6 +122,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "slo_events": ("cluster", "day"),
     "shaping_state": ("cluster", "disabled_from"),
     "agent_actions": ("cluster", "acted_at"),
+    "intraday_deviations": ("cluster", "hour"),
     "backtest_results": ("zone", "start_day", "days", "seed", "policy"),
 }
 

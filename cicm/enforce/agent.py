@@ -4,6 +4,9 @@ One pass (``Agent.step``):
 
 1. Read the cluster's plan covering the current UTC hour (store or plan file).
    - shaped plan: cap flexible containers at the hour's flexible allowance (see :mod:`cicm.enforce.policy`);
+     for a queue-program plan, with the hourly correction on and a backlog source, the allowance is the
+     re-plan's from the live backlog (:mod:`cicm.enforce.correction`): never above the plan of record unless
+     a deadline needs it; each deviation from the plan is audited with its reason (``intraday_deviations``);
    - fallback plan: lift every cap (the plan itself says "full capacity"), reason ``fallback-plan: ...``;
    - no VCC for the hour, a stale plan, an unreadable source: lift every cap (or, with
      ``on_missing_plan="keep"``, keep the caps as they are), reason ``no-vcc``/``stale-plan``/``plan-unreadable``.
@@ -28,9 +31,12 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from cicm.enforce.backlog import BacklogUnavailable
 from cicm.enforce.client import EcovisorClient, EcovisorError, EcovisorUnavailable
 from cicm.enforce.clock import Clock, hour_start, next_hour
+from cicm.enforce.correction import Correction, CorrectionInput, Deviation, carry_core_hours, correct_hour
 from cicm.enforce.plans import DayPlan, PlanUnavailable
+from cicm.errors import InputError
 from cicm.enforce.policy import (
     BatteryDecision,
     CapModel,
@@ -65,6 +71,8 @@ class AgentConfig:
     retry_max_s: float = 300.0
     reconcile_every_s: float = 3600.0
     max_cap_steps: int = 12
+    correction: bool = True  # queue plans: re-plan every hour from the live backlog (needs a backlog source)
+    max_backlog_age_hours: float = 2.0  # an older backlog is not live: the plan of record applies as it is
 
     def __post_init__(self):
         if self.on_missing_plan not in (MODE_LIFT, MODE_KEEP):
@@ -82,7 +90,9 @@ class PassOutcome:
     result: str
     plan: DayPlan | None = None
     vcc_cores: float | None = None
-    allowance_cores: float | None = None  # cluster cores
+    allowance_cores: float | None = None  # cluster cores (applied: the corrected allowance when corrected)
+    plan_allowance_cores: float | None = None  # the plan of record's flexible allowance for the hour
+    correction: Correction | None = None
     allowance_container_cores: float | None = None
     caps: dict = field(default_factory=dict)
     battery: BatteryDecision | None = None
@@ -94,6 +104,10 @@ class PassOutcome:
     def ok(self) -> bool:
         return self.result in (RESULT_APPLIED, RESULT_UNCHANGED)
 
+    @property
+    def deviation(self) -> Deviation | None:
+        return self.correction.deviation if self.correction is not None else None
+
     def line(self) -> str:
         allow = "" if self.allowance_cores is None else f" allowance {self.allowance_cores:,.0f} cores"
         why = f" ({self.reason})" if self.reason else ""
@@ -103,12 +117,14 @@ class PassOutcome:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, client: EcovisorClient, plans, audit, clock: Clock):
+    def __init__(self, config: AgentConfig, client: EcovisorClient, plans, audit, clock: Clock, backlog=None):
         self.config = config
         self.client = client
         self.plans = plans
         self.audit = audit
         self.clock = clock
+        self.backlog = backlog  # cicm.enforce.backlog.BacklogSource, or None: no hourly correction
+        self._corrections: dict[pd.Timestamp, tuple] = {}
         self.models: dict[str, CapModel] = {}
         self._contract_ok = False
         self._last_acted: pd.Timestamp | None = None
@@ -147,6 +163,81 @@ class Agent:
             return (*self._safe(f"no-vcc: the plan of {plan.plan_date} has no flexible allowance for "
                                 f"{hour:%H:%M}Z"), plan, None, note)
         return MODE_SHAPED, None, plan, allowance, note
+
+    # ------------------------------------------------------------------------------------------- correction
+    def corrected(self, hour: pd.Timestamp, plan: DayPlan, allowance: float) -> tuple[float, Correction | None, str]:
+        """(allowance to apply, the correction or None, note). Today's allowance unless the plan is a queue plan,
+        the correction is on and there is a backlog source; decided once per hour and plan (a reconcile pass
+        within the hour applies the same allowance)."""
+        if not self.config.correction or self.backlog is None or plan.program != "queue":
+            return allowance, None, ""
+        key = (plan.run_id, float(allowance))
+        cached = self._corrections.get(hour)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        result = self._correct(hour, plan, allowance)
+        self._corrections = {hour: (key, result)}
+        return result
+
+    def _correct(self, hour: pd.Timestamp, plan: DayPlan, allowance: float) -> tuple[float, Correction | None, str]:
+        off = "no hourly correction: "
+        q = plan.queue
+        if q is None or q.problem:
+            return allowance, None, off + (q.problem if q is not None else "the plan carries no queue context")
+        frames = [plan.hours.loc[plan.hours.index >= hour]]
+        try:  # tomorrow's plan, when it is in force already, is the rest of the horizon
+            after = self.plans.lookup(plan.last_hour + pd.Timedelta(hours=1)).plan
+        except PlanUnavailable:
+            after = None
+        if after is not None and after.program == "queue" and after.status == "shaped":
+            frames.append(after.hours.loc[after.hours.index > plan.last_hour])
+        hz = pd.concat(frames)
+        hz = hz.reindex(columns=["flexible_cpu_cores", "gco2_per_kwh", "inflexible_cpu_cores",
+                                 "inflexible_upper_cpu_cores"]).astype(float)
+        hz["inflexible_upper_cpu_cores"] = hz["inflexible_upper_cpu_cores"].fillna(hz["inflexible_cpu_cores"])
+        carbon_note = ""
+        newest = getattr(self.plans, "carbon_forecast", None)  # the forecast known now, as the backtest re-plans
+        fresh = newest(pd.DatetimeIndex(hz.index), hour) if callable(newest) else None
+        if fresh is not None and fresh.notna().any():
+            hz["gco2_per_kwh"] = fresh.combine_first(hz["gco2_per_kwh"])
+            carbon_note = f"carbon: newest forecast for {int(fresh.notna().sum())} of {len(hz)} hours"
+        known = hz[["gco2_per_kwh", "inflexible_cpu_cores", "inflexible_upper_cpu_cores"]].notna().all(axis=1)
+        n = int(known.cummin().sum())  # the horizon ends at the first hour the plan does not describe
+        if n == 0:
+            return allowance, None, off + f"the plan has no load forecast or carbon for {hour:%H:%M}Z"
+        hz = hz.iloc[:n]
+        try:
+            snap = self.backlog.snapshot(hour, hz.index)
+        except (BacklogUnavailable, InputError) as exc:
+            return allowance, None, off + f"backlog unavailable ({exc})"
+        age = (hour - snap.as_of) / pd.Timedelta(hours=1)
+        if age > self.config.max_backlog_age_hours:
+            limit = self.config.max_backlog_age_hours
+            return allowance, None, off + (f"the backlog ({snap.source}) was measured at {snap.as_of:%Y-%m-%d %H:%M}Z, "
+                                           f"{age:.0f} h before this hour (limit {limit:g} h)")
+        before = plan.hours.index[plan.hours.index < hour]
+        try:
+            carry = carry_core_hours(plan.hours.loc[before, "flexible_cpu_cores"].to_numpy(float),
+                                     snap.served_cpu_cores.reindex(before).to_numpy(float))
+            corr = correct_hour(CorrectionInput(
+                hours=pd.DatetimeIndex(hz.index), plan_cpu_cores=hz["flexible_cpu_cores"].to_numpy(),
+                inflexible_cpu_cores=hz["inflexible_cpu_cores"].to_numpy(),
+                inflexible_upper_cpu_cores=hz["inflexible_upper_cpu_cores"].to_numpy(),
+                capacity_cores=q.capacity_cores, power_curve=q.power_curve,
+                carbon_gco2_per_kwh=hz["gco2_per_kwh"].to_numpy(), backlog=snap.items,
+                arrivals_core_hours=snap.arrivals_core_hours, carry_core_hours=carry,
+                planning_margin_hours=q.planning_margin_hours, lambda_e=q.lambda_e, lambda_p=q.lambda_p,
+                solver=q.solver, name=self.config.cluster))
+        except InputError as exc:  # bad backlog or plan data: enforce the plan of record, say which field
+            return allowance, None, off + f"bad input: {exc}"
+        notes = [n for n in (snap.note, corr.note, carbon_note) if n]
+        if corr.deviation is not None:
+            d = corr.deviation
+            head = f"hourly correction {d.reason}: {d.plan_cores:,.0f} -> {d.applied_cores:,.0f} cores ({d.detail})"
+        else:
+            head = f"hourly correction: at plan ({snap.backlog_core_hours:,.0f} core-hours queued at " \
+                   f"{snap.as_of:%H:%M}Z)"
+        return corr.allowance_cores, corr, "; ".join([head, *notes])
 
     # ------------------------------------------------------------------------------------------- ecovisor
     def _is_flexible(self, name: str) -> bool:
@@ -257,10 +348,15 @@ class Agent:
         hour = hour_start(now)
         mode, reason, plan, allowance, note = self.plan_for(hour)
         out = PassOutcome(hour=hour, acted_at=now, mode=mode, reason=reason, result=RESULT_UNCHANGED, plan=plan,
-                          allowance_cores=allowance)
+                          allowance_cores=allowance, plan_allowance_cores=allowance)
         if plan is not None and plan.covers(hour):
             out.vcc_cores = float(plan.row(hour)["vcc_cores"])
         details = [note] if note else []
+        if mode == MODE_SHAPED:
+            out.allowance_cores, out.correction, corr_note = self.corrected(hour, plan, allowance)
+            allowance = out.allowance_cores
+            if corr_note:
+                details.append(corr_note)
         fatal: AgentConfigError | None = None
         try:
             if not self._contract_ok:
@@ -353,6 +449,11 @@ class Agent:
             "battery_max_discharge_kw": b.max_discharge_kw if b else None,
             "result": out.result, "detail": out.detail[:4000],
         }
+        if out.ok and out.mode in (MODE_SHAPED, MODE_LIFT):  # the hour's deviation in force: this pass's, or none
+            d = out.deviation if out.mode == MODE_SHAPED else None
+            row["deviation"] = None if d is None else {
+                "plan_cores": d.plan_cores, "applied_cores": d.applied_cores, "reason": d.reason,
+                "detail": d.detail[:4000], "recorded_at": pd.Timestamp.now(tz="UTC")}
         try:
             return self.audit.write(row)
         except Exception as exc:  # noqa: BLE001 - never let the audit kill enforcement; say so loudly

@@ -7,6 +7,12 @@ the table's key ``(cluster, acted_at)``, so draining twice is harmless) the next
 plan file and no store, the JSONL file is the audit trail.
 
 Rows carry the agent's run id; the agent's run is recorded in ``runs`` (kind ``agent``) on its first write.
+
+Intraday deviations (the hourly correction's allowance where it differs from the plan of record) ride on the
+audit row as its ``deviation`` key: in the JSONL file as a nested object, in the store as a row of
+``intraday_deviations`` (one per cluster and hour: the deviation in force after the hour's latest applied pass),
+written in the same transaction as the pass's ``agent_actions`` row. A pass that applied the plan as it is
+(``deviation: null``) clears the hour's row; a failed pass, or one that kept the caps, leaves it alone.
 """
 from __future__ import annotations
 
@@ -36,8 +42,32 @@ def _jsonable(v):
     return v
 
 
+DEVIATION_COLUMNS = ("cluster", "hour", "plan_date", "acted_at", "plan_cores", "applied_cores", "vcc_cores",
+                     "reason", "detail", "recorded_at")
+
+
 def row_to_json(row: dict, run_id: str) -> str:
-    return json.dumps({"run_id": run_id, **{k: _jsonable(row.get(k)) for k in COLUMNS}}, sort_keys=True)
+    doc = {"run_id": run_id, **{k: _jsonable(row.get(k)) for k in COLUMNS}}
+    if "deviation" in row:  # absent: the pass does not speak for the hour's deviation (failed, kept caps)
+        dev = row["deviation"]
+        doc["deviation"] = None if dev is None else {k: _jsonable(v) for k, v in dev.items()}
+    return json.dumps(doc, sort_keys=True)
+
+
+def deviation_frame(row: dict) -> pd.DataFrame:
+    """The ``intraday_deviations`` row of one JSON audit row that carries a deviation."""
+    dev = row["deviation"]
+    frame = pd.DataFrame([{
+        "cluster": row["cluster"], "hour": row["hour"], "plan_date": row.get("plan_date"),
+        "acted_at": row["acted_at"], "plan_cores": dev.get("plan_cores"), "applied_cores": dev.get("applied_cores"),
+        "vcc_cores": row.get("vcc_cores"), "reason": dev.get("reason"), "detail": dev.get("detail"),
+        "recorded_at": dev.get("recorded_at") or row["acted_at"]}])
+    for col in ("hour", "acted_at", "recorded_at"):
+        frame[col] = pd.to_datetime(frame[col], utc=True, format="ISO8601")
+    frame["plan_date"] = [None if v is None else pd.Timestamp(v).date() for v in frame["plan_date"]]
+    for col in ("plan_cores", "applied_cores", "vcc_cores"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
+    return frame[list(DEVIATION_COLUMNS)]
 
 
 def rows_frame(rows: list[dict]) -> pd.DataFrame:
@@ -139,6 +169,7 @@ class StoreAudit:
                     for run_id, part in frame.groupby("run_id", sort=False):
                         self._ensure_run(store, str(run_id))
                         store.upsert("agent_actions", part.drop(columns="run_id"), str(run_id))
+                    write_deviations(store, rows)
         except (duckdb.Error, InputError, OSError) as exc:  # never lose an audit row: spool it
             self.last_error = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             (log.warning if is_lock_error(exc) else log.error)(
@@ -173,6 +204,42 @@ class StoreAudit:
                 store.finish_run(self.run_id, status, None, summary)
         except (duckdb.Error, InputError) as exc:
             log.warning("could not close the agent run in %s: %s", self.db_path, exc)
+
+
+def write_deviations(store, rows: list[dict]) -> None:
+    """Apply the rows' ``deviation`` keys to ``intraday_deviations``, oldest first (inside the caller's
+    transaction): each row that carries the key replaces its hour's deviation (null: clears it)."""
+    for r in sorted((r for r in rows if "deviation" in r), key=lambda r: pd.Timestamp(r["acted_at"])):
+        store.con.execute("DELETE FROM intraday_deviations WHERE cluster = ? AND hour = ?",
+                          [r["cluster"], pd.Timestamp(r["hour"])])
+        if r["deviation"] is not None:
+            store.upsert("intraday_deviations", deviation_frame(r), str(r["run_id"]))
+
+
+def read_deviations(db_path: Path | str | None, audit_path: Path | str | None, cluster: str | None = None
+                    ) -> pd.DataFrame:
+    """Intraday deviations from the store and/or a JSONL audit file (the file's latest row per hour wins),
+    ordered by cluster and hour."""
+    from cicm.data.store import Store
+
+    frames = []
+    if db_path is not None and Path(db_path).exists():
+        with Store(db_path, read_only=True) as store:
+            frames.append(store.query(
+                "SELECT * FROM intraday_deviations WHERE (? IS NULL OR cluster = ?)", [cluster, cluster]
+            ).assign(source="store"))
+    if audit_path is not None:
+        latest: dict[tuple, dict] = {}
+        for r in read_jsonl(Path(audit_path)):
+            if "deviation" in r and (cluster is None or r.get("cluster") == cluster):
+                latest[(r["cluster"], r["hour"])] = r
+        rows = [deviation_frame(r).assign(run_id=r["run_id"]) for r in latest.values() if r["deviation"]]
+        if rows:
+            frames.append(pd.concat(rows, ignore_index=True).assign(source="jsonl"))
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame(columns=["run_id", *DEVIATION_COLUMNS, "source"])
+    return pd.concat(frames, ignore_index=True).sort_values(["cluster", "hour"]).reset_index(drop=True)
 
 
 def read_actions(db_path: Path | str | None, spool_path: Path | str | None, cluster: str | None,

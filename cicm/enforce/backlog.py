@@ -3,8 +3,9 @@
 A backlog source answers ``snapshot(hour, hours)`` with a :class:`BacklogSnapshot`: the flexible work queued at
 ``as_of`` (:class:`cicm.enforce.correction.WorkItem`: remaining core-hours, width, deadline), the forecast
 arrivals over ``hours`` (core-hours per hour), and the flexible usage the cluster actually ran in the hours
-before (for the plan's carry). A source that cannot answer raises :class:`BacklogUnavailable`; the agent then
-applies the plan of record as it is (and says why in the audit).
+before (for the plan's carry). A source that cannot answer raises :class:`BacklogUnavailable` (bad rows:
+:class:`cicm.errors.InputError` naming the column); the agent then applies the plan of record as it is (and says
+why in the audit).
 
 - :class:`StoreBacklogSource` (the one real source today): the store's ``usage_history``. The backlog is the FIFO
   queue of ``flexible_arrived_core_hours`` minus ``flexible_cpu_cores`` over the last ``window_hours``
@@ -89,7 +90,7 @@ def fifo_items(arrived: pd.Series, served: pd.Series, as_of: pd.Timestamp,
     left = fifo_backlog(arrived[recent].to_numpy(float), served[recent].to_numpy(float))
     hours = arrived.index[recent]
     return tuple(WorkItem(float(b), float(b), h + pd.Timedelta(hours=deadline_hours))
-                 for b, h in zip(left, hours) if not b <= 0)  # NaN stays: the correction rejects it, naming it
+                 for b, h in zip(left, hours) if b != 0)  # NaN, negative stay: the correction rejects them, naming them
 
 
 class StoreBacklogSource:
@@ -119,6 +120,13 @@ class StoreBacklogSource:
         if rows.empty:
             raise BacklogUnavailable(f"no usage history for {self.cluster} before {hour:%Y-%m-%d %H:%M}Z")
         index = pd.DatetimeIndex(rows["hour"]).tz_convert("UTC")
+        for col in ("flexible_arrived_core_hours", "flexible_cpu_cores"):
+            values = rows[col].to_numpy(float)
+            bad = ~(values >= 0) | np.isinf(values)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise InputError(col, f"usage history of {self.cluster} at {index[i]:%Y-%m-%d %H:%M}Z: {values[i]:g} "
+                                      "(must be a number >= 0)")
         arrived = pd.Series(rows["flexible_arrived_core_hours"].to_numpy(float), index=index)
         served = pd.Series(rows["flexible_cpu_cores"].to_numpy(float), index=index)
         as_of = index.max() + _H

@@ -41,11 +41,14 @@ def build_agent(*, cluster: str, ecovisor: str, token: str | None, db: Path | No
                 audit_file: Path | None, fleet: Path | None, flexible: list[str], flexible_pattern: str,
                 cluster_cores_per_core: float | None, on_missing_plan: str, max_plan_age_hours: float | None,
                 battery: bool, battery_hours: int, retry_base_s: float, retry_max_s: float,
-                reconcile_every_s: float, request_retries: int = 2, clock=None):
-    """Wire an Agent from CLI-style options (also used by tests)."""
+                reconcile_every_s: float, request_retries: int = 2, clock=None, correction: bool = True,
+                max_backlog_age_hours: float = 2.0):
+    """Wire an Agent from CLI-style options (also used by tests). With a store, queue plans are corrected every
+    hour from the usage history's backlog (``correction``); a plan file is applied as it is."""
     from cicm.data.store import new_run_id
     from cicm.enforce.agent import Agent, AgentConfig
     from cicm.enforce.audit import JsonlAudit, StoreAudit
+    from cicm.enforce.backlog import StoreBacklogSource
     from cicm.enforce.client import EcovisorClient
     from cicm.enforce.clock import RealClock
     from cicm.enforce.plans import FilePlanSource, StorePlanSource
@@ -54,33 +57,40 @@ def build_agent(*, cluster: str, ecovisor: str, token: str | None, db: Path | No
     if db is not None and plan_file is not None:
         raise InputError("plan-file", "give either --db or --plan-file, not both")
     capacity = None
-    if cluster_cores_per_core is None:
-        try:
-            from cicm.config import load_fleet
+    cluster_config = None  # the fleet's entry: capacity, and the power domains the correction's curve needs
+    zone = None  # its campus's grid zone: the correction's newest carbon forecast
+    try:
+        from cicm.config import load_fleet
 
-            capacity = float(load_fleet(fleet).cluster(cluster).capacity_cores)
-        except InputError:
-            if fleet is not None:
-                raise
+        known = load_fleet(fleet)
+        cluster_config = known.cluster(cluster)
+        zone = known.campus_of(cluster).grid_zone
+    except InputError:
+        if fleet is not None:
+            raise
+    if cluster_cores_per_core is None and cluster_config is not None:
+        capacity = float(cluster_config.capacity_cores)
     config = AgentConfig(
         cluster=cluster, flexible=tuple(n for item in flexible for n in item.split(",") if n),
         flexible_pattern=flexible_pattern, cluster_cores_per_core=cluster_cores_per_core, capacity_cores=capacity,
         on_missing_plan=on_missing_plan, max_plan_age_hours=max_plan_age_hours, battery=battery,
         battery_hours=battery_hours, retry_base_s=retry_base_s, retry_max_s=retry_max_s,
-        reconcile_every_s=reconcile_every_s,
+        reconcile_every_s=reconcile_every_s, correction=correction, max_backlog_age_hours=max_backlog_age_hours,
     )
     run_id = new_run_id("agent")
     params = {"cluster": cluster, "ecovisor": ecovisor, "plan_file": str(plan_file) if plan_file else None,
               **{k: v for k, v in config.__dict__.items() if k != "cluster"}}
+    backlog = None
     if plan_file is not None:
         plans = FilePlanSource(plan_file, cluster)
         audit = JsonlAudit(audit_file or _default_audit_file(None, plan_file, cluster), run_id)
     else:
         db = db or default_db_path()
-        plans = StorePlanSource(db, cluster)
+        plans = StorePlanSource(db, cluster, cluster_config, zone)
         audit = StoreAudit(db, audit_file or _default_audit_file(db, None, cluster), run_id, params)
+        backlog = StoreBacklogSource(db, cluster) if correction else None
     client = EcovisorClient(ecovisor, token, retries=request_retries)
-    return Agent(config, client, plans, audit, clock or RealClock())
+    return Agent(config, client, plans, audit, clock or RealClock(), backlog=backlog)
 
 
 @agent_app.command("run")
@@ -108,6 +118,11 @@ def run(
     retry_base_s: float = typer.Option(5.0, "--retry-base-s"),
     retry_max_s: float = typer.Option(300.0, "--retry-max-s"),
     reconcile_every_s: float = typer.Option(3600.0, "--reconcile-every-s", help="re-check within the hour this often"),
+    correction: bool = typer.Option(True, "--correction/--no-correction",
+                                    help="queue plans: re-plan every hour from the live backlog (store usage "
+                                         "history); never above the plan unless a deadline needs it"),
+    max_backlog_age_hours: float = typer.Option(2.0, "--max-backlog-age-hours",
+                                                help="an older backlog is not live: apply the plan as it is"),
     clock: str = typer.Option("real", "--clock", help="real (wall time) | ecovisor (follow the ecovisor's clock, "
                                                       "e.g. a simulated one)"),
     log_level: str = typer.Option("info", "--log-level"),
@@ -129,7 +144,7 @@ def run(
             cluster_cores_per_core=cluster_cores_per_core, on_missing_plan=on_missing_plan,
             max_plan_age_hours=max_plan_age_hours or None, battery=battery, battery_hours=battery_hours,
             retry_base_s=retry_base_s, retry_max_s=retry_max_s, reconcile_every_s=reconcile_every_s,
-            clock=RealClock(stop),
+            clock=RealClock(stop), correction=correction, max_backlog_age_hours=max_backlog_age_hours,
         )
         if clock == "ecovisor":
             agent.clock = EcovisorClock(agent.client, stop=stop)
@@ -139,7 +154,8 @@ def run(
         console.print(f"[bold red]error[/]: {exc}")
         raise typer.Exit(2)
     console.print(f"agent for {cluster}: plans from {agent.plans.describe()}, audit to {agent.audit.describe()}, "
-                  f"ecovisor {ecovisor}")
+                  f"ecovisor {ecovisor}, hourly correction "
+                  + (f"from the {agent.backlog.describe()}" if agent.backlog is not None else "off"))
 
     def _stop(signum, _frame):
         console.print(f"signal {signum}: stopping after this pass")
@@ -194,6 +210,36 @@ def actions(
     for r in frame.itertuples():
         table.add_row(str(r.acted_at)[:19], r.cluster, str(r.hour)[:16], r.mode, r.result,
                       _fmt(r.flexible_allowance_cores), _fmt(r.reason)[:60], r.source)
+    console.print(table)
+
+
+@agent_app.command("deviations")
+def deviations(
+    cluster: Optional[str] = typer.Option(None, "--cluster"),
+    db: Optional[Path] = typer.Option(None, "--db", help="store (default: $CICM_HOME/cicm.duckdb)"),
+    audit_file: Optional[Path] = typer.Option(None, "--audit-file", help="also read this JSONL audit/spool file"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Show the hourly correction's deviations from the plan of record (store and JSONL audit), by hour."""
+    from cicm.enforce.audit import read_deviations
+    from cicm.paths import default_db_path
+
+    db = db or default_db_path()
+    spool = audit_file or (db.with_name(f"{db.name}.agent-{cluster}.jsonl") if cluster else None)
+    try:
+        frame = read_deviations(db, spool, cluster)
+    except InputError as exc:
+        console.print(f"[bold red]error[/]: {exc}")
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps(json.loads(frame.to_json(orient="records", date_format="iso")), indent=2))
+        return
+    table = Table(title=f"Intraday deviations{' of ' + cluster if cluster else ''}")
+    for col in ("hour", "cluster", "reason", "plan", "applied", "detail", "source"):
+        table.add_column(col)
+    for r in frame.itertuples():
+        table.add_row(str(r.hour)[:16], r.cluster, r.reason, _fmt(r.plan_cores), _fmt(r.applied_cores),
+                      _fmt(r.detail)[:80], r.source)
     console.print(table)
 
 

@@ -16,16 +16,21 @@ The day-ahead plan of a queue program (``vccs.flexible_cpu_cores``: the planned 
 The hour's cap comes from :func:`cicm.optimize.queue.correction_cap` (the re-plan's first hour, or no cap when the
 re-plan is saturated), and is then held to the plan: **it never exceeds the plan of record unless a deadline
 needs it** (the re-plan expects lateness, or runs this hour ahead of the cumulative plan). Reasons, when the
-allowance differs from the hour's plan of record by more than ``DEVIATION_RTOL`` of the room:
+allowance differs from the hour's plan of record (by more than ``DEVIATION_RTOL`` of the room, unless a deadline
+needs it):
 
-| reason | allowance | when |
-|---|---|---|
-| ``deadline-release`` | above the plan | a deadline needs it: the re-plan runs this hour ahead of the cumulative plan of record, or it expects work to be late (then the hour is not capped: the room is only a forecast) |
-| ``catch-up`` | above the hour's plan, within the plan's cumulative release | the plan released work earlier in the day that the cluster did not run (``carry``); the re-plan runs it now |
-| ``below-plan`` | below the plan | the live backlog (with this hour's forecast arrivals) is smaller than the plan's release: everything that can run this hour is admitted |
-| ``deferred`` | below the plan | the re-plan holds work that could run now for later, cleaner hours (the live backlog's deadlines allow it) |
+- ``deadline-release`` (above the plan): a deadline needs it. The re-plan runs this hour ahead of the cumulative
+  plan of record, or it expects work to be late (then the hour is not capped: the room is only a forecast).
+- ``catch-up`` (above the hour's plan, within the plan's cumulative release): the plan released work earlier in
+  the day that the cluster did not run (``carry``); the re-plan runs it now.
+- ``below-plan`` (below the plan): the live backlog, with this hour's forecast arrivals, is smaller than the
+  plan's release; everything that can run this hour is admitted.
+- ``deferred`` (below the plan): the re-plan holds work that could run now for later, cleaner hours (the live
+  backlog's deadlines allow it).
 
-A failed re-plan (solver error) returns the plan of record, with a note: never a guess.
+Without a deadline need, an allowance within that tolerance of the plan is the plan exactly; with one, any
+release above the plan is a deviation. So the allowance equals the plan of record whenever no deviation is
+returned. A failed re-plan (solver error) returns the plan of record, with a note: never a guess.
 """
 from __future__ import annotations
 
@@ -276,8 +281,10 @@ def correct_hour(inp: CorrectionInput) -> Correction:
     if not need:
         allowance = min(allowance, in_plan)  # never above the plan of record without a deadline that needs it
     tol = max(DEVIATION_RTOL * max(scale, plan0), 1e-9)
+    if not need and abs(allowance - plan0) <= tol:
+        allowance = plan0  # a difference this small is noise: apply the plan of record exactly
     deviation = None
-    if allowance > plan0 + tol:
+    if allowance > plan0 + (eps if need else tol):
         if need:
             reason, detail = REASON_DEADLINE, _deadline_detail(inp, qc, late, ahead, allowance, plan0)
         else:

@@ -20,6 +20,7 @@ from datetime import date, datetime
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pandas as pd
 
 from cicm.errors import InputError
@@ -27,6 +28,21 @@ from cicm.errors import InputError
 
 class PlanUnavailable(RuntimeError):
     """The plan source could not be read (missing, locked, malformed)."""
+
+
+@dataclass(frozen=True)
+class QueueContext:
+    """What the hourly correction needs from a queue-program plan besides its hours: the program's knobs (from
+    the plan run's parameters), the cluster's usable cores and its power curve (from the run's power models and
+    the fleet file). ``problem`` says why the correction cannot run on this plan (None: it can)."""
+
+    capacity_cores: float | None = None
+    power_curve: object | None = None  # cicm.optimize.inputs.PowerCurve
+    planning_margin_hours: float = 6.0
+    lambda_e: float = 1.0
+    lambda_p: float = 0.0
+    solver: str = "HIGHS"
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -38,8 +54,11 @@ class DayPlan:
     reason: str | None
     capacity_cores: float | None
     planned_at: pd.Timestamp | None
-    hours: pd.DataFrame  # index: hour (UTC); columns vcc_cores, flexible_cpu_cores, gco2_per_kwh
+    hours: pd.DataFrame  # index: hour (UTC); columns vcc_cores, flexible_cpu_cores, gco2_per_kwh (+ from the store:
+    #                       inflexible_cpu_cores, inflexible_upper_cpu_cores)
     source: str
+    program: str = "ceiling"  # "queue": flexible_cpu_cores is planned service, the plan of record to correct
+    queue: QueueContext | None = None  # queue plans read from the store
 
     def covers(self, hour: pd.Timestamp) -> bool:
         return hour in self.hours.index
@@ -89,9 +108,14 @@ def _run_time(run_id: str | None) -> pd.Timestamp | None:
 
 
 class StorePlanSource:
-    def __init__(self, db_path: Path | str, cluster: str):
+    """Plans in force from the store. ``cluster_config`` (the fleet file's ``Cluster``) lets a queue plan carry
+    the cluster's power curve, rebuilt from the plan run's stored power models, for the hourly correction."""
+
+    def __init__(self, db_path: Path | str, cluster: str, cluster_config=None, zone: str | None = None):
         self.path = Path(db_path)
         self.cluster = cluster
+        self.cluster_config = cluster_config
+        self.zone = zone  # the campus's grid zone: the correction re-plans with the newest carbon forecast
         self._cache: dict[date, DayPlan] = {}
 
     def describe(self) -> str:
@@ -119,6 +143,24 @@ class StorePlanSource:
             raise PlanUnavailable(f"store {self.path}: {_short(exc)}") from exc
         return PlanLookup(plan, newest)
 
+    def carbon_forecast(self, hours: pd.DatetimeIndex, issued_before: pd.Timestamp) -> pd.Series | None:
+        """The newest carbon forecast vintage issued by ``issued_before`` for ``hours`` (NaN where there is none),
+        or None without a zone or a readable store: the hourly correction then plans with the plan's carbon."""
+        from cicm.data.store import Store
+
+        if self.zone is None:
+            return None
+        try:
+            with Store(self.path, read_only=True) as store:
+                found = store.latest_carbon_forecast(self.zone, hours[0], hours[-1] + pd.Timedelta(hours=1),
+                                                     issued_before=issued_before)
+        except (duckdb.Error, InputError, OSError):
+            return None
+        if found.empty:
+            return None
+        series = found.set_index(pd.DatetimeIndex(found["target_hour"]).tz_convert("UTC"))["gco2_per_kwh"]
+        return series.astype(float).reindex(hours)
+
     def _read(self, store, plan_date) -> DayPlan | None:
         plan_date = pd.Timestamp(plan_date).date()
         cached = self._cache.get(plan_date)
@@ -131,23 +173,86 @@ class StorePlanSource:
         if status.empty or hours.empty:
             return None
         info = status.iloc[0]
-        run = store.query("SELECT started_at FROM runs WHERE run_id = ?", [info["run_id"]])
+        run = store.query("SELECT started_at, params FROM runs WHERE run_id = ?", [info["run_id"]])
         planned_at = pd.Timestamp(run["started_at"].iloc[0]).tz_convert("UTC") if not run.empty else None
+        params = _params(run["params"].iloc[0]) if not run.empty else {}
+        program = str(params.get("program") or "ceiling")
+        index = pd.DatetimeIndex(hours["hour"]).tz_convert("UTC").rename("hour")
         frame = pd.DataFrame({
             "vcc_cores": hours["vcc_cores"].astype(float).to_numpy(),
             "flexible_cpu_cores": hours["flexible_cpu_cores"].astype(float).to_numpy(),
             "gco2_per_kwh": hours["gco2_per_kwh"].astype(float).to_numpy(),
-        }, index=pd.DatetimeIndex(hours["hour"]).tz_convert("UTC").rename("hour"))
+            "inflexible_cpu_cores": hours["inflexible_cpu_cores"].astype(float).to_numpy(),
+        }, index=index)
+        queue = None
+        if program == "queue" and str(info["status"]) == "shaped":
+            upper = store.query("SELECT hour, inflexible_upper_cpu_cores FROM load_forecasts WHERE run_id = ? AND "
+                                "cluster = ?", [info["run_id"], self.cluster])
+            upper = upper.set_index(pd.DatetimeIndex(upper["hour"]).tz_convert("UTC"))["inflexible_upper_cpu_cores"]
+            frame["inflexible_upper_cpu_cores"] = upper.reindex(index).astype(float).to_numpy()
+            queue = self._queue_context(store, info["run_id"], params)
         plan = DayPlan(
             cluster=self.cluster, plan_date=plan_date, run_id=info["run_id"], status=str(info["status"]),
             reason=info["reason"] if isinstance(info["reason"], str) else None,
             capacity_cores=_float(info["capacity_cores"]), planned_at=planned_at, hours=frame,
-            source=f"store {self.path}",
+            source=f"store {self.path}", program=program, queue=queue,
         )
         self._cache[plan_date] = plan
         for old in sorted(self._cache)[:-3]:  # keep a few days
             del self._cache[old]
         return plan
+
+
+    def _queue_context(self, store, run_id: str, params: dict) -> QueueContext:
+        knobs = {"planning_margin_hours": _float(params.get("planning_margin_hours", 6.0)),
+                 "lambda_e": _float(params.get("lambda_e", 1.0)), "lambda_p": _float(params.get("lambda_p", 0.0)),
+                 "solver": str(params.get("solver") or "HIGHS")}
+        bad = [k for k, v in knobs.items() if k != "solver" and not (v >= 0 and math.isfinite(v))]
+        if bad:
+            return QueueContext(problem=f"the plan run's {bad[0]} is not a number >= 0")
+        cfg = self.cluster_config
+        if cfg is None:
+            return QueueContext(problem="no fleet entry for the cluster: its power domains are unknown", **knobs)
+        models = store.query("SELECT domain, status, model FROM power_models WHERE run_id = ? AND cluster = ?",
+                             [run_id, self.cluster])
+        try:
+            curve = power_curve_from_models(cfg, dict(zip(models["domain"], models["model"])))
+        except InputError as exc:
+            return QueueContext(capacity_cores=float(cfg.capacity_cores), problem=f"no power curve: {exc}", **knobs)
+        return QueueContext(capacity_cores=float(cfg.capacity_cores), power_curve=curve, **knobs)
+
+
+def _params(text) -> dict:
+    try:
+        doc = json.loads(text) if isinstance(text, str) and text else {}
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def power_curve_from_models(cluster, models: dict):
+    """The cluster's P(u) from its domains' stored models (JSON per domain name), as the nightly plan builds it
+    (``cicm.flows.plan_stages.cluster_power_curve``: knots at every domain breakpoint scaled to the cluster, plus
+    0 and the capacity). Raises InputError naming the domain whose model is missing or unreadable."""
+    from cicm.models.power import PowerModel, cluster_power_kw
+    from cicm.optimize.inputs import PowerCurve
+
+    fitted = []
+    for d in cluster.power_domains:
+        text = models.get(d.name)
+        if not isinstance(text, str) or not text:
+            raise InputError(d.name, "no power model stored for this domain in the plan's run")
+        try:
+            fitted.append(PowerModel.from_dict(json.loads(text)))
+        except (ValueError, KeyError) as exc:
+            raise InputError(d.name, f"stored power model unreadable: {exc}") from None
+    shares = [d.capacity_cores / cluster.capacity_cores for d in cluster.power_domains]
+    knots = {0.0, float(cluster.capacity_cores)}
+    for model, share in zip(fitted, shares):
+        knots.update(b / share for b in model.breakpoints_cpu_cores)
+    cpu = np.array(sorted(k for k in knots if 0.0 <= k <= cluster.capacity_cores))
+    power = np.maximum(np.asarray(cluster_power_kw(fitted, shares, cpu), dtype=float), 0.0)
+    return PowerCurve(cpu_cores=cpu, power_kw=power)
 
 
 def _short(exc: Exception) -> str:
