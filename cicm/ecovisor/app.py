@@ -26,7 +26,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from cicm.errors import InputError
 
 from .backends.base import BackendError, ContainerBackend
-from .core import AppState, AuthError, ConflictError, Ecovisor, ForbiddenError
+from .clock import Clock, clock_mode, is_simulated
+from .core import Ecovisor
+from .errors import AuthError, ConflictError, ForbiddenError
 from .power import POWER_SOURCE
 from .schemas import (
     AppRegistered,
@@ -38,6 +40,7 @@ from .schemas import (
     TickBody,
 )
 from .site import SiteConfig
+from .state import AppState
 from .store import Telemetry
 
 log = logging.getLogger("cicm.ecovisor")
@@ -122,7 +125,7 @@ def _err(status: int, msg: str, **extra) -> JSONResponse:
 
 def create_app(
     site: SiteConfig,
-    clock,
+    clock: Clock,
     backend: ContainerBackend,
     db_path: str | Path | None,
     *,
@@ -162,7 +165,7 @@ def create_app(
     async def lifespan(_: FastAPI):
         await callbacks.start()
         task = None
-        if getattr(clock, "mode", "") == "real" and run_ticker:
+        if clock_mode(clock) == "real" and run_ticker:
             task = asyncio.create_task(ticker())
         try:
             yield
@@ -226,7 +229,7 @@ def create_app(
         return {
             "status": "ok",
             "site": site.name,
-            "clock": getattr(clock, "mode", "?"),
+            "clock": clock_mode(clock),
             "now": clock.now().isoformat(),
             "tick_seconds": core.dt_s,
             "tick_id": core.tick_id,
@@ -236,7 +239,7 @@ def create_app(
 
     @api.get("/v1/clock", tags=["service"])
     def get_clock() -> dict:
-        return {"mode": getattr(clock, "mode", "?"), "now": clock.now().isoformat(), "tick_seconds": core.dt_s,
+        return {"mode": clock_mode(clock), "now": clock.now().isoformat(), "tick_seconds": core.dt_s,
                 "last_tick_end": core.last_tick_end.isoformat(), "tick_id": core.tick_id}
 
     # ---------------------------------------------------------------- admin
@@ -263,7 +266,7 @@ def create_app(
     async def tick(_: Admin, body: TickBody | None = None) -> dict:
         """Advance the simulated clock by n ticks (409 on a real-time clock)."""
         n = body.n if body else 1
-        if getattr(clock, "mode", "") != "simulated":
+        if not is_simulated(clock):
             raise ConflictError("the clock is real-time; ticks come from the ticker")
         ticks = []
         for _i in range(n):
