@@ -71,8 +71,10 @@ def plan(
     dask_address: Optional[str] = typer.Option(None, help="Dask scheduler, e.g. tcp://10.0.0.5:8786 (default with"
                                                           " --runner dask: a local cluster)"),
     dask_workers: int = typer.Option(2, help="worker processes of the local Dask cluster"),
-    program: str = typer.Option("ceiling", help="the VCC program: ceiling (CICM's, the default for now) or queue"
-                                                " (plans when flexible work runs; docs/optimizer.md)"),
+    program: str = typer.Option("queue", help="the VCC program: queue (plans when flexible work runs, with a"
+                                              " look-ahead; docs/optimizer.md) or ceiling (CICM's, a baseline)"),
+    horizon_hours: int = typer.Option(48, help="queue program: look-ahead from planning time, in hours (only the"
+                                               " planning day is committed)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Run the nightly plan: forecasts, models, VCCs for every cluster; store them; print a summary."""
@@ -88,9 +90,12 @@ def plan(
                               gamma=gamma, lambda_e=lambda_e, lambda_p=lambda_p, delta_min=delta_min,
                               delta_max=delta_max, solver=solver, min_forecast_value_pct=min_forecast_value_pct,
                               runner=runner, dask_address=dask_address, dask_workers=dask_workers,
-                              telemetry_dir=str(telemetry) if telemetry else None, program=program)
+                              telemetry_dir=str(telemetry) if telemetry else None, program=program,
+                              horizon_hours=horizon_hours)
         if program not in ("ceiling", "queue"):
             raise InputError("program", f"must be ceiling or queue, got {program!r}")
+        if not 24 <= horizon_hours <= 96:
+            raise InputError("horizon_hours", f"must be 24 to 96 hours, got {horizon_hours}")
         from cicm.stdio import stdout_to_stderr
 
         with stdout_to_stderr(as_json):

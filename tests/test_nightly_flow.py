@@ -59,28 +59,40 @@ def test_plan_stores_every_stage_for_every_cluster(planned_db):
 
 
 def test_shaped_plans_cut_expected_carbon_and_respect_capacity(planned_db):
-    path, _ = planned_db
+    """The default (queue) program: the VCC admits the inflexible quantile plus the plan of record (planned
+    service plus its risk margin); flexible work moves towards cleaner hours, and where it can wait it is held
+    back in dirty hours; fallbacks keep the full machines and their reason."""
+    path, outcome = planned_db
     fleet = load_fleet()
     with Store(path, read_only=True) as store:
         status = store.query("SELECT * FROM current_vcc_status").set_index("cluster")
         vccs = store.query("SELECT * FROM current_vccs")
+        loads = store.query("SELECT * FROM load_forecasts WHERE plan_date = ? AND run_id = ?",
+                            [PLAN_DATE, outcome.run_id])
     shaped = status[status["status"] == "shaped"]
     assert set(shaped["campus"]) == {"ca-sj", "tx-midlothian"}  # CISO and ERCO; BPAT, MISO: low-benefit
     assert (shaped["expected_kgco2"] < shaped["flat_kgco2"]).all()
     gated = status[status["campus"].isin(["or-dalles", "ia-council"])]
     assert gated["reason"].str.startswith("low-benefit").all()
+    held_somewhere = False
     for cluster in fleet.clusters():
-        rows = vccs[vccs["cluster"] == cluster.name]
-        campus = fleet.campus_of(cluster.name)
+        rows = vccs[vccs["cluster"] == cluster.name].sort_values("hour").reset_index(drop=True)
         assert len(rows) == 24, cluster.name  # 2022-06-15 is a 24-hour day in every campus
-        if status.loc[cluster.name, "status"] == "shaped":
-            assert rows["vcc_cores"].sum() >= status.loc[cluster.name, "theta_core_hours"] * (1 - 1e-6)
-            # flexible work moves towards cleaner hours: allowance and carbon are negatively correlated
-            corr = np.corrcoef(rows["flexible_cpu_cores"], rows["gco2_per_kwh"])[0, 1]
-            assert corr < 0, (cluster.name, campus.grid_zone, corr)
-        else:
-            assert np.allclose(rows["vcc_cores"], rows["vcc_cores"].iloc[0])  # fallback: full capacity, flat
-
+        if status.loc[cluster.name, "status"] != "shaped":
+            assert (rows["vcc_cores"] == status.loc[cluster.name, "capacity_cores"]).all()
+            continue
+        load = loads[loads["cluster"] == cluster.name].sort_values("hour").reset_index(drop=True)
+        floor = load["inflexible_upper_cpu_cores"] * load["reservation_ratio"]
+        assert (rows["vcc_cores"] >= np.minimum(floor, status.loc[cluster.name, "capacity_cores"]) - 1e-6).all()
+        assert (rows["flexible_cpu_cores"] >= -1e-9).all()
+        # flexible work moves towards cleaner hours: allowance and carbon are negatively correlated
+        corr = np.corrcoef(rows["flexible_cpu_cores"], rows["gco2_per_kwh"])[0, 1]
+        assert corr < 0, (cluster.name, corr)
+        held = rows["flexible_cpu_cores"] < 1e-6 * rows["flexible_cpu_cores"].max()
+        if held.any():
+            held_somewhere = True
+            assert rows.loc[held, "gco2_per_kwh"].mean() > rows.loc[~held, "gco2_per_kwh"].mean(), cluster.name
+    assert held_somewhere  # some clusters' work can wait: it is held back entirely in dirty hours
 
 def test_replanning_keeps_every_run_and_replaces_the_plan_in_force(planned_copy, prefect_server):
     from cicm.flows.nightly import run_nightly_plan
@@ -151,32 +163,24 @@ def test_deployment_has_nightly_cron_in_campus_evening():
     assert str(tomorrow_in("America/Chicago", pd.Timestamp("2022-06-15 04:00", tz="UTC"))) == "2022-06-15"
 
 
-def test_the_queue_program_plans_when_flexible_work_runs(planned_copy):
-    """`--program queue`: the VCC admits the inflexible quantile plus the planned service (plus its margin), holds
-    work in dirty hours and releases it in clean ones; fallbacks keep the full machines and their reason."""
+def test_the_ceiling_program_covers_theta(planned_copy):
+    """`--program ceiling` (CICM's VCC program, the baseline): the daily VCC area covers the forecast Θ and the
+    allowance follows clean hours."""
     from cicm.flows.nightly import PlanOptions, run_nightly_plan
 
-    outcome = run_nightly_plan(PLAN_DATE, planned_copy, options=PlanOptions(program="queue"))
+    outcome = run_nightly_plan(PLAN_DATE, planned_copy, options=PlanOptions(program="ceiling"))
     assert outcome.status == "ok", outcome.stages
     with Store(planned_copy, read_only=True) as store:
         status = store.query("SELECT * FROM current_vcc_status").set_index("cluster")
         vccs = store.query("SELECT * FROM current_vccs")
-        loads = store.query("SELECT * FROM load_forecasts WHERE plan_date = ? AND run_id = ?",
-                            [PLAN_DATE, outcome.run_id])
     shaped = status[status["status"] == "shaped"]
     assert set(shaped["campus"]) == {"ca-sj", "tx-midlothian"}
     assert (shaped["expected_kgco2"] < shaped["flat_kgco2"]).all()
-    assert status.loc[status["status"] == "fallback", "reason"].str.startswith("low-benefit").all()
     for name in shaped.index:
-        rows = vccs[vccs["cluster"] == name].sort_values("hour").reset_index(drop=True)
-        load = loads[loads["cluster"] == name].sort_values("hour").reset_index(drop=True)
-        floor = load["inflexible_upper_cpu_cores"] * load["reservation_ratio"]
-        assert (rows["vcc_cores"] >= np.minimum(floor, status.loc[name, "capacity_cores"]) - 1e-6).all()
-        assert (rows["flexible_cpu_cores"] >= -1e-9).all()
-        held = rows["flexible_cpu_cores"] < 1e-6 * rows["flexible_cpu_cores"].max()
-        assert held.any() and (~held).any(), name  # some hours hold work back, others release it
-        assert rows.loc[held, "gco2_per_kwh"].mean() > rows.loc[~held, "gco2_per_kwh"].mean(), name
-
+        rows = vccs[vccs["cluster"] == name]
+        assert rows["vcc_cores"].sum() >= status.loc[name, "theta_core_hours"] * (1 - 1e-6)
+        corr = np.corrcoef(rows["flexible_cpu_cores"], rows["gco2_per_kwh"])[0, 1]
+        assert corr < 0, (name, corr)
 
 def test_plan_json_is_clean_on_stdout(planned_copy):
     """As a user runs it: the console script in a subprocess; stdout must be one JSON document (no solver
@@ -187,7 +191,7 @@ def test_plan_json_is_clean_on_stdout(planned_copy):
     from pathlib import Path
 
     cicm = Path(sys.executable).with_name("cicm")
-    proc = subprocess.run([str(cicm), "plan", "--db", str(planned_copy), "--program", "queue", "--json"],
+    proc = subprocess.run([str(cicm), "plan", "--db", str(planned_copy), "--json"],
                           capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(proc.stdout)

@@ -1,5 +1,6 @@
 """The plan's stages without Prefect: per-cluster trouble becomes a visible, stored fallback."""
 import pandas as pd
+import numpy as np
 import pytest
 
 from cicm.config import load_fleet
@@ -25,22 +26,23 @@ def telemetry_db(fleet, tmp_path_factory):
     return path
 
 
-def plan(store, fleet):
+def plan(store, fleet, **options):
     days = stages.campus_days(fleet, PLAN_DATE)
     fetched = {d.campus.name: stages.fetch_campus_carbon(d, "trace", seed=0) for d in days}
     carbon = stages.collect_carbon(days, fetched)
     # every campus may be shaped here (no forecast-value gate), so other fallbacks show alone
-    return stages.plan_clusters(store, fleet, PLAN_DATE, days, carbon, PlanOptions(min_forecast_value_pct=0.0))
+    return stages.plan_clusters(store, fleet, PLAN_DATE, days, carbon, PlanOptions(min_forecast_value_pct=0.0, **options))
 
 
-def test_short_and_broken_histories_fall_back_with_reasons(fleet, telemetry_db, tmp_path):
+@pytest.mark.parametrize("program", ["queue", "ceiling"])
+def test_short_and_broken_histories_fall_back_with_reasons(fleet, telemetry_db, tmp_path, program):
     path = tmp_path / "db.duckdb"
     path.write_bytes(telemetry_db.read_bytes())
     with Store(path) as store:
         store.con.execute("DELETE FROM usage_history WHERE cluster = 'sj-a' AND hour < '2022-06-01'")
         store.con.execute("UPDATE usage_history SET inflexible_cpu_cores = 'NaN'::DOUBLE"
                           " WHERE cluster = 'dl-a' AND hour = '2022-06-10 05:00:00+00'")
-        result = plan(store, fleet)
+        result = plan(store, fleet, program=program)
     status = result.status.set_index("cluster")
     assert status.loc["sj-a", "status"] == "fallback"
     assert status.loc["sj-a", "reason"].startswith("insufficient-history")
@@ -50,8 +52,11 @@ def test_short_and_broken_histories_fall_back_with_reasons(fleet, telemetry_db, 
     for name in ("sj-a", "dl-a"):
         caps = result.vccs[result.vccs["cluster"] == name]["vcc_cores"]
         assert (caps == fleet.cluster(name).capacity_cores).all() and len(caps) == 24
-    assert status.loc["cb-c", "reason"].startswith("too-full")  # Θ above the day's machine capacity
-    assert (status.drop(index=["sj-a", "dl-a", "cb-c"])["status"] == "shaped").all()
+    if program == "ceiling":
+        assert status.loc["cb-c", "reason"].startswith("too-full")  # Θ above the day's machine capacity
+        assert (status.drop(index=["sj-a", "dl-a", "cb-c"])["status"] == "shaped").all()
+    else:  # the queue program carries cb-c's work across midnight: nothing is planned late
+        assert (status.drop(index=["sj-a", "dl-a"])["status"] == "shaped").all()
     load_report = next(r for r in result.reports if r.name == "load-forecast")
     assert load_report.status == "degraded" and "sj-a" in load_report.detail and "dl-a" in load_report.detail
 
@@ -89,7 +94,7 @@ def test_zones_where_forecasts_have_not_paid_are_not_shaped(fleet, telemetry_db,
         values = {d.campus.grid_zone: stages.campus_forecast_value(store, d, 1.0) for d in days}
         fetched = {d.campus.name: stages.fetch_campus_carbon(d, "trace", seed=0) for d in days}
         result = stages.plan_clusters(store, fleet, PLAN_DATE, days, stages.collect_carbon(days, fetched),
-                                      PlanOptions(min_forecast_value_pct=3.0))
+                                      PlanOptions(min_forecast_value_pct=3.0, program="ceiling"))
     # measured from the stored day-ahead vintages and actuals of the 28 days before planning
     assert values["CISO"].realised_cut_pct > 10 and values["BPAT"].realised_cut_pct < 3
     assert all(v.realised_cut_pct <= v.ceiling_cut_pct for v in values.values())
@@ -130,3 +135,35 @@ def test_a_plan_that_fails_midway_writes_nothing_and_keeps_the_plan_in_force(fle
         assert {t: len(store.query(f"SELECT * FROM {t}")) for t in counts} == counts
     pd.testing.assert_frame_equal(before, after)
     assert list(runs["status"]) == [good.status, "failed"] and "disk full" in runs["message"].iloc[-1]
+
+
+def test_a_queue_plan_that_expects_late_work_is_not_enforced():
+    """Planned lateness within the day means the room cannot carry the queue: full machines, with the reason."""
+    room = np.full(24, 100.0)
+    assert stages.too_full_reason(np.zeros(24), room) is None
+    assert stages.too_full_reason(np.full(24, 1e-5), room) is None  # solver noise
+    late = np.r_[np.zeros(20), [5.0, 10.0, 40.0, 40.0]]
+    assert stages.too_full_reason(late, room).startswith("too-full: the plan expects 40 core-hours")
+
+
+def test_the_queue_program_fetches_its_look_ahead_and_commits_only_the_day(fleet):
+    from cicm.flows.nightly import PlanOptions, fetch_day_carbon
+
+    day = next(d for d in stages.campus_days(fleet, PLAN_DATE) if d.campus.grid_zone == "CISO")
+    # planned at 18:00 PDT the evening before: 48 h from then reach 42 h past the local day's start
+    ahead = fetch_day_carbon(day, PlanOptions())
+    assert ahead["target_hour"].min() == day.hours[0] and len(ahead) == 42
+    assert len(fetch_day_carbon(day, PlanOptions(program="ceiling"))) == 24
+    carbon = stages.collect_carbon([day], {day.campus.name: ahead})
+    assert len(carbon.by_campus[day.campus.name]) == 42
+
+
+def test_a_forecast_is_used_up_to_its_first_gap():
+    start = pd.Timestamp("2022-06-15 07:00", tz="UTC")
+    hours = pd.date_range(start, periods=40, freq="h")
+    values = pd.Series(np.arange(40.0) + 100, index=hours)
+    assert len(stages.covered_forecast(values, start)) == 40
+    assert len(stages.covered_forecast(values.drop(hours[30]), start)) == 30
+    values.iloc[26] = np.nan
+    assert len(stages.covered_forecast(values, start)) == 26
+    assert len(stages.covered_forecast(values, start - pd.Timedelta(hours=1))) == 0  # the first hour is missing

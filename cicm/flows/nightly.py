@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from cicm.config import Fleet, load_fleet
 from cicm.data.store import Store
-from cicm.errors import InputError
+from cicm.errors import InputError, ProviderError
 from cicm.flows import plan_stages as stages
 from cicm.flows.ingest import import_demo_telemetry, ingest_telemetry, read_telemetry_dir
 
@@ -48,7 +48,8 @@ class PlanOptions:
     dask_address: str | None = None  # tcp://scheduler:8786; None with runner dask: a local cluster
     dask_workers: int = 2  # worker processes of a local Dask cluster
     telemetry_dir: str | None = None  # new usage*/power*.parquet to ingest before planning
-    program: str = "ceiling"  # "ceiling" (CICM's VCC program) | "queue" (the queue-aware program)
+    program: str = "queue"  # "queue" (the queue-aware program) | "ceiling" (CICM's VCC program, a baseline)
+    horizon_hours: int = 48  # queue program: look-ahead from planning time (only the planning day is committed)
     planning_margin_hours: float = 6.0  # queue program: deadlines planned this much early
     arrival_quantile: float = 0.9  # queue program: upper quantile of arrivals behind the VCC's margin
 
@@ -99,6 +100,13 @@ def fetch_day_carbon(day: stages.CampusDay, options: PlanOptions) -> pd.DataFram
     if options.csv_path:
         extra["path"] = options.csv_path
     now = None if options.provider == "trace" else pd.Timestamp.now(tz="UTC")
+    end = stages.carbon_window_end(day, options)
+    try:
+        return stages.fetch_campus_carbon(day, options.provider, options.seed, now=now, end=end, **extra)
+    except (InputError, ProviderError):
+        if end <= day.hours[-1] + pd.Timedelta(hours=1):
+            raise
+    # the provider cannot reach the look-ahead: plan with the day alone (the program's note says so)
     return stages.fetch_campus_carbon(day, options.provider, options.seed, now=now, **extra)
 
 

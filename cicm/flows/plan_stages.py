@@ -18,6 +18,8 @@ from cicm.config import Campus, Fleet
 from cicm.errors import InputError, ProviderError
 from cicm.timeutil import local_day_hours_utc, planning_time_utc
 
+_H = pd.Timedelta(hours=1)
+
 
 @dataclass
 class StageReport:
@@ -36,7 +38,7 @@ class CampusDay:
 @dataclass
 class CarbonResult:
     forecasts: pd.DataFrame  # canonical forecast rows of every zone that succeeded
-    by_campus: dict[str, pd.Series]  # campus -> gco2_per_kwh over its day's hours
+    by_campus: dict[str, pd.Series]  # campus -> gco2_per_kwh over its day's hours and any look-ahead
     problems: dict[str, str] = field(default_factory=dict)  # campus -> reason its forecast is missing
 
 
@@ -52,16 +54,26 @@ def campus_days(fleet: Fleet, plan_date: date) -> list[CampusDay]:
     ]
 
 
+def carbon_window_end(day: CampusDay, options) -> pd.Timestamp:
+    """Where the campus's carbon forecast must reach: the local day's end, or for the queue program its
+    look-ahead (``horizon_hours`` from planning time), whichever is later."""
+    day_end = day.hours[-1] + _H
+    if getattr(options, "program", "ceiling") != "queue":
+        return day_end
+    return max(day_end, day.planned_at.floor("h") + pd.Timedelta(hours=int(options.horizon_hours)))
+
+
 def fetch_campus_carbon(day: CampusDay, provider: str, seed: int, now: pd.Timestamp | None = None,
-                        **provider_options) -> pd.DataFrame:
-    """The campus zone's forecast over the campus's local day, issued at planning time (validated)."""
+                        end: pd.Timestamp | None = None, **provider_options) -> pd.DataFrame:
+    """The campus zone's forecast from the start of the campus's local day to ``end`` (default: the day's end),
+    issued at planning time (validated)."""
     from cicm.carbon.providers import fetch_forecast
 
     return fetch_forecast(
         provider,
         day.campus.grid_zone,
         day.hours[0],
-        day.hours[-1] + pd.Timedelta(hours=1),
+        end if end is not None else day.hours[-1] + _H,
         now=now if now is not None else day.planned_at,
         seed=seed,
         **provider_options,
@@ -79,13 +91,23 @@ def collect_carbon(days: list[CampusDay], fetched: dict[str, pd.DataFrame | Exce
         if isinstance(result, Exception):
             raise result
         frames.append(result)
-        series = result.set_index("target_hour")["gco2_per_kwh"].reindex(day.hours)
-        if series.isna().any():
+        series = covered_forecast(result.set_index("target_hour")["gco2_per_kwh"], day.hours[0])
+        if len(series) < len(day.hours):
             problems[day.campus.name] = "no-carbon-forecast: forecast does not cover the local day"
             continue
         by_campus[day.campus.name] = series
     forecasts = pd.concat(frames, ignore_index=True).drop_duplicates() if frames else pd.DataFrame()
     return CarbonResult(forecasts, by_campus, problems)
+
+
+def covered_forecast(gco2_per_kwh: pd.Series, start: pd.Timestamp) -> pd.Series:
+    """The forecast's unbroken hourly run from ``start``: it stops at the first missing or NaN hour."""
+    if gco2_per_kwh.empty:
+        return gco2_per_kwh.iloc[:0]
+    hours = pd.date_range(start, max(gco2_per_kwh.index.max(), start), freq="h")
+    series = gco2_per_kwh[~gco2_per_kwh.index.duplicated(keep="last")].reindex(hours)
+    missing = np.flatnonzero(series.isna().to_numpy())
+    return series.iloc[: missing[0] if missing.size else len(series)]
 
 
 def carbon_report(carbon: CarbonResult, days: list[CampusDay]) -> StageReport:
@@ -363,7 +385,7 @@ class PartitionJob:
 
     plan_date: date
     days: list[CampusDay]
-    carbon: dict[str, pd.Series]  # campus -> forecast over its day's hours
+    carbon: dict[str, pd.Series]  # campus -> forecast over its day's hours and any look-ahead
     problems: dict[str, str]  # campus -> why it has no forecast
     options: object  # cicm.flows.nightly.PlanOptions
 
@@ -429,10 +451,11 @@ class _Timer:
 
 def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | None, options,
                     problem: str | None, values: dict | None = None) -> dict:
-    """Models and program for one campus: a constant number of store reads, whatever its size. Returns frames
-    for the store and per-stage notes."""
+    """Models and program for one campus: a constant number of store reads, whatever its size. ``carbon``
+    covers the day and any look-ahead. Returns frames for the store and per-stage notes."""
     from cicm.optimize.program import plan_campus
 
+    ahead, carbon = carbon, (None if carbon is None else carbon.iloc[:len(day.hours)])
     out = {key: [] for key in PART_FRAMES}
     out["notes"] = {stage: [] for stage in STAGE_NOTES}
     out["seconds"] = dict.fromkeys(TIMED_STEPS, 0.0)
@@ -482,7 +505,7 @@ def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | 
         preset = disabled.get(cluster.name) or low_benefit
         inputs.append(cluster_input(cluster, ClusterModels(pd.DataFrame(), curve, None, load, None), preset))
     if inputs and getattr(options, "program", "ceiling") == "queue":
-        vccs, status, note = queue_plan_rows(day, plan_date, inputs, usage, carbon, options, curves)
+        vccs, status, note = queue_plan_rows(day, plan_date, inputs, usage, ahead, options)
         out["vccs"].append(vccs)
         out["status"].append(status)
         out["notes"]["vcc-program"].append(note)
@@ -502,11 +525,12 @@ def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | 
 BACKLOG_WINDOW_HOURS = 48  # the FIFO backlog is measured over this window (assumed empty before it)
 
 
-def queue_cluster(cluster_input, usage: pd.DataFrame, day: CampusDay, options):
-    """One cluster's queue-program input for the planning day, from its stored usage: the FIFO backlog at
-    planning time (each arrival hour's remaining work, due 24 h after it), forecast hourly arrivals over the day
-    (:func:`cicm.models.arrivals.forecast_arrivals`), and the load forecast's inflexible usage and quantile.
-    Returns (QueueCluster, the upper-quantile extra core-hours)."""
+def queue_cluster(cluster_input, usage: pd.DataFrame, day: CampusDay, hours: pd.DatetimeIndex, options):
+    """One cluster's queue-program input over ``hours`` (the planning day, then any look-ahead), from its stored
+    usage: the FIFO backlog at planning time (each arrival hour's remaining work, due 24 h after it), forecast
+    hourly arrivals (:func:`cicm.models.arrivals.forecast_arrivals`), and the load forecast's inflexible usage and
+    quantile (the day's profile repeated over the look-ahead). Returns (QueueCluster, the upper-quantile extra
+    core-hours of the planning day)."""
     from cicm.models.arrivals import forecast_arrivals
     from cicm.optimize.queue import QueueCluster, arrival_bounds, fifo_backlog, task_bounds
 
@@ -517,58 +541,76 @@ def queue_cluster(cluster_input, usage: pd.DataFrame, day: CampusDay, options):
     served = pd.Series(rows["flexible_cpu_cores"].to_numpy(float), index=arrived.index).fillna(0.0)
     recent = arrived.index >= day.planned_at - pd.Timedelta(hours=BACKLOG_WINDOW_HOURS)
     backlog = fifo_backlog(arrived[recent].to_numpy(), served[recent].to_numpy())
-    start = day.hours[0]
-    rel = ((arrived.index[recent] - start) / pd.Timedelta(hours=1)).to_numpy(float)
+    rel = ((arrived.index[recent] - hours[0]) / _H).to_numpy(float)
     keep = backlog > 0
-    n = len(day.hours)
+    n, n_day = len(hours), len(day.hours)
     # a backlog bucket may run within one hour (its width is unknown): work 1 h at width = its core-hours
     must, avail = task_bounds(n, np.minimum(rel[keep], 0.0), np.ones(keep.sum()), backlog[keep],
                               rel[keep] + 24.0, options.planning_margin_hours)
-    fc = forecast_arrivals(arrived, day.hours, quantile=options.arrival_quantile)
+    fc = forecast_arrivals(arrived, hours, quantile=options.arrival_quantile)
     m2, a2 = arrival_bounds(fc.core_hours, 24.0 - options.planning_margin_hours)
     physical = float(np.max(ci.power_capped_capacity_cores))
-    qc = QueueCluster(ci.name, ci.inflexible_cpu_cores, ci.inflexible_upper_cpu_cores, physical, must + m2,
-                      avail + a2, ci.power_curve, fallback_reason=ci.fallback_reason)
-    return qc, float(fc.upper_core_hours.sum() - fc.core_hours.sum())
+    qc = QueueCluster(ci.name, np.resize(ci.inflexible_cpu_cores, n), np.resize(ci.inflexible_upper_cpu_cores, n),
+                      physical, must + m2, avail + a2, ci.power_curve, fallback_reason=ci.fallback_reason)
+    return qc, float(fc.upper_core_hours[:n_day].sum() - fc.core_hours[:n_day].sum())
+
+
+def too_full_reason(late_core_hours: np.ndarray, room_cpu_cores: np.ndarray, rtol: float = 1e-6) -> str | None:
+    """Why a queue plan is not enforced: it expects flexible work to miss its planning deadlines within the day
+    (the room cannot carry the queue). Such a cluster gets the full machines, as the agent's hourly correction
+    would give it (``correction_cap``): holding back anything then only adds lateness."""
+    late = float(np.max(late_core_hours, initial=0.0))
+    if late <= rtol * max(float(np.max(room_cpu_cores, initial=0.0)), 1.0):
+        return None
+    return f"too-full: the plan expects {late:,.0f} core-hours of flexible work past its deadlines (planned " \
+           "early by the margin) within the day"
 
 
 def queue_plan_rows(day: CampusDay, plan_date: date, inputs: list, usage: pd.DataFrame, carbon: pd.Series,
-                    options, curves: dict) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+                    options) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """The campus's plan from the queue-aware program, as vccs and vcc_status rows (the ceiling program's
-    columns). VCC = (inflexible upper quantile + planned service + risk margin) x R; a fallback cluster keeps
-    the full machine capacity, with its reason."""
+    columns). ``carbon`` covers the day and any look-ahead (planned, not committed). The plan of record
+    (``flexible_cpu_cores``) is the planned service plus the risk margin; VCC = (inflexible upper quantile + plan
+    of record) x R. A fallback cluster keeps the full machine capacity, with its reason."""
     from cicm.optimize.queue import QueueCampus, greedy_service, plan_queue, risk_margin
 
+    n_day = len(day.hours)
+    hours = pd.DatetimeIndex(carbon.index)
     built, extras, problems = [], {}, {}
     for ci in inputs:
         try:
-            qc, extra = queue_cluster(ci, usage, day, options)
+            qc, extra = queue_cluster(ci, usage, day, hours, options)
             built.append(qc)
             extras[ci.name] = extra
         except InputError as exc:
             problems[ci.name] = f"bad-history: {exc}"
     vcc_frames, status_rows = [], []
-    eta = carbon.to_numpy(float)
+    eta_all = carbon.to_numpy(float)
+    eta = eta_all[:n_day]
     plan = None
     if built:
-        plan = plan_queue(QueueCampus(day.campus.name, tuple(built), eta, contract_kw=day.campus.contract_limit_kw,
-                                      lambda_e=options.lambda_e, lambda_p=options.lambda_p, solver=options.solver))
-    by_name = {ci.name: ci for ci in inputs}
+        plan = plan_queue(QueueCampus(day.campus.name, tuple(built), eta_all, committed=np.arange(len(hours)) < n_day,
+                                      contract_kw=day.campus.contract_limit_kw, lambda_e=options.lambda_e,
+                                      lambda_p=options.lambda_p, solver=options.solver))
     for ci in inputs:
         ratio = ci.reservation_ratio
         capacity_res = float(np.max(ci.capacity_cores))
         i = plan.clusters.index(ci.name) if plan is not None and ci.name in plan.clusters else -1
         reason = problems.get(ci.name) or (plan.reason[i] if i >= 0 else "no-plan")
         shaped = i >= 0 and plan.status[i] == "optimal"
-        u = ci.inflexible_cpu_cores
-        curve = by_name[ci.name].power_curve
         if shaped:
-            s = plan.service_cpu_cores[i]
+            reason = too_full_reason(plan.late_core_hours[i][:n_day], plan.room_cpu_cores[i][:n_day])
+            shaped = reason is None
+        u = ci.inflexible_cpu_cores
+        curve = ci.power_curve
+        if shaped:
             qc = built[[b.name for b in built].index(ci.name)]
-            flat = greedy_service(qc.must_core_hours, qc.avail_core_hours, qc.room_cpu_cores)
-            margin = risk_margin(s, qc.room_cpu_cores, extras[ci.name])
-            vcc = np.minimum((ci.inflexible_upper_cpu_cores + s + margin) * ratio, capacity_res)
-            power = curve(u + s)
+            service = plan.service_cpu_cores[i][:n_day]
+            room = qc.room_cpu_cores[:n_day]
+            s = service + risk_margin(service, room, extras[ci.name])
+            flat = greedy_service(qc.must_core_hours, qc.avail_core_hours, qc.room_cpu_cores)[:n_day]
+            vcc = np.minimum((ci.inflexible_upper_cpu_cores + s) * ratio, capacity_res)
+            power = curve(u + service)
             kg = power * eta / 1000.0
             flat_kg = curve(u + flat) * eta / 1000.0
             flex_kg = float(((power - curve(u)) * eta).sum() / 1000.0)
@@ -592,8 +634,9 @@ def queue_plan_rows(day: CampusDay, plan_date: date, inputs: list, usage: pd.Dat
             "flat_kgco2": float(np.sum(flat_kg)) if shaped else np.nan,
             "saving_pct": 100 * (1 - flex_kg / flat_flex_kg) if shaped and flat_flex_kg > 0 else np.nan,
             "peak_kw": float(np.max(power)) if shaped else np.nan})
-    note = (f"{day.campus.name}: queue program, {sum(r['status'] == 'shaped' for r in status_rows)}/"
-            f"{len(status_rows)} shaped" + (f" via {plan.solver} in {plan.solve_seconds:.2f} s" if plan else ""))
+    note = (f"{day.campus.name}: queue program over {len(hours)} h ({n_day} committed), "
+            f"{sum(r['status'] == 'shaped' for r in status_rows)}/{len(status_rows)} shaped"
+            + (f" via {plan.solver} in {plan.solve_seconds:.2f} s" if plan else ""))
     return pd.concat(vcc_frames, ignore_index=True), pd.DataFrame(status_rows), note
 
 
