@@ -158,3 +158,21 @@ def test_parse_rejects_non_object():
     with pytest.raises(InputError) as e:
         electricitymaps.parse_forecast_payload([1, 2], zone="DE")
     assert e.value.field == "forecast"
+
+
+def test_a_given_requests_session_is_used(fake):
+    fake.set("electricitymaps", "429_then_ok", retry_after="0.5")
+    sleeps = []
+    pol = RetryPolicy(max_attempts=2, timeout_s=2.0, retry_after_cap_s=0.05, sleep=sleeps.append)
+    with pol.session() as session:
+        out = fetch_forecast("electricitymaps", "DE", DAY_START, DAY_END, now=NOW, base_url=fake.url,
+                             session=session)
+    assert len(out) == 24 and sleeps == [0.05] and fake.hits("electricitymaps", "forecast") == 2
+
+
+def test_500_names_the_url_and_attempts(fake):
+    fake.set("electricitymaps", "always_500")
+    with pytest.raises(ProviderError) as e:
+        fetch(fake)
+    assert "giving up after 3 attempt(s)" in e.value.message
+    assert f"{fake.url}/v3/carbon-intensity/forecast?zone=DE" in e.value.message

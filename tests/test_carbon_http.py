@@ -1,11 +1,12 @@
-"""The retrying HTTP helper, against the real local fake server."""
+"""The retrying HTTP helper (requests + urllib3 Retry), against the real local fake server."""
 from __future__ import annotations
 
 import socket
 import time
 
-import httpx
 import pytest
+import requests
+from urllib3.util.retry import Retry
 
 from cicm.carbon.http import RetryPolicy, backoff_delay_s, get_json, retry_after_s
 from cicm.errors import ProviderError
@@ -28,9 +29,22 @@ def policy(sleeps, **kw) -> RetryPolicy:
 
 
 def em_get(fake, pol, token=EM_TOKEN):
-    with httpx.Client() as client:
-        return get_json(client, f"{fake.url}/v3/carbon-intensity/forecast", provider="electricitymaps",
-                        params={"zone": "DE"}, headers={"auth-token": token}, policy=pol)
+    with pol.session() as session:
+        return get_json(session, f"{fake.url}/v3/carbon-intensity/forecast", provider="electricitymaps",
+                        params={"zone": "DE"}, headers={"auth-token": token})
+
+
+def test_policy_builds_a_requests_session_with_urllib3_retry():
+    with policy(Sleeps(), max_attempts=4, timeout_s=1.5).session() as session:
+        assert isinstance(session, requests.Session)
+        for scheme in ("http://", "https://"):
+            retry = session.get_adapter(f"{scheme}example.org").max_retries
+            assert isinstance(retry, Retry) and retry.total == 3 and not retry.raise_on_status
+            assert 429 in retry.status_forcelist and 503 in retry.status_forcelist
+            assert 404 not in retry.status_forcelist and 401 not in retry.status_forcelist
+            assert session.get_adapter(f"{scheme}example.org").timeout_s == 1.5
+    with pytest.raises(ValueError):
+        RetryPolicy(max_attempts=0)
 
 
 def test_ok_single_request(fake):
@@ -54,6 +68,7 @@ def test_always_500_gives_up_with_status(fake):
         em_get(fake, policy(sleeps, max_attempts=4))
     assert e.value.status_code == 500 and e.value.provider == "electricitymaps"
     assert fake.hits("electricitymaps", "forecast") == 4 and len(sleeps) == 3
+    assert "giving up after 4 attempt(s)" in str(e.value) and "/v3/carbon-intensity/forecast" in str(e.value)
 
 
 def test_429_honours_retry_after_seconds(fake):
@@ -117,7 +132,8 @@ def test_timeouts_exhausted_is_provider_error_without_status(fake):
     fake.set("electricitymaps", "timeout_then_ok", failures=99, delay_s=0.5)
     with pytest.raises(ProviderError) as e:
         em_get(fake, policy(Sleeps(), timeout_s=0.15, max_attempts=2))
-    assert e.value.status_code is None and "timeout" in str(e.value)
+    assert e.value.status_code is None and "timeout after 0.15 s" in str(e.value)
+    assert fake.hits("electricitymaps", "forecast") == 2
 
 
 def test_connection_refused_is_retried_then_fails():
@@ -125,9 +141,10 @@ def test_connection_refused_is_retried_then_fails():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once we leave the block: nothing listens
     sleeps = Sleeps()
-    with httpx.Client() as client, pytest.raises(ProviderError) as e:
-        get_json(client, f"http://127.0.0.1:{port}/x", provider="p", policy=policy(sleeps))
+    with policy(sleeps).session() as session, pytest.raises(ProviderError) as e:
+        get_json(session, f"http://127.0.0.1:{port}/x", provider="p")
     assert "connection error" in str(e.value) and len(sleeps) == 2
+    assert f"127.0.0.1:{port}/x" in str(e.value) and e.value.status_code is None
 
 
 @pytest.mark.parametrize("behaviour, words", [("empty_body", "empty"), ("malformed_json", "malformed JSON")])
@@ -135,6 +152,23 @@ def test_bad_bodies_are_provider_errors(fake, behaviour, words):
     fake.set("electricitymaps", behaviour)
     with pytest.raises(ProviderError, match=words):
         em_get(fake, policy(Sleeps()))
+
+
+def test_unusable_retry_after_falls_back_to_backoff(fake):
+    fake.set("electricitymaps", "429_then_ok", retry_after="soon")  # urllib3 alone would raise InvalidHeader
+    sleeps = Sleeps()
+    assert em_get(fake, policy(sleeps))["zone"] == "DE"
+    assert sleeps == [pytest.approx(0.01)]
+
+
+def test_one_session_serves_many_calls_with_fresh_retries(fake):
+    fake.set("electricitymaps", "500_then_ok", failures=2)
+    sleeps = Sleeps()
+    with policy(sleeps).session() as session:
+        for _ in range(2):
+            get_json(session, f"{fake.url}/v3/carbon-intensity/forecast", provider="electricitymaps",
+                     params={"zone": "DE"}, headers={"auth-token": EM_TOKEN})
+    assert fake.hits("electricitymaps", "forecast") == 4 and len(sleeps) == 2
 
 
 def test_retry_after_parsing():

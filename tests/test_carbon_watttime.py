@@ -158,3 +158,22 @@ def test_parse_rejects_other_signal():
     with pytest.raises(InputError) as e:
         watttime.parse_forecast_payload(payload, region=REGION)
     assert e.value.field == "meta.signal_type"
+
+
+def test_a_given_requests_session_serves_login_and_forecast(fake):
+    fake.set("watttime", "500_then_ok")
+    sleeps = []
+    pol = RetryPolicy(max_attempts=2, timeout_s=2.0, backoff_base_s=0.001, sleep=sleeps.append)
+    with pol.session() as session:
+        out = fetch_forecast("watttime", REGION, DAY_START, DAY_END, now=NOW, base_url=fake.url, session=session)
+    assert len(out) == 24 and fake.hits("watttime", "login") == 1 and fake.hits("watttime", "forecast") == 2
+    assert sleeps == [pytest.approx(0.001)]
+
+
+def test_timeout_names_the_url(fake):
+    fake.set("watttime", "timeout_then_ok", failures=99, delay_s=0.4)
+    pol = RetryPolicy(max_attempts=2, timeout_s=0.1, backoff_base_s=0.0, sleep=lambda s: None)
+    with pytest.raises(ProviderError) as e:
+        fetch_forecast("watttime", REGION, DAY_START, DAY_END, now=NOW, base_url=fake.url, policy=pol)
+    assert e.value.status_code is None and "timeout after 0.1 s" in e.value.message
+    assert f"{fake.url}/v3/forecast" in e.value.message and fake.hits("watttime", "forecast") == 2

@@ -13,13 +13,14 @@ Wire format (v3)::
 Values are lifecycle gCO2eq/kWh (average, not marginal). The functions here return *raw* canonical frames;
 :func:`cicm.carbon.providers.fetch_forecast` validates them. Missing wire fields raise InputError naming the wire
 field (e.g. ``forecast[3].carbonIntensity``); HTTP trouble raises ProviderError (see :mod:`cicm.carbon.http`).
+Requests go through a ``requests.Session`` with urllib3's ``Retry`` (given, or built from ``policy``).
 """
 from __future__ import annotations
 
 import os
 
-import httpx
 import pandas as pd
+import requests
 
 from cicm.carbon._parse import parse_float_values, parse_utc_timestamp, parse_utc_timestamps, require_key, require_list
 from cicm.carbon.http import DEFAULT_POLICY, RetryPolicy, get_json
@@ -85,15 +86,16 @@ def parse_history_payload(payload: object, *, zone: str) -> pd.DataFrame:
     )
 
 
-def _get(kind: str, zone: str, *, base_url, token, policy, client, extra_params=None) -> object:
+def _get(kind: str, zone: str, *, base_url: str | None, token: str | None, policy: RetryPolicy,
+         session: requests.Session | None, extra_params: dict | None = None) -> object:
     base = (base_url or DEFAULT_BASE_URL).rstrip("/")
     headers = {"auth-token": token if token is not None else token_from_env()}
     params = {"zone": zone, **(extra_params or {})}
     url = f"{base}/v3/carbon-intensity/{kind}"
-    if client is not None:
-        return get_json(client, url, provider=PROVIDER, params=params, headers=headers, policy=policy)
-    with httpx.Client() as own:
-        return get_json(own, url, provider=PROVIDER, params=params, headers=headers, policy=policy)
+    if session is not None:
+        return get_json(session, url, provider=PROVIDER, params=params, headers=headers)
+    with policy.session() as own:
+        return get_json(own, url, provider=PROVIDER, params=params, headers=headers)
 
 
 def fetch_raw_forecast(
@@ -103,14 +105,16 @@ def fetch_raw_forecast(
     token: str | None = None,
     horizon_hours: int | None = None,
     policy: RetryPolicy = DEFAULT_POLICY,
-    client: httpx.Client | None = None,
+    session: requests.Session | None = None,
 ) -> pd.DataFrame:
     """GET the forecast for ``zone`` (token from $ELECTRICITYMAPS_TOKEN unless given). Unvalidated.
+
+    ``session`` (retries and timeout included) is used when given, else one is built from ``policy``.
 
     ``horizon_hours`` is sent as ``horizonHours`` only when given (the API default is 24 h).
     """
     extra = {"horizonHours": int(horizon_hours)} if horizon_hours is not None else None
-    payload = _get("forecast", zone, base_url=base_url, token=token, policy=policy, client=client, extra_params=extra)
+    payload = _get("forecast", zone, base_url=base_url, token=token, policy=policy, session=session, extra_params=extra)
     return parse_forecast_payload(payload, zone=zone)
 
 
@@ -120,8 +124,8 @@ def fetch_raw_history(
     base_url: str | None = None,
     token: str | None = None,
     policy: RetryPolicy = DEFAULT_POLICY,
-    client: httpx.Client | None = None,
+    session: requests.Session | None = None,
 ) -> pd.DataFrame:
     """GET the last 24 h of measured/estimated intensity for ``zone``. Unvalidated."""
-    payload = _get("history", zone, base_url=base_url, token=token, policy=policy, client=client)
+    payload = _get("history", zone, base_url=base_url, token=token, policy=policy, session=session)
     return parse_history_payload(payload, zone=zone)

@@ -11,16 +11,18 @@ Wire format (v3)::
 Tokens expire (30 minutes); a 401 on the data call triggers one fresh login and one retry. Values are converted
 from lbs CO2/MWh to g CO2/kWh (x 0.45359237). Note that MOER is a *marginal* signal, unlike Electricity Maps'
 average lifecycle intensity; do not mix the two in one backtest. The 5-minute points are averaged to hours by
-validation (:func:`cicm.carbon.validate.to_hourly`).
+validation (:func:`cicm.carbon.validate.to_hourly`). Requests go through a ``requests.Session`` with urllib3's
+``Retry`` (given, or built from ``policy``).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
-import httpx
 import numpy as np
 import pandas as pd
+import requests
 
 from cicm.carbon._parse import parse_float_values, parse_utc_timestamp, parse_utc_timestamps, require_key, require_list
 from cicm.carbon.http import DEFAULT_POLICY, RetryPolicy, get_json
@@ -81,31 +83,33 @@ def parse_forecast_payload(payload: object, *, region: str) -> pd.DataFrame:
 
 @dataclass
 class WattTimeSession:
-    """Holds a login token across calls; logs in lazily and again once when the token has expired (401)."""
+    """Holds a login token across calls; logs in lazily and again once when the token has expired (401).
+
+    ``session`` (a ``requests.Session`` with its retries) is used when given; otherwise each call builds one
+    from ``policy``.
+    """
 
     base_url: str = DEFAULT_BASE_URL
     username: str | None = None
     password: str | None = None
     policy: RetryPolicy = DEFAULT_POLICY
-    client: httpx.Client | None = None
+    session: requests.Session | None = field(default=None, repr=False)
     token: str | None = field(default=None, repr=False)
 
     def _base(self) -> str:
         return (self.base_url or DEFAULT_BASE_URL).rstrip("/")
 
-    def _with_client(self, fn):
-        if self.client is not None:
-            return fn(self.client)
-        with httpx.Client() as own:
+    def _with_session(self, fn: Callable[[requests.Session], Any]) -> Any:
+        if self.session is not None:
+            return fn(self.session)
+        with self.policy.session() as own:
             return fn(own)
 
     def login(self) -> str:
         if self.username is None or self.password is None:
             self.username, self.password = credentials_from_env()
         auth = (self.username, self.password)
-        payload = self._with_client(
-            lambda c: get_json(c, f"{self._base()}/login", provider=PROVIDER, auth=auth, policy=self.policy)
-        )
+        payload = self._with_session(lambda s: get_json(s, f"{self._base()}/login", provider=PROVIDER, auth=auth))
         token = require_key(payload, "token", "login")
         if not isinstance(token, str) or not token:
             raise InputError("login.token", "empty or non-string token in login response")
@@ -114,10 +118,8 @@ class WattTimeSession:
 
     def _get_forecast_payload(self, params: dict) -> object:
         headers = {"Authorization": f"Bearer {self.token}"}
-        return self._with_client(
-            lambda c: get_json(
-                c, f"{self._base()}/v3/forecast", provider=PROVIDER, params=params, headers=headers, policy=self.policy
-            )
+        return self._with_session(
+            lambda s: get_json(s, f"{self._base()}/v3/forecast", provider=PROVIDER, params=params, headers=headers)
         )
 
     def forecast_payload(self, region: str, *, horizon_hours: int | None = None) -> object:
@@ -146,10 +148,17 @@ def fetch_raw_forecast(
     password: str | None = None,
     horizon_hours: int | None = None,
     policy: RetryPolicy = DEFAULT_POLICY,
-    client: httpx.Client | None = None,
+    session: requests.Session | None = None,
 ) -> pd.DataFrame:
-    """Log in and GET the co2_moer forecast for ``region`` (credentials from env unless given). Unvalidated."""
-    session = WattTimeSession(
-        base_url=base_url or DEFAULT_BASE_URL, username=username, password=password, policy=policy, client=client
+    """Log in and GET the co2_moer forecast for ``region`` (credentials from env unless given). Unvalidated.
+
+    Login and forecast share one ``requests.Session`` (``session``, or one built from ``policy``).
+    """
+    if session is None:
+        with policy.session() as own:
+            return fetch_raw_forecast(region, base_url=base_url, username=username, password=password,
+                                      horizon_hours=horizon_hours, policy=policy, session=own)
+    wt = WattTimeSession(
+        base_url=base_url or DEFAULT_BASE_URL, username=username, password=password, policy=policy, session=session
     )
-    return session.fetch_raw_forecast(region, horizon_hours=horizon_hours)
+    return wt.fetch_raw_forecast(region, horizon_hours=horizon_hours)

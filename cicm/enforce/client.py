@@ -2,8 +2,9 @@
 
 Errors are split in two: :class:`EcovisorUnavailable` (connection refused, timeout, HTTP 502/503/504: retry
 later) and :class:`EcovisorError` (any other 4xx/5xx: a bad token, a bad value, a missing route: retrying will
-not help). Each request is retried ``retries`` times on unavailability with a short fixed delay; longer
-back-off is the agent's job.
+not help; also a success whose body is not JSON). Each request is retried ``retries`` times on unavailability
+with a short fixed delay, by urllib3's ``Retry`` on a ``requests.Session`` (:func:`cicm.httpclient.make_session`);
+longer back-off is the agent's job.
 
 Routes used (checked against ``/openapi.json`` by :meth:`EcovisorClient.check_contract`): see ``ROUTES``.
 """
@@ -12,7 +13,9 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-import httpx
+import requests
+
+from cicm.httpclient import make_session, session_max_attempts, transport_problem
 
 ROUTES: dict[str, tuple[str, str]] = {
     "health": ("get", "/v1/health"),
@@ -44,17 +47,31 @@ class EcovisorError(RuntimeError):
         super().__init__(f"HTTP {status_code}: {message}" + (f" (field {field})" if field else ""))
 
 
+class EcovisorBadResponse(EcovisorError, ValueError):
+    """A success whose body is not JSON (a ValueError too, as the JSON decoder's error was before)."""
+
+
 class EcovisorClient:
+    """``base_url`` is the ecovisor's root (e.g. ``http://127.0.0.1:8700``); ``token`` its bearer token.
+
+    ``session`` replaces the built one (its own retries and timeout then apply); the token header is added to it.
+    """
+
     def __init__(self, base_url: str, token: str | None, *, timeout_s: float = 5.0, retries: int = 2,
-                 retry_delay_s: float = 0.5, transport: httpx.BaseTransport | None = None,
+                 retry_delay_s: float = 0.5, session: requests.Session | None = None,
                  sleep: Callable[[float], None] = time.sleep):
         self.base_url = base_url.rstrip("/")
         self.retries = max(0, int(retries))
         self.retry_delay_s = retry_delay_s
+        self.timeout_s = timeout_s
         self.sleep = sleep
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=httpx.Timeout(timeout_s),
-                                  transport=transport)
+        if session is None:
+            # every verb is retried (the client only GETs and PUTs absolute values), with a fixed delay
+            session = make_session(retries=self.retries, backoff_s=retry_delay_s, backoff_max_s=retry_delay_s,
+                                   timeout_s=timeout_s, retry_statuses=UNAVAILABLE_STATUS, methods=None, sleep=sleep)
+        if token:
+            session.headers["Authorization"] = f"Bearer {token}"
+        self._http = session
         self.writes: list[tuple[str, str, dict]] = []  # every successful PUT (path, body): what the agent changed
 
     def close(self) -> None:
@@ -68,32 +85,33 @@ class EcovisorClient:
 
     # ------------------------------------------------------------------------------------------ transport
     def _request(self, method: str, path: str, json: dict | None = None) -> Any:
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                self.sleep(self.retry_delay_s)
+        url = f"{self.base_url}{path}"
+        verb = method.upper()
+        try:
+            r = self._http.request(verb, url, json=json)  # retried inside the session (urllib3 Retry)
+        except (requests.RequestException, OSError) as exc:  # refused, reset, timeout, DNS, bad URL
+            attempts = session_max_attempts(self._http, url) or 1
+            problem = transport_problem(exc, self.timeout_s)
+            raise EcovisorUnavailable(f"{verb} {url}: {problem} (after {attempts} attempt(s))") from exc
+        if r.status_code in UNAVAILABLE_STATUS:
+            raise EcovisorUnavailable(f"{verb} {url}: HTTP {r.status_code}: {_detail(r)}")
+        if r.status_code >= 400:
+            field = None
             try:
-                r = self._http.request(method, path, json=json)
-            except (httpx.TransportError, OSError) as exc:  # refused, reset, timeout, DNS
-                last = EcovisorUnavailable(f"{method.upper()} {self.base_url}{path}: {type(exc).__name__}: {exc}")
-                continue
-            if r.status_code in UNAVAILABLE_STATUS:
-                last = EcovisorUnavailable(f"{method.upper()} {path}: HTTP {r.status_code}: {_detail(r)}")
-                continue
-            if r.status_code >= 400:
-                field = None
-                try:
-                    field = r.json().get("field")
-                except ValueError:
-                    pass
-                raise EcovisorError(r.status_code, f"{method.upper()} {path}: {_detail(r)}", field)
-            if method.lower() == "put":
-                self.writes.append((method.upper(), path, json or {}))
-            if r.status_code == 204 or not r.content:
-                return None
+                body = r.json()
+                field = body.get("field") if isinstance(body, dict) else None
+            except ValueError:
+                pass
+            raise EcovisorError(r.status_code, f"{verb} {path}: {_detail(r)}", field)
+        if verb == "PUT":
+            self.writes.append((verb, path, json or {}))
+        if r.status_code == 204 or not r.content:
+            return None
+        try:
             return r.json()
-        assert last is not None
-        raise last
+        except ValueError as exc:
+            raise EcovisorBadResponse(r.status_code, f"{verb} {url}: malformed JSON in the response: "
+                                                     f"{r.text[:200]!r}") from exc
 
     def _route(self, key: str, **params) -> tuple[str, str]:
         method, path = ROUTES[key]
@@ -144,7 +162,7 @@ class EcovisorClient:
         return self._request(*self._route("set_max_discharge"), json={"kw": float(kw)})
 
 
-def _detail(r: httpx.Response) -> str:
+def _detail(r: requests.Response) -> str:
     try:
         body = r.json()
     except ValueError:
