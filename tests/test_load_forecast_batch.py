@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from cicm.errors import InputError
 from cicm.models.load import LoadForecast, forecast_load, forecast_load_batch, local_day_hours
 
+from load_reference import naive_adjust_fits, naive_week_ahead, naive_week_ahead_mape, reference_week_ahead_mape
 from test_load_forecast import TZ, eve, synthetic_history, with_daily_flexible
 
 DAY = "2022-04-12"
@@ -217,27 +218,13 @@ def test_order_and_splitting_do_not_change_results(pool, order, split):
 # ------------------------------------------------------------------------------ the engine's shortcuts
 
 
-def _reference_week_ahead_mape(X: np.ndarray, lag: int) -> np.ndarray:
-    """The grid's rolling-origin MAPE (G, C) with every WA computed and compared (`_week_ahead_ape_sums`)."""
-    from cicm.models.load import ALPHA_GRID, BETA_GRID, _week_ahead_ape_sums, _week_ahead_inputs
-
-    C, n, P = X.shape
-    m, r, _ = _week_ahead_inputs(X, lag)
-    n_scored = n - 6 - lag
-    actual = np.zeros((C, 7 * m.shape[1], P))
-    actual[:, :n_scored] = X[:, 6 + lag :]
-    sums = _week_ahead_ape_sums(m, r, actual.reshape(C, -1, 7, P), -(-n_scored // 7),
-                                np.array(ALPHA_GRID)[:, None], np.array(BETA_GRID)[:, None])
-    return 100 * sums.reshape(-1, C) / np.maximum((X[:, 6 + lag :] > 0).sum(axis=(1, 2)), 1)
-
-
 @pytest.mark.parametrize("lag", [1, 2])
 @pytest.mark.parametrize("periods", [24, 1])
 def test_week_ahead_grid_mape_equals_the_reference_arithmetic(lag, periods):
     """The one-pass identity of `_week_ahead_ape_sums_fast` gives the grid's MAPE to round-off and the same
     choice; clusters whose best members are within round-off of each other (noise-free, constant) and zero
     clusters get the reference arithmetic's numbers exactly."""
-    from cicm.models.load import ALPHA_GRID, BETA_GRID, _week_ahead_pick
+    from cicm.models.load.series import ALPHA_GRID, BETA_GRID, _week_ahead_pick
 
     rng = np.random.default_rng(periods + lag)
     n = 130
@@ -249,7 +236,7 @@ def test_week_ahead_grid_mape_equals_the_reference_arithmetic(lag, periods):
     sparse = noisy[0] * (rng.random((n, periods)) < 0.7)  # zero hours: not scored
     X = np.stack(noisy + [sparse, 100 * shape, np.full((n, periods), 50.0), np.zeros((n, periods))])
     got, n_scored = _week_ahead_pick(X, lag, ALPHA_GRID, BETA_GRID)
-    want = _reference_week_ahead_mape(X, lag)
+    want = reference_week_ahead_mape(X, lag, ALPHA_GRID, BETA_GRID)
     assert n_scored == n - 6 - lag and got.shape == (len(ALPHA_GRID) * len(BETA_GRID), len(X))
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(got.argmin(axis=0), want.argmin(axis=0))
@@ -257,13 +244,61 @@ def test_week_ahead_grid_mape_equals_the_reference_arithmetic(lag, periods):
 
 
 def test_factorize_clusters_equals_pandas():
-    from cicm.models.load import _factorize_clusters
+    from cicm.models.load.history import factorize_clusters
 
     names = pd.Series([f"c{i % 37:02d}" for i in range(5000)]).sort_values(kind="stable").reset_index(drop=True)
     with_nan = names.astype(object).where(names.index % 700 != 3)
     for column in (names, names.astype("string[pyarrow]"), names.astype(object), names.sample(frac=1.0, random_state=0),
                    with_nan, with_nan.astype("string[pyarrow]"), names.iloc[17:4000]):
-        codes, uniques = _factorize_clusters(column)
+        codes, uniques = factorize_clusters(column)
         want_codes, want_uniques = pd.factorize(column, sort=False)
         np.testing.assert_array_equal(codes, want_codes)
         assert uniques.equals(want_uniques) and uniques.dtype == want_uniques.dtype
+
+
+# ------------------------------------------------------------------- the engine against plain oracles
+
+
+def _weekly_series(seed: int, n: int, periods: int, clusters: int = 5) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    days = np.arange(n)[:, None]
+    shape = (1 + 0.3 * np.sin(2 * np.pi * np.arange(periods)[None, :] / 24)) * np.where(days % 7 >= 5, 0.8, 1.0)
+    return np.stack([rng.uniform(10, 1000) * shape * np.exp(rng.normal(0, rng.uniform(0.01, 0.1), (n, periods)))
+                     for _ in range(clusters)])
+
+
+@pytest.mark.parametrize("lag", [1, 2, 7])
+@pytest.mark.parametrize("periods", [24, 1])
+def test_week_ahead_equals_the_plain_per_cluster_ewma(lag, periods):
+    """The seven interleaved chains over a cluster axis (`_week_ahead_all`) and the grid's MAPE
+    (`_week_ahead_pick`) are the week-ahead EWMA of the method, computed one cluster, origin and block at a time."""
+    from cicm.models.load.series import _week_ahead_all, _week_ahead_pick
+
+    X = _weekly_series(10 * lag + periods, 60, periods)
+    alphas, betas = (0.1, 0.5, 0.9), (0.05, 0.35, 0.7)
+    for a, b in ((0.1, 0.05), (0.5, 0.7), (0.9, 0.35)):
+        got = _week_ahead_all(X, lag, np.array([a]), np.array([b]))[0]
+        for c in range(len(X)):
+            np.testing.assert_allclose(got[c], naive_week_ahead(X[c], lag, a, b), rtol=1e-12, equal_nan=True)
+    scores, n_scored = _week_ahead_pick(X, lag, alphas, betas)
+    assert n_scored == 60 - 6 - lag
+    np.testing.assert_allclose(scores, naive_week_ahead_mape(X, lag, alphas, betas), rtol=1e-10)
+
+
+@pytest.mark.parametrize("periods", [24, 1])
+def test_rolling_adjustment_equals_a_least_squares_fit_per_origin(periods):
+    """The closed-form fits from window sums (`_rolling_adjust_fits`) are, origin by origin, the least-squares
+    fits over each origin's own training window."""
+    from cicm.models.load.series import _adjust_rows, _rolling_adjust_fits, _week_ahead_all
+
+    lag, window = 2, 20
+    X = _weekly_series(3 + periods, 70, periods)
+    WA = _week_ahead_all(X, lag, np.array([0.35]), np.array([0.2]))[0]
+    lagged, ok = _adjust_rows(X, WA, lag)
+    days = np.arange(70 + lag)
+    coef, fitted, n_train = _rolling_adjust_fits(WA, lagged, ok, X, lag, days, window)
+    assert fitted[:, -10:].all()
+    for c in range(len(X)):
+        want = naive_adjust_fits(X[c], WA[c], lag, days, window)
+        np.testing.assert_array_equal(np.isnan(coef[c]).any(axis=1), np.isnan(want).any(axis=1))
+        np.testing.assert_allclose(coef[c], want, rtol=1e-6, atol=1e-9 * np.abs(X[c]).max(), equal_nan=True)
