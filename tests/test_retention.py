@@ -13,11 +13,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from cicm.data import retention
-from cicm.data.retention import (compact_history, history_view, latest_allowed_before, rebuild_file,
-                                 restore_history, store_size)
-from cicm.data.store import Store
 from cicm.errors import InputError
+from cicm.store import Store, retention
+from cicm.store.retention import (compact_history, history_view, latest_allowed_before, rebuild_file,
+                                  restore_history, store_size)
 
 CLUSTERS = ("sj-a", "dl-a", "cb-a")
 DAYS = 240  # 2022-01-01 .. 2022-08-28: January and most of February lie outside the 190-day hot window
@@ -296,7 +295,7 @@ def test_cli_bad_archive_and_db_exit_2(loaded, tmp_path):
 
 
 def test_cli_locked_db_exits_2(loaded, tmp_path, monkeypatch):
-    import cicm.data.store as store_module
+    import cicm.store.core as store_module
 
     monkeypatch.setattr(store_module, "LOCK_RETRY_SECONDS", 0.3)
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""

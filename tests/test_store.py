@@ -2,8 +2,8 @@ import duckdb
 import pandas as pd
 import pytest
 
-from cicm.data.store import SCHEMA_VERSION, Store
 from cicm.errors import InputError
+from cicm.store import SCHEMA_VERSION, Store
 
 HOUR = pd.Timestamp("2022-06-01", tz="UTC")
 
@@ -96,3 +96,84 @@ def test_newer_schema_is_refused(db_path):
     con.close()
     with pytest.raises(InputError, match="schema version 999"):
         Store(db_path)
+
+
+# -- the store package: old import paths, named reads and their documented columns ----------------------------
+
+
+def test_old_import_paths_are_the_store_package():
+    import cicm.dashboards.reader
+    import cicm.data.retention
+    import cicm.data.store
+    import cicm.store.core
+    import cicm.store.reader
+    import cicm.store.retention
+
+    assert cicm.data.store is cicm.store.core  # one module: patching cicm.data.store patches the store
+    assert cicm.data.retention.compact_history is cicm.store.retention.compact_history
+    assert cicm.dashboards.reader.StoreReader is cicm.store.reader.StoreReader
+
+
+def _documented_columns(function) -> list[str] | None:
+    """The column list after 'Columns:' in the docstring; None when it names a table's columns instead."""
+    import inspect
+    import re
+
+    doc = " ".join((inspect.getdoc(function) or "").split())
+    text = doc.split("Columns:", 1)[1].strip()
+    if text.startswith(("the ", "as ")):
+        return None
+    text = re.sub(r"\([^)]*\)", "", text).strip().rstrip(".")
+    return [c.strip() for c in text.split(",")]
+
+
+def _named_reads():
+    from datetime import date
+
+    from cicm.store import agent, dashboard, plan, slo
+
+    day, hour = date(2022, 6, 1), HOUR
+    end = HOUR + pd.Timedelta(days=1)
+    return [
+        (plan.usage_histories, (["c1"], end, 7)), (plan.power_telemetries, (["c1"], end, 8)),
+        (plan.shaping_switched_off, (["c1"], day)),
+        (slo.cluster_usage, ("c1", hour, end)), (slo.cluster_plan_hours, ("c1", hour, end)),
+        (slo.cluster_plan_status, ("c1", day, day)), (slo.fleet_usage, (["c1", "c2"], hour, end)),
+        (slo.fleet_plan_hours, (["c1"], hour, end)), (slo.fleet_plan_status, (["c1"], day, day)),
+        (slo.last_switch_offs, (["c1"], "slo-feedback", day)), (slo.events_between, (["c1"], day, day)),
+        (slo.event_totals, ()), (slo.switch_offs_ending_from, (day,)),
+        (agent.plan_dates_covering, ("c1", hour)), (agent.plan_run_in_force, ("c1", day)),
+        (agent.run_started_and_params, ("r1",)), (agent.inflexible_upper_forecast, ("r1", "c1")),
+        (agent.power_models_of_run, ("r1", "c1")), (agent.latest_carbon_forecast, ("CISO", hour, end)),
+        (dashboard.plan_dates, ()), (dashboard.planned_clusters, (day,)), (dashboard.shaping_off, (day,)),
+        (dashboard.slo_by_cluster, (day, day)), (dashboard.slo_events_between, (day, day)),
+        (dashboard.cluster_day_hours, ("c1", day)), (dashboard.newest_carbon_forecast, ("CISO", hour, end)),
+        (dashboard.carbon_actuals, ("CISO", hour, end)), (dashboard.intraday_deviations, ("c1", day)),
+        (dashboard.domain_power_telemetry, ("d1", hour, end)), (dashboard.load_forecast_errors, ("c1",)),
+        (dashboard.carbon_forecast_errors, ("CISO", "c1")), (dashboard.cluster_plan_history, ("c1",)),
+        (dashboard.vcc_export_rows, (day,)),
+    ]
+
+
+def test_named_reads_return_the_columns_they_document(db_path):
+    with Store(db_path) as store:
+        checked = 0
+        for function, args in _named_reads():
+            columns = _documented_columns(function)
+            frame = function(store, *args)
+            if columns is not None:
+                assert list(frame.columns) == columns, function.__qualname__
+                checked += 1
+    assert checked >= 25
+
+
+def test_dashboard_reads_take_the_dashboards_reading(db_path):
+    from cicm.store import dashboard
+    from cicm.store.reader import StoreReader
+
+    with Store(db_path) as store, store.run("fetch") as run:
+        store.write_carbon_forecast(forecast_rows(100.0), run.run_id)
+    with StoreReader(db_path).read() as reading:
+        runs = dashboard.runs(reading)
+        forecast = dashboard.newest_carbon_forecast(reading, "CISO", HOUR, HOUR + pd.Timedelta(days=1))
+    assert runs["kind"].tolist() == ["fetch"] and len(forecast) == 24

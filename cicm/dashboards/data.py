@@ -2,7 +2,7 @@
 
 No Dash here: every function takes an open read-only `Reading` and returns pandas objects, so the numbers on
 the pages are testable without a browser. Times in the store are UTC; local times use the campus time zone of
-the fleet file.
+the fleet file. The SQL is in `cicm.store.dashboard`; this module shapes its frames for the pages.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from cicm.config import Fleet
-from cicm.dashboards.reader import Reading
+from cicm.store import dashboard as reads
+from cicm.store.reader import Reading
 
 SLO_WINDOW_DAYS = 30
 
@@ -49,12 +50,12 @@ def cluster_place(fleet: Fleet | None, cluster: str) -> tuple[str | None, str | 
 
 def plan_dates(r: Reading) -> list[date]:
     """Days with a plan in force, newest first."""
-    frame = r.q("SELECT DISTINCT plan_date FROM current_plans ORDER BY plan_date DESC")
+    frame = reads.plan_dates(r)
     return [pd.Timestamp(d).date() for d in frame["plan_date"]]
 
 
 def planned_clusters(r: Reading, plan_date: date) -> list[str]:
-    frame = r.q("SELECT cluster FROM current_vcc_status WHERE plan_date = ? ORDER BY campus, cluster", [plan_date])
+    frame = reads.planned_clusters(r, plan_date)
     return list(frame["cluster"])
 
 
@@ -72,7 +73,7 @@ def split_reason(reason) -> tuple[str | None, str | None]:
 def overview(r: Reading, fleet: Fleet | None, plan_date: date) -> pd.DataFrame:
     """One row per cluster (of the fleet file, and of the plan): where it is, whether it is shaped and why not,
     expected carbon against flat, SLO-loop state and the SLO record of the 30 days before the plan date."""
-    status = r.q("SELECT * FROM current_vcc_status WHERE plan_date = ?", [plan_date])
+    status = reads.plan_status_on(r, plan_date)
     places = fleet_frame(fleet)
     frame = places.merge(status, on=["cluster"], how="outer", suffixes=("", "_plan"))
     if "campus_plan" in frame:
@@ -95,12 +96,7 @@ def overview(r: Reading, fleet: Fleet | None, plan_date: date) -> pd.DataFrame:
 
 def shaping_off(r: Reading, plan_date: date) -> pd.DataFrame:
     """Clusters the SLO loop has switched shaping off for on the plan date, with its reason and end date."""
-    frame = r.q(
-        """SELECT cluster, reason AS shaping_off_reason, disabled_until AS shaping_off_until FROM shaping_state
-           WHERE disabled_from <= ? AND disabled_until >= ?
-           QUALIFY row_number() OVER (PARTITION BY cluster ORDER BY disabled_from DESC) = 1""",
-        [plan_date, plan_date],
-    )
+    frame = reads.shaping_off(r, plan_date)
     return frame if not frame.empty else pd.DataFrame(
         columns=["cluster", "shaping_off_reason", "shaping_off_until"])
 
@@ -113,13 +109,7 @@ def slo_window(plan_date: date) -> tuple[date, date]:
 
 def slo_by_cluster(r: Reading, plan_date: date) -> pd.DataFrame:
     first, last = slo_window(plan_date)
-    frame = r.q(
-        """SELECT cluster, count(*) AS slo_days, count(*) FILTER (WHERE violated) AS slo_violations,
-                  count(*) FILTER (WHERE close AND NOT violated) AS slo_close, max(day) AS slo_last_day,
-                  arg_max(violated, day) AS slo_last_violated, arg_max(close, day) AS slo_last_close
-           FROM slo_events WHERE day BETWEEN ? AND ? GROUP BY cluster""",
-        [first, last],
-    )
+    frame = reads.slo_by_cluster(r, first, last)
     if frame.empty:
         return pd.DataFrame(columns=["cluster", "slo_days", "slo_violations", "slo_close", "slo_last_day",
                                      "slo_last_violated", "slo_last_close"])
@@ -141,7 +131,7 @@ class SloSummary:
 def slo_summary(r: Reading, plan_date: date) -> SloSummary:
     """The SLO record shown on the overview. The latest evaluated day answers 'did yesterday meet its SLO'."""
     first, last = slo_window(plan_date)
-    events = r.q("SELECT cluster, day, violated, close FROM slo_events WHERE day BETWEEN ? AND ?", [first, last])
+    events = reads.slo_events_between(r, first, last)
     if events.empty:
         return SloSummary((first, last), 0, 0, 0, None, 0, [], 0)
     latest = events["day"].max()
@@ -185,51 +175,28 @@ def carbon_summary(frame: pd.DataFrame) -> CarbonSummary:
 
 def run_in_force(r: Reading, plan_date: date) -> pd.DataFrame:
     """The run(s) whose plan is in force on the date (normally one), newest first."""
-    return r.q(
-        """SELECT r.* FROM runs r WHERE r.run_id IN (SELECT run_id FROM current_plans WHERE plan_date = ?)
-           ORDER BY r.started_at DESC""",
-        [plan_date],
-    )
+    return reads.runs_in_force(r, plan_date)
 
 
 # ---------------------------------------------------------------------------------------------- cluster day
 
 
 def cluster_status(r: Reading, cluster: str, plan_date: date) -> dict | None:
-    frame = r.q("SELECT * FROM current_vcc_status WHERE cluster = ? AND plan_date = ?", [cluster, plan_date])
+    frame = reads.cluster_status(r, cluster, plan_date)
     return None if frame.empty else frame.iloc[0].to_dict()
 
 
 def cluster_day(r: Reading, cluster: str, plan_date: date, zone: str | None) -> pd.DataFrame:
     """Hourly: the VCC in force, its forecast inflexible (and upper bound) and planned flexible usage, the actual
     usage and reservations, and carbon intensity (the plan's, the newest forecast vintage, the actual)."""
-    frame = r.q(
-        """SELECT v.hour, v.hour_index, v.vcc_cores, v.flexible_cpu_cores AS planned_flexible_cpu_cores,
-                  coalesce(f.inflexible_cpu_cores, v.inflexible_cpu_cores) AS forecast_inflexible_cpu_cores,
-                  f.inflexible_upper_cpu_cores AS forecast_inflexible_upper_cpu_cores, f.reservation_ratio,
-                  v.power_kw, v.carbon_kgco2, v.gco2_per_kwh AS plan_gco2_per_kwh,
-                  u.inflexible_cpu_cores AS actual_inflexible_cpu_cores,
-                  u.flexible_cpu_cores AS actual_flexible_cpu_cores,
-                  u.reserved_cpu_cores AS actual_reserved_cpu_cores
-           FROM current_vccs v
-           LEFT JOIN load_forecasts f ON f.run_id = v.run_id AND f.cluster = v.cluster AND f.hour = v.hour
-           LEFT JOIN usage_history u ON u.cluster = v.cluster AND u.hour = v.hour
-           WHERE v.cluster = ? AND v.plan_date = ? ORDER BY v.hour""",
-        [cluster, plan_date],
-    )
+    frame = reads.cluster_day_hours(r, cluster, plan_date)
     frame["forecast_gco2_per_kwh"] = np.nan
     frame["actual_gco2_per_kwh"] = np.nan
     if frame.empty or zone is None:
         return frame
     start, end = frame["hour"].min(), frame["hour"].max() + pd.Timedelta(hours=1)
-    forecast = r.q(
-        """SELECT target_hour AS hour, gco2_per_kwh FROM carbon_forecasts
-           WHERE zone = ? AND target_hour >= ? AND target_hour < ?
-           QUALIFY row_number() OVER (PARTITION BY target_hour ORDER BY issued_at DESC) = 1""",
-        [zone, start, end],
-    )
-    actual = r.q("SELECT hour, gco2_per_kwh FROM carbon_actuals WHERE zone = ? AND hour >= ? AND hour < ?",
-                 [zone, start, end])
+    forecast = reads.newest_carbon_forecast(r, zone, start, end)
+    actual = reads.carbon_actuals(r, zone, start, end)
     frame["forecast_gco2_per_kwh"] = frame["hour"].map(forecast.set_index("hour")["gco2_per_kwh"])
     frame["actual_gco2_per_kwh"] = frame["hour"].map(actual.set_index("hour")["gco2_per_kwh"])
     return frame
@@ -245,15 +212,7 @@ def intraday_deviations(r: Reading, cluster: str, plan_date: date) -> pd.DataFra
     or the store predates the table."""
     if not r.has_table("intraday_deviations"):
         return pd.DataFrame(columns=DEVIATION_COLUMNS)
-    frame = r.q(
-        """SELECT d.hour, d.reason, d.plan_cores, d.applied_cores, d.applied_cores - d.plan_cores AS difference_cores,
-                  d.vcc_cores, d.detail, d.acted_at, d.recorded_at, d.run_id
-           FROM intraday_deviations d
-           WHERE d.cluster = ? AND (d.plan_date = ? OR (d.plan_date IS NULL AND d.hour IN (
-               SELECT hour FROM current_vccs WHERE cluster = ? AND plan_date = ?)))
-           ORDER BY d.hour""",
-        [cluster, plan_date, cluster, plan_date],
-    )
+    frame = reads.intraday_deviations(r, cluster, plan_date)
     return frame[DEVIATION_COLUMNS]
 
 
@@ -292,12 +251,7 @@ def power_fits(r: Reading, cluster: str, plan_date: date) -> list[DomainFit]:
     """Each power domain's model of the plan in force, with the telemetry it was fitted on."""
     from cicm.models.power import PowerModel, predict_power_kw
 
-    models = r.q(
-        """SELECT m.* FROM power_models m
-           WHERE m.cluster = ? AND m.run_id IN (SELECT run_id FROM current_plans WHERE plan_date = ? AND cluster = ?)
-           ORDER BY m.domain""",
-        [cluster, plan_date, cluster],
-    )
+    models = reads.power_models_in_force(r, cluster, plan_date)
     fits = []
     for row in models.itertuples(index=False):
         model = None
@@ -311,11 +265,7 @@ def power_fits(r: Reading, cluster: str, plan_date: date) -> list[DomainFit]:
         else:
             end = pd.Timestamp(row.fitted_at)
             start = end - pd.Timedelta(days=7)
-        telemetry = r.q(
-            "SELECT hour, cpu_cores, power_kw FROM power_telemetry WHERE domain = ? AND hour >= ? AND hour < ?"
-            " ORDER BY hour",
-            [row.domain, start, end],
-        )
+        telemetry = reads.domain_power_telemetry(r, row.domain, start, end)
         line_cpu = np.array([])
         line_kw = np.array([])
         breakpoints: tuple[float, ...] = ()
@@ -347,31 +297,9 @@ def forecast_errors(r: Reading, cluster: str, zone: str | None) -> pd.DataFrame:
     """Per plan date stored for the cluster (plan in force): the day-ahead inflexible forecast against actual
     usage (MAPE, bias, share of hours above the upper bound) and the carbon forecast used against actual (MAPE).
     Days whose actual usage is not in the store yet have NaN errors."""
-    load = r.q(
-        """SELECT f.plan_date,
-                  avg(abs(u.inflexible_cpu_cores - f.inflexible_cpu_cores) / nullif(u.inflexible_cpu_cores, 0))
-                      * 100 AS inflexible_mape_pct,
-                  (sum(f.inflexible_cpu_cores - u.inflexible_cpu_cores)
-                      / nullif(sum(u.inflexible_cpu_cores), 0)) * 100 AS inflexible_bias_pct,
-                  avg(CASE WHEN u.inflexible_cpu_cores > f.inflexible_upper_cpu_cores THEN 1.0 ELSE 0.0 END)
-                      * 100 AS hours_above_upper_pct,
-                  count(u.hour) AS hours_with_actuals, count(*) AS hours
-           FROM load_forecasts f
-           JOIN current_plans c ON c.run_id = f.run_id AND c.plan_date = f.plan_date AND c.cluster = f.cluster
-           LEFT JOIN usage_history u ON u.cluster = f.cluster AND u.hour = f.hour
-           WHERE f.cluster = ? GROUP BY f.plan_date ORDER BY f.plan_date""",
-        [cluster],
-    )
+    load = reads.load_forecast_errors(r, cluster)
     if zone is not None:
-        carbon = r.q(
-            """SELECT c.plan_date,
-                      avg(abs(v.gco2_per_kwh - a.gco2_per_kwh) / nullif(a.gco2_per_kwh, 0)) * 100
-                          AS carbon_mape_pct
-               FROM current_vccs v JOIN current_plans c USING (run_id, plan_date, cluster)
-               LEFT JOIN carbon_actuals a ON a.zone = ? AND a.hour = v.hour
-               WHERE v.cluster = ? GROUP BY c.plan_date""",
-            [zone, cluster],
-        )
+        carbon = reads.carbon_forecast_errors(r, zone, cluster)
         load = load.merge(carbon, on="plan_date", how="outer").sort_values("plan_date")
     else:
         load["carbon_mape_pct"] = np.nan
@@ -383,24 +311,17 @@ def forecast_errors(r: Reading, cluster: str, zone: str | None) -> pd.DataFrame:
 
 def cluster_plan_history(r: Reading, cluster: str, limit: int = 60) -> pd.DataFrame:
     """Every plan stored for the cluster (all runs), newest first, marked whether it is the plan in force."""
-    return r.q(
-        """SELECT s.plan_date, s.run_id, r.started_at, s.status, s.reason, s.expected_kgco2, s.flat_kgco2,
-                  s.saving_pct, (c.run_id IS NOT NULL) AS in_force
-           FROM vcc_status s LEFT JOIN runs r USING (run_id)
-           LEFT JOIN current_plans c ON c.run_id = s.run_id AND c.plan_date = s.plan_date AND c.cluster = s.cluster
-           WHERE s.cluster = ? ORDER BY s.plan_date DESC, r.started_at DESC LIMIT ?""",
-        [cluster, limit],
-    )
+    return reads.cluster_plan_history(r, cluster, limit)
 
 
 def runs(r: Reading, limit: int = 100) -> pd.DataFrame:
-    frame = r.q("SELECT * FROM runs ORDER BY started_at DESC LIMIT ?", [limit])
+    frame = reads.runs(r, limit)
     frame["seconds"] = (frame["finished_at"] - frame["started_at"]).dt.total_seconds()
     return frame
 
 
 def run_record(r: Reading, run_id: str) -> dict | None:
-    frame = r.q("SELECT * FROM runs WHERE run_id = ?", [run_id])
+    frame = reads.run_record(r, run_id)
     return None if frame.empty else frame.iloc[0].to_dict()
 
 
@@ -418,11 +339,7 @@ def backtest_results(r: Reading, cluster: str | None = None, limit: int = 200) -
     Backtests are per campus, so a cluster's page shows its campus's rows."""
     if not r.has_table("backtest_results"):
         return None
-    where, params = "", []
-    if cluster is not None:
-        where, params = "WHERE campus = (SELECT campus FROM current_vcc_status WHERE cluster = ? LIMIT 1)", [cluster]
-    rows = r.q(f"SELECT * EXCLUDE (run_id) FROM backtest_results {where} ORDER BY start_day DESC, zone, policy"
-               f" LIMIT {int(limit)}", params)
+    rows = reads.backtest_results(r, cluster, limit)
     return None if rows.empty else rows
 
 
@@ -437,16 +354,7 @@ EXPORT_COLUMNS = [
 
 def vcc_export(r: Reading, fleet: Fleet | None, plan_date: date, cluster: str | None = None) -> pd.DataFrame:
     """The VCCs in force on a day (all clusters, or one), one row per cluster-hour, as the CSV export has them."""
-    sql = """SELECT v.plan_date, s.campus, v.cluster, s.status, s.reason, v.run_id, v.hour, v.hour_index,
-                    v.vcc_cores, v.flexible_cpu_cores, v.inflexible_cpu_cores, v.power_kw, v.carbon_kgco2,
-                    v.gco2_per_kwh
-             FROM current_vccs v JOIN current_vcc_status s USING (run_id, plan_date, cluster)
-             WHERE v.plan_date = ?"""
-    params: list = [plan_date]
-    if cluster:
-        sql += " AND v.cluster = ?"
-        params.append(cluster)
-    frame = r.q(sql + " ORDER BY s.campus, v.cluster, v.hour", params)
+    frame = reads.vcc_export_rows(r, plan_date, cluster)
     tz = dict(zip(fleet_frame(fleet)["cluster"], fleet_frame(fleet)["timezone"]))
     hours = pd.to_datetime(frame["hour"], utc=True)
     frame["hour_utc"] = hours.dt.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -142,21 +142,18 @@ class StoreAudit:
         return f"store {self.db_path} (spool {self.spool.path} while locked)"
 
     def _ensure_run(self, store, run_id: str) -> None:
-        from cicm.data.store import code_version
+        from cicm.store import agent, code_version
 
         if run_id in self._runs_seen:
             return
         if self._code_version is None:
             self._code_version = code_version()
-        store.con.execute(
-            "INSERT OR IGNORE INTO runs (run_id, kind, plan_date, started_at, status, params, code_version)"
-            " VALUES (?, 'agent', NULL, now(), 'running', ?, ?)",
-            [run_id, json.dumps(self.params if run_id == self.run_id else {}, default=str), self._code_version],
-        )
+        agent.ensure_agent_run(store, run_id, json.dumps(self.params if run_id == self.run_id else {}, default=str),
+                               self._code_version)
         self._runs_seen.add(run_id)
 
     def write(self, row: dict) -> str:
-        from cicm.data.store import Store
+        from cicm.store import Store, agent
 
         pending = self.spool.rows()
         rows = pending + [json.loads(row_to_json(row, self.run_id))]
@@ -168,7 +165,7 @@ class StoreAudit:
                 with store.transaction():
                     for run_id, part in frame.groupby("run_id", sort=False):
                         self._ensure_run(store, str(run_id))
-                        store.upsert("agent_actions", part.drop(columns="run_id"), str(run_id))
+                        agent.write_actions(store, part.drop(columns="run_id"), str(run_id))
                     write_deviations(store, rows)
         except (duckdb.Error, InputError, OSError) as exc:  # never lose an audit row: spool it
             self.last_error = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
@@ -182,13 +179,12 @@ class StoreAudit:
         return "store"
 
     def last_acted_at(self, cluster: str) -> pd.Timestamp | None:
-        from cicm.data.store import Store
+        from cicm.store import Store, agent
 
         best = self.spool.last_acted_at(cluster)
         try:
             with Store(self.db_path, read_only=True) as store:
-                got = store.query("SELECT max(acted_at) AS t FROM agent_actions WHERE cluster = ?",
-                                  [cluster])["t"].iloc[0]
+                got = agent.last_acted_at(store, cluster)
         except (duckdb.Error, InputError):
             return best
         if got is not None and not pd.isna(got):
@@ -197,7 +193,7 @@ class StoreAudit:
         return best
 
     def close(self, status: str = "ok", summary: dict | None = None) -> None:
-        from cicm.data.store import Store
+        from cicm.store import Store
 
         try:
             with Store(self.db_path) as store:
@@ -209,25 +205,24 @@ class StoreAudit:
 def write_deviations(store, rows: list[dict]) -> None:
     """Apply the rows' ``deviation`` keys to ``intraday_deviations``, oldest first (inside the caller's
     transaction): each row that carries the key replaces its hour's deviation (null: clears it)."""
+    from cicm.store import agent
+
     for r in sorted((r for r in rows if "deviation" in r), key=lambda r: pd.Timestamp(r["acted_at"])):
-        store.con.execute("DELETE FROM intraday_deviations WHERE cluster = ? AND hour = ?",
-                          [r["cluster"], pd.Timestamp(r["hour"])])
+        agent.clear_deviation(store, r["cluster"], pd.Timestamp(r["hour"]))
         if r["deviation"] is not None:
-            store.upsert("intraday_deviations", deviation_frame(r), str(r["run_id"]))
+            agent.write_deviation(store, deviation_frame(r), str(r["run_id"]))
 
 
 def read_deviations(db_path: Path | str | None, audit_path: Path | str | None, cluster: str | None = None
                     ) -> pd.DataFrame:
     """Intraday deviations from the store and/or a JSONL audit file (the file's latest row per hour wins),
     ordered by cluster and hour."""
-    from cicm.data.store import Store
+    from cicm.store import Store, agent
 
     frames = []
     if db_path is not None and Path(db_path).exists():
         with Store(db_path, read_only=True) as store:
-            frames.append(store.query(
-                "SELECT * FROM intraday_deviations WHERE (? IS NULL OR cluster = ?)", [cluster, cluster]
-            ).assign(source="store"))
+            frames.append(agent.deviations(store, cluster).assign(source="store"))
     if audit_path is not None:
         latest: dict[tuple, dict] = {}
         for r in read_jsonl(Path(audit_path)):
@@ -245,14 +240,12 @@ def read_deviations(db_path: Path | str | None, audit_path: Path | str | None, c
 def read_actions(db_path: Path | str | None, spool_path: Path | str | None, cluster: str | None,
                  limit: int = 50) -> pd.DataFrame:
     """Recent audit rows from the store and/or the JSONL file, newest first (for `cicm agent actions`)."""
-    from cicm.data.store import Store
+    from cicm.store import Store, agent
 
     frames = []
     if db_path is not None and Path(db_path).exists():
         with Store(db_path, read_only=True) as store:
-            frames.append(store.query(
-                "SELECT * FROM agent_actions WHERE (? IS NULL OR cluster = ?) ORDER BY acted_at DESC LIMIT ?",
-                [cluster, cluster, limit]).assign(source="store"))
+            frames.append(agent.recent_actions(store, cluster, limit).assign(source="store"))
     if spool_path is not None:
         rows = [r for r in read_jsonl(Path(spool_path)) if cluster is None or r.get("cluster") == cluster]
         if rows:

@@ -109,7 +109,7 @@ class StoreBacklogSource:
     def snapshot(self, hour: pd.Timestamp, hours: pd.DatetimeIndex) -> BacklogSnapshot:
         import duckdb
 
-        from cicm.data.store import Store
+        from cicm.store import Store
         from cicm.models.arrivals import forecast_arrivals
 
         try:

@@ -9,7 +9,7 @@ Both sources answer ``lookup(hour)`` with the cluster's plan covering that UTC h
 plan they know, so the agent can tell a missing plan from a stale one). A source that cannot be read raises
 :class:`PlanUnavailable`; the store source then serves the last plan it read if that one covers the hour
 (DuckDB lets one process write at a time, so a nightly plan run can lock the file for a while; ``Store`` itself
-retries a locked file for ``cicm.data.store.LOCK_RETRY_SECONDS`` first).
+retries a locked file for ``cicm.store.core.LOCK_RETRY_SECONDS`` first). The SQL is in ``cicm.store.agent``.
 """
 from __future__ import annotations
 
@@ -122,14 +122,12 @@ class StorePlanSource:
         return f"store {self.path}"
 
     def lookup(self, hour: pd.Timestamp) -> PlanLookup:
-        from cicm.data.store import Store
+        from cicm.store import Store, agent
 
         try:
             with Store(self.path, read_only=True) as store:
-                found = store.query("SELECT plan_date FROM current_vccs WHERE cluster = ? AND hour = ?",
-                                    [self.cluster, hour])
-                newest_date = store.query(
-                    "SELECT max(plan_date) AS d FROM current_plans WHERE cluster = ?", [self.cluster])["d"].iloc[0]
+                found = agent.plan_dates_covering(store, self.cluster, hour)
+                newest_date = agent.newest_plan_date(store, self.cluster)
                 plan = self._read(store, found["plan_date"].iloc[0]) if not found.empty else None
                 newest = None
                 if newest_date is not None and not pd.isna(newest_date):
@@ -146,13 +144,13 @@ class StorePlanSource:
     def carbon_forecast(self, hours: pd.DatetimeIndex, issued_before: pd.Timestamp) -> pd.Series | None:
         """The newest carbon forecast vintage issued by ``issued_before`` for ``hours`` (NaN where there is none),
         or None without a zone or a readable store: the hourly correction then plans with the plan's carbon."""
-        from cicm.data.store import Store
+        from cicm.store import Store, agent
 
         if self.zone is None:
             return None
         try:
             with Store(self.path, read_only=True) as store:
-                found = store.latest_carbon_forecast(self.zone, hours[0], hours[-1] + pd.Timedelta(hours=1),
+                found = agent.latest_carbon_forecast(store, self.zone, hours[0], hours[-1] + pd.Timedelta(hours=1),
                                                      issued_before=issued_before)
         except (duckdb.Error, InputError, OSError):
             return None
@@ -162,18 +160,19 @@ class StorePlanSource:
         return series.astype(float).reindex(hours)
 
     def _read(self, store, plan_date) -> DayPlan | None:
+        from cicm.store import agent, plan as plan_store
+
         plan_date = pd.Timestamp(plan_date).date()
         cached = self._cache.get(plan_date)
         if cached is not None:  # the plan in force is still the one read before: no need to read it again
-            current = store.query("SELECT run_id FROM current_plans WHERE cluster = ? AND plan_date = ?",
-                                  [self.cluster, plan_date])
+            current = agent.plan_run_in_force(store, self.cluster, plan_date)
             if not current.empty and current["run_id"].iloc[0] == cached.run_id:
                 return cached
-        hours, status = store.plan(self.cluster, plan_date)
+        hours, status = plan_store.plan_in_force(store, self.cluster, plan_date)
         if status.empty or hours.empty:
             return None
         info = status.iloc[0]
-        run = store.query("SELECT started_at, params FROM runs WHERE run_id = ?", [info["run_id"]])
+        run = agent.run_started_and_params(store, info["run_id"])
         planned_at = pd.Timestamp(run["started_at"].iloc[0]).tz_convert("UTC") if not run.empty else None
         params = _params(run["params"].iloc[0]) if not run.empty else {}
         program = str(params.get("program") or "ceiling")
@@ -186,8 +185,7 @@ class StorePlanSource:
         }, index=index)
         queue = None
         if program == "queue" and str(info["status"]) == "shaped":
-            upper = store.query("SELECT hour, inflexible_upper_cpu_cores FROM load_forecasts WHERE run_id = ? AND "
-                                "cluster = ?", [info["run_id"], self.cluster])
+            upper = agent.inflexible_upper_forecast(store, info["run_id"], self.cluster)
             upper = upper.set_index(pd.DatetimeIndex(upper["hour"]).tz_convert("UTC"))["inflexible_upper_cpu_cores"]
             frame["inflexible_upper_cpu_cores"] = upper.reindex(index).astype(float).to_numpy()
             queue = self._queue_context(store, info["run_id"], params)
@@ -213,8 +211,9 @@ class StorePlanSource:
         cfg = self.cluster_config
         if cfg is None:
             return QueueContext(problem="no fleet entry for the cluster: its power domains are unknown", **knobs)
-        models = store.query("SELECT domain, status, model FROM power_models WHERE run_id = ? AND cluster = ?",
-                             [run_id, self.cluster])
+        from cicm.store import agent
+
+        models = agent.power_models_of_run(store, run_id, self.cluster)
         try:
             curve = power_curve_from_models(cfg, dict(zip(models["domain"], models["model"])))
         except InputError as exc:

@@ -294,12 +294,9 @@ def shaping_disabled(store, cluster: str, plan_date: date) -> str | None:
 
 def shaping_disabled_many(store, clusters: list[str], plan_date: date) -> dict[str, str]:
     """Why shaping is off on `plan_date`, for each named cluster whose shaping the SLO loop switched off."""
-    found = store.query(
-        "SELECT cluster, reason, disabled_until FROM shaping_state WHERE list_contains(?, cluster)"
-        " AND disabled_from <= ? AND disabled_until >= ?"
-        " QUALIFY row_number() OVER (PARTITION BY cluster ORDER BY disabled_from DESC) = 1",
-        [list(clusters), plan_date, plan_date],
-    )
+    from cicm.store.plan import shaping_switched_off
+
+    found = shaping_switched_off(store, clusters, plan_date)
     return {r.cluster: f"{r.reason} (shaping off until {r.disabled_until})" for r in found.itertuples()}
 
 

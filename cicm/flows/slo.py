@@ -39,6 +39,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from cicm.store import slo as slo_store
 from cicm.timeutil import local_day_hours_utc, planning_time_utc
 
 REASON_PREFIX = "slo-feedback"
@@ -171,14 +172,7 @@ def _row_sums(x: np.ndarray) -> np.ndarray:
 
 
 def _plan_hours(store, cluster: str, start: pd.Timestamp, end: pd.Timestamp) -> pd.DataFrame:
-    return store.query(
-        """SELECT v.hour, v.plan_date, v.vcc_cores, s.status, s.theta_core_hours, s.capacity_cores,
-                  lf.reservation_ratio
-           FROM current_vccs v JOIN current_vcc_status s ON s.run_id = v.run_id AND s.cluster = v.cluster
-           LEFT JOIN load_forecasts lf ON lf.run_id = v.run_id AND lf.cluster = v.cluster AND lf.hour = v.hour
-           WHERE v.cluster = ? AND v.hour >= ? AND v.hour < ? ORDER BY v.hour""",
-        [cluster, start, end],
-    )
+    return slo_store.cluster_plan_hours(store, cluster, start, end)
 
 
 def check_cluster_days(store, cluster, tz: str, days: list[date], cutoff: pd.Timestamp, *,
@@ -191,10 +185,7 @@ def check_cluster_days(store, cluster, tz: str, days: list[date], cutoff: pd.Tim
     end = local_day_hours_utc(last + timedelta(days=1), tz)[-1] + pd.Timedelta(hours=1)
     end = min(end, cutoff.floor("h"))
     grid = pd.date_range(start, end, freq="h", inclusive="left", name="hour")
-    usage = store.query(
-        "SELECT * EXCLUDE (run_id) FROM usage_history WHERE cluster = ? AND hour >= ? AND hour < ? ORDER BY hour",
-        [cluster.name, start, end],
-    ).set_index("hour").reindex(grid)
+    usage = slo_store.cluster_usage(store, cluster.name, start, end).set_index("hour").reindex(grid)
     plans = _plan_hours(store, cluster.name, start, end).set_index("hour").reindex(grid)
     capacity = float(cluster.capacity_cores)
     infl = usage["inflexible_cpu_cores"].to_numpy(float)
@@ -210,11 +201,7 @@ def check_cluster_days(store, cluster, tz: str, days: list[date], cutoff: pd.Tim
     arrivals = np.nan_to_num(usage["flexible_arrived_core_hours"].to_numpy(float), nan=0.0)
     served = fluid_served(arrivals, room, deadline_hours)
 
-    status = store.query(
-        "SELECT plan_date, status, theta_core_hours FROM current_vcc_status"
-        " WHERE cluster = ? AND plan_date >= ? AND plan_date <= ?",
-        [cluster.name, first, last],
-    )
+    status = slo_store.cluster_plan_status(store, cluster.name, first, last)
     status["plan_date"] = pd.to_datetime(status["plan_date"]).dt.date
     status = status.set_index("plan_date")
     rows = []
@@ -240,9 +227,6 @@ def check_cluster_days(store, cluster, tz: str, days: list[date], cutoff: pd.Tim
             "close": bool(np.isfinite(theta) and reserved >= close_fraction * theta),
         })
     return pd.DataFrame(rows, columns=EVENT_COLUMNS)
-
-
-_CLUSTERS_CTE = "WITH k AS (SELECT unnest(?::VARCHAR[]) AS cluster, unnest(?::INTEGER[]) AS ci)"
 
 
 def _capacities(clusters) -> np.ndarray:
@@ -292,7 +276,6 @@ def check_fleet_days(store, fleet, days: list[date], plan_date: date, *, deadlin
     length = np.concatenate([np.full(b - a, len(g[3]), dtype=np.int64) for g, (a, b) in zip(grids, campus_rows)])
     lo = min(g[0] for g in grids)
     hi = max(g[1] for g in grids)
-    keys = [names, list(range(n))]
 
     def cells(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(row, column, kept) of the rows of ``frame`` (ci, us) that fall on their cluster's grid."""
@@ -302,26 +285,9 @@ def check_fleet_days(store, fleet, days: list[date], plan_date: date, *, deadlin
         kept = (offset % hour_us == 0) & (col >= 0) & (col < length[ci])
         return ci[kept], col[kept], kept
 
-    usage = store.query(
-        f"""{_CLUSTERS_CTE}
-            SELECT k.ci, epoch_us(u.hour) AS us, u.inflexible_cpu_cores, u.flexible_cpu_cores, u.reserved_cpu_cores,
-                   u.flexible_arrived_core_hours
-            FROM usage_history u JOIN k ON k.cluster = u.cluster WHERE u.hour >= ? AND u.hour < ?""",
-        [*keys, lo, hi])
-    plans = store.query(
-        f"""{_CLUSTERS_CTE}
-            SELECT k.ci, epoch_us(v.hour) AS us, v.vcc_cores, s.status = 'shaped' AS shaped, lf.reservation_ratio
-            FROM current_vccs v JOIN current_vcc_status s ON s.run_id = v.run_id AND s.cluster = v.cluster
-            LEFT JOIN load_forecasts lf ON lf.run_id = v.run_id AND lf.cluster = v.cluster AND lf.hour = v.hour
-            JOIN k ON k.cluster = v.cluster
-            WHERE v.hour >= ? AND v.hour < ?""",
-        [*keys, lo, hi])
-    status = store.query(
-        f"""{_CLUSTERS_CTE}
-            SELECT k.ci, datediff('day', ?::DATE, s.plan_date) AS di, s.theta_core_hours
-            FROM current_vcc_status s JOIN k ON k.cluster = s.cluster
-            WHERE s.plan_date >= ? AND s.plan_date <= ?""",
-        [*keys, first, first, last])
+    usage = slo_store.fleet_usage(store, names, lo, hi)
+    plans = slo_store.fleet_plan_hours(store, names, lo, hi)
+    status = slo_store.fleet_plan_status(store, names, first, last)
 
     def table(frame: pd.DataFrame, column: str, where: tuple) -> np.ndarray:
         out = np.full((n, width), np.nan)
@@ -450,16 +416,10 @@ def _feedback_inputs(store, fleet, plan_date: date, window_start: date, window_d
     from cicm.flows.plan_stages import shaping_disabled_many
 
     names = [c.name for c in fleet.clusters()]
-    prev = store.query(
-        "SELECT cluster, max(disabled_from) AS d FROM shaping_state WHERE cluster IN (SELECT unnest(?::VARCHAR[]))"
-        " AND reason LIKE ? AND disabled_from <= ? GROUP BY cluster",
-        [names, f"{REASON_PREFIX}%", plan_date])
+    prev = slo_store.last_switch_offs(store, names, REASON_PREFIX, plan_date)
     since = {c: max(window_start, pd.Timestamp(d).date()) for c, d in zip(prev["cluster"], prev["d"])
              if d is not None and not pd.isna(d)}
-    ev = store.query(
-        "SELECT cluster, day, violated, close FROM slo_events WHERE cluster IN (SELECT unnest(?::VARCHAR[]))"
-        " AND day >= ? AND day < ? ORDER BY cluster, day",
-        [names, window_start, plan_date])
+    ev = slo_store.events_between(store, names, window_start, plan_date)
     by_cluster: dict[str, tuple[list, list, list]] = {}
     if not ev.empty:
         ev_days = list(pd.to_datetime(ev["day"]).dt.date)
@@ -509,7 +469,7 @@ def slo_stage(store, fleet, plan_date: date, *, window_days: int = 7, close_frac
         events = check_fleet_days(store, fleet, days, plan_date, deadline_hours=deadline_hours,
                                   close_fraction=close_fraction)
         if not events.empty:
-            store.upsert("slo_events", events, rid)
+            slo_store.write_events(store, events, rid)
         until = plan_date + timedelta(days=disable_days - 1)
         shaping_rows, decisions = [], []
         for name, ev, active in _feedback_inputs(store, fleet, plan_date, window_start, window_days):
@@ -526,7 +486,7 @@ def slo_stage(store, fleet, plan_date: date, *, window_days: int = 7, close_frac
             })
         shaping = pd.DataFrame(shaping_rows, columns=["cluster", "disabled_from", "disabled_until", "reason"])
         if not shaping.empty:
-            store.upsert("shaping_state", shaping, rid)
+            slo_store.write_switch_offs(store, shaping, rid)
         clusters = pd.DataFrame(decisions)
         new_off = [r["cluster"] for r in shaping_rows]
         already = [d["cluster"] for d in decisions if d["shaping"] == "off"]
@@ -554,17 +514,11 @@ def slo_status(store, as_of: date | None = None) -> pd.DataFrame:
     """Per cluster: checked days, violations, close days, violation rate, and shaping on/off as of ``as_of``
     (default: the newest plan day in the store, else today)."""
     if as_of is None:
-        newest = store.query("SELECT max(plan_date) AS d FROM current_plans")["d"].iloc[0]
+        newest = slo_store.newest_plan_date(store)
         as_of = pd.Timestamp(newest).date() if newest is not None and not pd.isna(newest) else date.today()
-    events = store.query(
-        """SELECT cluster, count(*) AS days, sum(violated::INT) AS violated, sum(close::INT) AS close,
-                  min(day) AS first_day, max(day) AS last_day,
-                  max(CASE WHEN violated THEN day END) AS last_violation
-           FROM slo_events GROUP BY cluster""")
-    state = store.query(
-        """SELECT cluster, disabled_from, disabled_until, reason FROM shaping_state WHERE disabled_until >= ?
-           QUALIFY row_number() OVER (PARTITION BY cluster ORDER BY disabled_from) = 1""", [as_of])
-    planned = store.query("SELECT DISTINCT cluster FROM current_plans")["cluster"]
+    events = slo_store.event_totals(store)
+    state = slo_store.switch_offs_ending_from(store, as_of)
+    planned = slo_store.planned_clusters(store)
     clusters = sorted(set(events["cluster"]) | set(state["cluster"]) | set(planned))
     out = pd.DataFrame({"cluster": pd.Series(clusters, dtype=object)})
     out = out.merge(events, on="cluster", how="left").merge(state, on="cluster", how="left")

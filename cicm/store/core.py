@@ -1,0 +1,385 @@
+"""The system of record: one DuckDB file with a versioned schema, created on first use.
+
+Every row carries the run that wrote it. A run's writes form one transaction (`Store.run`): if anything fails,
+none of them land, and the run itself is still recorded as failed with its message. Re-planning a day replaces
+the plan in force for that day (`current_plans`, and the views `current_vccs` / `current_vcc_status`); the VCCs
+of every earlier run stay in `vccs` / `vcc_status`, and the runs table keeps every run.
+
+Connections are short-lived: DuckDB lets one process write a file at a time, so readers (dashboard, CLI)
+open, read and close.
+
+This module is the store's core: connection, schema and its version, runs and transactions, and the generic
+upsert. The named reads and writes, grouped by consumer, live beside it (`cicm.store.plan`, `.slo`, `.agent`,
+`.dashboard`); the Store methods that read domain tables are kept as one-line delegates to them for their
+callers. `cicm.data.store` is an alias of this module.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+import pandas as pd
+
+from cicm import __version__
+from cicm.errors import InputError
+from cicm.paths import REPO_ROOT, default_db_path
+
+SCHEMA_VERSION = 1
+
+SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, plan_date DATE, started_at TIMESTAMPTZ NOT NULL,
+    finished_at TIMESTAMPTZ, status VARCHAR NOT NULL, params VARCHAR, code_version VARCHAR,
+    message VARCHAR, summary VARCHAR);
+CREATE TABLE IF NOT EXISTS carbon_forecasts (
+    run_id VARCHAR NOT NULL, provider VARCHAR NOT NULL, zone VARCHAR NOT NULL, target_hour TIMESTAMPTZ NOT NULL,
+    issued_at TIMESTAMPTZ NOT NULL, gco2_per_kwh DOUBLE NOT NULL,
+    PRIMARY KEY (provider, zone, target_hour, issued_at));
+CREATE TABLE IF NOT EXISTS carbon_actuals (
+    run_id VARCHAR NOT NULL, zone VARCHAR NOT NULL, hour TIMESTAMPTZ NOT NULL, gco2_per_kwh DOUBLE NOT NULL,
+    source VARCHAR NOT NULL, PRIMARY KEY (zone, hour));
+CREATE TABLE IF NOT EXISTS usage_history (
+    run_id VARCHAR NOT NULL, cluster VARCHAR NOT NULL, hour TIMESTAMPTZ NOT NULL,
+    inflexible_cpu_cores DOUBLE NOT NULL, flexible_cpu_cores DOUBLE NOT NULL, reserved_cpu_cores DOUBLE NOT NULL,
+    flexible_arrived_core_hours DOUBLE NOT NULL, PRIMARY KEY (cluster, hour));
+CREATE TABLE IF NOT EXISTS power_telemetry (
+    run_id VARCHAR NOT NULL, cluster VARCHAR NOT NULL, domain VARCHAR NOT NULL, hour TIMESTAMPTZ NOT NULL,
+    cpu_cores DOUBLE NOT NULL, power_kw DOUBLE NOT NULL, PRIMARY KEY (domain, hour));
+CREATE TABLE IF NOT EXISTS power_models (
+    run_id VARCHAR NOT NULL, cluster VARCHAR NOT NULL, domain VARCHAR NOT NULL, fitted_at TIMESTAMPTZ NOT NULL,
+    status VARCHAR NOT NULL, reason VARCHAR, model VARCHAR, r2 DOUBLE, mape_pct DOUBLE, n_samples INTEGER,
+    PRIMARY KEY (run_id, domain));
+CREATE TABLE IF NOT EXISTS load_forecasts (
+    run_id VARCHAR NOT NULL, plan_date DATE NOT NULL, cluster VARCHAR NOT NULL, hour TIMESTAMPTZ NOT NULL,
+    inflexible_cpu_cores DOUBLE, inflexible_upper_cpu_cores DOUBLE, reservation_ratio DOUBLE,
+    PRIMARY KEY (run_id, cluster, hour));
+CREATE TABLE IF NOT EXISTS load_forecast_days (
+    run_id VARCHAR NOT NULL, plan_date DATE NOT NULL, cluster VARCHAR NOT NULL, status VARCHAR NOT NULL,
+    reason VARCHAR, flexible_core_hours DOUBLE, reservations_core_hours DOUBLE, theta_core_hours DOUBLE,
+    reservations_rel_error_q97 DOUBLE, params VARCHAR, PRIMARY KEY (run_id, cluster));
+CREATE TABLE IF NOT EXISTS vccs (
+    run_id VARCHAR NOT NULL, plan_date DATE NOT NULL, cluster VARCHAR NOT NULL, hour TIMESTAMPTZ NOT NULL,
+    hour_index INTEGER NOT NULL, vcc_cores DOUBLE NOT NULL, flexible_cpu_cores DOUBLE,
+    inflexible_cpu_cores DOUBLE, power_kw DOUBLE, carbon_kgco2 DOUBLE, gco2_per_kwh DOUBLE,
+    PRIMARY KEY (run_id, cluster, hour));
+CREATE TABLE IF NOT EXISTS vcc_status (
+    run_id VARCHAR NOT NULL, plan_date DATE NOT NULL, cluster VARCHAR NOT NULL, campus VARCHAR NOT NULL,
+    status VARCHAR NOT NULL, reason VARCHAR, capacity_cores DOUBLE, theta_core_hours DOUBLE,
+    tau_core_hours DOUBLE, expected_kgco2 DOUBLE, flat_kgco2 DOUBLE, saving_pct DOUBLE, peak_kw DOUBLE,
+    PRIMARY KEY (run_id, cluster));
+-- The plan in force for each (day, cluster): the newest plan run's. Older runs' VCCs stay in vccs/vcc_status.
+CREATE TABLE IF NOT EXISTS current_plans (
+    run_id VARCHAR NOT NULL, plan_date DATE NOT NULL, cluster VARCHAR NOT NULL, PRIMARY KEY (plan_date, cluster));
+CREATE VIEW IF NOT EXISTS current_vccs AS
+    SELECT v.* FROM vccs v JOIN current_plans c USING (run_id, plan_date, cluster);
+CREATE VIEW IF NOT EXISTS current_vcc_status AS
+    SELECT v.* FROM vcc_status v JOIN current_plans c USING (run_id, plan_date, cluster);
+CREATE TABLE IF NOT EXISTS slo_events (
+    run_id VARCHAR NOT NULL, cluster VARCHAR NOT NULL, day DATE NOT NULL, demand_core_hours DOUBLE,
+    served_core_hours DOUBLE, theta_core_hours DOUBLE, violated BOOLEAN NOT NULL, close BOOLEAN NOT NULL,
+    PRIMARY KEY (cluster, day));
+CREATE TABLE IF NOT EXISTS agent_actions (
+    run_id VARCHAR NOT NULL, cluster VARCHAR NOT NULL, acted_at TIMESTAMPTZ NOT NULL, hour TIMESTAMPTZ NOT NULL,
+    plan_date DATE, mode VARCHAR NOT NULL, reason VARCHAR, vcc_cores DOUBLE, flexible_allowance_cores DOUBLE,
+    caps VARCHAR, battery_charge_kw DOUBLE, battery_max_discharge_kw DOUBLE, result VARCHAR NOT NULL,
+    detail VARCHAR, PRIMARY KEY (cluster, acted_at));
+-- The agent's hourly correction: the flexible allowance it applied where it differs from the plan of record, one
+-- row per cluster and hour (the hour's latest applied pass; acted_at links it to agent_actions).
+CREATE TABLE IF NOT EXISTS intraday_deviations (
+    run_id VARCHAR NOT NULL, cluster VARCHAR NOT NULL, hour TIMESTAMPTZ NOT NULL, plan_date DATE,
+    acted_at TIMESTAMPTZ NOT NULL, plan_cores DOUBLE NOT NULL, applied_cores DOUBLE NOT NULL, vcc_cores DOUBLE,
+    reason VARCHAR NOT NULL, detail VARCHAR, recorded_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (cluster, hour));
+CREATE TABLE IF NOT EXISTS backtest_results (
+    run_id VARCHAR NOT NULL, zone VARCHAR NOT NULL, campus VARCHAR, start_day DATE NOT NULL, days INTEGER NOT NULL,
+    seed INTEGER NOT NULL, policy VARCHAR NOT NULL, flexible_kgco2 DOUBLE, total_kgco2 DOUBLE,
+    flexible_reduction_pct DOUBLE, shift_reduction_pct DOUBLE, total_reduction_pct DOUBLE, bound_kgco2 DOUBLE,
+    bound_share_pct DOUBLE, oracle_share_pct DOUBLE, kwh_per_kcore_hour DOUBLE, peak_kw DOUBLE,
+    slo_violations INTEGER, cluster_days INTEGER, late_work_pct DOUBLE, delay_mean_hours DOUBLE,
+    delay_p95_hours DOUBLE, unfinished_core_hours DOUBLE, report_dir VARCHAR,
+    PRIMARY KEY (zone, start_day, days, seed, policy));
+CREATE TABLE IF NOT EXISTS shaping_state (
+    run_id VARCHAR NOT NULL, cluster VARCHAR NOT NULL, disabled_from DATE NOT NULL, disabled_until DATE NOT NULL,
+    reason VARCHAR NOT NULL, PRIMARY KEY (cluster, disabled_from));
+"""
+
+# table -> primary key columns; writes replace rows with the same key (upsert).
+TABLE_KEYS: dict[str, tuple[str, ...]] = {
+    "carbon_forecasts": ("provider", "zone", "target_hour", "issued_at"),
+    "carbon_actuals": ("zone", "hour"),
+    "usage_history": ("cluster", "hour"),
+    "power_telemetry": ("domain", "hour"),
+    "power_models": ("run_id", "domain"),
+    "load_forecasts": ("run_id", "cluster", "hour"),
+    "load_forecast_days": ("run_id", "cluster"),
+    "vccs": ("run_id", "cluster", "hour"),
+    "vcc_status": ("run_id", "cluster"),
+    "current_plans": ("plan_date", "cluster"),
+    "slo_events": ("cluster", "day"),
+    "shaping_state": ("cluster", "disabled_from"),
+    "agent_actions": ("cluster", "acted_at"),
+    "intraday_deviations": ("cluster", "hour"),
+    "backtest_results": ("zone", "start_day", "days", "seed", "policy"),
+}
+
+
+def code_version() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        return f"{__version__}+{sha}"
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+
+
+def new_run_id(kind: str) -> str:
+    stamp = pd.Timestamp.now(tz="UTC").strftime("%Y%m%dT%H%M%S")
+    return f"{kind}-{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+LOCK_RETRY_SECONDS = 10.0
+
+
+def _connect_with_retry(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    """DuckDB lets one process hold a file for writing; another holder (the dashboard's brief reads, the agent)
+    makes connect fail with a lock error. Retry for a few seconds, then say who is in the way."""
+    deadline = time.monotonic() + LOCK_RETRY_SECONDS
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise InputError("db", f"{path} is locked by another process: {exc}") from exc
+            time.sleep(0.1)
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    status: str = "ok"
+    message: str | None = None
+    summary: dict | None = None
+
+
+class Store:
+    """A handle on the DuckDB file. Use as a context manager; it closes the connection on exit."""
+
+    def __init__(self, path: Path | str | None = None, read_only: bool = False):
+        self.path = Path(path) if path else default_db_path()
+        self.read_only = read_only
+        if read_only and not self.path.exists():
+            raise InputError("db", f"no database at {self.path}; run `cicm plan` first")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.con = _connect_with_retry(self.path, read_only)
+        self.con.execute("SET TimeZone='UTC'")
+        if not read_only:
+            self._migrate()
+        self._check_version()
+
+    @contextmanager
+    def released(self) -> Iterator[Path]:
+        """Close the connection for a while, so that other processes (Dask workers) can open the file
+        read-only; reconnect after. Not inside a transaction."""
+        self.con.close()
+        try:
+            yield self.path
+        finally:
+            self.con = _connect_with_retry(self.path, self.read_only)
+            self.con.execute("SET TimeZone='UTC'")
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.con.close()
+
+    # -- schema -------------------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        self.con.execute("BEGIN")
+        self.con.execute(SCHEMA_V1)
+        self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+        self.con.execute("COMMIT")
+
+    def _check_version(self) -> None:
+        found = self.con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if found is None or int(found[0]) != SCHEMA_VERSION:
+            raise InputError(
+                "db", f"{self.path} has schema version {found and found[0]}, this code needs {SCHEMA_VERSION}"
+            )
+
+    def schema_version(self) -> int:
+        return int(self.con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+
+    # -- runs and transactions ----------------------------------------------------------------------------
+    def begin_run(self, kind: str, params: dict | None = None, plan_date: date | None = None) -> str:
+        run_id = new_run_id(kind)
+        self.con.execute(
+            "INSERT INTO runs (run_id, kind, plan_date, started_at, status, params, code_version)"
+            " VALUES (?, ?, ?, now(), 'running', ?, ?)",
+            [run_id, kind, plan_date, json.dumps(params or {}, default=str), code_version()],
+        )
+        return run_id
+
+    def finish_run(self, run_id: str, status: str, message: str | None = None, summary: dict | None = None):
+        self.con.execute(
+            "UPDATE runs SET finished_at = now(), status = ?, message = ?, summary = ? WHERE run_id = ?",
+            [status, message, json.dumps(summary, default=str) if summary is not None else None, run_id],
+        )
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            yield
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
+    def failed_run(self, kind: str, params: dict | None, plan_date: date | None, exc: BaseException) -> str:
+        """Record a run that failed before it could write anything."""
+        run_id = self.begin_run(kind, params, plan_date)
+        self.finish_run(run_id, "failed", f"{type(exc).__name__}: {exc}")
+        return run_id
+
+    @contextmanager
+    def run(self, kind: str, params: dict | None = None, plan_date: date | None = None) -> Iterator["RunRecord"]:
+        """Record a run and make its writes one transaction. On error: writes rolled back, run 'failed'.
+
+        The caller may set `status` (e.g. 'degraded') and `summary` on the yielded record before the block ends.
+        """
+        record = RunRecord(self.begin_run(kind, params, plan_date))
+        try:
+            with self.transaction():
+                yield record
+        except BaseException as exc:
+            self.finish_run(record.run_id, "failed", f"{type(exc).__name__}: {exc}")
+            raise
+        self.finish_run(record.run_id, record.status, record.message, record.summary)
+
+    # -- generic writes -----------------------------------------------------------------------------------
+    def upsert(self, table: str, frame: pd.DataFrame, run_id: str) -> int:
+        """Insert rows, replacing rows with the same primary key. Call inside a transaction."""
+        if table not in TABLE_KEYS:
+            raise InputError("table", f"unknown table {table!r}")
+        if frame.empty:
+            return 0
+        columns = [c for c in self.columns(table) if c != "run_id"]
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise InputError(missing[0], f"missing column for table {table}")
+        data = frame[columns].copy()
+        data.insert(0, "run_id", run_id)
+        self.con.register("_incoming", data)
+        try:
+            names = ", ".join(["run_id", *columns])
+            self.con.execute(f"INSERT OR REPLACE INTO {table} ({names}) SELECT {names} FROM _incoming")
+        finally:
+            self.con.unregister("_incoming")
+        return len(data)
+
+    def delete_where(self, table: str, **equals) -> None:
+        clause = " AND ".join(f"{k} = ?" for k in equals)
+        self.con.execute(f"DELETE FROM {table} WHERE {clause}", list(equals.values()))
+
+    def columns(self, table: str) -> list[str]:
+        rows = self.con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
+            [table],
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def query(self, sql: str, params: list | None = None) -> pd.DataFrame:
+        return self.con.execute(sql, params or []).df()
+
+    def query_bulk(self, sql: str, params: list | None = None) -> pd.DataFrame:
+        """`query` for large results: through Arrow, about 2x faster for a campus's history."""
+        with warnings.catch_warnings():  # DuckDB notes that a DB-API result copies once more: measured, it is cheap
+            warnings.filterwarnings("ignore", message="Arrow output on a DB-API result")
+            return self.con.execute(sql, params or []).to_arrow_table().to_pandas()
+
+    # -- named writes -------------------------------------------------------------------------------------
+    def write_carbon_forecast(self, frame: pd.DataFrame, run_id: str) -> int:
+        return self.upsert("carbon_forecasts", frame, run_id)
+
+    def replace_plan(self, plan_date: date, vccs: pd.DataFrame, status: pd.DataFrame, run_id: str) -> None:
+        """Store a plan run's VCCs and make them the plan in force for `plan_date`. Earlier runs' rows stay."""
+        self.upsert("vccs", vccs, run_id)
+        self.upsert("vcc_status", status, run_id)
+        current = pd.DataFrame({"plan_date": plan_date, "cluster": status["cluster"].unique()})
+        self.upsert("current_plans", current, run_id)
+
+    # -- named reads (the SQL lives in the consumer modules; these delegate) ------------------------------
+    def runs(self, limit: int = 50) -> pd.DataFrame:
+        """The newest runs first. Columns: the runs table's (run_id, kind, plan_date, started_at, finished_at,
+        status, params, code_version, message, summary)."""
+        return self.query("SELECT * FROM runs ORDER BY started_at DESC LIMIT ?", [limit])
+
+    def has_table(self, name: str) -> bool:
+        """Whether the database has a table or view of that name (older stores may lack newer tables)."""
+        rows = self.con.execute("SELECT table_name FROM information_schema.tables").fetchall()
+        return name in {r[0] for r in rows}
+
+    def latest_carbon_forecast(self, zone: str, start: pd.Timestamp, end: pd.Timestamp,
+                               issued_before: pd.Timestamp | None = None) -> pd.DataFrame:
+        """`cicm.store.agent.latest_carbon_forecast`."""
+        from cicm.store import agent
+
+        return agent.latest_carbon_forecast(self, zone, start, end, issued_before)
+
+    def day_ahead_forecasts(self, zone: str, start: pd.Timestamp, end: pd.Timestamp,
+                            min_lead_hours: float = 6.0) -> pd.Series:
+        """`cicm.store.plan.day_ahead_forecasts`."""
+        from cicm.store import plan
+
+        return plan.day_ahead_forecasts(self, zone, start, end, min_lead_hours)
+
+    def carbon_actuals(self, zone: str, start: pd.Timestamp, end: pd.Timestamp) -> pd.Series:
+        """`cicm.store.plan.carbon_actuals`."""
+        from cicm.store import plan
+
+        return plan.carbon_actuals(self, zone, start, end)
+
+    def usage_history(self, cluster: str, before: pd.Timestamp, days: int | None = None) -> pd.DataFrame:
+        return self.usage_histories([cluster], before, days)
+
+    def usage_histories(self, clusters: list[str], before: pd.Timestamp, days: int | None = None) -> pd.DataFrame:
+        """`cicm.store.plan.usage_histories`."""
+        from cicm.store import plan
+
+        return plan.usage_histories(self, clusters, before, days)
+
+    def power_telemetry(self, cluster: str, before: pd.Timestamp, days: int) -> pd.DataFrame:
+        return self.power_telemetries([cluster], before, days)
+
+    def power_telemetries(self, clusters: list[str], before: pd.Timestamp, days: int) -> pd.DataFrame:
+        """`cicm.store.plan.power_telemetries`."""
+        from cicm.store import plan
+
+        return plan.power_telemetries(self, clusters, before, days)
+
+    def has_usage(self, clusters: list[str]) -> bool:
+        """`cicm.store.plan.has_usage`."""
+        from cicm.store import plan
+
+        return plan.has_usage(self, clusters)
+
+    def plan(self, cluster: str, plan_date: date) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """`cicm.store.plan.plan_in_force`."""
+        from cicm.store import plan
+
+        return plan.plan_in_force(self, cluster, plan_date)

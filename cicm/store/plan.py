@@ -1,0 +1,98 @@
+"""Named reads for the nightly plan (``cicm.flows.plan_stages``, ``cicm.flows.nightly``) and ``cicm vcc show``.
+
+Every function takes an open ``cicm.store.Store`` (anything with its ``query`` / ``query_bulk``) and returns a
+frame whose columns are listed in its docstring. Times are UTC ``TIMESTAMPTZ``; dates are ``DATE``. The plan's
+writes go through ``Store.upsert`` / ``Store.replace_plan`` / ``Store.write_carbon_forecast`` inside the plan's
+run (one transaction).
+"""
+from __future__ import annotations
+
+from datetime import date
+
+import pandas as pd
+
+
+def usage_histories(store, clusters: list[str], before: pd.Timestamp, days: int | None = None) -> pd.DataFrame:
+    """Usage rows of the named clusters in [before - days, before) (all before ``before`` without ``days``),
+    ordered by cluster and hour: one query for a whole campus.
+
+    Columns: cluster, hour, inflexible_cpu_cores, flexible_cpu_cores, reserved_cpu_cores,
+    flexible_arrived_core_hours."""
+    start = before - pd.Timedelta(days=days) if days else pd.Timestamp("1970-01-01", tz="UTC")
+    return store.query_bulk(
+        "SELECT * EXCLUDE (run_id) FROM usage_history WHERE list_contains(?, cluster) AND hour >= ?"
+        " AND hour < ? ORDER BY cluster, hour",
+        [list(clusters), start, before],
+    )
+
+
+def power_telemetries(store, clusters: list[str], before: pd.Timestamp, days: int) -> pd.DataFrame:
+    """Power-domain rows of the named clusters in [before - days, before), ordered by domain and hour.
+
+    Columns: cluster, domain, hour, cpu_cores, power_kw."""
+    return store.query_bulk(
+        "SELECT * EXCLUDE (run_id) FROM power_telemetry WHERE list_contains(?, cluster) AND hour >= ?"
+        " AND hour < ? ORDER BY domain, hour",
+        [list(clusters), before - pd.Timedelta(days=days), before],
+    )
+
+
+def has_usage(store, clusters: list[str]) -> bool:
+    """Whether every named cluster has at least one usage row."""
+    found = store.con.execute(
+        "SELECT count(DISTINCT cluster) FROM usage_history WHERE list_contains(?, cluster)", [clusters]
+    ).fetchone()[0]
+    return found == len(set(clusters))
+
+
+def day_ahead_forecasts(store, zone: str, start: pd.Timestamp, end: pd.Timestamp,
+                        min_lead_hours: float = 6.0) -> pd.Series:
+    """Per target hour in [start, end): the newest carbon forecast issued at least ``min_lead_hours`` before it.
+
+    A Series of gCO2/kWh indexed by target_hour."""
+    frame = store.query(
+        """SELECT target_hour, gco2_per_kwh FROM carbon_forecasts
+           WHERE zone = ? AND target_hour >= ? AND target_hour < ?
+             AND issued_at <= target_hour - to_microseconds(CAST(? * 3600e6 AS BIGINT))
+           QUALIFY row_number() OVER (PARTITION BY target_hour ORDER BY issued_at DESC) = 1
+           ORDER BY target_hour""",
+        [zone, start, end, min_lead_hours],
+    )
+    return frame.set_index("target_hour")["gco2_per_kwh"]
+
+
+def carbon_actuals(store, zone: str, start: pd.Timestamp, end: pd.Timestamp) -> pd.Series:
+    """The zone's measured carbon intensity in [start, end): a Series of gCO2/kWh indexed by hour."""
+    frame = store.query(
+        "SELECT hour, gco2_per_kwh FROM carbon_actuals WHERE zone = ? AND hour >= ? AND hour < ? ORDER BY hour",
+        [zone, start, end],
+    )
+    return frame.set_index("hour")["gco2_per_kwh"]
+
+
+def plan_in_force(store, cluster: str, plan_date: date) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The plan in force for the cluster-day: (hours, status).
+
+    hours columns: the ``vccs`` table's (run_id, plan_date, cluster, hour, hour_index, vcc_cores,
+    flexible_cpu_cores, inflexible_cpu_cores, power_kw, carbon_kgco2, gco2_per_kwh), ordered by hour.
+    status columns: the ``vcc_status`` table's (run_id, plan_date, cluster, campus, status, reason,
+    capacity_cores, theta_core_hours, tau_core_hours, expected_kgco2, flat_kgco2, saving_pct, peak_kw): one row,
+    or none without a plan."""
+    hours = store.query(
+        "SELECT * FROM current_vccs WHERE cluster = ? AND plan_date = ? ORDER BY hour", [cluster, plan_date]
+    )
+    status = store.query("SELECT * FROM current_vcc_status WHERE cluster = ? AND plan_date = ?",
+                         [cluster, plan_date])
+    return hours, status
+
+
+def shaping_switched_off(store, clusters: list[str], plan_date: date) -> pd.DataFrame:
+    """The SLO loop's switch-offs in force on ``plan_date`` for the named clusters: the newest per cluster.
+
+    Columns: cluster, reason, disabled_until."""
+    return store.query(
+        "SELECT cluster, reason, disabled_until FROM shaping_state WHERE list_contains(?, cluster)"
+        " AND disabled_from <= ? AND disabled_until >= ?"
+        " QUALIFY row_number() OVER (PARTITION BY cluster ORDER BY disabled_from DESC) = 1",
+        [list(clusters), plan_date, plan_date],
+    )
