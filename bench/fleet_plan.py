@@ -1,6 +1,7 @@
 """Nightly plan time and peak memory per stage for generated fleets of 100, 1,000 and 10,000 clusters.
 
-    .venv/bin/python bench/fleet_plan.py [--sizes 100 1000 10000] [--runner local|dask] [--repeat 1]
+    .venv/bin/python bench/fleet_plan.py [--sizes 100 1000 10000] [--program queue|ceiling] [--runner local|dask]
+                                         [--repeat 1]
 
 For each size: `prepare_scale_run` builds the fleet, a store with its history and the next night's telemetry
 (cached under --workdir; --fresh rebuilds). Each measured run starts from a copy of that store, in its own
@@ -24,14 +25,15 @@ STAGES = ("telemetry", "carbon-forecast", "slo-feedback", "store-reads", "foreca
           "load-forecast", "vcc-program", "store-write")
 
 
-def one_run(folder: Path, runner: str, workers: int) -> dict:
+def one_run(folder: Path, runner: str, workers: int, program: str) -> dict:
     from cicm.config import load_fleet
     from cicm.flows.nightly import PlanOptions, run_nightly_plan
 
     started = time.perf_counter()
     fleet_path = folder / "fleet.toml"
     fleet = load_fleet(fleet_path)
-    options = PlanOptions(runner=runner, dask_workers=workers, telemetry_dir=str(folder / "telemetry"))
+    options = PlanOptions(runner=runner, dask_workers=workers, telemetry_dir=str(folder / "telemetry"),
+                          program=program)
     outcome = run_nightly_plan(fleet.default_plan_date, folder / "run.duckdb", fleet_path, options)
     wall = time.perf_counter() - started
     seconds = dict(outcome.seconds)
@@ -42,10 +44,10 @@ def one_run(folder: Path, runner: str, workers: int) -> dict:
             "children_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
-def measure(folder: Path, runner: str, workers: int) -> dict:
+def measure(folder: Path, runner: str, workers: int, program: str) -> dict:
     shutil.copy(folder / "cicm.duckdb", folder / "run.duckdb")
     out = subprocess.run([sys.executable, __file__, "--one", str(folder), "--runner", runner,
-                          "--dask-workers", str(workers)], capture_output=True, text=True)
+                          "--dask-workers", str(workers), "--program", program], capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"run failed for {folder}:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -65,10 +67,11 @@ def main() -> None:
     parser.add_argument("--dask-workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1, help="runs per size; the median is shown")
     parser.add_argument("--fresh", action="store_true", help="rebuild the cached stores")
+    parser.add_argument("--program", default="queue", choices=["queue", "ceiling"], help="the VCC program")
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one_run(args.one, args.runner, args.dask_workers)))
+        print(json.dumps(one_run(args.one, args.runner, args.dask_workers, args.program)))
         return
 
     from cicm.flows.scale import prepare_scale_run
@@ -81,14 +84,14 @@ def main() -> None:
             info = prepare_scale_run(folder, n)
             print(f"{n} clusters: store seeded with {info['usage_rows']:,} usage rows in "
                   f"{time.perf_counter() - started:.0f} s ({(folder / 'cicm.duckdb').stat().st_size / 2**30:.2f} GiB)")
-        runs = [measure(folder, args.runner, args.dask_workers) for _ in range(args.repeat)]
+        runs = [measure(folder, args.runner, args.dask_workers, args.program) for _ in range(args.repeat)]
         walls = [r["wall"] for r in runs]
         best = runs[walls.index(statistics.median_low(walls))]
         rows.append((n, statistics.median(walls), best))
         print(f"{n} clusters: {best['wall']:.1f} s wall, {best['shaped']}/{best['clusters']} shaped, "
               f"peak RSS {max(best['peak_rss_mb'], best['children_peak_rss_mb']):.0f} MiB", flush=True)
 
-    print(f"\nrunner {args.runner}" + (f" ({args.dask_workers} workers)" if args.runner == "dask" else "")
+    print(f"\nprogram {args.program}, runner {args.runner}" + (f" ({args.dask_workers} workers)" if args.runner == "dask" else "")
           + "; seconds per stage (models and programs: summed over partitions)")
     header = f"{'stage':<22}" + "".join(f"{n:>12,}" for n, _, _ in rows)
     print(header)

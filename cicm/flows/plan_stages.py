@@ -589,6 +589,7 @@ def queue_plan_rows(day: CampusDay, plan_date: date, inputs: list, usage: pd.Dat
         plan = plan_queue(QueueCampus(day.campus.name, tuple(built), eta_all, committed=np.arange(len(hours)) < n_day,
                                       contract_kw=day.campus.contract_limit_kw, lambda_e=options.lambda_e,
                                       lambda_p=options.lambda_p, solver=options.solver))
+    built_names = [b.name for b in built]
     for ci in inputs:
         ratio = ci.reservation_ratio
         capacity_res = float(np.max(ci.capacity_cores))
@@ -601,7 +602,7 @@ def queue_plan_rows(day: CampusDay, plan_date: date, inputs: list, usage: pd.Dat
         u = ci.inflexible_cpu_cores
         curve = ci.power_curve
         if shaped:
-            qc = built[[b.name for b in built].index(ci.name)]
+            qc = built[built_names.index(ci.name)]
             service = plan.service_cpu_cores[i][:n_day]
             room = qc.room_cpu_cores[:n_day]
             s = service + risk_margin(service, room, extras[ci.name])
@@ -612,12 +613,20 @@ def queue_plan_rows(day: CampusDay, plan_date: date, inputs: list, usage: pd.Dat
             flat_kg = curve(u + flat) * eta / 1000.0
             flex_kg = float(((power - curve(u)) * eta).sum() / 1000.0)
             flat_flex_kg = float(((curve(u + flat) - curve(u)) * eta).sum() / 1000.0)
+        elif ci.name in built_names:  # unshaped: it runs work as it comes, so expected = flat, saving 0
+            qc = built[built_names.index(ci.name)]
+            s = np.full(len(u), np.nan)
+            vcc = np.full(len(u), capacity_res)
+            power = curve(u + greedy_service(qc.must_core_hours, qc.avail_core_hours, qc.room_cpu_cores)[:n_day])
+            kg = flat_kg = power * eta / 1000.0
+            flex_kg = flat_flex_kg = np.nan
         else:
             s = np.full(len(u), np.nan)
             vcc = np.full(len(u), capacity_res)
             power = kg = np.full(len(u), np.nan)
             flat_kg = np.full(len(u), np.nan)
             flex_kg = flat_flex_kg = np.nan
+        known = shaped or ci.name in built_names
         vcc_frames.append(pd.DataFrame({
             "plan_date": plan_date, "cluster": ci.name, "hour": day.hours, "hour_index": np.arange(len(u)),
             "vcc_cores": vcc, "flexible_cpu_cores": s, "inflexible_cpu_cores": u, "power_kw": power,
@@ -627,10 +636,11 @@ def queue_plan_rows(day: CampusDay, plan_date: date, inputs: list, usage: pd.Dat
             "status": "shaped" if shaped else "fallback", "reason": None if shaped else reason,
             "capacity_cores": capacity_res, "theta_core_hours": np.nan,
             "tau_core_hours": float(np.nansum(s)) if shaped else np.nan,
-            "expected_kgco2": float(np.sum(kg)) if shaped else np.nan,
-            "flat_kgco2": float(np.sum(flat_kg)) if shaped else np.nan,
-            "saving_pct": 100 * (1 - flex_kg / flat_flex_kg) if shaped and flat_flex_kg > 0 else np.nan,
-            "peak_kw": float(np.max(power)) if shaped else np.nan})
+            "expected_kgco2": float(np.sum(kg)) if known else np.nan,
+            "flat_kgco2": float(np.sum(flat_kg)) if known else np.nan,
+            "saving_pct": (100 * (1 - flex_kg / flat_flex_kg) if flat_flex_kg > 0 else np.nan) if shaped
+            else (0.0 if known else np.nan),
+            "peak_kw": float(np.max(power)) if known else np.nan})
     note = (f"{day.campus.name}: queue program over {len(hours)} h ({n_day} committed), "
             f"{sum(r['status'] == 'shaped' for r in status_rows)}/{len(status_rows)} shaped"
             + (f" via {plan.solver} in {plan.solve_seconds:.2f} s" if plan else ""))
