@@ -83,9 +83,12 @@ def plan(
 
     try:
         fleet_cfg = load_fleet(fleet)
-        if date is None and fleet_cfg.default_plan_date is None:
+        if date:
+            plan_date = parse_plan_date(date)
+        elif fleet_cfg.default_plan_date is not None:
+            plan_date = fleet_cfg.default_plan_date
+        else:
             raise InputError("date", "the fleet has no default_plan_date; pass --date")
-        plan_date = parse_plan_date(date) if date else fleet_cfg.default_plan_date
         options = PlanOptions(provider=provider, base_url=base_url, csv_path=str(csv) if csv else None, seed=seed,
                               gamma=gamma, lambda_e=lambda_e, lambda_p=lambda_p, delta_min=delta_min,
                               delta_max=delta_max, solver=solver, min_forecast_value_pct=min_forecast_value_pct,

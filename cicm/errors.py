@@ -9,7 +9,8 @@ class InputError(ValueError):
         self.message = message
         super().__init__(f"{field}: {message}")
 
-    def __reduce__(self):  # picklable across process pools (bench workers, Prefect)
+    # picklable across process pools (bench workers, Prefect)
+    def __reduce__(self) -> "tuple[type[InputError], tuple[str, str]]":
         return (type(self), (self.field, self.message))
 
 
@@ -22,5 +23,5 @@ class ProviderError(RuntimeError):
         self.message = message
         super().__init__(f"{provider}: {message}" + (f" (HTTP {status_code})" if status_code else ""))
 
-    def __reduce__(self):
+    def __reduce__(self) -> "tuple[type[ProviderError], tuple[str, str, int | None]]":
         return (type(self), (self.provider, self.message, self.status_code))

@@ -4,10 +4,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def stdout_to_stderr(enabled: bool):
+def stdout_to_stderr(enabled: bool) -> Iterator[None]:
     """Send everything written to file descriptor 1 (Python's and C libraries', e.g. the HiGHS banner) to stderr,
     so that ``--json`` leaves stdout holding the JSON document alone."""
     if not enabled:

@@ -52,7 +52,7 @@ CEILING_TOLERANCE_PP = 0.1
 
 def lower_convex_hull(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Slopes and intercepts of the lower convex hull of points (x sorted): a convex minorant of the curve."""
-    pts = []
+    pts: list[tuple[float, float]] = []
     for xi, yi in zip(x, y):
         while len(pts) >= 2:
             (x1, y1), (x2, y2) = pts[-2], pts[-1]
@@ -195,6 +195,7 @@ def policy_table(bt: Backtest, with_bound: bool = True) -> pd.DataFrame:
                         if not relaxed:
                             cache[key] = value
                     bounds[p] += value if relaxed else cache[key]
+            assert series is not None  # a campus has at least one cluster
             peaks[p].append(float(series.max()))
     # unfinished work is charged at the carbon-agnostic mean kg per flexible core-hour
     base = outcomes[BASELINE]

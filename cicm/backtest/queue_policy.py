@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import date, timedelta
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import pandas as pd
@@ -29,6 +30,10 @@ from cicm.errors import InputError
 from cicm.models.arrivals import forecast_arrivals, hourly_arrivals, seasonal_ewma
 from cicm.optimize.queue import QueueCampus, QueueCluster, arrival_bounds, correction_cap, plan_queue, risk_margin, \
     task_bounds
+
+if TYPE_CHECKING:
+    from cicm.models.load import LoadForecast
+    from cicm.optimize.inputs import PowerCurve
 
 _H = pd.Timedelta(hours=1)
 
@@ -42,7 +47,7 @@ class _Cluster:
     arrivals_fc: np.ndarray  # seasonal EWMA per simulated hour (uses only data >= 1 week older)
     inflexible_fc: np.ndarray  # per simulated hour: the planner's inflexible forecast
     inflexible_up: np.ndarray
-    curve: object  # PowerCurve the program plans with
+    curve: PowerCurve | None  # the curve the program plans with (None: no power model yet)
     record: np.ndarray  # plan of record: flexible usage cap per simulated hour (NaN = no plan: unshaped)
     replan: np.ndarray  # re-planned service per simulated hour (the cap applied)
     q_arrivals: float = 0.0
@@ -122,11 +127,15 @@ def run_queue_policy(seg, campus_days: list, options, data: dict, policy: str, t
                     if problem or models.power_curve is None:
                         cl.fallback = problem or "no-power-model"
                     else:
-                        cl.curve = models.power_curve
+                        # ClusterModels types these seams as object (cicm.flows.plan_stages); without a problem
+                        # they are a PowerCurve and an "ok" LoadForecast.
+                        cl.curve = cast("PowerCurve", models.power_curve)
+                        load = cast("LoadForecast", models.load)
                         idx = _slots(seg.hours, cd.hours)
-                        cl.inflexible_fc[idx] = models.load.inflexible_cpu_cores.to_numpy()
-                        cl.inflexible_up[idx] = models.load.inflexible_upper_cpu_cores.to_numpy()
-                        thetas[(c.name, d)] = float(models.load.theta_core_hours)
+                        cl.inflexible_fc[idx] = load.inflexible_cpu_cores.to_numpy()
+                        cl.inflexible_up[idx] = load.inflexible_upper_cpu_cores.to_numpy()
+                        assert load.theta_core_hours is not None  # set on an "ok" forecast
+                        thetas[(c.name, d)] = float(load.theta_core_hours)
                     past = cl.arrivals_hist[cl.arrivals_hist.index < cd.planned_at.floor("h")]
                     try:
                         fc = forecast_arrivals(past.iloc[-24 * 63:], cd.hours, quantile=options.arrival_quantile)
@@ -167,6 +176,7 @@ def _horizon(seg, t: int, options, oracle: bool) -> np.ndarray:
 
 def _cluster_input(seg, cl: _Cluster, t: int, hz: np.ndarray, options, oracle: bool,
                    limit: np.ndarray | None, carry: float = 0.0) -> QueueCluster:
+    assert cl.curve is not None  # _solve passes only the clusters with a curve
     sim = cl.sim
     tasks = sim.tasks
     n = hz.size

@@ -30,7 +30,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from datetime import date, timedelta
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, cast
 
 import numpy as np
 import pandas as pd
@@ -42,6 +42,9 @@ from cicm.config import Campus, Cluster, Fleet, GRID_ZONES
 from cicm.errors import InputError
 from cicm.flows.nightly import PlanOptions
 from cicm.timeutil import check_timezone, local_day_hours_utc, planning_time_utc
+
+if TYPE_CHECKING:
+    from cicm.models.load import LoadForecast
 
 POLICIES = ("carbon-agnostic", "threshold", "threshold-guard", "cicm-ceiling", "planner", "oracle")
 BASELINE = "carbon-agnostic"
@@ -369,10 +372,10 @@ def _run_ceiling(fleet: Fleet, seg: Segment, campus_days: list, options: Backtes
             window = history[history.index >= cd.planned_at - pd.Timedelta(days=stages.POWER_WINDOW_DAYS + 1)]
             telemetry = cluster_power_telemetry(c, window.reset_index(), options.seed)
             models = stages.cluster_models_from_frames(c, telemetry, history.reset_index(), cd, options.gamma)
-            load = models.load
-            ok = load is not None and load.ok
-            row = {"day": d, "cluster": c.name, "q97": load.reservations_rel_error_q97 if ok else np.nan,
-                   "forecast_flexible_core_hours": load.flexible_core_hours if ok else np.nan}
+            load = cast("LoadForecast | None", models.load)  # typed object in cicm.flows.plan_stages.ClusterModels
+            ok = load if load is not None and load.ok else None
+            row = {"day": d, "cluster": c.name, "q97": ok.reservations_rel_error_q97 if ok is not None else np.nan,
+                   "forecast_flexible_core_hours": ok.flexible_core_hours if ok is not None else np.nan}
             problem = models.load_problem or models.power_problem
             if problem or models.power_curve is None:
                 fallbacks[c.name] = problem or "no-power-model"
@@ -474,15 +477,17 @@ def _run_experiment(seg: Segment, options: BacktestOptions) -> None:
         rng = _rng(options.seed, "experiment", c.name, str(seg.days[0]))
         treated = rng.random(len(seg.days)) < options.experiment_p
         planner = seg.runs[("planner", c.name)]
+        planner_vcc = planner.vcc
+        assert planner_vcc is not None  # a program policy stores its VCC
         cap = np.full(n_h, np.inf)
         for k, t in enumerate(treated):
             idx = np.flatnonzero(seg.day_of_hour == k)
-            shaped = np.isfinite(planner.vcc[idx]).all()
+            shaped = np.isfinite(planner_vcc[idx]).all()
             if t and shaped:
                 cap[idx] = planner.cap[idx]
             rows.append({"cluster": c.name, "day": seg.days[k], "treated": bool(t), "shaped": bool(shaped)})
         _open_loop(seg, c, "experiment", cap, deadline_guard=True,
-                   vcc=np.where(np.isfinite(cap), planner.vcc, np.nan))
+                   vcc=np.where(np.isfinite(cap), planner_vcc, np.nan))
     seg.treated = pd.DataFrame(rows)
 
 
@@ -503,7 +508,8 @@ def long_gap_days(zone_carbon: ZoneCarbon, days: Iterable[date], tz: str, drain_
 
 
 def split_segments(days: list[date], skip: set[date]) -> list[list[date]]:
-    out, cur = [], []
+    out: list[list[date]] = []
+    cur: list[date] = []
     for d in days:
         if d in skip:
             if cur:

@@ -142,7 +142,7 @@ class ClusterSim:
 
     def _slot(self, h: int) -> None:
         t = self.tasks
-        end = np.searchsorted(t.arrival_h, h + 1.0, side="left")
+        end = int(np.searchsorted(t.arrival_h, h + 1.0, side="left"))
         if end > self.next_task:
             self.active = np.concatenate([self.active, np.arange(self.next_task, end)])
             self.next_task = end

@@ -35,7 +35,9 @@ def parse_utc_timestamp(value: Any, field: str) -> pd.Timestamp:
 
 def parse_utc_timestamps(values: Iterable[Any], field: str) -> pd.DatetimeIndex:
     """Many ISO-8601 timestamps -> tz-aware UTC DatetimeIndex (ns). Naive or unparseable ones raise, all named."""
-    parsed, bad, naive = [], [], []
+    parsed: list[pd.Timestamp] = []
+    bad: list[str] = []
+    naive: list[str] = []
     for i, value in enumerate(values):
         try:
             parsed.append(parse_utc_timestamp(value, field))

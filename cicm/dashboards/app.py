@@ -16,6 +16,7 @@ import io
 import math
 from datetime import date
 from pathlib import Path
+from typing import Any, Mapping
 from urllib.parse import parse_qs, urlencode
 
 import pandas as pd
@@ -83,13 +84,13 @@ def _params(search: str | None) -> dict[str, str]:
     return {k: v[-1] for k, v in parsed.items() if v}
 
 
-def _search(params: dict[str, str | None]) -> str:
+def _search(params: Mapping[str, str | None]) -> str:
     kept = {k: v for k, v in params.items() if v}
     return "?" + urlencode(kept) if kept else ""
 
 
 def _with_param(search: str | None, key: str, value) -> str:
-    params = _params(search)
+    params: dict[str, str | None] = dict(_params(search))
     params[key] = str(value) if value is not None else None
     return _search(params)
 
@@ -138,7 +139,8 @@ def _status_span(status) -> html.Span:
     return html.Span(text, className=f"status-{text}")
 
 
-def grid(frame: pd.DataFrame, columns: list[tuple], table_id: str, row_key: str | None = None) -> html.Table:
+def grid(frame: pd.DataFrame, columns: list[tuple[Any, ...]], table_id: str,
+         row_key: str | None = None) -> html.Table:
     """A plain HTML table. columns: (column, header, formatter or None, css class or None)."""
     head = html.Thead(html.Tr([html.Th(h) for _, h, *_ in columns]))
     rows = []
@@ -148,7 +150,7 @@ def grid(frame: pd.DataFrame, columns: list[tuple], table_id: str, row_key: str 
             value = row.get(col)
             content = formatter(value, row) if formatter else fmt(value)
             cells.append(html.Td(content, className=(rest[0] if rest else None)))
-        attrs = {"data-key": str(row[row_key])} if row_key else {}
+        attrs: dict[str, Any] = {"data-key": str(row[row_key])} if row_key else {}
         rows.append(html.Tr(cells, **attrs))
     return html.Table([head, html.Tbody(rows)], id=table_id, className="grid")
 
@@ -302,7 +304,7 @@ class Pages:
             verdict = "violated" if row["slo_last_violated"] else "met, close" if row["slo_last_close"] else "met"
             return f"{fmt_date(row['slo_last_day'])}: {verdict}"
 
-        columns = [
+        columns: list[tuple[Any, ...]] = [
             ("cluster", "cluster", cluster_link),
             ("status", "status", lambda v, _r: _status_span(v)),
             ("reason_code", "reason", None),
@@ -318,8 +320,9 @@ class Pages:
         body = []
         for (campus, zone), group in frame.groupby(["campus", "grid_zone"], sort=True, dropna=False):
             tz = group["timezone"].dropna().iloc[0] if group["timezone"].notna().any() else "?"
+            group_attrs: dict[str, Any] = {"data-campus": str(campus)}
             body.append(html.Tr(html.Td(f"{campus} — grid zone {zone} — {tz}", colSpan=len(columns)),
-                                className="group", **{"data-campus": str(campus)}))
+                                className="group", **group_attrs))
             table = grid(group, columns, "unused", row_key="cluster")
             body.extend(table.children[1].children)
         fleet_table = html.Table([html.Thead(html.Tr([html.Th(h) for _, h, *_ in columns])), html.Tbody(body)],
@@ -364,6 +367,7 @@ class Pages:
         backtest = data.backtest_results(r, cluster)
         deviations = data.intraday_deviations(r, cluster, plan_date)
 
+        summary: html.P | html.Div
         if status is None:
             summary = html.P(f"No plan in force for {cluster} on {plan_date}.", id="cluster-status")
         else:
@@ -457,7 +461,8 @@ class Pages:
         backtest = data.backtest_results(r)
         if runs.empty:
             return html.Div([html.H1("Plan history"), html.P("No runs recorded yet.")], id="runs-page")
-        run_id = params.get("run") if params.get("run") in set(runs["run_id"]) else runs.iloc[0]["run_id"]
+        wanted = params.get("run")
+        run_id = wanted if wanted is not None and wanted in set(runs["run_id"]) else runs.iloc[0]["run_id"]
         table = grid(runs, [
             ("run_id", "run", lambda v, _r: dcc.Link(v, href=f"/runs?run={v}")),
             ("kind", "kind", None),
@@ -469,8 +474,10 @@ class Pages:
             ("message", "message", lambda v, _r: html.Div(fmt(v), className="detail")),
         ], "runs-table", row_key="run_id")
         record = data.run_record(r, run_id)
+        assert record is not None  # run_id is one of the listed runs
         summary = data.parse_json(record.get("summary")) or {}
         params_doc = data.parse_json(record.get("params")) or {}
+        assert isinstance(params_doc, dict)  # a run's params are a JSON object
         stages = pd.DataFrame(summary.get("stages", []) if isinstance(summary, dict) else [])
         clusters = pd.DataFrame(summary.get("clusters", []) if isinstance(summary, dict) else [])
         log = [
@@ -504,7 +511,7 @@ class Pages:
 def _frame_table(frame: pd.DataFrame, table_id: str) -> html.Table | html.P:
     if frame.empty:
         return html.P("no rows", className="muted", id=table_id)
-    columns = []
+    columns: list[tuple[Any, ...]] = []
     for col in frame.columns:
         kind = frame[col].dtype.kind
         if kind == "f":
@@ -530,7 +537,8 @@ def create_app(db_path: Path | str, fleet_path: Path | str | None = None,
             raise
         fleet = None
     pages = Pages(reader, fleet)
-    app = Dash(__name__, title="cicm — operators' dashboard", update_title=None,
+    # update_title=None turns the "Updating..." title off (documented), though dash's annotation says str.
+    app = Dash(__name__, title="cicm — operators' dashboard", update_title=None,  # type: ignore[arg-type]
                suppress_callback_exceptions=True, serve_locally=True)
     app.index_string = INDEX
     app.layout = html.Div([

@@ -26,6 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from cicm.errors import InputError
 
 from .backends.base import BackendError, ContainerBackend
+from .backends.simulated import SimulatedBackend
 from .clock import Clock, clock_mode, is_simulated
 from .core import Ecovisor
 from .errors import AuthError, ConflictError, ForbiddenError
@@ -89,8 +90,11 @@ class CallbackDispatcher:
 
     async def _post(self, app: str, url: str, payload: dict) -> None:
         try:
+            client = self.client
+            if client is None:  # stopped since the callback was fired
+                raise RuntimeError("the callback client is closed")
             with anyio.fail_after(self.timeout_s + 0.5):
-                r = await self.client.post(url, json=payload)
+                r = await client.post(url, json=payload)
             if r.status_code >= 400:
                 raise httpx.HTTPStatusError(f"HTTP {r.status_code}", request=r.request, response=r)
             self.sent[app] = self.sent.get(app, 0) + 1
@@ -278,7 +282,7 @@ def create_app(
     @api.put("/v1/admin/containers/{name}/demand", tags=["admin"])
     def set_demand(name: str, body: DemandBody, _: Admin) -> dict:
         """Simulated backend only: a container's CPU demand in cores."""
-        if backend.kind != "simulated":
+        if backend.kind != "simulated" or not isinstance(backend, SimulatedBackend):
             raise ConflictError("demand can only be set on the simulated backend")
         if name not in core.containers:
             raise InputError("container", f"unknown container {name!r}")

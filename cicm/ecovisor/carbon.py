@@ -133,6 +133,7 @@ def read_trace_csv(path: Path, timestamp_column: str, column: str) -> pd.Series:
 
 def load_carbon(src: CarbonSource, base_dir: Path | str = ".") -> CarbonTrace:
     if src.source == "eia":
+        assert src.zone is not None  # CarbonSource._need
         zone = src.zone.upper()
         path = eia_trace_path(zone)
         if not path.exists():
@@ -140,6 +141,7 @@ def load_carbon(src: CarbonSource, base_dir: Path | str = ".") -> CarbonTrace:
         s = read_trace_csv(path, "timestamp", "avg_CI")
         name = zone
     else:
+        assert src.path is not None  # CarbonSource._need
         p = Path(src.path)
         path = p if p.is_absolute() else Path(base_dir) / p
         s = read_trace_csv(path, src.timestamp_column, src.column)

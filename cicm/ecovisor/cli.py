@@ -42,6 +42,7 @@ def serve(
                 raise InputError("backend", f"unknown backend {backend!r}")
             cfg = cfg.model_copy(update={"backend": cfg.backend.model_copy(update={"kind": backend})})
             cfg._base_dir = str(site.resolve().parent)
+        clk: RealClock | SimulatedClock
         if clock == "real":
             clk = RealClock()
         elif clock == "simulated":

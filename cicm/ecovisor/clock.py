@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from datetime import datetime, timedelta, timezone
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeGuard, runtime_checkable
 
 from cicm.errors import InputError
 
@@ -68,7 +68,7 @@ def clock_mode(clock: object) -> str:
     return getattr(clock, "mode", "?")
 
 
-def is_simulated(clock: object) -> bool:
+def is_simulated(clock: object) -> TypeGuard[ManualClock]:
     """True for a clock that ticks only when advanced (``POST /v1/tick``)."""
     return clock_mode(clock) == "simulated"
 

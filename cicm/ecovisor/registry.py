@@ -121,7 +121,10 @@ class AppRegistry:
             self.containers[c].app = app.name
 
     def _grid_share_kw(self, reg: AppRegistration) -> float:
-        return reg.grid_kw if reg.grid_kw is not None else reg.grid_fraction * self.site.grid.capacity_kw
+        if reg.grid_kw is not None:
+            return reg.grid_kw
+        assert reg.grid_fraction is not None  # exactly one of the two (checked on registration)
+        return reg.grid_fraction * self.site.grid.capacity_kw
 
     def _check_shares(self, reg: AppRegistration, grid_kw: float) -> None:
         others = list(self.apps.values())

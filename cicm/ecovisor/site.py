@@ -159,7 +159,8 @@ class Container(BaseModel):
 
     @model_validator(mode="after")
     def _fit(self) -> "Container":
-        if self.power.kind == "piecewise" and abs(self.power.points[-1][0] - self.cores) > 1e-12:
+        points = self.power.points  # PowerModelSpec._need: set when kind is piecewise
+        if self.power.kind == "piecewise" and points is not None and abs(points[-1][0] - self.cores) > 1e-12:
             raise ValueError("piecewise points must end at the container's cores")
         return self
 

@@ -92,6 +92,7 @@ class SolarTrace(SolarModel):
 def load_solar(location: Location, solar: Solar, base_dir: Path | str = ".") -> SolarModel:
     if solar.source == "pvlib":
         return PvlibClearSky(location, solar)
+    assert solar.path is not None  # Solar._need
     p = Path(solar.path)
     path = p if p.is_absolute() else Path(base_dir) / p
     try:

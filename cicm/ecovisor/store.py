@@ -184,6 +184,7 @@ class Telemetry:
                 "FROM ecovisor_container_ticks WHERE container = ? AND app = ? AND interval_end > ? AND interval_start < ?",
                 [end, start, end, start, container, app, start, end],
             ).fetchone()
+        assert r is not None  # an aggregate always returns one row
         return {"energy_kwh": float(r[0]), "carbon_kgco2": float(r[1]), "ticks": int(r[2])}
 
     def app_totals(self, app: str, start: datetime, end: datetime) -> dict:
@@ -202,6 +203,7 @@ class Telemetry:
                 f"SELECT {', '.join(sel)} FROM ecovisor_app_ticks WHERE app = ? AND interval_end > ? AND interval_start < ?",
                 args,
             ).fetchone()
+        assert r is not None  # an aggregate always returns one row
         out = {k: float(v) for k, v in zip(cols, r[: len(cols)])}
         out["carbon_kgco2"] = float(r[len(cols)])
         out["ticks"] = int(r[len(cols) + 1])

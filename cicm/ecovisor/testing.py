@@ -46,7 +46,7 @@ def test_site(**overrides) -> SiteConfig:
     return parse_site(d)
 
 
-test_site.__test__ = False  # not a pytest test
+setattr(test_site, "__test__", False)  # not a pytest test
 
 
 def free_port() -> int:

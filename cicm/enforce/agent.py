@@ -28,6 +28,7 @@ import logging
 import math
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import pandas as pd
 
@@ -45,6 +46,9 @@ from cicm.enforce.policy import (
     flexible_targets,
     tolerance_cores,
 )
+
+if TYPE_CHECKING:
+    from cicm.optimize.inputs import PowerCurve
 
 log = logging.getLogger("cicm.agent")
 
@@ -182,8 +186,13 @@ class Agent:
     def _correct(self, hour: pd.Timestamp, plan: DayPlan, allowance: float) -> tuple[float, Correction | None, str]:
         off = "no hourly correction: "
         q = plan.queue
-        if q is None or q.problem:
-            return allowance, None, off + (q.problem if q is not None else "the plan carries no queue context")
+        if q is None:
+            return allowance, None, off + "the plan carries no queue context"
+        if q.problem:
+            return allowance, None, off + q.problem
+        # Without a problem the context has both (cicm.enforce.plans, where the curve is typed object).
+        assert q.capacity_cores is not None
+        capacity_cores, power_curve = q.capacity_cores, cast("PowerCurve", q.power_curve)
         frames = [plan.hours.loc[plan.hours.index >= hour]]
         try:  # tomorrow's plan, when it is in force already, is the rest of the horizon
             after = self.plans.lookup(plan.last_hour + pd.Timedelta(hours=1)).plan
@@ -223,7 +232,7 @@ class Agent:
                 hours=pd.DatetimeIndex(hz.index), plan_cpu_cores=hz["flexible_cpu_cores"].to_numpy(),
                 inflexible_cpu_cores=hz["inflexible_cpu_cores"].to_numpy(),
                 inflexible_upper_cpu_cores=hz["inflexible_upper_cpu_cores"].to_numpy(),
-                capacity_cores=q.capacity_cores, power_curve=q.power_curve,
+                capacity_cores=capacity_cores, power_curve=power_curve,
                 carbon_gco2_per_kwh=hz["gco2_per_kwh"].to_numpy(), backlog=snap.items,
                 arrivals_core_hours=snap.arrivals_core_hours, carry_core_hours=carry,
                 planning_margin_hours=q.planning_margin_hours, lambda_e=q.lambda_e, lambda_p=q.lambda_p,
@@ -353,6 +362,7 @@ class Agent:
             out.vcc_cores = float(plan.row(hour)["vcc_cores"])
         details = [note] if note else []
         if mode == MODE_SHAPED:
+            assert plan is not None and allowance is not None  # plan_for gives both with MODE_SHAPED
             out.allowance_cores, out.correction, corr_note = self.corrected(hour, plan, allowance)
             allowance = out.allowance_cores
             if corr_note:
@@ -377,6 +387,7 @@ class Agent:
                 if not c.flexible:
                     out.caps[c.name] = self._lift(c, changes, "inflexible work is never capped")
             if mode == MODE_SHAPED:
+                assert allowance is not None  # as above
                 scale = self._scale(plan, containers)
                 out.allowance_container_cores = allowance / scale
                 targets = flexible_targets(out.allowance_container_cores, flexible)

@@ -81,6 +81,8 @@ def build_agent(*, cluster: str, ecovisor: str, token: str | None, db: Path | No
     params = {"cluster": cluster, "ecovisor": ecovisor, "plan_file": str(plan_file) if plan_file else None,
               **{k: v for k, v in config.__dict__.items() if k != "cluster"}}
     backlog = None
+    plans: FilePlanSource | StorePlanSource
+    audit: JsonlAudit | StoreAudit
     if plan_file is not None:
         plans = FilePlanSource(plan_file, cluster)
         audit = JsonlAudit(audit_file or _default_audit_file(None, plan_file, cluster), run_id)

@@ -259,6 +259,7 @@ def select_qr_candidate(x: pd.DataFrame, ratio: np.ndarray, level: np.ndarray, b
         score = float((daily["a"] - daily["f"]).abs().sum() / max(daily["a"].sum(), 1e-12))  # daily WAPE
         if best is None or score < best_score:
             best, best_score, best_errors = name, score, errors
+    assert best is not None  # QR_CANDIDATES is not empty
     return best, best_errors
 
 

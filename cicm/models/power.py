@@ -396,7 +396,7 @@ def _fit_results(fits: _GridFits, now: pd.Timestamp, start: pd.Timestamp) -> lis
 
 def _check_window(now, window_days) -> tuple[pd.Timestamp, pd.Timestamp]:
     now = _check_now(now)
-    if not (isinstance(window_days, numbers.Real) and math.isfinite(window_days) and window_days > 0):
+    if not (isinstance(window_days, numbers.Real) and math.isfinite(window_days) and float(window_days) > 0):
         raise InputError("window_days", f"must be a positive number of days, got {window_days!r}")
     return now, now - pd.Timedelta(days=window_days)
 
@@ -532,6 +532,7 @@ def fit_power_models_batch(
     bounds = np.searchsorted(codes[by_domain], np.arange(n_dom + 1)) if by_domain is not None else None
     for d, name in enumerate(names):
         if failed[d]:
+            assert by_domain is not None and bounds is not None  # set when any domain failed
             rows = by_domain[bounds[d] : bounds[d + 1]]
             results[name] = _fit_domain_slowly(telemetry, rows, now, window_days, clean)
         else:

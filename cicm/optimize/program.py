@@ -41,7 +41,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import cvxpy as cp
 import numpy as np
@@ -160,15 +160,15 @@ class _Prep:
     # Power curves (see cicm.optimize.curves): which clusters use one, the packed curves, and the segments of each
     # curve's lower convex hull over the usage its plan can reach, stored flat (cluster i owns the segments
     # seg_start[i]:seg_start[i+1]; none for linear clusters).
-    curve: np.ndarray = None  # (C,) bool
-    table: CurveTable = None  # the curves packed (dummy rows for linear clusters)
-    hull_nom: np.ndarray = None  # (C,H) the LP's power at delta = 0 (= nom, except for a non-convex curve)
-    gap: np.ndarray = None  # (C,) max over the reachable range of true curve - hull, kW (0: convex or linear)
-    seg_start: np.ndarray = None  # (C+1,)
-    seg_a: np.ndarray = None  # (S,) intercepts, kW
-    seg_b: np.ndarray = None  # (S,) slopes, kW per core
-    seg_x0: np.ndarray = None  # (S,) where each segment starts and ends on the hull, cores
-    seg_x1: np.ndarray = None
+    curve: np.ndarray  # (C,) bool
+    table: CurveTable  # the curves packed (dummy rows for linear clusters)
+    hull_nom: np.ndarray  # (C,H) the LP's power at delta = 0 (= nom, except for a non-convex curve)
+    gap: np.ndarray  # (C,) max over the reachable range of true curve - hull, kW (0: convex or linear)
+    seg_start: np.ndarray  # (C+1,)
+    seg_a: np.ndarray  # (S,) intercepts, kW
+    seg_b: np.ndarray  # (S,) slopes, kW per core
+    seg_x0: np.ndarray  # (S,) where each segment starts and ends on the hull, cores
+    seg_x1: np.ndarray
     power_model: list = field(default_factory=list)
     reason: list = field(default_factory=list)
     detail: list = field(default_factory=list)
@@ -323,17 +323,18 @@ class _Delta:
       ``fill_seg`` and ``fill_sign`` (+1 up, -1 down) say which.
     """
 
-    d: object
-    value: object
     cons: list
     lin: np.ndarray
-    abs_lin: object
+    abs_lin: cp.Expression | None  # None when there are no linear rows
     cur: np.ndarray
-    fill: object = None
-    fill_row: np.ndarray = None
-    fill_h: np.ndarray = None
-    fill_seg: np.ndarray = None
-    fill_sign: np.ndarray = None
+    # Set by _delta_block: ``d`` and ``value`` always, the fill fields when there are curve rows (``cur.size``).
+    d: cp.Expression = field(init=False)
+    value: Callable[[], np.ndarray | None] = field(init=False)
+    fill: cp.Variable = field(init=False)
+    fill_row: np.ndarray = field(init=False)
+    fill_h: np.ndarray = field(init=False)
+    fill_seg: np.ndarray = field(init=False)
+    fill_sign: np.ndarray = field(init=False)
 
     def fill_expr(self, weight: np.ndarray, n: int, n_h: int):
         """The (n, H) expression sum_s weight * fill per row and hour (0 on the linear rows)."""
@@ -367,7 +368,7 @@ def _delta_block(prep: _Prep, idx: np.ndarray, campus: CampusInput) -> _Delta:
             v = cp.Variable((m, n_h), name="delta", bounds=[np.full((m, n_h), dmin), h_lin])
             d_lin, abs_lin = v, cp.abs(v)
             getters.append((lin, lambda: v.value))
-    out = _Delta(d=None, value=None, cons=[], lin=lin, abs_lin=abs_lin, cur=cur)
+    out = _Delta(cons=[], lin=lin, abs_lin=abs_lin, cur=cur)
     if cur.size:
         rows, seg = _segments_of(prep, idx)
         owner = idx[rows]
@@ -649,6 +650,7 @@ def plan_campus(campus: CampusInput, *, tie_break: float = TIE_BREAK) -> CampusP
         res = _solve_lp(prep, cand, campus, contract_rhs=rhs, mode="plan", tie_rel=tie_break, margin=margin)
         solve_seconds += res.seconds
         if res.status == "optimal":
+            assert res.delta is not None  # _solve_lp returns a delta with "optimal"
             bad = _violations(prep, cand, res.delta, campus, rhs, margin)
             if bad:
                 lp_status = "solver-error"
@@ -667,6 +669,7 @@ def plan_campus(campus: CampusInput, *, tie_break: float = TIE_BREAK) -> CampusP
             res2 = _solve_lp(prep, cand, campus, contract_rhs=None, mode="peak", tie_rel=tie_break, margin=margin)
             solve_seconds += res2.seconds
             if res2.status == "optimal":
+                assert res2.delta is not None
                 lowest = float(_model_peaks(prep, cand, res2.delta, margin).sum())
                 fb = flat_peak_of_fallbacks()
                 msg = (f"campus contract {limit:.6g} kW is below the lowest achievable sum of cluster peaks "

@@ -284,11 +284,12 @@ def _solve(campus: QueueCampus, clusters: list[QueueCluster]) -> tuple[np.ndarra
     ov = None
     limits = [c.limit_cpu_cores for c in clusters]
     if any(lim is not None for lim in limits):
-        lim = np.stack([room[i] if limits[i] is None else np.minimum(limits[i], room[i]) for i in range(n_c)])
+        lim = np.stack([room[i] if cap is None else np.minimum(cap, room[i]) for i, cap in enumerate(limits)])
         carry = np.array([c.carry_core_hours for c in clusters])[:, None]
         ov = cp.Variable((n_c, n), nonneg=True)
         cons.append(s_cum <= (carry + np.cumsum(lim, axis=1)) / scale + ov @ tri.T)
         objective += unit * OVER_PRICE * cp.sum(cp.multiply(scale, ov))
+    assert campus.committed is not None  # QueueCampus.__post_init__ fills the default
     com = np.flatnonzero(campus.committed)
     if campus.lambda_p > 0 or np.isfinite(campus.contract_kw):
         y = cp.Variable(n_c)

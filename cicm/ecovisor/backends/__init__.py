@@ -8,6 +8,7 @@ from .simulated import SimulatedBackend
 def make_backend(site) -> ContainerBackend:
     """The backend named in the site file, with every site container ensured to exist."""
     kind = site.backend.kind
+    b: ContainerBackend
     if kind == "simulated":
         b = SimulatedBackend({c.name: c.sim_demand_cores for c in site.containers})
     elif kind == "cgroup":

@@ -11,6 +11,7 @@ Every container is the group ``<mount>/<root>/<name>``; a process joins it with 
 """
 from __future__ import annotations
 
+import builtins
 import os
 import subprocess
 import threading
@@ -33,7 +34,7 @@ class CgroupLayout:
 
 def _mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str, set[str]]]:
     """(mount point, fstype, super options) of every cgroup mount."""
-    out = []
+    out: list[tuple[str, str, set[str]]] = []
     try:
         text = Path(mountinfo).read_text()
     except OSError:
@@ -184,7 +185,7 @@ class CgroupBackend:
         return cores_since_last_reading(self._last, self._lock, container, self._usage_ns(container))
 
     # ---- processes
-    def _procs_files(self, container: str) -> list[Path]:
+    def _procs_files(self, container: str) -> builtins.list[Path]:  # `list` here is the method
         files = [self._cpu_dir(container) / "cgroup.procs"]
         if self.layout.version == 1 and self.layout.acct_mount != self.layout.cpu_mount:
             files.append(self._acct_dir(container) / "cgroup.procs")
@@ -195,7 +196,7 @@ class CgroupBackend:
         for f in self._procs_files(container):
             _write(f, str(pid))
 
-    def spawn(self, container: str, argv: list[str], **popen_kw) -> subprocess.Popen:
+    def spawn(self, container: str, argv: builtins.list[str], **popen_kw) -> subprocess.Popen:
         """Start a process already inside the container's cgroup (it joins before exec)."""
         self._check(container)
         files = [str(f) for f in self._procs_files(container)]
@@ -207,7 +208,7 @@ class CgroupBackend:
 
         return subprocess.Popen(argv, preexec_fn=join, **popen_kw)
 
-    def pids(self, container: str) -> list[int]:
+    def pids(self, container: str) -> builtins.list[int]:
         self._check(container)
         text = (self._cpu_dir(container) / "cgroup.procs").read_text()
         return [int(x) for x in text.split()]
