@@ -215,3 +215,20 @@ def test_qr_is_scale_equivariant_and_ordered(seed, scale, zero_share):
         np.testing.assert_allclose(getattr(scaled, name), getattr(base, name) * scale, rtol=1e-6, atol=1e-9 * scale)
     assert (base.hourly_upper_core_hours >= base.median_core_hours).all()
     assert base.rel_error_quantile == pytest.approx(scaled.rel_error_quantile, rel=1e-6, abs=1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 200), st.integers(-300, 300), st.integers(1, 100), st.sampled_from(["s", "us", "ns"]),
+       st.booleans())
+def test_values_at_is_reindex(n, shift, m, unit, half_hour):
+    """The fast lookup the EWMA uses answers exactly as pandas' reindex, whatever the datetime unit, with gaps,
+    and off the history's grid (a half-hour target grid matches nothing)."""
+    from cicm.models.arrivals import values_at
+
+    idx = pd.date_range("2022-01-01", periods=n, freq="h", tz="UTC").as_unit(unit)
+    if n > 3:
+        idx = idx.delete([1])
+    history = pd.Series(np.random.default_rng(n).random(len(idx)), index=idx)
+    at = pd.date_range(pd.Timestamp("2022-01-01", tz="UTC") + pd.Timedelta(hours=shift, minutes=30 * half_hour),
+                       periods=m, freq="h")
+    assert np.array_equal(values_at(history, at), history.reindex(at).to_numpy(float), equal_nan=True)

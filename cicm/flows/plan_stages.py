@@ -522,17 +522,16 @@ def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | 
 BACKLOG_WINDOW_HOURS = 48  # the FIFO backlog is measured over this window (assumed empty before it)
 
 
-def queue_cluster(cluster_input, usage: pd.DataFrame, day: CampusDay, hours: pd.DatetimeIndex, options):
+def queue_cluster(cluster_input, rows: pd.DataFrame, day: CampusDay, hours: pd.DatetimeIndex, options):
     """One cluster's queue-program input over ``hours`` (the planning day, then any look-ahead), from its stored
     usage: the FIFO backlog at planning time (each arrival hour's remaining work, due 24 h after it), forecast
     hourly arrivals (:func:`cicm.models.arrivals.forecast_arrivals`), and the load forecast's inflexible usage and
-    quantile (the day's profile repeated over the look-ahead). Returns (QueueCluster, the upper-quantile extra
-    core-hours of the planning day)."""
+    quantile (the day's profile repeated over the look-ahead). ``rows``: the cluster's usage history. Returns
+    (QueueCluster, the upper-quantile extra core-hours of the planning day)."""
     from cicm.models.arrivals import forecast_arrivals
     from cicm.optimize.queue import QueueCluster, arrival_bounds, fifo_backlog, task_bounds
 
     ci = cluster_input
-    rows = usage[usage["cluster"] == ci.name]
     arrived = pd.Series(rows["flexible_arrived_core_hours"].to_numpy(float),
                         index=pd.DatetimeIndex(rows["hour"])).fillna(0.0)
     served = pd.Series(rows["flexible_cpu_cores"].to_numpy(float), index=arrived.index).fillna(0.0)
@@ -574,9 +573,10 @@ def queue_plan_rows(day: CampusDay, plan_date: date, inputs: list, usage: pd.Dat
     n_day = len(day.hours)
     hours = pd.DatetimeIndex(carbon.index)
     built, extras, problems = [], {}, {}
+    by_cluster = dict(tuple(usage.groupby("cluster", sort=False)))
     for ci in inputs:
         try:
-            qc, extra = queue_cluster(ci, usage, day, hours, options)
+            qc, extra = queue_cluster(ci, by_cluster.get(ci.name, usage.iloc[:0]), day, hours, options)
             built.append(qc)
             extras[ci.name] = extra
         except InputError as exc:

@@ -56,13 +56,39 @@ def _check_history(history: pd.Series) -> pd.Series:
     return values.sort_index()
 
 
+_NS_PER_HOUR = 3_600_000_000_000
+
+
+def values_at(values: pd.Series, at: pd.DatetimeIndex) -> np.ndarray:
+    """``values.reindex(at)`` as floats (NaN where absent) for an index ``at`` on one hourly grid: positions by
+    integer arithmetic on the grid, so it costs a few array operations whatever the datetime units."""
+    at_ns = at.tz_convert("UTC").as_unit("ns").asi8
+    out = np.full(len(at_ns), np.nan)
+    if not len(at_ns) or values.empty:
+        return out
+    phase = int(at_ns[0] % _NS_PER_HOUR)
+    src_ns = values.index.tz_convert("UTC").as_unit("ns").asi8 - phase
+    on_grid = src_ns % _NS_PER_HOUR == 0  # reindex matches exact timestamps only
+    keys = src_ns[on_grid] // _NS_PER_HOUR
+    if not keys.size:
+        return out
+    lo = int(keys.min())
+    dense = np.full(int(keys.max()) - lo + 1, np.nan)
+    dense[keys - lo] = values.to_numpy(float)[on_grid]
+    pos = (at_ns - phase) // _NS_PER_HOUR - lo
+    exact = (at_ns - phase) % _NS_PER_HOUR == 0
+    ok = exact & (pos >= 0) & (pos < dense.size)
+    out[ok] = dense[pos[ok]]
+    return out
+
+
 def seasonal_ewma(history: pd.Series, hours: pd.DatetimeIndex, weeks: int = 4, alpha: float = 0.5) -> np.ndarray:
     """EWMA over weeks of the arrivals at the same hour of the week (168 h earlier, 336 h, ...). NaN where none."""
     values = _check_history(history)
     num = np.zeros(len(hours))
     den = np.zeros(len(hours))
     for k in range(1, weeks + 1):
-        past = values.reindex(hours - k * WEEK).to_numpy(float)
+        past = values_at(values, hours - k * WEEK)
         w = alpha * (1 - alpha) ** (k - 1)
         ok = ~np.isnan(past)
         num[ok] += w * past[ok]
@@ -97,7 +123,7 @@ def forecast_arrivals(history: pd.Series, hours: pd.DatetimeIndex, *, weeks: int
     q = 0.0
     if len(past):
         back = seasonal_ewma(values, past, weeks, alpha)
-        frame = pd.DataFrame({"f": back, "a": values.reindex(past).to_numpy(float)}, index=past).dropna()
+        frame = pd.DataFrame({"f": back, "a": values_at(values, past)}, index=past).dropna()
         daily = frame.groupby(frame.index.floor("D")).sum()
         daily = daily[daily["f"] > 0]
         if len(daily) >= 7:
