@@ -27,7 +27,7 @@ STAGES = ("telemetry", "carbon-forecast", "slo-feedback", "store-reads", "foreca
 
 def one_run(folder: Path, runner: str, workers: int, program: str) -> dict:
     from cicm.config import load_fleet
-    from cicm.flows.nightly import PlanOptions, run_nightly_plan
+    from flows.nightly import PlanOptions, run_nightly_plan
 
     started = time.perf_counter()
     fleet_path = folder / "fleet.toml"
@@ -74,7 +74,7 @@ def main() -> None:
         print(json.dumps(one_run(args.one, args.runner, args.dask_workers, args.program)))
         return
 
-    from cicm.flows.scale import prepare_scale_run
+    from cicm.planning.scale import prepare_scale_run
 
     rows = []
     for n in args.sizes:

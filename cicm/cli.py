@@ -35,7 +35,7 @@ def _mount_subcommands() -> None:
     from cicm.dashboards.cli import dashboard_app
     from cicm.ecovisor.cli import ecovisor_app
     from cicm.enforce.cli import agent_app
-    from cicm.enforce.slo_cli import slo_app
+    from cicm.planning.slo_cli import slo_app
 
     app.add_typer(carbon_app, name="carbon", help="Carbon-intensity forecasts.")
     app.add_typer(ecovisor_app, name="ecovisor", help="The ecovisor: virtual grid, battery, solar, power caps.")
@@ -79,7 +79,7 @@ def plan(
 ) -> None:
     """Run the nightly plan: forecasts, models, VCCs for every cluster; store them; print a summary."""
     from cicm.config import load_fleet
-    from cicm.flows.nightly import PlanOptions, run_nightly_plan
+    from flows.nightly import PlanOptions, run_nightly_plan
 
     try:
         fleet_cfg = load_fleet(fleet)
@@ -154,7 +154,7 @@ def vcc_show(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Print a cluster's VCC for a day: hourly caps, status, reason, expected carbon against flat."""
-    from cicm.data.store import Store
+    from cicm.store import Store
 
     try:
         plan_date = parse_plan_date(date)
@@ -215,7 +215,7 @@ def scale_generate(
     per_campus: int = typer.Option(100, help="clusters per campus"),
 ) -> None:
     """Generate an N-cluster fleet, a store with its history, and its next night's telemetry."""
-    from cicm.flows.scale import prepare_scale_run
+    from cicm.planning.scale import prepare_scale_run
 
     try:
         info = prepare_scale_run(out, clusters, seed=seed, clusters_per_campus=per_campus)
@@ -231,7 +231,7 @@ def scale_generate(
 @app.command()
 def runs(db: Optional[Path] = DbOption, limit: int = typer.Option(20)) -> None:
     """List the recorded runs, newest first."""
-    from cicm.data.store import Store
+    from cicm.store import Store
 
     try:
         with Store(db or default_db_path(), read_only=True) as store:
@@ -252,7 +252,7 @@ def schedule(db: Optional[Path] = DbOption, fleet: Optional[Path] = FleetOption)
     """Serve the nightly deployment (cron 18:00 in the earliest campus's evening) until stopped."""
     from prefect import serve
 
-    from cicm.flows.nightly import nightly_deployment
+    from flows.nightly import nightly_deployment
 
     try:
         deployment = nightly_deployment(str(db or default_db_path()), str(fleet) if fleet else None)

@@ -1,6 +1,9 @@
 """Architecture rules that hold for the whole library.
 
-All SQL lives in the store package (``cicm/store/``): the rest of ``cicm`` calls its named reads and writes.
+- All SQL lives in the store package (``cicm/store/``): the rest of ``cicm`` calls its named reads and writes.
+- The sub-packages form layers (``LAYERS``): a package imports only from lower layers, so the graph has no
+  upward arrow and no cycle. Prefect lives only in the top-level ``flows/`` package; backtests, the agent and the
+  planning pipeline run without it.
 """
 from __future__ import annotations
 
@@ -134,3 +137,90 @@ def test_consumer_modules_import_without_duckdb():
             "print('duckdb' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------------------------ layers
+
+# Each cicm sub-package (or top-level module) and its layer: it may import only from lower layers.
+LAYERS = {
+    "errors": 0, "paths": 0, "timeutil": 1, "stdio": 0, "httpclient": 1,
+    "config": 2, "store": 2, "optimize": 2, "models": 2,
+    "carbon": 3, "data": 3, "telemetry_sources": 3, "ecovisor": 3,
+    "planning": 4, "enforce": 4, "dashboards": 4,
+    "backtest": 5,
+    "cli": 6,
+}
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute module names a file imports, at any depth (function-level imports count)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names if node.module == "cicm")
+    return found
+
+
+def _edges() -> dict[tuple[str, str], str]:
+    """(importer unit, imported unit) -> one file that makes the edge."""
+    edges = {}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(REPO).with_suffix("")
+        src = _unit(".".join(rel.parts))
+        for name in _imports(path):
+            if name.startswith("cicm.") and _unit(name) != src:
+                edges.setdefault((src, _unit(name)), str(rel))
+    return edges
+
+
+def test_every_package_has_a_layer():
+    units = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
+             if (p.suffix == ".py" and p.stem != "__init__") or (p.is_dir() and (p / "__init__.py").exists())}
+    assert units == set(LAYERS), f"give these a layer: {sorted(units - set(LAYERS))}; gone: {sorted(set(LAYERS) - units)}"
+
+
+def test_imports_only_go_down_the_layers():
+    upward = [f"{src} -> {dst} ({where})" for (src, dst), where in _edges().items()
+              if dst in LAYERS and LAYERS[dst] >= LAYERS[src]]
+    assert not upward, "upward or sideways imports: " + "; ".join(sorted(upward))
+
+
+def test_the_rule_sees_function_level_imports(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from cicm.planning.stages import x\n")
+    assert "cicm.planning.stages" in _imports(f)
+
+
+def test_only_the_cli_reaches_the_prefect_flows():
+    reach = sorted(str(p.relative_to(REPO)) for p in PACKAGE.rglob("*.py")
+                   if any(n.split(".")[0] in ("flows", "prefect") for n in _imports(p)))
+    assert reach == ["cicm/cli.py"], reach
+
+
+def test_backtests_agent_and_pipeline_run_without_prefect():
+    import subprocess
+    import sys
+
+    code = ("import sys, cicm.backtest.runner, cicm.backtest.queue_policy, cicm.enforce.agent, cicm.enforce.cli, "
+            "cicm.planning.pipeline, cicm.planning.slo, cicm.planning.scale; "
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'flows'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == ""
+
+
+def test_the_flows_are_thin():
+    """The top-level flows hold Prefect wiring only: every function is short, and the pipeline is not in them."""
+    for path in (REPO / "flows").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 40, f"{path.name}:{node.name} is {length} lines"
+

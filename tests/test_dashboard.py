@@ -44,7 +44,7 @@ def plan_store(tmp_path_factory) -> Path:
     carbon forecasts, power models, load forecasts and the VCC program, as `cicm plan` stores them."""
     from cicm.config import load_fleet
     from cicm.data.store import Store
-    from cicm.flows.nightly import PlanOptions, plan_day
+    from cicm.planning.pipeline import PlanOptions, plan_day
 
     db = tmp_path_factory.mktemp("dashboard-store") / "cicm.duckdb"
     fleet = load_fleet()

@@ -311,10 +311,10 @@ def test_the_correction_is_pure():
             [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
         for name in names:
             assert not name.split(".")[0] in ("prefect", "duckdb", "dask"), name
-            assert not name.startswith(("cicm.backtest", "cicm.flows", "cicm.data", "cicm.ecovisor")), name
+            assert not name.startswith(("cicm.backtest", "cicm.planning", "flows", "cicm.data", "cicm.ecovisor")), name
     loaded = subprocess.run(
         [sys.executable, "-c", "import sys, cicm.enforce.correction, cicm.enforce.backlog; print(' '.join(m for m in "
                                "sys.modules if m.split('.')[0] in ('prefect', 'duckdb') or m.startswith(("
-                               "'cicm.backtest', 'cicm.flows', 'cicm.data'))))"],
+                               "'cicm.backtest', 'cicm.planning', 'flows', 'cicm.data'))))"],
         capture_output=True, text=True, check=True, cwd=REPO).stdout.strip()
     assert loaded == ""

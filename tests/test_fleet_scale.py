@@ -17,7 +17,7 @@ N_CLUSTERS = 24
 
 @pytest.fixture(scope="module")
 def scale_run(tmp_path_factory):
-    from cicm.flows.scale import prepare_scale_run
+    from cicm.planning.scale import prepare_scale_run
 
     folder = tmp_path_factory.mktemp("scale")
     info = prepare_scale_run(folder, N_CLUSTERS, seed=3, clusters_per_campus=4)
@@ -105,7 +105,7 @@ def _telemetry_dir(scale_run, tmp_path, change=None) -> Path:
     ("inflexible_cpu_cores", lambda u: u.drop(columns="inflexible_cpu_cores")),
 ])
 def test_bad_telemetry_is_refused_by_name_and_nothing_is_stored(scale_run, tmp_path, field, change):
-    from cicm.flows.nightly import ingest_new_telemetry
+    from cicm.planning.pipeline import ingest_new_telemetry
 
     folder = _telemetry_dir(scale_run, tmp_path, change)
     db = tmp_path / "db.duckdb"
@@ -131,7 +131,7 @@ def test_bad_telemetry_is_refused_by_name_and_nothing_is_stored(scale_run, tmp_p
     ("telemetry", lambda u: u.iloc[:0]),
 ])
 def test_telemetry_must_belong_to_the_fleet_and_the_past(scale_run, tmp_path, field, change):
-    from cicm.flows.ingest import read_telemetry_dir
+    from cicm.planning.ingest import read_telemetry_dir
 
     folder = _telemetry_dir(scale_run, tmp_path, change)
     if field == "telemetry":
@@ -142,7 +142,7 @@ def test_telemetry_must_belong_to_the_fleet_and_the_past(scale_run, tmp_path, fi
 
 
 def test_a_refused_drop_degrades_the_plan_but_the_fleet_is_still_planned(scale_run, tmp_path):
-    from cicm.flows.nightly import PlanOptions, plan_day
+    from cicm.planning.pipeline import PlanOptions, plan_day
 
     folder, info = scale_run
     bad = _telemetry_dir(scale_run, tmp_path, lambda u: u.assign(cluster="not-ours"))
@@ -161,7 +161,7 @@ def test_a_refused_drop_degrades_the_plan_but_the_fleet_is_still_planned(scale_r
 def test_a_failing_partition_is_recorded_and_the_store_stays_usable(scale_run, tmp_path):
     """Partitions that run elsewhere (here: a runner that fails after the store was let go) leave a failed plan
     run, no plan rows, and a store connection that works."""
-    from cicm.flows.nightly import PlanOptions, plan_day
+    from cicm.planning.pipeline import PlanOptions, plan_day
 
     folder, info = scale_run
     db = tmp_path / "db.duckdb"
@@ -181,7 +181,7 @@ def test_a_failing_partition_is_recorded_and_the_store_stays_usable(scale_run, t
 
 
 def test_ingestion_brings_in_the_night_and_is_idempotent(scale_run, tmp_path):
-    from cicm.flows.nightly import ingest_new_telemetry
+    from cicm.planning.pipeline import ingest_new_telemetry
 
     folder, info = scale_run
     db = tmp_path / "db.duckdb"
@@ -215,7 +215,7 @@ def test_fleet_files_are_read_by_content(tmp_path):
 def test_remote_dask_needs_a_prefect_api(monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from cicm.flows.nightly import shared_prefect_api
+    from flows.nightly import shared_prefect_api
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     with temporary_settings(updates={PREFECT_API_URL: None}):
@@ -226,7 +226,7 @@ def test_remote_dask_needs_a_prefect_api(monkeypatch):
 
 
 def test_choose_runner():
-    from cicm.flows.nightly import DASK_AUTO_MIN_CLUSTERS, PlanOptions, choose_runner
+    from flows.nightly import DASK_AUTO_MIN_CLUSTERS, PlanOptions, choose_runner
 
     assert choose_runner(PlanOptions(runner="auto"), 10) == "local"
     assert choose_runner(PlanOptions(runner="auto", dask_address="tcp://127.0.0.1:8786"), 10) == "dask"
@@ -241,8 +241,8 @@ def test_choose_runner():
 def test_partitions_keep_campuses_whole_and_in_order():
     from datetime import date
 
-    from cicm.flows import plan_stages as stages
-    from cicm.flows.nightly import PlanOptions
+    from cicm.planning import stages
+    from cicm.planning.pipeline import PlanOptions
 
     fleet = scale_fleet(23, seed=0, clusters_per_campus=3)
     days = stages.campus_days(fleet, date(2022, 6, 15))
@@ -279,7 +279,7 @@ def test_dask_plan_equals_the_in_process_plan(scale_run, tmp_path, prefect_api):
     from prefect import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 
-    from cicm.flows.nightly import PARTITIONS_PER_WORKER, PlanOptions, run_nightly_plan
+    from flows.nightly import PARTITIONS_PER_WORKER, PlanOptions, run_nightly_plan
 
     from distributed import LocalCluster
 

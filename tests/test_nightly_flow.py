@@ -24,7 +24,7 @@ def prefect_server():
 
 @pytest.fixture(scope="session")
 def planned_db(prefect_server, tmp_path_factory):
-    from cicm.flows.nightly import run_nightly_plan
+    from flows.nightly import run_nightly_plan
 
     path = tmp_path_factory.mktemp("plan") / "cicm.duckdb"
     outcome = run_nightly_plan(PLAN_DATE, path)
@@ -95,7 +95,7 @@ def test_shaped_plans_cut_expected_carbon_and_respect_capacity(planned_db):
     assert held_somewhere  # some clusters' work can wait: it is held back entirely in dirty hours
 
 def test_replanning_keeps_every_run_and_replaces_the_plan_in_force(planned_copy, prefect_server):
-    from cicm.flows.nightly import run_nightly_plan
+    from flows.nightly import run_nightly_plan
 
     second = run_nightly_plan(PLAN_DATE, planned_copy)
     with Store(planned_copy, read_only=True) as store:
@@ -106,7 +106,7 @@ def test_replanning_keeps_every_run_and_replaces_the_plan_in_force(planned_copy,
 
 
 def test_bad_carbon_payload_falls_back_visibly(planned_copy, prefect_server, tmp_path):
-    from cicm.flows.nightly import PlanOptions, run_nightly_plan
+    from flows.nightly import PlanOptions, run_nightly_plan
 
     bad = tmp_path / "bad.csv"
     hours = pd.date_range("2022-06-15 05:00", periods=30, freq="h", tz="UTC")
@@ -142,7 +142,7 @@ def test_cli_plan_and_vcc_show(planned_copy, prefect_server):
 
 
 def test_dst_day_plans_25_hours(planned_copy, prefect_server):
-    from cicm.flows.nightly import run_nightly_plan
+    from flows.nightly import run_nightly_plan
 
     outcome = run_nightly_plan(parse_plan_date("2022-11-06"), planned_copy)
     with Store(planned_copy, read_only=True) as store:
@@ -153,7 +153,7 @@ def test_dst_day_plans_25_hours(planned_copy, prefect_server):
 
 
 def test_deployment_has_nightly_cron_in_campus_evening():
-    from cicm.flows.nightly import earliest_campus_timezone, nightly_deployment, tomorrow_in
+    from flows.nightly import earliest_campus_timezone, nightly_deployment, tomorrow_in
 
     fleet = load_fleet()
     assert earliest_campus_timezone(fleet) == "America/Chicago"
@@ -166,7 +166,7 @@ def test_deployment_has_nightly_cron_in_campus_evening():
 def test_the_ceiling_program_covers_theta(planned_copy):
     """`--program ceiling` (CICM's VCC program, the baseline): the daily VCC area covers the forecast Θ and the
     allowance follows clean hours."""
-    from cicm.flows.nightly import PlanOptions, run_nightly_plan
+    from flows.nightly import PlanOptions, run_nightly_plan
 
     outcome = run_nightly_plan(PLAN_DATE, planned_copy, options=PlanOptions(program="ceiling"))
     assert outcome.status == "ok", outcome.stages

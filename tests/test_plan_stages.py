@@ -5,9 +5,9 @@ import pytest
 
 from cicm.config import load_fleet
 from cicm.data.store import Store
-from cicm.flows import plan_stages as stages
-from cicm.flows.ingest import import_demo_telemetry
-from cicm.flows.nightly import PlanOptions
+from cicm.planning import stages
+from cicm.planning.ingest import import_demo_telemetry
+from cicm.planning.pipeline import PlanOptions
 from cicm.timeutil import parse_plan_date
 
 PLAN_DATE = parse_plan_date("2022-06-15")
@@ -110,7 +110,7 @@ def test_zones_where_forecasts_have_not_paid_are_not_shaped(fleet, telemetry_db,
 
 def test_a_plan_that_fails_midway_writes_nothing_and_keeps_the_plan_in_force(fleet, telemetry_db, tmp_path,
                                                                              monkeypatch):
-    from cicm.flows.nightly import plan_day
+    from cicm.planning.pipeline import plan_day
 
     path = tmp_path / "db.duckdb"
     path.write_bytes(telemetry_db.read_bytes())
@@ -147,7 +147,7 @@ def test_a_queue_plan_that_expects_late_work_is_not_enforced():
 
 
 def test_the_queue_program_fetches_its_look_ahead_and_commits_only_the_day(fleet):
-    from cicm.flows.nightly import PlanOptions, fetch_day_carbon
+    from cicm.planning.pipeline import PlanOptions, fetch_day_carbon
 
     day = next(d for d in stages.campus_days(fleet, PLAN_DATE) if d.campus.grid_zone == "CISO")
     # planned at 18:00 PDT the evening before: 48 h from then reach 42 h past the local day's start

@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from cicm.errors import InputError, ProviderError
-from cicm.flows.ingest import POWER_FILE_COLUMNS, USAGE_FILE_COLUMNS, read_telemetry_dir
+from cicm.planning.ingest import POWER_FILE_COLUMNS, USAGE_FILE_COLUMNS, read_telemetry_dir
 from cicm.httpclient import make_session
 from cicm.telemetry_sources import PrometheusMapping, SeriesQuery, read_prometheus_telemetry
 from cicm.telemetry_sources.prometheus import render

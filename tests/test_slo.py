@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from cicm.config import Fleet, load_fleet
 from cicm.data.store import Store
-from cicm.flows.slo import feedback_decision, fluid_served, slo_stage, slo_status
+from cicm.planning.slo import feedback_decision, fluid_served, slo_stage, slo_status
 from cicm.timeutil import local_day_hours_utc
 
 PLAN_DATE = date(2022, 6, 15)
@@ -75,7 +75,7 @@ def small_fleet() -> Fleet:
 @pytest.fixture(scope="module")
 def base_db(small_fleet, tmp_path_factory):
     """Demo telemetry and real plans (the real plan glue) for the days the check will look at."""
-    from cicm.flows.ingest import import_demo_telemetry
+    from cicm.planning.ingest import import_demo_telemetry
 
     path = tmp_path_factory.mktemp("slo") / "cicm.duckdb"
     with Store(path) as store:
@@ -86,8 +86,8 @@ def base_db(small_fleet, tmp_path_factory):
 
 
 def plan_day(store, fleet, day: date):
-    from cicm.flows import plan_stages as stages
-    from cicm.flows.nightly import PlanOptions
+    from cicm.planning import stages
+    from cicm.planning.pipeline import PlanOptions
 
     # The ceiling program: these tests drive the loop's mechanics (surges, days close to Θ). The fluid check
     # replays a plan's VCC as a static cap, which is pessimistic for queue plans (it leaves out the agent's
@@ -203,7 +203,7 @@ def test_the_stage_writes_in_the_callers_transaction_when_given_a_run(db, small_
 def test_slo_cli_status_and_check(db, small_fleet, tmp_path):
     from typer.testing import CliRunner
 
-    from cicm.enforce.slo_cli import slo_app
+    from cicm.planning.slo_cli import slo_app
 
     fleet_file = tmp_path / "fleet.toml"
     fleet_file.write_text(_toml(small_fleet))
@@ -248,7 +248,7 @@ def test_status_of_a_store_with_plans_but_no_judged_days(tmp_path):
     from datetime import date as _date
 
     from cicm.data.store import Store
-    from cicm.flows.slo import slo_status
+    from cicm.planning.slo import slo_status
 
     with Store(tmp_path / "s.duckdb") as store:
         with store.run("plan") as run:

@@ -20,7 +20,7 @@ import pytest
 
 from cicm.config import Fleet, load_fleet
 from cicm.data.store import Store
-from cicm.flows.slo import REASON_PREFIX, check_cluster_days, feedback_decision, slo_stage
+from cicm.planning.slo import REASON_PREFIX, check_cluster_days, feedback_decision, slo_stage
 from cicm.timeutil import local_day_hours_utc, planning_time_utc
 
 PLAN_DATE = date(2022, 11, 10)  # the US DST change (Nov 6) falls inside the checked window
@@ -199,7 +199,7 @@ def reference_stage(store, fleet: Fleet, plan_date: date, *, window_days: int = 
                     deadline_hours: int = 24, close_fraction: float = 0.95) -> dict:
     """The stage as it was: per cluster, ``check_cluster_days``, then the previous switch-off, the stored events
     and ``feedback_decision`` (one cluster at a time, several queries each)."""
-    from cicm.flows.plan_stages import shaping_disabled
+    from cicm.planning.stages import shaping_disabled
 
     lag = -(-deadline_hours // 24) + 1
     days = [plan_date - timedelta(days=k) for k in range(window_days + lag, 0, -1)]
@@ -360,7 +360,7 @@ def _fluid_case(draw_rows, hours, deadline, seed):
 @pytest.mark.parametrize("rows,hours,deadline,seed", [(1, 1, 1, 0), (5, 40, 3, 1), (40, 120, 24, 2),
                                                       (200, 264, 24, 3), (30, 100, 30, 4), (10, 50, 1, 5)])
 def test_fluid_served_many_is_fluid_served_row_by_row(rows, hours, deadline, seed):
-    from cicm.flows.slo import fluid_served, fluid_served_many
+    from cicm.planning.slo import fluid_served, fluid_served_many
 
     arrivals, room = _fluid_case(rows, hours, deadline, seed)
     many = fluid_served_many(arrivals, room, deadline)
@@ -371,7 +371,7 @@ def test_fluid_served_many_is_fluid_served_row_by_row(rows, hours, deadline, see
 
 
 def test_row_sums_are_numpys_one_dimensional_sums():
-    from cicm.flows.slo import _row_sums
+    from cicm.planning.slo import _row_sums
 
     rng = np.random.default_rng(7)
     for width in (1, 3, 7, 8, 9, 23, 24, 25, 48, 130, 300):
@@ -380,7 +380,7 @@ def test_row_sums_are_numpys_one_dimensional_sums():
 
 
 def test_feedback_reason_is_feedback_decision_on_lists():
-    from cicm.flows.slo import feedback_reason
+    from cicm.planning.slo import feedback_reason
 
     rng = np.random.default_rng(3)
     for _ in range(300):

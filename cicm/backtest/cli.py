@@ -125,7 +125,7 @@ def backtest_command(
 
 def _store_results(db: Path, bt, table, first, days: int, seed: int, folder: Path) -> None:
     """One row per policy in `backtest_results`, in one run; a re-run of the same window replaces its rows."""
-    from cicm.data.store import Store
+    from cicm.store import Store
 
     rows = table.assign(zone=bt.zone, campus=bt.campus.name, start_day=first, days=days, seed=seed,
                         report_dir=str(folder))

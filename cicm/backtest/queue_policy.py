@@ -60,7 +60,7 @@ def run_queue_policy(seg, campus_days: list, options, data: dict, policy: str, t
     from cicm.backtest.runner import PolicyRun, _closed_loop_history, _forecast_value, _slo_feedback, _slots, \
         _task_local_days
     from cicm.data.telemetry import cluster_power_telemetry
-    from cicm.flows import plan_stages as stages
+    from cicm.planning import stages
 
     oracle = policy == "oracle"
     campus = seg.campus
@@ -127,7 +127,7 @@ def run_queue_policy(seg, campus_days: list, options, data: dict, policy: str, t
                     if problem or models.power_curve is None:
                         cl.fallback = problem or "no-power-model"
                     else:
-                        # ClusterModels types these seams as object (cicm.flows.plan_stages); without a problem
+                        # ClusterModels types these seams as object (cicm.planning.stages); without a problem
                         # they are a PowerCurve and an "ok" LoadForecast.
                         cl.curve = cast("PowerCurve", models.power_curve)
                         load = cast("LoadForecast", models.load)

@@ -11,7 +11,7 @@ traces via :func:`cicm.data.telemetry.scaled_cluster_jobs`), and is charged the 
 - ``cicm-ceiling``: the CICM ceiling program (:mod:`cicm.optimize.program`), the baseline from the paper, made at
   18:00 local on the eve of each day from data before that moment only: the trace carbon forecast, the load
   forecaster and power models refit on the closed-loop history (past hours of this very backtest, as it shaped
-  them), the VCC program, and the SLO feedback loop (the project's rule, :func:`cicm.flows.slo.feedback_decision`,
+  them), the VCC program, and the SLO feedback loop (the project's rule, :func:`cicm.planning.slo.feedback_decision`,
   on the backtest's job-level evidence: shaping off for ``slo_off_days`` days after two close-or-violating days in
   a row or two violations in the last 7 checked days). Its VCC is a ceiling over a work-conserving queue.
 - ``planner``: the queue-aware planner (:mod:`cicm.backtest.queue_policy`): the same nightly inputs plus the
@@ -40,7 +40,7 @@ from cicm.backtest.carbon_input import Forecaster, ZoneCarbon
 from cicm.backtest.sim import ClusterSim, SimResult, Tasks, job_outcomes, make_tasks, simulate
 from cicm.config import Campus, Cluster, Fleet, GRID_ZONES
 from cicm.errors import InputError
-from cicm.flows.nightly import PlanOptions
+from cicm.planning.pipeline import PlanOptions
 from cicm.timeutil import check_timezone, local_day_hours_utc, planning_time_utc
 
 if TYPE_CHECKING:
@@ -235,7 +235,7 @@ def run_segment(fleet: Fleet, campus: Campus, days: list[date], options: Backtes
     for k, dh in enumerate(day_hours):
         day_of_hour[_slots(hours, dh)] = k
 
-    from cicm.flows.plan_stages import CampusDay
+    from cicm.planning.stages import CampusDay
 
     campus_days = [CampusDay(campus, dh, planning_time_utc(d, tz)) for d, dh in zip(days, day_hours)]
     forecaster = zone_carbon.forecaster(hours, options.seed)
@@ -318,7 +318,7 @@ def _vcc_to_cap(vcc: np.ndarray, ratio: np.ndarray, inflexible: np.ndarray) -> n
 def _forecast_value(seg: Segment, cd, options: BacktestOptions):
     """As the nightly plan measures it: following the zone's day-ahead forecasts over the 28 days before
     planning, scored on the actual intensity (the vintages a running planner would have stored)."""
-    from cicm.flows.plan_stages import FORECAST_VALUE_WINDOW_DAYS
+    from cicm.planning.stages import FORECAST_VALUE_WINDOW_DAYS
     from cicm.models.carbon_skill import forecast_value
 
     zc = seg.zone_carbon
@@ -335,7 +335,7 @@ def _run_ceiling(fleet: Fleet, seg: Segment, campus_days: list, options: Backtes
                  data: dict[str, ClusterData], tick: Callable[[], None]) -> pd.DataFrame:
     """The CICM ceiling program, day by day, on the closed-loop history; the simulator advances between plans."""
     from cicm.data.telemetry import cluster_power_telemetry
-    from cicm.flows import plan_stages as stages
+    from cicm.planning import stages
     from cicm.optimize.program import plan_campus
 
     campus = seg.campus
@@ -372,7 +372,7 @@ def _run_ceiling(fleet: Fleet, seg: Segment, campus_days: list, options: Backtes
             window = history[history.index >= cd.planned_at - pd.Timedelta(days=stages.POWER_WINDOW_DAYS + 1)]
             telemetry = cluster_power_telemetry(c, window.reset_index(), options.seed)
             models = stages.cluster_models_from_frames(c, telemetry, history.reset_index(), cd, options.gamma)
-            load = cast("LoadForecast | None", models.load)  # typed object in cicm.flows.plan_stages.ClusterModels
+            load = cast("LoadForecast | None", models.load)  # typed object in cicm.planning.stages.ClusterModels
             ok = load if load is not None and load.ok else None
             row = {"day": d, "cluster": c.name, "q97": ok.reservations_rel_error_q97 if ok is not None else np.nan,
                    "forecast_flexible_core_hours": ok.flexible_core_hours if ok is not None else np.nan}
@@ -423,14 +423,14 @@ def _task_local_days(tasks: Tasks, tz: str) -> np.ndarray:
 
 def _slo_feedback(seg: Segment, sim: ClusterSim, name: str, task_days: np.ndarray, plan_day: date, since: date,
                   thetas: dict) -> str | None:
-    """The project's SLO rule (:func:`cicm.flows.slo.feedback_decision`) on the backtest's own evidence.
+    """The project's SLO rule (:func:`cicm.planning.slo.feedback_decision`) on the backtest's own evidence.
 
     As ``slo_stage`` does: only days whose every deadline has passed by planning time are checked (the newest is
     plan_day - 3), the last 7 of them, none before an earlier switch-off. A day **violates** when one of its jobs
     finished late or not at all (job level, from the simulator, where ``slo_stage`` uses a fluid queue); it came
     **close** when its reservations reached 95% of the plan's Theta.
     """
-    from cicm.flows.slo import CLOSE_FRACTION, feedback_decision
+    from cicm.planning.slo import CLOSE_FRACTION, feedback_decision
 
     newest = plan_day - timedelta(days=3)
     days = [x for x in seg.days if max(since, plan_day - timedelta(days=9)) <= x <= newest][-7:]

@@ -77,7 +77,7 @@ def summary_line(df: pd.DataFrame) -> str:
 
 def store_forecast(db: Path, fetch, params: dict) -> tuple[pd.DataFrame, str]:
     """Fetch inside a store run, so a failed fetch is recorded as a failed run with its reason."""
-    from cicm.data.store import Store
+    from cicm.store import Store
 
     with Store(db) as st:
         run_id = st.begin_run("carbon-fetch", params)

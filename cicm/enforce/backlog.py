@@ -10,7 +10,7 @@ why in the audit).
 - :class:`StoreBacklogSource` (the one real source today): the store's ``usage_history``. The backlog is the FIFO
   queue of ``flexible_arrived_core_hours`` minus ``flexible_cpu_cores`` over the last ``window_hours``
   (:func:`cicm.optimize.queue.fifo_backlog`, as the nightly queue plan measures it in
-  ``cicm.flows.plan_stages.queue_cluster``): one item per arrival hour, due 24 h after it, its width unknown
+  ``cicm.planning.stages.queue_cluster``): one item per arrival hour, due 24 h after it, its width unknown
   (it may run within one hour). Forecast arrivals: :func:`cicm.models.arrivals.forecast_arrivals` on the same
   history. The backlog is only as fresh as the newest usage row (``as_of``).
 - :class:`StaticBacklogSource`: a fixed snapshot (tests, replays).

@@ -45,7 +45,7 @@ def build_agent(*, cluster: str, ecovisor: str, token: str | None, db: Path | No
                 max_backlog_age_hours: float = 2.0):
     """Wire an Agent from CLI-style options (also used by tests). With a store, queue plans are corrected every
     hour from the usage history's backlog (``correction``); a plan file is applied as it is."""
-    from cicm.data.store import new_run_id
+    from cicm.store import new_run_id
     from cicm.enforce.agent import Agent, AgentConfig
     from cicm.enforce.audit import JsonlAudit, StoreAudit
     from cicm.enforce.backlog import StoreBacklogSource

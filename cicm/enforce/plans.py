@@ -231,7 +231,7 @@ def _params(text) -> dict:
 
 def power_curve_from_models(cluster, models: dict):
     """The cluster's P(u) from its domains' stored models (JSON per domain name), as the nightly plan builds it
-    (``cicm.flows.plan_stages.cluster_power_curve``: knots at every domain breakpoint scaled to the cluster, plus
+    (``cicm.planning.stages.cluster_power_curve``: knots at every domain breakpoint scaled to the cluster, plus
     0 and the capacity). Raises InputError naming the domain whose model is missing or unreadable."""
     from cicm.models.power import PowerModel, cluster_power_kw
     from cicm.optimize.inputs import PowerCurve

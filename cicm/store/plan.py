@@ -1,4 +1,4 @@
-"""Named reads for the nightly plan (``cicm.flows.plan_stages``, ``cicm.flows.nightly``) and ``cicm vcc show``.
+"""Named reads for the nightly plan (``cicm.planning.stages``, ``cicm.planning.pipeline``) and ``cicm vcc show``.
 
 Every function takes an open ``cicm.store.Store`` (anything with its ``query`` / ``query_bulk``) and returns a
 frame whose columns are listed in its docstring. Times are UTC ``TIMESTAMPTZ``; dates are ``DATE``. The plan's

@@ -34,7 +34,7 @@ import pandas as pd
 from cicm.errors import InputError
 from cicm.store.core import TABLE_KEYS, Store
 
-# The planner reads 182 days of usage (plan_stages.LOAD_HISTORY_DAYS) and 8 of power; keep 190 days hot.
+# The planner reads 182 days of usage (cicm.planning.stages.LOAD_HISTORY_DAYS) and 8 of power; keep 190 days hot.
 HOT_WINDOW_DAYS = 190
 HISTORY_TABLES = ("usage_history", "power_telemetry")
 ARCHIVE_FILE_PREFIX = "part-"

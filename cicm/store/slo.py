@@ -1,4 +1,4 @@
-"""Named reads and writes for the SLO check and its feedback loop (``cicm.flows.slo``, ``cicm slo``).
+"""Named reads and writes for the SLO check and its feedback loop (``cicm.planning.slo``, ``cicm slo``).
 
 Every function takes an open ``cicm.store.Store`` and returns a frame whose columns are listed in its docstring.
 The fleet-wide reads (``fleet_*``) are one query each, whatever the number of clusters: they join the named

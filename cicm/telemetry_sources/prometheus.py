@@ -4,7 +4,7 @@
 ``GET {base_url}/api/v1/query_range`` at a 1-hour step over ``[start, end)``, through
 :func:`cicm.httpclient.make_session` (retries with back-off, a timeout on every request), and returns
 ``(usage, power)`` with exactly the columns of the Parquet/CSV drop (``USAGE_FILE_COLUMNS`` and
-``POWER_FILE_COLUMNS`` in :mod:`cicm.flows.ingest`): one row per cluster (domain) and UTC hour, the hour being the
+``POWER_FILE_COLUMNS`` in :mod:`cicm.telemetry_sources.schema`): one row per cluster (domain) and UTC hour, the hour being the
 hour's start.
 
 Mapping (:class:`PrometheusMapping`). Each series is a PromQL query template; ``{cluster}`` and ``{domain}`` are
@@ -65,7 +65,7 @@ import requests
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cicm.errors import InputError, ProviderError
-from cicm.flows.ingest import POWER_FILE_COLUMNS, USAGE_FILE_COLUMNS
+from cicm.telemetry_sources.schema import POWER_FILE_COLUMNS, USAGE_FILE_COLUMNS
 from cicm.httpclient import make_session, session_timeout_s, transport_problem
 
 __all__ = ["MAX_POINTS", "PrometheusMapping", "SeriesQuery", "parse_mapping", "read_prometheus_telemetry", "render"]

@@ -384,7 +384,7 @@ class PartitionJob:
     days: list[CampusDay]
     carbon: dict[str, pd.Series]  # campus -> forecast over its day's hours and any look-ahead
     problems: dict[str, str]  # campus -> why it has no forecast
-    options: object  # cicm.flows.nightly.PlanOptions
+    options: object  # cicm.planning.pipeline.PlanOptions
 
 
 def partition_jobs(days: list[CampusDay], carbon: CarbonResult, plan_date: date, options,
@@ -416,7 +416,7 @@ def plan_partition(store, job: PartitionJob) -> dict:
 
 def plan_partition_from_file(db_path: str, job: PartitionJob) -> dict:
     """`plan_partition` on a read-only connection of its own: what a Dask worker runs."""
-    from cicm.data.store import Store
+    from cicm.store import Store
 
     with Store(db_path, read_only=True) as store:
         return plan_partition(store, job)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import date
 from pathlib import Path
 
-import cicm.flows  # noqa: F401  (configures Prefect before it is imported)
+import flows  # noqa: F401  (configures Prefect before it is imported)
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE

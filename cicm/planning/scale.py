@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from cicm.data.scale_fleet import scale_fleet, scale_power_telemetry, scale_usage_history, write_fleet_toml
-from cicm.data.store import Store
-from cicm.flows.ingest import import_scale_telemetry
+from cicm.store import Store
+from cicm.planning.ingest import import_scale_telemetry
 
 
 def prepare_scale_run(folder: Path | str, n_clusters: int, seed: int = 0, clusters_per_campus: int = 100) -> dict:

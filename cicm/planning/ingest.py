@@ -6,9 +6,10 @@ from pathlib import Path
 import pandas as pd
 
 from cicm.config import Fleet
-from cicm.data.store import Store
+from cicm.store import Store
 from cicm.data.telemetry import demo_power_telemetry, demo_usage_history
 from cicm.errors import InputError
+from cicm.telemetry_sources.schema import POWER_FILE_COLUMNS, USAGE_FILE_COLUMNS
 
 
 def trace_forecast_history(zone: str, start: pd.Timestamp, end: pd.Timestamp, seed: int) -> pd.DataFrame:
@@ -83,9 +84,6 @@ def import_scale_telemetry(store: Store, fleet: Fleet, seed: int = 0, held_back_
     return {"run_id": run.run_id, "usage_rows": usage_rows, "power_rows": power_rows, "zones": zones}
 
 
-USAGE_FILE_COLUMNS = ("cluster", "hour", "inflexible_cpu_cores", "flexible_cpu_cores", "reserved_cpu_cores",
-                      "flexible_arrived_core_hours")
-POWER_FILE_COLUMNS = ("cluster", "domain", "hour", "cpu_cores", "power_kw")
 
 
 def read_telemetry_dir(path: Path | str, fleet: Fleet | None = None,

@@ -21,7 +21,7 @@ is P-3. Only days with a stored plan are checked.
 **Feedback.** For plan day P and each cluster, over the last ``window_days`` checked days (ignoring days that
 already triggered an earlier switch-off): ``consecutive_days`` (2) flagged (violated or close) days in a row, or
 ``recur_violations`` (2) violations, switch shaping off from P for ``disable_days`` (7) days: a ``shaping_state``
-row with reason ``slo-feedback: ...``. ``plan_stages.shaping_disabled`` then makes the plan fall back with that
+row with reason ``slo-feedback: ...``. ``cicm.planning.stages.shaping_disabled`` then makes the plan fall back with that
 reason.
 
 **At scale.** ``slo_stage`` checks the whole fleet with ``check_fleet_days``: three queries (usage, plan hours,
@@ -413,7 +413,7 @@ def _feedback_inputs(store, fleet, plan_date: date, window_start: date, window_d
     """Per cluster in fleet order: (name, (days, violated, close) of the checked days the feedback looks at, why
     shaping is already off or None). Three queries for the fleet: the last SLO switch-off of each cluster, the
     stored slo_events of the window, the switch-offs in force on ``plan_date``."""
-    from cicm.flows.plan_stages import shaping_disabled_many
+    from cicm.planning.stages import shaping_disabled_many
 
     names = [c.name for c in fleet.clusters()]
     prev = slo_store.last_switch_offs(store, names, REASON_PREFIX, plan_date)

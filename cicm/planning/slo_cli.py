@@ -40,8 +40,8 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Per cluster: checked days, violations, close days, and whether shaping is on or off (and why)."""
-    from cicm.data.store import Store
-    from cicm.flows.slo import slo_status
+    from cicm.store import Store
+    from cicm.planning.slo import slo_status
     from cicm.paths import default_db_path
     from cicm.timeutil import parse_plan_date
 
@@ -95,8 +95,8 @@ def check(
     """Run the SLO stage by hand (the nightly flow runs it before planning): store slo_events and switch
     shaping off where the SLO says so."""
     from cicm.config import load_fleet
-    from cicm.data.store import Store
-    from cicm.flows.slo import slo_stage
+    from cicm.store import Store
+    from cicm.planning.slo import slo_stage
     from cicm.paths import default_db_path
     from cicm.timeutil import parse_plan_date
 

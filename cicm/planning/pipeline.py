@@ -1,0 +1,191 @@
+"""The nightly plan as plain calls: its options and outcome, the telemetry and carbon stages, and ``plan_day``.
+
+Stages: telemetry (import the demo telemetry when the store has none) → carbon forecasts per campus →
+SLO feedback (its own run) → power models → load forecasts → VCC program per campus, all written in one
+transaction. No Prefect here: the flow in the top-level ``flows/nightly.py`` wraps these in tasks.
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import date
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from cicm.config import Fleet, load_fleet
+from cicm.store import Store
+from cicm.errors import InputError, ProviderError
+from cicm.planning import stages
+from cicm.planning.ingest import import_demo_telemetry, ingest_telemetry, read_telemetry_dir
+
+
+@dataclass
+class PlanOptions:
+    provider: str = "trace"
+    base_url: str | None = None
+    csv_path: str | None = None
+    seed: int = 0
+    gamma: float = 0.05
+    lambda_e: float = 1.0
+    lambda_p: float = 0.0
+    delta_min: float = -1.0
+    delta_max: float = 1.0
+    ramp_limit: float | None = None
+    solver: str = "HIGHS"
+    min_forecast_value_pct: float = 3.0
+    fetch_retries: int = 2
+    fetch_retry_delay_seconds: float = 2.0
+    runner: str = "auto"  # "local" | "dask" | "auto" (see choose_runner)
+    dask_address: str | None = None  # tcp://scheduler:8786; None with runner dask: a local cluster
+    dask_workers: int = 2  # worker processes of a local Dask cluster
+    telemetry_dir: str | None = None  # new usage*/power*.parquet to ingest before planning
+    program: str = "queue"  # "queue" (the queue-aware program) | "ceiling" (CICM's VCC program, a baseline)
+    horizon_hours: int = 48  # queue program: look-ahead from planning time (only the planning day is committed)
+    planning_margin_hours: float = 6.0  # queue program: deadlines planned this much early
+    arrival_quantile: float = 0.9  # queue program: upper quantile of arrivals behind the VCC's margin
+
+
+@dataclass
+class PlanOutcome:
+    plan_date: date
+    run_id: str | None
+    status: str  # "ok" | "degraded" | "failed"
+    stages: list[stages.StageReport] = field(default_factory=list)
+    clusters: pd.DataFrame = field(default_factory=pd.DataFrame)
+    message: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each step of plan_day
+
+
+def ingest_new_telemetry(store: Store, folder: str, fleet: Fleet | None = None,
+                         now: pd.Timestamp | None = None) -> stages.StageReport:
+    """The nightly ingestion of the telemetry the monitoring pipeline dropped in `folder` (one run). A refused
+    drop raises an InputError naming the field, and is recorded as a failed telemetry-ingest run."""
+    try:
+        usage, power = read_telemetry_dir(folder, fleet, now)
+    except InputError as exc:
+        store.failed_run("telemetry-ingest", {"source": str(folder)}, None, exc)
+        raise
+    info = ingest_telemetry(store, usage, power, source=str(folder))
+    return stages.StageReport("telemetry", "ran", f"ingested {info['usage_rows']} usage and {info['power_rows']}"
+                                                  f" power rows from {folder} (run {info['run_id']})")
+
+
+def ensure_telemetry(store: Store, fleet: Fleet, seed: int, telemetry_dir: str | None = None) -> stages.StageReport:
+    if telemetry_dir:  # a bad drop must not cost the fleet its plan: plan on the stored history, and say so
+        try:
+            return ingest_new_telemetry(store, telemetry_dir, fleet, pd.Timestamp.now(tz="UTC"))
+        except InputError as exc:
+            return stages.StageReport("telemetry", "degraded", f"refused {telemetry_dir} ({exc}); planned on the "
+                                                               "stored history")
+    names = [c.name for c in fleet.clusters()]
+    if store.has_usage(names):
+        return stages.StageReport("telemetry", "ran", "store already holds telemetry for every cluster")
+    info = import_demo_telemetry(store, fleet, seed=seed)
+    return stages.StageReport("telemetry", "ran", f"imported {info['usage_rows']} usage rows (run {info['run_id']})")
+
+
+def fetch_day_carbon(day: stages.CampusDay, options: PlanOptions) -> pd.DataFrame:
+    extra = {}
+    if options.base_url:
+        extra["base_url"] = options.base_url
+    if options.csv_path:
+        extra["path"] = options.csv_path
+    now = None if options.provider == "trace" else pd.Timestamp.now(tz="UTC")
+    end = stages.carbon_window_end(day, options)
+    try:
+        return stages.fetch_campus_carbon(day, options.provider, options.seed, now=now, end=end, **extra)
+    except (InputError, ProviderError):
+        if end <= day.hours[-1] + pd.Timedelta(hours=1):
+            raise
+    # the provider cannot reach the look-ahead: plan with the day alone (the program's note says so)
+    return stages.fetch_campus_carbon(day, options.provider, options.seed, now=now, **extra)
+
+
+def plan_day(store: Store, fleet: Fleet, plan_date: date, options: PlanOptions,
+             fetch: Callable[[stages.CampusDay, PlanOptions], pd.DataFrame] = fetch_day_carbon,
+             telemetry: Callable[..., stages.StageReport] = ensure_telemetry,
+             slo: Callable[[Store, Fleet, date], stages.StageReport] | None = None,
+             run_partitions: Callable[[list[stages.PartitionJob]], list[dict]] | None = None,
+             n_partitions: int = 1) -> PlanOutcome:
+    """The nightly plan's body, stage by stage, as plain calls. The flow passes its Prefect tasks in.
+
+    The SLO check of the last judged days runs in its own run before the plan, so its verdicts (shaping off for a
+    week) bind this plan, and an SLO failure cannot stop the plan from being stored.
+
+    Models and programs run as partitions of campuses that only read the store. By default they run here on
+    `store`; `run_partitions` runs them elsewhere (Dask workers), which open the file read-only while this
+    process has let go of it. Everything is then written here, by the one writer, in one transaction.
+    """
+    slo = slo or check_slo
+    clock = _Clock()
+    reports = [telemetry(store, fleet, options.seed, options.telemetry_dir)]
+    clock.lap("telemetry")
+    days = stages.campus_days(fleet, plan_date)
+    fetched, by_zone_day = {}, {}
+    for day in days:  # campuses in one zone and time zone share their forecast: fetched once
+        key = stages.zone_day_key(day)
+        if key not in by_zone_day:
+            try:
+                by_zone_day[key] = fetch(day, options)
+            except Exception as exc:  # noqa: BLE001 - collect_carbon decides what is a fallback and what a bug
+                by_zone_day[key] = exc
+        fetched[day.campus.name] = by_zone_day[key]
+    carbon = stages.collect_carbon(days, fetched)
+    reports.append(stages.carbon_report(carbon, days))
+    clock.lap("carbon-forecast")
+    reports.append(slo(store, fleet, plan_date))
+    clock.lap("slo-feedback")
+    params = {"fleet": fleet.name, **options.__dict__}
+    try:
+        if run_partitions is None:
+            result = stages.plan_clusters(store, fleet, plan_date, days, carbon, options, None, n_partitions)
+        else:
+            with store.released():
+                result = stages.plan_clusters(None, fleet, plan_date, days, carbon, options, run_partitions,
+                                              n_partitions)
+    except BaseException as exc:  # interrupts and cancellations too: the run log must show the attempt
+        try:
+            store.failed_run("plan", params, plan_date, exc)
+        except Exception:  # noqa: BLE001 - an unreachable store must not hide the error that stopped the plan
+            pass
+        raise
+    clock.lap("models-and-programs")
+    with store.run("plan", params, plan_date=plan_date) as run:
+        if not carbon.forecasts.empty:
+            store.write_carbon_forecast(carbon.forecasts, run.run_id)
+        reports.extend(result.reports)
+        store.replace_plan(plan_date, result.vccs, result.status, run.run_id)
+        for table, frame in result.extra_tables.items():
+            store.upsert(table, frame, run.run_id)
+        run.status = "degraded" if any(r.status in ("degraded", "failed") for r in reports) else "ok"
+        summary = stages.cluster_summary(result.status)
+        run.summary = {"stages": [r.__dict__ for r in reports], "clusters": summary.to_dict("records"),
+                       "seconds": {**clock.seconds, **result.seconds}}
+    clock.lap("store-write")
+    return PlanOutcome(plan_date, run.run_id, run.status, reports, summary, seconds={**clock.seconds,
+                                                                                       **result.seconds})
+
+
+class _Clock:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self._last
+        self._last = now
+
+
+def check_slo(store: Store, fleet: Fleet, plan_date: date) -> stages.StageReport:
+    from cicm.planning.slo import slo_stage
+
+    try:
+        result = slo_stage(store, fleet, plan_date)
+    except Exception as exc:  # noqa: BLE001 - reported and stored with the run; the plan still goes ahead
+        return stages.StageReport("slo-feedback", "failed", f"{type(exc).__name__}: {exc}")
+    return stages.StageReport("slo-feedback", "ran", result["summary"])
