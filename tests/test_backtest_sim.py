@@ -197,7 +197,7 @@ def test_slo_feedback_uses_the_project_rule_on_complete_days_only():
     from datetime import date, timedelta
     from types import SimpleNamespace
 
-    from cicm.backtest.runner import _slo_feedback
+    from cicm.backtest.closed_loop import slo_feedback
 
     days = [date(2022, 6, 1) + timedelta(days=i) for i in range(10)]
     n_h = 24 * len(days)
@@ -213,13 +213,13 @@ def test_slo_feedback_uses_the_project_rule_on_complete_days_only():
         return SimpleNamespace(finish=finish, deadline=deadline, usage=np.zeros(n_h))
 
     plan_day = days[9]  # complete evidence up to days[6]
-    assert _slo_feedback(seg, sim([days[2]]), "c", task_days, plan_day, days[0], {}) is None
-    two = _slo_feedback(seg, sim([days[2], days[5]]), "c", task_days, plan_day, days[0], {})
+    assert slo_feedback(seg, sim([days[2]]), "c", task_days, plan_day, days[0], {}) is None
+    two = slo_feedback(seg, sim([days[2], days[5]]), "c", task_days, plan_day, days[0], {})
     assert two is not None and two.startswith("slo-feedback") and "2022-06-03" in two
     # days newer than plan_day - 3 are not complete evidence yet; days before an earlier switch-off are forgiven
-    assert _slo_feedback(seg, sim([days[7], days[8]]), "c", task_days, plan_day, days[0], {}) is None
-    assert _slo_feedback(seg, sim([days[2], days[5]]), "c", task_days, plan_day, days[4], {}) is None
+    assert slo_feedback(seg, sim([days[7], days[8]]), "c", task_days, plan_day, days[0], {}) is None
+    assert slo_feedback(seg, sim([days[2], days[5]]), "c", task_days, plan_day, days[4], {}) is None
     # two days in a row close to Theta (reservations >= 95% of it) also switch shaping off
     thetas = {("c", days[4]): 240.0, ("c", days[5]): 245.0}
-    close = _slo_feedback(seg, sim([]), "c", task_days, plan_day, days[0], thetas)
+    close = slo_feedback(seg, sim([]), "c", task_days, plan_day, days[0], thetas)
     assert close is not None and "in a row" in close

@@ -29,7 +29,9 @@ import scipy.sparse as sp
 from scipy.optimize import linprog
 
 from cicm.backtest.accounting import DESIGN_CEILING_PCT, ClusterPower, window_ceiling_pct
-from cicm.backtest.runner import BASELINE, Backtest, PolicyRun, Segment
+from cicm.backtest.policies import BASELINE
+from cicm.backtest.runner import Backtest
+from cicm.backtest.segment import PolicyRun, Segment
 from cicm.backtest.sim import DEADLINE_HOURS, Tasks
 from cicm.optimize.queue import ramps
 

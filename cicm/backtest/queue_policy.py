@@ -20,11 +20,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Callable, Mapping, cast
 
 import numpy as np
 import pandas as pd
 
+from cicm.backtest.closed_loop import closed_loop_history, forecast_value_at, slo_feedback, task_local_days
+from cicm.backtest.segment import ClusterData, PolicyRun, Segment, hour_slots
 from cicm.backtest.sim import ClusterSim, job_outcomes
 from cicm.errors import InputError
 from cicm.models.arrivals import forecast_arrivals, hourly_arrivals, seasonal_ewma
@@ -32,8 +34,10 @@ from cicm.optimize.queue import QueueCampus, QueueCluster, arrival_bounds, corre
     task_bounds
 
 if TYPE_CHECKING:
+    from cicm.backtest.runner import BacktestOptions
     from cicm.models.load import LoadForecast
     from cicm.optimize.inputs import PowerCurve
+    from cicm.planning.stages import CampusDay
 
 _H = pd.Timedelta(hours=1)
 
@@ -54,44 +58,30 @@ class _Cluster:
     fallback: str | None = None
 
 
-def run_queue_policy(seg, campus_days: list, options, data: dict, policy: str, tick=None) -> pd.DataFrame:
-    """Simulate ``policy`` ("planner" or "oracle") over the segment; store its PolicyRun; return per cluster-day
-    rows (status, reason, planned figures, intraday deviations)."""
-    from cicm.backtest.runner import PolicyRun, _closed_loop_history, _forecast_value, _slo_feedback, _slots, \
-        _task_local_days
+def run_queue_policy(seg: Segment, campus_days: list[CampusDay], options: BacktestOptions,
+                     data: Mapping[str, ClusterData], policy: str, perfect_foresight: bool,
+                     tick: Callable[[], None] | None = None) -> pd.DataFrame:
+    """Simulate the queue-aware planner over the segment, with ``perfect_foresight`` the oracle; store its
+    PolicyRun as ``policy``'s; return per cluster-day rows (``{policy}_status``, ``{policy}_reason``, planned
+    figures, intraday deviations)."""
     from cicm.data.telemetry import cluster_power_telemetry
     from cicm.planning import stages
 
-    oracle = policy == "oracle"
+    oracle = perfect_foresight
     campus = seg.campus
     n_h = len(seg.hours)
 
     def carbon_plan(issued_at: pd.Timestamp, hz: np.ndarray) -> np.ndarray:
         """The carbon a solve at ``issued_at`` plans with: the forecast then known (the actual for the oracle)."""
         return seg.carbon[hz] if oracle else seg.forecaster.at(issued_at, hz)
-    clusters: dict[str, _Cluster] = {}
-    for c in campus.clusters:
-        d = data[c.name]
-        hist_hours = pd.date_range(d.usage["hour"].iloc[0], seg.hours[-1] + _H, freq="h", inclusive="left")
-        arr = hourly_arrivals(d.jobs["arrival"], (d.jobs["length_hours"] * d.jobs["cpu_cores"]).to_numpy(),
-                              hist_hours)
-        infl = seg.inflexible[c.name]
-        week_ago = d.usage.set_index("hour")["inflexible_cpu_cores"].reindex(seg.hours - pd.Timedelta(days=7))
-        clusters[c.name] = _Cluster(
-            name=c.name, capacity=float(c.capacity_cores),
-            sim=ClusterSim(seg.tasks[c.name], infl, c.capacity_cores, deadline_guard=True,
-                           guard_hours=options.guard_hours),
-            arrivals_hist=arr, arrivals_fc=np.nan_to_num(seasonal_ewma(arr, seg.hours)),
-            inflexible_fc=infl.copy() if oracle else week_ago.to_numpy(float).copy(),
-            inflexible_up=infl.copy() if oracle else week_ago.to_numpy(float) * 1.05,
-            curve=d.power.curve() if oracle else None,
-            record=np.full(n_h, np.nan), replan=np.full(n_h, np.nan))
-    task_days = {c.name: _task_local_days(seg.tasks[c.name], campus.timezone) for c in campus.clusters}
+
+    clusters = _clusters(seg, options, data, oracle)
+    task_days = {c.name: task_local_days(seg.tasks[c.name], campus.timezone) for c in campus.clusters}
     base = {c.name: data[c.name].usage.set_index("hour") for c in campus.clusters}
     since = {c.name: seg.days[0] for c in campus.clusters}
     off_until: dict[str, date] = {}
     off_reason: dict[str, str] = {}
-    thetas: dict = {}
+    thetas: dict[tuple[str, date], float] = {}
     rows = []
     plan_slots = [max(int(math.floor((cd.planned_at - seg.t0) / _H)), 0) for cd in campus_days]
     day_of_hour = seg.day_of_hour
@@ -104,22 +94,22 @@ def run_queue_policy(seg, campus_days: list, options, data: dict, policy: str, t
             for cl in clusters.values():
                 cl.sim.advance(t)
             low_benefit = None if oracle else stages.low_benefit_reason(
-                _forecast_value(seg, cd, options), options.min_forecast_value_pct)
+                forecast_value_at(seg, cd, options), options.min_forecast_value_pct)
             for c in campus.clusters:
                 cl = clusters[c.name]
                 row = {"day": d, "cluster": c.name}
                 cl.fallback = low_benefit
                 if options.slo_feedback and not oracle:
                     if not (c.name in off_until and d <= off_until[c.name]):
-                        reason = _slo_feedback(seg, cl.sim, c.name, task_days[c.name], d, since[c.name], thetas)
+                        reason = slo_feedback(seg, cl.sim, c.name, task_days[c.name], d, since[c.name], thetas)
                         if reason:
                             off_until[c.name] = d + timedelta(days=options.slo_off_days - 1)
                             off_reason[c.name], since[c.name] = reason, d
                     if c.name in off_until and d <= off_until[c.name]:
                         cl.fallback = off_reason[c.name]
                 if not oracle:
-                    history = _closed_loop_history(base[c.name], seg, cl.sim, c.name, cd.planned_at,
-                                                   stages.LOAD_HISTORY_DAYS)
+                    history = closed_loop_history(base[c.name], seg, cl.sim, c.name, cd.planned_at,
+                                                  stages.LOAD_HISTORY_DAYS)
                     window = history[history.index >= cd.planned_at - pd.Timedelta(days=stages.POWER_WINDOW_DAYS + 1)]
                     telemetry = cluster_power_telemetry(c, window.reset_index(), options.seed)
                     models = stages.cluster_models_from_frames(c, telemetry, history.reset_index(), cd, options.gamma)
@@ -131,7 +121,7 @@ def run_queue_policy(seg, campus_days: list, options, data: dict, policy: str, t
                         # they are a PowerCurve and an "ok" LoadForecast.
                         cl.curve = cast("PowerCurve", models.power_curve)
                         load = cast("LoadForecast", models.load)
-                        idx = _slots(seg.hours, cd.hours)
+                        idx = hour_slots(seg.hours, cd.hours)
                         cl.inflexible_fc[idx] = load.inflexible_cpu_cores.to_numpy()
                         cl.inflexible_up[idx] = load.inflexible_upper_cpu_cores.to_numpy()
                         assert load.theta_core_hours is not None  # set on an "ok" forecast
@@ -154,19 +144,48 @@ def run_queue_policy(seg, campus_days: list, options, data: dict, policy: str, t
         for cl in clusters.values():
             cl.sim.advance(t)
         _correct(seg, clusters, carbon_plan, options, oracle, t, drain=t >= window_hours)
-    for c in campus.clusters:
-        cl = clusters[c.name]
-        cl.sim.advance(n_h)
-        res = cl.sim.result()
-        vcc = np.where(np.isfinite(cl.record), (seg.inflexible[c.name] + cl.record) * seg.ratio[c.name], np.nan)
-        seg.runs[(policy, c.name)] = PolicyRun(policy, c.name, res, job_outcomes(seg.tasks[c.name], res),
-                                               cl.sim.cap.copy(), vcc)
+    _store_runs(seg, policy, clusters)
     out = pd.DataFrame(rows)
     dev = _deviations(seg, clusters)
     if len(out) and len(dev):
         out = out.merge(dev, on=["day", "cluster"], how="left")
-    prefix = "oracle" if oracle else "planner"
-    return out.rename(columns={"planner_status": f"{prefix}_status", "planner_reason": f"{prefix}_reason"})
+    return out.rename(columns={"planner_status": f"{policy}_status", "planner_reason": f"{policy}_reason"})
+
+
+def _clusters(seg: Segment, options: BacktestOptions, data: Mapping[str, ClusterData],
+              oracle: bool) -> dict[str, _Cluster]:
+    """Each cluster's simulator (with the deadline guard), arrivals and inflexible forecasts before any plan."""
+    n_h = len(seg.hours)
+    clusters: dict[str, _Cluster] = {}
+    for c in seg.campus.clusters:
+        inputs = data[c.name]
+        hist_hours = pd.date_range(inputs.usage["hour"].iloc[0], seg.hours[-1] + _H, freq="h", inclusive="left")
+        arr = hourly_arrivals(inputs.jobs["arrival"],
+                              (inputs.jobs["length_hours"] * inputs.jobs["cpu_cores"]).to_numpy(), hist_hours)
+        infl = seg.inflexible[c.name]
+        week_ago = inputs.usage.set_index("hour")["inflexible_cpu_cores"].reindex(seg.hours - pd.Timedelta(days=7))
+        clusters[c.name] = _Cluster(
+            name=c.name, capacity=float(c.capacity_cores),
+            sim=ClusterSim(seg.tasks[c.name], infl, c.capacity_cores, deadline_guard=True,
+                           guard_hours=options.guard_hours),
+            arrivals_hist=arr, arrivals_fc=np.nan_to_num(seasonal_ewma(arr, seg.hours)),
+            inflexible_fc=infl.copy() if oracle else week_ago.to_numpy(float).copy(),
+            inflexible_up=infl.copy() if oracle else week_ago.to_numpy(float) * 1.05,
+            curve=inputs.power.curve() if oracle else None,
+            record=np.full(n_h, np.nan), replan=np.full(n_h, np.nan))
+    return clusters
+
+
+def _store_runs(seg: Segment, policy: str, clusters: Mapping[str, _Cluster]) -> None:
+    """Run every cluster's simulator to the end of the drain; store its run, the plan of record as the VCC."""
+    for c in seg.campus.clusters:
+        cl = clusters[c.name]
+        cl.sim.advance(len(seg.hours))
+        res = cl.sim.result()
+        vcc_cores = np.where(np.isfinite(cl.record), (seg.inflexible[c.name] + cl.record) * seg.ratio[c.name],
+                             np.nan)
+        seg.runs[(policy, c.name)] = PolicyRun(policy, c.name, res, job_outcomes(seg.tasks[c.name], res),
+                                               cl.sim.cap.copy(), vcc_cores)
 
 
 def _horizon(seg, t: int, options, oracle: bool) -> np.ndarray:
@@ -229,9 +248,7 @@ def _carry(seg, cl: _Cluster, t: int) -> float:
 
 def _plan_of_record(seg, clusters: dict, cd, carbon, options, oracle: bool, t: int) -> None:
     """The day's plan of record: service over the day's hours plus the risk margin, as a usage cap."""
-    from cicm.backtest.runner import _slots
-
-    day_idx = _slots(seg.hours, cd.hours)
+    day_idx = hour_slots(seg.hours, cd.hours)
     hz = _horizon(seg, t, options, oracle)
     hz = np.arange(t, max(hz[-1] + 1, day_idx[-1] + 1))
     committed = np.isin(hz, day_idx)

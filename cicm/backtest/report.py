@@ -23,7 +23,8 @@ import pandas as pd
 
 from cicm.backtest import metrics as M
 from cicm.backtest.accounting import ClusterPower
-from cicm.backtest.runner import BASELINE, Backtest
+from cicm.backtest.policies import BASELINE
+from cicm.backtest.runner import Backtest
 
 #: Columns of the printed/markdown table, with their headers.
 TABLE_COLUMNS = [

@@ -1,19 +1,22 @@
 """Closed-loop backtests of one campus over consecutive local days, on the real traces. No Prefect, no DuckDB.
 
 Every policy sees the same days, the same inflexible usage and the same flexible job arrivals (the real batch
-traces via :func:`cicm.data.telemetry.scaled_cluster_jobs`), and is charged the same REAL carbon intensity:
+traces via :func:`cicm.data.telemetry.scaled_cluster_jobs`), and is charged the same REAL carbon intensity. Each
+policy is a small class in :mod:`cicm.backtest.policies`, found by name in its ``POLICIES`` registry and run in
+registry order:
 
 - ``carbon-agnostic``: no cap; flexible jobs run as soon as the machines have room.
 - ``threshold``: Wait Awhile's suspend/resume: flexible work runs only in hours whose day-ahead forecast is at or
   below the 30th percentile of the local day's forecast (cap 0 otherwise, the machine room in those hours).
 - ``threshold-guard``: the same, but a task that would otherwise miss its 24 h deadline runs anyway (deadline-
   aware suspend/resume; a fairer baseline, since plain thresholding is unstable at realistic loads).
-- ``cicm-ceiling``: the CICM ceiling program (:mod:`cicm.optimize.program`), the baseline from the paper, made at
-  18:00 local on the eve of each day from data before that moment only: the trace carbon forecast, the load
-  forecaster and power models refit on the closed-loop history (past hours of this very backtest, as it shaped
-  them), the VCC program, and the SLO feedback loop (the project's rule, :func:`cicm.planning.slo.feedback_decision`,
-  on the backtest's job-level evidence: shaping off for ``slo_off_days`` days after two close-or-violating days in
-  a row or two violations in the last 7 checked days). Its VCC is a ceiling over a work-conserving queue.
+- ``cicm-ceiling``: the CICM ceiling program (:mod:`cicm.optimize.program`, run by
+  :mod:`cicm.backtest.ceiling_policy`), the baseline from the paper, made at 18:00 local on the eve of each day
+  from data before that moment only: the trace carbon forecast, the load forecaster and power models refit on
+  the closed-loop history (past hours of this very backtest, as it shaped them), the VCC program, and the SLO
+  feedback loop (the project's rule, :func:`cicm.planning.slo.feedback_decision`, on the backtest's job-level
+  evidence: shaping off for ``slo_off_days`` days after two close-or-violating days in a row or two violations in
+  the last 7 checked days). Its VCC is a ceiling over a work-conserving queue.
 - ``planner``: the queue-aware planner (:mod:`cicm.backtest.queue_policy`): the same nightly inputs plus the
   measured backlog and hourly arrival forecasts, a plan of record of WHEN flexible work runs, corrected every hour
   from the live backlog, with the deadline guard and the same SLO feedback and forecast-value gate.
@@ -28,26 +31,26 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import TYPE_CHECKING, Callable, Iterable, cast
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import pandas as pd
 
 from cicm.backtest.accounting import ClusterPower
-from cicm.backtest.carbon_input import Forecaster, ZoneCarbon
-from cicm.backtest.sim import ClusterSim, SimResult, Tasks, job_outcomes, make_tasks, simulate
+from cicm.backtest.carbon_input import ZoneCarbon
+from cicm.backtest.policies import BASELINE, POLICIES, policy_class, selected_policies
+from cicm.backtest.segment import ClusterData, Segment, hour_slots, run_open_loop
+from cicm.backtest.sim import make_tasks
 from cicm.config import Campus, Cluster, Fleet, GRID_ZONES
 from cicm.errors import InputError
 from cicm.planning.pipeline import PlanOptions
 from cicm.timeutil import check_timezone, local_day_hours_utc, planning_time_utc
 
 if TYPE_CHECKING:
-    from cicm.models.load import LoadForecast
+    from cicm.planning.stages import CampusDay
 
-POLICIES = ("carbon-agnostic", "threshold", "threshold-guard", "cicm-ceiling", "planner", "oracle")
-BASELINE = "carbon-agnostic"
 ZONE_TIMEZONES = {
     "AZPS": "America/Phoenix", "BPAT": "America/Los_Angeles", "CISO": "America/Los_Angeles",
     "ERCO": "America/Chicago", "MISO": "America/Chicago", "NYIS": "America/New_York",
@@ -61,7 +64,7 @@ class BacktestOptions(PlanOptions):
     """The nightly plan's knobs (PlanOptions, same defaults) plus the backtest's own."""
 
     # policies and simulation
-    policies: tuple[str, ...] = POLICIES
+    policies: tuple[str, ...] = tuple(POLICIES)
     threshold_quantile: float = 0.30
     slo_feedback: bool = True
     slo_off_days: int = 7
@@ -81,9 +84,8 @@ class BacktestOptions(PlanOptions):
     top_hours_share: float = 0.2  # "highest-carbon hours": this share of each local day's hours
 
     def validate(self) -> None:
-        unknown = [p for p in self.policies if p not in POLICIES]
-        if unknown:
-            raise InputError("policies", f"unknown {unknown}; choose from {', '.join(POLICIES)}")
+        for name in self.policies:
+            policy_class(name)  # an unknown name raises InputError("policies", ...)
         if BASELINE not in self.policies:
             raise InputError("policies", f"{BASELINE} is the baseline and must be included")
         if self.experiment and "planner" not in self.policies:
@@ -126,17 +128,6 @@ def campus_for_zone(fleet: Fleet, zone: str, template: str | None = None, timezo
                                    "timezone": timezone or ZONE_TIMEZONES[zone]})
 
 
-@dataclass
-class ClusterData:
-    """Everything the backtest needs about one cluster over the whole demo history (derived from real traces)."""
-
-    cluster: Cluster
-    usage: pd.DataFrame  # base (unshaped) telemetry: hour, inflexible/flexible/reserved cpu cores
-    jobs: pd.DataFrame  # scaled flexible jobs: arrival, length_hours, cpu_cores
-    ratio: pd.Series  # actual reservations / usage per hour (UTC index)
-    power: ClusterPower
-
-
 def cluster_data(fleet: Fleet, cluster: Cluster, seed: int, shift: pd.Timedelta = pd.Timedelta(0)) -> ClusterData:
     """The cluster's workload over the demo history, moved ``shift`` (whole weeks) in time."""
     from cicm.data.telemetry import cluster_usage_history, history_hours, scaled_cluster_jobs
@@ -167,41 +158,6 @@ def workload_shift(fleet: Fleet, first_day: date, need_start: pd.Timestamp, need
     return pd.Timedelta(days=7 * min(max(weeks, lo_weeks), hi_weeks))
 
 
-# ------------------------------------------------------------------------------------------------ results
-
-
-@dataclass
-class PolicyRun:
-    policy: str
-    cluster: str
-    result: SimResult
-    jobs: pd.DataFrame  # job outcomes
-    cap: np.ndarray  # flexible cap (usage cores) per simulated hour, inf = none
-    vcc: np.ndarray | None = None  # reservation cores (program policies), NaN where none
-
-
-@dataclass
-class Segment:
-    """One contiguous run of days (a backtest is one or more segments; long data gaps split it)."""
-
-    campus: Campus
-    days: list[date]
-    t0: pd.Timestamp
-    window_end: pd.Timestamp  # end of the last local day
-    hours: pd.DatetimeIndex  # simulated hours (window + drain)
-    carbon: np.ndarray  # actual gCO2/kWh per simulated hour
-    forecast: np.ndarray  # day-ahead forecast per window hour, issued at the day's planning time (NaN in the drain)
-    forecaster: Forecaster  # .at(issued_at, slots): the forecast of simulated hours as known at issued_at
-    zone_carbon: ZoneCarbon
-    day_of_hour: np.ndarray  # index into days per simulated hour, -1 in the drain
-    inflexible: dict[str, np.ndarray]
-    ratio: dict[str, np.ndarray]
-    tasks: dict[str, Tasks]
-    runs: dict[tuple[str, str], PolicyRun] = field(default_factory=dict)
-    plans: pd.DataFrame = field(default_factory=pd.DataFrame)  # per cluster-day: planner/oracle status etc.
-    treated: pd.DataFrame = field(default_factory=pd.DataFrame)  # experiment assignment
-
-
 def _rng(seed: int, *names: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32("/".join(names).encode())])
 
@@ -214,258 +170,73 @@ def run_segment(fleet: Fleet, campus: Campus, days: list[date], options: Backtes
                 progress: Callable[[str, int], None] | None = None) -> Segment:
     """Simulate every policy over consecutive local days ``days`` of one campus (``fleet``'s history moved onto
     the carbon data's calendar, like ``data``)."""
-    tz = campus.timezone
-    day_hours = [local_day_hours_utc(d, tz) for d in days]
-    for a, b in zip(day_hours, day_hours[1:]):
-        if b[0] != a[-1] + _H:
-            raise InputError("days", "segment days must be consecutive")
-    t0, window_end = day_hours[0][0], day_hours[-1][-1] + _H
-    hours = pd.date_range(t0, window_end + options.drain_hours * _H, freq="h", inclusive="left")
-    n_h = len(hours)
-    history_end = fleet.history_end
-    if hours[-1] >= history_end:
-        raise InputError("days", f"the backtest and its {options.drain_hours} h drain must end before "
-                                 f"{history_end:%Y-%m-%d} (end of the demo workload)")
-    earliest = fleet.history_start + pd.Timedelta(days=35)
-    if planning_time_utc(days[0], tz) < earliest:
-        raise InputError("start", f"the first day needs at least 35 days of history; start on or after "
-                                  f"{(earliest + pd.Timedelta(days=1)):%Y-%m-%d}")
-    carbon = zone_carbon.actual(hours[0], hours[-1] + _H).reindex(hours).to_numpy(float)
-    day_of_hour = np.full(n_h, -1)
-    for k, dh in enumerate(day_hours):
-        day_of_hour[_slots(hours, dh)] = k
-
     from cicm.planning.stages import CampusDay
 
+    tz = campus.timezone
+    day_hours = [local_day_hours_utc(d, tz) for d in days]
+    hours = _simulated_hours(fleet, days, day_hours, tz, options.drain_hours)
     campus_days = [CampusDay(campus, dh, planning_time_utc(d, tz)) for d, dh in zip(days, day_hours)]
-    forecaster = zone_carbon.forecaster(hours, options.seed)
-    forecast = np.full(n_h, np.nan)
-    for cd in campus_days:
-        idx = _slots(hours, cd.hours)
-        forecast[idx] = forecaster.at(cd.planned_at, idx)
-
-    seg = Segment(campus=campus, days=list(days), t0=t0, window_end=window_end, hours=hours, carbon=carbon,
-                  forecast=forecast, forecaster=forecaster, zone_carbon=zone_carbon, day_of_hour=day_of_hour,
-                  inflexible={}, ratio={}, tasks={})
-    for c in campus.clusters:
-        d = data[c.name]
-        u = d.usage.set_index("hour")
-        seg.inflexible[c.name] = u["inflexible_cpu_cores"].reindex(hours).to_numpy(float)
-        seg.ratio[c.name] = d.ratio.reindex(hours).to_numpy(float)
-        seg.tasks[c.name] = make_tasks(d.jobs, t0, window_end, options.max_task_share * c.capacity_cores)
+    seg = _segment(campus, days, hours, campus_days, options, data, zone_carbon)
 
     def tick(label: str) -> None:
         if progress:
             progress(label, 1)
 
-    inf = np.full(n_h, np.inf)
-    for c in campus.clusters:
-        _open_loop(seg, c, BASELINE, inf)
-    tick(BASELINE)
-    if "threshold" in options.policies or "threshold-guard" in options.policies:
-        thr = _threshold_cap(seg, options.threshold_quantile)
-        for name, guard in (("threshold", False), ("threshold-guard", True)):
-            if name in options.policies:
-                for c in campus.clusters:
-                    _open_loop(seg, c, name, thr, deadline_guard=guard)
-                tick(name)
-    from cicm.backtest.queue_policy import run_queue_policy
-
-    frames = []
-    if "cicm-ceiling" in options.policies:
-        frames.append(_run_ceiling(fleet, seg, campus_days, options, data, lambda: tick("cicm-ceiling day")))
-    if "planner" in options.policies:
-        frames.append(run_queue_policy(seg, campus_days, options, data, "planner", lambda: tick("planner day")))
-    if "oracle" in options.policies:
-        frames.append(run_queue_policy(seg, campus_days, options, data, "oracle"))
-        tick("oracle")
-    for f in frames:
-        seg.plans = f if seg.plans.empty else seg.plans.merge(f, on=["day", "cluster"], how="outer")
+    for policy in selected_policies(options.policies):
+        rows = policy.run(seg, campus_days, options, data, tick)
+        if rows is not None:
+            seg.plans = rows if seg.plans.empty else seg.plans.merge(rows, on=["day", "cluster"], how="outer")
     if options.experiment:
         _run_experiment(seg, options)
         tick("experiment")
     return seg
 
 
-def _slots(hours: pd.DatetimeIndex, sub: pd.DatetimeIndex) -> np.ndarray:
-    idx = hours.get_indexer(sub)
-    if (idx < 0).any():
-        raise InputError("hours", "day hours fall outside the simulated hours")
-    return idx
+def _simulated_hours(fleet: Fleet, days: list[date], day_hours: list[pd.DatetimeIndex], tz: str,
+                     drain_hours: int) -> pd.DatetimeIndex:
+    """The segment's UTC hours: its consecutive local days, then the drain; inside the demo workload's history
+    with 35 days of it before the first plan."""
+    for a, b in zip(day_hours, day_hours[1:]):
+        if b[0] != a[-1] + _H:
+            raise InputError("days", "segment days must be consecutive")
+    t0, window_end = day_hours[0][0], day_hours[-1][-1] + _H
+    hours = pd.date_range(t0, window_end + drain_hours * _H, freq="h", inclusive="left")
+    history_end = fleet.history_end
+    if hours[-1] >= history_end:
+        raise InputError("days", f"the backtest and its {drain_hours} h drain must end before "
+                                 f"{history_end:%Y-%m-%d} (end of the demo workload)")
+    earliest = fleet.history_start + pd.Timedelta(days=35)
+    if planning_time_utc(days[0], tz) < earliest:
+        raise InputError("start", f"the first day needs at least 35 days of history; start on or after "
+                                  f"{(earliest + pd.Timedelta(days=1)):%Y-%m-%d}")
+    return hours
 
 
-def _open_loop(seg: Segment, cluster: Cluster, policy: str, cap: np.ndarray, deadline_guard: bool = False,
-               vcc: np.ndarray | None = None) -> None:
-    tasks = seg.tasks[cluster.name]
-    res = simulate(tasks, seg.inflexible[cluster.name], cluster.capacity_cores, cap, deadline_guard=deadline_guard)
-    seg.runs[(policy, cluster.name)] = PolicyRun(policy, cluster.name, res, job_outcomes(tasks, res), cap, vcc)
-
-
-def _threshold_cap(seg: Segment, q: float) -> np.ndarray:
-    cap = np.full(len(seg.hours), np.inf)
-    for k in range(len(seg.days)):
-        idx = np.flatnonzero(seg.day_of_hour == k)
-        fc = seg.forecast[idx]
-        cap[idx] = np.where(fc <= np.quantile(fc, q), np.inf, 0.0)
-    return cap
-
-
-def _vcc_to_cap(vcc: np.ndarray, ratio: np.ndarray, inflexible: np.ndarray) -> np.ndarray:
-    """Flexible usage cap from a VCC in reservation cores: VCC / R_actual - inflexible (>= 0)."""
-    return np.maximum(vcc / ratio - inflexible, 0.0)
-
-
-def _forecast_value(seg: Segment, cd, options: BacktestOptions):
-    """As the nightly plan measures it: following the zone's day-ahead forecasts over the 28 days before
-    planning, scored on the actual intensity (the vintages a running planner would have stored)."""
-    from cicm.planning.stages import FORECAST_VALUE_WINDOW_DAYS
-    from cicm.models.carbon_skill import forecast_value
-
-    zc = seg.zone_carbon
-    end = cd.planned_at.floor("D")
-    start = max(end - pd.Timedelta(days=FORECAST_VALUE_WINDOW_DAYS), zc.first_hour.ceil("D"))
-    if end <= start:
-        return None
-    forecasts = zc.forecast_history(start, end, options.seed)
-    actual = zc.filled[(zc.filled.index >= start) & (zc.filled.index < end)].dropna()
-    return forecast_value(forecasts, actual, seg.campus.timezone, options.delta_max)
-
-
-def _run_ceiling(fleet: Fleet, seg: Segment, campus_days: list, options: BacktestOptions,
-                 data: dict[str, ClusterData], tick: Callable[[], None]) -> pd.DataFrame:
-    """The CICM ceiling program, day by day, on the closed-loop history; the simulator advances between plans."""
-    from cicm.data.telemetry import cluster_power_telemetry
-    from cicm.planning import stages
-    from cicm.optimize.program import plan_campus
-
-    campus = seg.campus
-    n_h = len(seg.hours)
-    sims = {c.name: ClusterSim(seg.tasks[c.name], seg.inflexible[c.name], c.capacity_cores)
-            for c in campus.clusters}
-    vccs = {c.name: np.full(n_h, np.nan) for c in campus.clusters}
-    base = {c.name: data[c.name].usage.set_index("hour") for c in campus.clusters}
-    since: dict[str, date] = {c.name: seg.days[0] for c in campus.clusters}  # days before an earlier switch-off
-    thetas: dict[tuple[str, date], float] = {}  # the plan's capacity requirement per (cluster, day)
-    task_days = {c.name: _task_local_days(seg.tasks[c.name], campus.timezone) for c in campus.clusters}
-    off_until: dict[str, date] = {}
-    off_reason: dict[str, str] = {}
-    rows = []
-    for cd, d in zip(campus_days, seg.days):
-        now_slot = int(math.floor((cd.planned_at - seg.t0) / _H))
-        for sim in sims.values():
-            sim.advance(max(now_slot, 0))
-        inputs, fallbacks = [], {}
-        low_benefit = stages.low_benefit_reason(_forecast_value(seg, cd, options), options.min_forecast_value_pct)
-        for c in campus.clusters:
-            sim = sims[c.name]
-            history = _closed_loop_history(base[c.name], seg, sim, c.name, cd.planned_at,
-                                           stages.LOAD_HISTORY_DAYS)
-            # SLO feedback: a job past its deadline and unfinished, or finished late, by planning time.
-            if options.slo_feedback and not (c.name in off_until and d <= off_until[c.name]):
-                reason = _slo_feedback(seg, sim, c.name, task_days[c.name], d, since[c.name], thetas)
-                if reason:
-                    off_until[c.name] = d + timedelta(days=options.slo_off_days - 1)
-                    off_reason[c.name] = reason
-                    since[c.name] = d
-            preset = off_reason[c.name] if c.name in off_until and d <= off_until[c.name] else None
-            preset = preset or low_benefit
-            window = history[history.index >= cd.planned_at - pd.Timedelta(days=stages.POWER_WINDOW_DAYS + 1)]
-            telemetry = cluster_power_telemetry(c, window.reset_index(), options.seed)
-            models = stages.cluster_models_from_frames(c, telemetry, history.reset_index(), cd, options.gamma)
-            load = cast("LoadForecast | None", models.load)  # typed object in cicm.planning.stages.ClusterModels
-            ok = load if load is not None and load.ok else None
-            row = {"day": d, "cluster": c.name, "q97": ok.reservations_rel_error_q97 if ok is not None else np.nan,
-                   "forecast_flexible_core_hours": ok.flexible_core_hours if ok is not None else np.nan}
-            problem = models.load_problem or models.power_problem
-            if problem or models.power_curve is None:
-                fallbacks[c.name] = problem or "no-power-model"
-                rows.append({**row, "ceiling_status": "fallback", "ceiling_reason": fallbacks[c.name]})
-                continue
-            inputs.append(stages.cluster_input(c, models, preset))
-            rows.append(row)
-        status = {}
-        if inputs:
-            carbon = seg.forecast[_slots(seg.hours, cd.hours)]
-            plan = plan_campus(stages.campus_input(campus, inputs, carbon, cd.hours, options))
-            for r in plan.clusters.itertuples():
-                status[r.cluster] = (r.status, r.reason, r.flexible_saving_pct, r.tau_core_hours)
-                thetas[(r.cluster, d)] = float(r.theta_core_hours)
-            idx = _slots(seg.hours, cd.hours)
-            for c in campus.clusters:
-                if c.name not in status:
-                    continue
-                h = plan.hourly[plan.hourly["cluster"] == c.name]
-                vcc = h["vcc_cores"].to_numpy(float)
-                if status[c.name][0] == "shaped":
-                    vccs[c.name][idx] = vcc
-                    sims[c.name].set_cap(idx[0], _vcc_to_cap(vcc, seg.ratio[c.name][idx],
-                                                              seg.inflexible[c.name][idx]))
-        for row in rows[-len(campus.clusters):]:
-            if row["cluster"] in status:
-                st, reason, saving, tau = status[row["cluster"]]
-                row.update({"ceiling_status": st, "ceiling_reason": reason, "planned_flexible_saving_pct": saving,
-                            "tau_core_hours": tau})
-        tick()
+def _segment(campus: Campus, days: list[date], hours: pd.DatetimeIndex, campus_days: list[CampusDay],
+             options: BacktestOptions, data: dict[str, ClusterData], zone_carbon: ZoneCarbon) -> Segment:
+    """The segment's inputs, the same for every policy: actual and day-ahead carbon, and each cluster's
+    inflexible usage, reservation ratio and flexible tasks."""
+    n_h = len(hours)
+    t0, window_end = campus_days[0].hours[0], campus_days[-1].hours[-1] + _H
+    carbon_gco2_per_kwh = zone_carbon.actual(hours[0], hours[-1] + _H).reindex(hours).to_numpy(float)
+    day_of_hour = np.full(n_h, -1)
+    for k, cd in enumerate(campus_days):
+        day_of_hour[hour_slots(hours, cd.hours)] = k
+    forecaster = zone_carbon.forecaster(hours, options.seed)
+    forecast_gco2_per_kwh = np.full(n_h, np.nan)
+    for cd in campus_days:
+        idx = hour_slots(hours, cd.hours)
+        forecast_gco2_per_kwh[idx] = forecaster.at(cd.planned_at, idx)
+    seg = Segment(campus=campus, days=list(days), t0=t0, window_end=window_end, hours=hours,
+                  carbon=carbon_gco2_per_kwh, forecast=forecast_gco2_per_kwh, forecaster=forecaster,
+                  zone_carbon=zone_carbon, day_of_hour=day_of_hour, inflexible={}, ratio={}, tasks={})
     for c in campus.clusters:
-        sims[c.name].advance(n_h)
-        res = sims[c.name].result()
-        cap = sims[c.name].cap.copy()
-        seg.runs[("cicm-ceiling", c.name)] = PolicyRun("cicm-ceiling", c.name, res,
-                                                       job_outcomes(seg.tasks[c.name], res), cap, vccs[c.name])
-    return pd.DataFrame(rows)
-
-
-def _task_local_days(tasks: Tasks, tz: str) -> np.ndarray:
-    """The local calendar day each task's job arrived on (the cluster-day it belongs to)."""
-    local = pd.DatetimeIndex(tasks.jobs["arrival"]).tz_convert(tz).tz_localize(None).normalize()
-    return np.asarray([ts.date() for ts in local], dtype=object)[tasks.job] if len(local) else np.zeros(0, object)
-
-
-def _slo_feedback(seg: Segment, sim: ClusterSim, name: str, task_days: np.ndarray, plan_day: date, since: date,
-                  thetas: dict) -> str | None:
-    """The project's SLO rule (:func:`cicm.planning.slo.feedback_decision`) on the backtest's own evidence.
-
-    As ``slo_stage`` does: only days whose every deadline has passed by planning time are checked (the newest is
-    plan_day - 3), the last 7 of them, none before an earlier switch-off. A day **violates** when one of its jobs
-    finished late or not at all (job level, from the simulator, where ``slo_stage`` uses a fluid queue); it came
-    **close** when its reservations reached 95% of the plan's Theta.
-    """
-    from cicm.planning.slo import CLOSE_FRACTION, feedback_decision
-
-    newest = plan_day - timedelta(days=3)
-    days = [x for x in seg.days if max(since, plan_day - timedelta(days=9)) <= x <= newest][-7:]
-    if not days:
-        return None
-    rows = []
-    for x in days:
-        k = seg.days.index(x)
-        mine = np.flatnonzero(task_days == x)
-        fin = sim.finish[mine]
-        violated = bool((np.isnan(fin) | (fin > sim.deadline[mine] + 1e-6)).any())
-        idx = np.flatnonzero(seg.day_of_hour == k)
-        reserved = float(((seg.inflexible[name][idx] + sim.usage[idx]) * seg.ratio[name][idx]).sum())
-        theta = thetas.get((name, x), np.nan)
-        rows.append({"day": x, "violated": violated,
-                     "close": bool(np.isfinite(theta) and reserved >= CLOSE_FRACTION * theta)})
-    return feedback_decision(pd.DataFrame(rows), plan_day)
-
-
-def _closed_loop_history(base: pd.DataFrame, seg: Segment, sim: ClusterSim, name: str, now: pd.Timestamp,
-                         days: int) -> pd.DataFrame:
-    """Usage history as the planner sees it at ``now``: the demo telemetry before the backtest, then the
-    backtest's own simulated hours (inflexible as measured, flexible as shaped, reservations = usage x R)."""
-    start = now - pd.Timedelta(days=days)
-    before = base[(base.index >= start) & (base.index < min(now, seg.t0))][
-        ["inflexible_cpu_cores", "flexible_cpu_cores", "reserved_cpu_cores"]]
-    n_sim = int(max(0, math.floor((now - seg.t0) / _H)))
-    if n_sim == 0:
-        return before.rename_axis("hour")
-    infl = seg.inflexible[name][:n_sim]
-    flex = sim.usage[:n_sim]
-    sim_frame = pd.DataFrame({"inflexible_cpu_cores": infl, "flexible_cpu_cores": flex,
-                              "reserved_cpu_cores": (infl + flex) * seg.ratio[name][:n_sim]},
-                             index=seg.hours[:n_sim])
-    return pd.concat([before, sim_frame]).rename_axis("hour")
+        d = data[c.name]
+        u = d.usage.set_index("hour")
+        seg.inflexible[c.name] = u["inflexible_cpu_cores"].reindex(hours).to_numpy(float)
+        seg.ratio[c.name] = d.ratio.reindex(hours).to_numpy(float)
+        seg.tasks[c.name] = make_tasks(d.jobs, t0, window_end, options.max_task_share * c.capacity_cores)
+    return seg
 
 
 def _run_experiment(seg: Segment, options: BacktestOptions) -> None:
@@ -486,8 +257,8 @@ def _run_experiment(seg: Segment, options: BacktestOptions) -> None:
             if t and shaped:
                 cap[idx] = planner.cap[idx]
             rows.append({"cluster": c.name, "day": seg.days[k], "treated": bool(t), "shaped": bool(shaped)})
-        _open_loop(seg, c, "experiment", cap, deadline_guard=True,
-                   vcc=np.where(np.isfinite(cap), planner_vcc, np.nan))
+        run_open_loop(seg, c, "experiment", cap, deadline_guard=True,
+                      vcc_cores=np.where(np.isfinite(cap), planner_vcc, np.nan))
     seg.treated = pd.DataFrame(rows)
 
 
@@ -571,6 +342,5 @@ def run_backtest(zone: str, start: date, n_days: int, options: BacktestOptions |
 
 def progress_steps(n_days: int, options: BacktestOptions) -> int:
     """How many progress ticks run_backtest makes (for a progress bar)."""
-    steps = 1 + sum(p in options.policies for p in ("threshold", "threshold-guard", "oracle"))
-    steps += n_days * sum(p in options.policies for p in ("cicm-ceiling", "planner"))
+    steps = sum(policy.progress_ticks(n_days) for policy in selected_policies(options.policies))
     return steps + (1 if options.experiment else 0)
