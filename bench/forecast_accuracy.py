@@ -32,7 +32,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cicm.config import load_fleet  # noqa: E402
-from cicm.data.telemetry import (  # noqa: E402
+from cicm.demo.telemetry import (  # noqa: E402
     arrived_core_hours,
     demo_power_telemetry,
     demo_usage_history,

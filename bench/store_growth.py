@@ -1,7 +1,7 @@
 """How big is a year of hourly telemetry, in DuckDB and in Parquet, and how long does compaction take?
 
 Builds hourly telemetry for N clusters by tiling the demo fleet's real derived telemetry (10 clusters x 365 days
-of 2022, `cicm.data.telemetry`): tile k renames every cluster and power domain (`sj-a` -> `sj-a-0007`) and
+of 2022, `cicm.demo.telemetry`): tile k renames every cluster and power domain (`sj-a` -> `sj-a-0007`) and
 multiplies every number by its own noise, 1 + 1% N(0, 1), so no two tiles compress alike. Rows go into a fresh
 DuckDB file in a temp dir through the Store API (one run, one `Store.upsert` per tile and table), then:
 
@@ -39,7 +39,7 @@ from cicm.config import load_fleet  # noqa: E402
 from cicm.data.retention import (HOT_WINDOW_DAYS, archive_bytes, compact_history, history_view,  # noqa: E402
                                  latest_allowed_before, rebuild_file, store_size)
 from cicm.data.store import Store  # noqa: E402
-from cicm.data.telemetry import demo_power_telemetry, demo_usage_history  # noqa: E402
+from cicm.demo.telemetry import demo_power_telemetry, demo_usage_history  # noqa: E402
 
 USAGE_NUM = ["inflexible_cpu_cores", "flexible_cpu_cores", "reserved_cpu_cores", "flexible_arrived_core_hours"]
 POWER_NUM = ["cpu_cores", "power_kw"]

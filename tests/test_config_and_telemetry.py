@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from cicm.config import load_fleet
-from cicm.data.telemetry import (capacity_limited_cpu_cores, cluster_usage_history, demo_power_telemetry,
+from cicm.demo.telemetry import (capacity_limited_cpu_cores, cluster_usage_history, demo_power_telemetry,
                                  history_hours, specpower_watts)
 from cicm.errors import InputError
 from cicm.timeutil import local_day_hours_utc, planning_time_utc

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from cicm.config import load_fleet
-from cicm.data.scale_fleet import ZONE_TIMEZONES, scale_fleet, scale_usage_history, write_fleet_toml
+from cicm.demo.scale_fleet import ZONE_TIMEZONES, scale_fleet, scale_usage_history, write_fleet_toml
 from cicm.data.store import Store
 from cicm.errors import InputError
 

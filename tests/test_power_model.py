@@ -22,9 +22,9 @@ from cicm.models.power import (
     slope_kw_per_core,
     specpower_curve_w,
 )
-from cicm.paths import REPO_ROOT
+from cicm.paths import bundled_data_dir
 
-SPEC_PATH = REPO_ROOT / "data/server_power/specpower_ssj2008_619_servers_via_green-coding-solutions_cloud-energy.csv"
+SPEC_PATH = bundled_data_dir() / "server_power/specpower_ssj2008_619_servers_via_green-coding-solutions_cloud-energy.csv"
 NOW = pd.Timestamp("2022-03-08", tz="UTC")
 
 

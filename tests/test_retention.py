@@ -28,7 +28,7 @@ POWER_COLS = ["cluster", "domain", "hour", "cpu_cores", "power_kw"]
 @pytest.fixture(scope="module")
 def telemetry() -> tuple[pd.DataFrame, pd.DataFrame]:
     from cicm.config import load_fleet
-    from cicm.data.telemetry import demo_power_telemetry, demo_usage_history
+    from cicm.demo.telemetry import demo_power_telemetry, demo_usage_history
 
     fleet = load_fleet(None)
     usage = demo_usage_history(fleet)

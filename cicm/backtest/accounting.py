@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from cicm.config import Cluster
-from cicm.data.telemetry import SPEC_LOAD_FRACTIONS, specpower_watts
+from cicm.demo.telemetry import SPEC_LOAD_FRACTIONS, specpower_watts
 from cicm.optimize.inputs import PowerCurve
 
 #: DESIGN.md's ceiling table: best cut (%) in flexible-work carbon from within-day shifting, 2022 EIA-930.

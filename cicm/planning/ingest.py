@@ -7,7 +7,7 @@ import pandas as pd
 
 from cicm.config import Fleet
 from cicm.store import Store
-from cicm.data.telemetry import demo_power_telemetry, demo_usage_history
+from cicm.demo.telemetry import demo_power_telemetry, demo_usage_history
 from cicm.errors import InputError
 from cicm.telemetry_sources.schema import POWER_FILE_COLUMNS, USAGE_FILE_COLUMNS
 
@@ -67,7 +67,7 @@ def import_scale_telemetry(store: Store, fleet: Fleet, seed: int = 0, held_back_
     """Seed a store for a `scale_fleet`: usage over its history and power over the last 14 days, except the last
     `held_back_days` (which the timed nightly ingestion then brings in), and the zones' carbon history.
     Written campus by campus (bounded memory) in one run."""
-    from cicm.data.scale_fleet import POWER_TELEMETRY_DAYS, scale_power_telemetry, scale_usage_history
+    from cicm.demo.scale_fleet import POWER_TELEMETRY_DAYS, scale_power_telemetry, scale_usage_history
 
     end = fleet.history_end - pd.Timedelta(days=held_back_days)
     power_start = fleet.history_end - pd.Timedelta(days=POWER_TELEMETRY_DAYS)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cicm.data.scale_fleet import scale_fleet, scale_power_telemetry, scale_usage_history, write_fleet_toml
+from cicm.demo.scale_fleet import scale_fleet, scale_power_telemetry, scale_usage_history, write_fleet_toml
 from cicm.store import Store
 from cicm.planning.ingest import import_scale_telemetry
 

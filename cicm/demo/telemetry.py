@@ -1,6 +1,6 @@
 """Demo telemetry for a fleet, derived from the real bundled traces, reproducible from a seed.
 
-There is no public flexible/inflexible split of datacenter CPU, so it is built (data/SOURCES.md says the same):
+There is no public flexible/inflexible split of datacenter CPU, so it is built (as cicm/demo/data/SOURCES.md says):
 - inflexible CPU: an aggregate cluster trace (Google 2019, Azure 2019 or Alibaba 2018), hourly means, tiled
   week by week over the history, with a slow weekly level random walk (sd 2% per week) and hourly
   multiplicative noise (sd 3%), scaled so its 99th percentile is the cluster's `inflexible_peak_share` of capacity;
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from cicm.config import Cluster, Fleet, specpower_table
-from cicm.data.traces import TRACE_YEAR_START, batch_jobs, inflexible_profile
+from cicm.demo.traces import TRACE_YEAR_START, batch_jobs, inflexible_profile
 
 SPEC_LOAD_FRACTIONS = np.linspace(0.0, 1.0, 11)
 SPEC_WATT_COLUMNS = ["watts_active_idle"] + [f"watts_{p}pct" for p in range(10, 101, 10)]

@@ -1,4 +1,4 @@
-"""Readers for the bundled real traces (data/SOURCES.md). Each returns plain pandas/numpy, values unchanged."""
+"""Readers for the bundled real traces (cicm/demo/data/SOURCES.md). Plain pandas/numpy, values unchanged."""
 from __future__ import annotations
 
 from functools import lru_cache

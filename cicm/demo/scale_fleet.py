@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from cicm.config import GRID_ZONES, Fleet, load_fleet, specpower_table
-from cicm.data.telemetry import _rng, cluster_power_telemetry, demo_usage_history
+from cicm.demo.telemetry import _rng, cluster_power_telemetry, demo_usage_history
 from cicm.errors import InputError
 
 ZONE_TIMEZONES = {
