@@ -29,7 +29,7 @@ def run_ceiling(seg: Segment, campus_days: list[CampusDay], options: BacktestOpt
                 data: Mapping[str, ClusterData], policy: str, tick: Callable[[], None]) -> pd.DataFrame:
     """The CICM ceiling program, day by day, on the closed-loop history; the simulator advances between plans.
     Stores each cluster's run as ``policy``'s; returns per cluster-day rows (``ceiling_status`` and the plan)."""
-    from cicm.data.telemetry import cluster_power_telemetry
+    from cicm.demo.telemetry import cluster_power_telemetry
     from cicm.planning import stages
     from cicm.optimize.program import plan_campus
 

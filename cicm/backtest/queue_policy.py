@@ -64,7 +64,7 @@ def run_queue_policy(seg: Segment, campus_days: list[CampusDay], options: Backte
     """Simulate the queue-aware planner over the segment, with ``perfect_foresight`` the oracle; store its
     PolicyRun as ``policy``'s; return per cluster-day rows (``{policy}_status``, ``{policy}_reason``, planned
     figures, intraday deviations)."""
-    from cicm.data.telemetry import cluster_power_telemetry
+    from cicm.demo.telemetry import cluster_power_telemetry
     from cicm.planning import stages
 
     oracle = perfect_foresight

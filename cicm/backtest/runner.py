@@ -1,7 +1,7 @@
 """Closed-loop backtests of one campus over consecutive local days, on the real traces. No Prefect, no DuckDB.
 
 Every policy sees the same days, the same inflexible usage and the same flexible job arrivals (the real batch
-traces via :func:`cicm.data.telemetry.scaled_cluster_jobs`), and is charged the same REAL carbon intensity. Each
+traces via :func:`cicm.demo.telemetry.scaled_cluster_jobs`), and is charged the same REAL carbon intensity. Each
 policy is a small class in :mod:`cicm.backtest.policies`, found by name in its ``POLICIES`` registry and run in
 registry order:
 
@@ -130,7 +130,7 @@ def campus_for_zone(fleet: Fleet, zone: str, template: str | None = None, timezo
 
 def cluster_data(fleet: Fleet, cluster: Cluster, seed: int, shift: pd.Timedelta = pd.Timedelta(0)) -> ClusterData:
     """The cluster's workload over the demo history, moved ``shift`` (whole weeks) in time."""
-    from cicm.data.telemetry import cluster_usage_history, history_hours, scaled_cluster_jobs
+    from cicm.demo.telemetry import cluster_usage_history, history_hours, scaled_cluster_jobs
 
     hours = history_hours(fleet)
     usage = cluster_usage_history(cluster, hours, seed)
