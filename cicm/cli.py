@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cicm.clikit import db_option, exit_degraded_unless, fail, fleet_option, use_exit_code_table
 from cicm.errors import InputError, ProviderError
 from cicm.paths import default_db_path
 from cicm.timeutil import parse_plan_date
@@ -19,13 +20,9 @@ vcc_app = typer.Typer(no_args_is_help=True, help="Virtual Capacity Curves.")
 app.add_typer(vcc_app, name="vcc")
 console = Console(width=None if sys.stdout.isatty() else 160)
 
-DbOption = typer.Option(None, "--db", help="DuckDB file (default: var/cicm.duckdb, or $CICM_HOME/cicm.duckdb)")
-FleetOption = typer.Option(None, "--fleet", help="fleet TOML (default: data/demo_fleet.toml)")
-
-
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error[/]: {exc}")
-    raise typer.Exit(1)
+use_exit_code_table()
+DbOption = db_option()
+FleetOption = fleet_option()
 
 
 def _mount_subcommands() -> None:
@@ -104,15 +101,14 @@ def plan(
         with stdout_to_stderr(as_json):
             outcome = run_nightly_plan(plan_date, db or default_db_path(), fleet, options)
     except (InputError, ProviderError) as exc:
-        _fail(exc)
+        fail(exc)
     if as_json:
         print(json.dumps({"plan_date": str(outcome.plan_date), "run_id": outcome.run_id, "status": outcome.status,
                           "stages": [s.__dict__ for s in outcome.stages],
                           "clusters": outcome.clusters.to_dict("records")}, default=str, indent=2))
     else:
         _print_plan(outcome)
-    if outcome.status != "ok":
-        raise typer.Exit(2)
+    exit_degraded_unless(outcome.status == "ok")
 
 
 def _print_plan(outcome) -> None:
@@ -161,9 +157,9 @@ def vcc_show(
         with Store(db or default_db_path(), read_only=True) as store:
             hours, status = store.plan(cluster, plan_date)
     except InputError as exc:
-        _fail(exc)
+        fail(exc)
     if status.empty:
-        _fail(InputError("cluster", f"no plan for cluster {cluster!r} on {plan_date}"))
+        fail(InputError("cluster", f"no plan for cluster {cluster!r} on {plan_date}"))
     info = status.iloc[0].to_dict()
     if as_json:
         doc = {
@@ -220,9 +216,9 @@ def scale_generate(
     try:
         info = prepare_scale_run(out, clusters, seed=seed, clusters_per_campus=per_campus)
     except InputError as exc:
-        _fail(exc)
+        fail(exc)
     except OSError as exc:
-        _fail(InputError("out", f"cannot write to {out}: {exc.strerror or exc}"))
+        fail(InputError("out", f"cannot write to {out}: {exc.strerror or exc}"))
     console.print(f"{info['clusters']} clusters in {info['campuses']} campuses; {info['usage_rows']:,} usage rows "
                   f"stored in {info['db']}. Plan it with:\n  cicm plan --fleet {info['fleet']} --db {info['db']} "
                   f"--telemetry {info['telemetry']}")
@@ -237,7 +233,7 @@ def runs(db: Optional[Path] = DbOption, limit: int = typer.Option(20)) -> None:
         with Store(db or default_db_path(), read_only=True) as store:
             frame = store.runs(limit)
     except InputError as exc:
-        _fail(exc)
+        fail(exc)
     table = Table(title="Runs")
     for col in ("run_id", "kind", "plan_date", "status", "started_at", "message"):
         table.add_column(col)
@@ -257,7 +253,7 @@ def schedule(db: Optional[Path] = DbOption, fleet: Optional[Path] = FleetOption)
     try:
         deployment = nightly_deployment(str(db or default_db_path()), str(fleet) if fleet else None)
     except InputError as exc:
-        _fail(exc)
+        fail(exc)
     serve(deployment)
 
 

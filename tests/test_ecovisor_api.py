@@ -347,4 +347,4 @@ def test_cli_serve_starts_the_service(tmp_path):
         p.wait(timeout=10)
     env.pop("ECOVISOR_ADMIN_TOKEN")
     r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=30)
-    assert r.returncode == 2 and "ECOVISOR_ADMIN_TOKEN" in r.stderr
+    assert r.returncode == 1 and "ECOVISOR_ADMIN_TOKEN" in r.stderr

@@ -266,7 +266,7 @@ def test_cli_size_and_compact(loaded, telemetry, tmp_path):
 ])
 def test_cli_bad_before_exits_2(loaded, tmp_path, args, field):
     result = _cli("compact", *args, "--archive", str(tmp_path / "arch"), "--db", str(loaded))
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 1, result.output
     assert result.output.strip().startswith(f"error: {field}:")
     assert len(result.output.strip().splitlines()) == 1
 
@@ -282,16 +282,16 @@ def test_cli_compacts_one_table(loaded, telemetry, tmp_path):
     assert not (archive / "usage_history").exists()
     result = _cli("compact", "--before", "2022-02-01", "--archive", str(archive), "--db", str(loaded),
                   "--table", "vccs")
-    assert result.exit_code == 2 and "error: table:" in result.output
+    assert result.exit_code == 1 and "error: table:" in result.output
 
 
 def test_cli_bad_archive_and_db_exit_2(loaded, tmp_path):
     not_dir = tmp_path / "file"
     not_dir.write_text("x")
     result = _cli("compact", "--before", "2022-02-01", "--archive", str(not_dir), "--db", str(loaded))
-    assert result.exit_code == 2 and "error: archive:" in result.output
+    assert result.exit_code == 1 and "error: archive:" in result.output
     result = _cli("size", "--db", str(tmp_path / "missing.duckdb"))
-    assert result.exit_code == 2 and "error: db:" in result.output
+    assert result.exit_code == 1 and "error: db:" in result.output
 
 
 def test_cli_locked_db_exits_2(loaded, tmp_path, monkeypatch):
@@ -308,7 +308,7 @@ def test_cli_locked_db_exits_2(loaded, tmp_path, monkeypatch):
         assert holder.stdout.readline().strip() == "locked"
         started = time.monotonic()
         result = _cli("compact", "--before", "2022-02-01", "--archive", str(tmp_path / "arch"), "--db", str(loaded))
-        assert result.exit_code == 2, result.output
+        assert result.exit_code == 1, result.output
         assert "error: db:" in result.output and "locked" in result.output
         assert time.monotonic() - started < 10
     finally:

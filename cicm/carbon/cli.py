@@ -8,6 +8,7 @@ from typing import Optional
 import pandas as pd
 import typer
 
+from cicm.clikit import fail
 from cicm.carbon.providers import PROVIDERS, fetch_forecast
 from cicm.carbon.validate import format_time, require_utc_timestamp
 from cicm.errors import InputError, ProviderError
@@ -127,8 +128,7 @@ def fetch(
         else:
             frame, run_id = do_fetch(), None
     except (InputError, ProviderError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1)
+        fail(exc)
     typer.echo(summary_line(frame))
     for row in frame.itertuples(index=False):
         typer.echo(f"  {format_time(row.target_hour)}  {row.gco2_per_kwh:8.1f}")

@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from cicm.clikit import db_option
 from cicm.paths import default_db_path
 
 dashboard_app = typer.Typer(help="The operators' dashboard (read-only web app over the store).",
@@ -57,8 +58,7 @@ def serve(db_path: Path | str | None = None, port: int = DEFAULT_PORT, host: str
 
 @dashboard_app.callback(invoke_without_command=True)
 def dashboard(
-    db: Optional[Path] = typer.Option(None, "--db", help="DuckDB store (default: var/cicm.duckdb, or "
-                                                         "$CICM_HOME/cicm.duckdb)"),
+    db: Optional[Path] = db_option(),
     port: int = typer.Option(DEFAULT_PORT, "--port", help="TCP port (0 picks a free one)"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default loopback only)"),
     fleet: Optional[Path] = typer.Option(None, "--fleet", help="fleet TOML (default: data/demo_fleet.toml)"),

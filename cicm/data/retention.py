@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cicm.clikit import db_option, fail
 from cicm.errors import InputError
 from cicm.store.core import Store
 from cicm.store.retention import (ARCHIVE_FILE_PREFIX, HISTORY_TABLES, HOT_WINDOW_DAYS, _as_date,  # noqa: F401
@@ -23,12 +24,10 @@ from cicm.store.retention import (ARCHIVE_FILE_PREFIX, HISTORY_TABLES, HOT_WINDO
 # -- CLI: `cicm store` ---------------------------------------------------------------------------------------
 store_app = typer.Typer(no_args_is_help=True, help="The DuckDB store: size, and compaction of cold history.")
 console = Console(width=None if sys.stdout.isatty() else 160)
-DbOption = typer.Option(None, "--db", help="DuckDB file (default: var/cicm.duckdb, or $CICM_HOME/cicm.duckdb)")
+DbOption = db_option()
 
 
-def _bad_input(exc: InputError) -> None:
-    console.print(f"[bold red]error[/]: {exc}", soft_wrap=True)
-    raise typer.Exit(2)
+_bad_input = fail
 
 
 def _human(n: float) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from cicm.clikit import fail
 from cicm.errors import InputError
 
 ecovisor_app = typer.Typer(help="The ecovisor: a virtual energy system per application (REST service).",
@@ -33,8 +34,7 @@ def serve(
     from .site import load_site
 
     if not os.environ.get("ECOVISOR_ADMIN_TOKEN"):
-        typer.echo("error: set ECOVISOR_ADMIN_TOKEN (the bearer token of admin routes)", err=True)
-        raise typer.Exit(2)
+        fail("ECOVISOR_ADMIN_TOKEN: set it to the bearer token of admin routes")
     try:
         cfg = load_site(site)
         if backend is not None:
@@ -57,8 +57,7 @@ def serve(
             raise InputError("clock", "must be 'real' or 'simulated'")
         be = make_backend(cfg)
     except (InputError, BackendError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from e
+        fail(e)
     api = create_app(cfg, clk, be, db)
     uvicorn.run(api, host=host, port=port, log_level=log_level)
 
@@ -71,8 +70,7 @@ def check_site(site: Path = typer.Argument(..., exists=True, dir_okay=False)) ->
     try:
         cfg = load_site(site)
     except InputError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from e
+        fail(e)
     typer.echo(f"{cfg.name}: {len(cfg.containers)} containers, backend {cfg.backend.kind}, "
                f"grid {cfg.grid.capacity_kw} kW ({cfg.grid.carbon.source} {cfg.grid.carbon.zone or cfg.grid.carbon.path}), "
                f"battery {cfg.battery.capacity_kwh} kWh, solar {cfg.solar.array_kwp} kWp")

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cicm.clikit import ExitCode, db_option, fail, fleet_option
 from cicm.errors import InputError
 
 agent_app = typer.Typer(no_args_is_help=True,
@@ -100,11 +101,11 @@ def run(
     cluster: str = typer.Option(..., "--cluster", help="the cluster this agent enforces"),
     ecovisor: str = typer.Option(..., "--ecovisor", help="ecovisor base URL, e.g. http://127.0.0.1:8700"),
     once: bool = typer.Option(False, "--once", help="one pass (reconcile the current hour) and exit"),
-    db: Optional[Path] = typer.Option(None, "--db", help="read VCCs from this store (default: $CICM_HOME/cicm.duckdb)"),
+    db: Optional[Path] = db_option("read VCCs from this store (default: var/cicm.duckdb, or $CICM_HOME/cicm.duckdb)"),
     plan_file: Optional[Path] = typer.Option(None, "--plan-file", help="read VCCs from a `cicm vcc show --json` file"),
     audit_file: Optional[Path] = typer.Option(None, "--audit-file",
                                               help="JSONL audit (plan-file mode) or spool while the store is locked"),
-    fleet: Optional[Path] = typer.Option(None, "--fleet", help="fleet TOML, for the cluster's capacity"),
+    fleet: Optional[Path] = fleet_option(),
     flexible: List[str] = typer.Option([], "--flexible", help="flexible container name(s); repeat or comma-separate"),
     flexible_pattern: str = typer.Option("batch-*", "--flexible-pattern",
                                          help="glob for flexible containers when --flexible is not given"),
@@ -136,8 +137,7 @@ def run(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = os.environ.get(TOKEN_ENV)
     if not token:
-        console.print(f"[bold red]error[/]: set {TOKEN_ENV} to the app's ecovisor bearer token")
-        raise typer.Exit(2)
+        fail(f"{TOKEN_ENV}: set it to the app's ecovisor bearer token")
     stop = threading.Event()
     try:
         agent = build_agent(
@@ -153,8 +153,7 @@ def run(
         elif clock != "real":
             raise InputError("clock", f"must be 'real' or 'ecovisor', not {clock!r}")
     except (InputError, ValueError) as exc:
-        console.print(f"[bold red]error[/]: {exc}")
-        raise typer.Exit(2)
+        fail(exc)
     console.print(f"agent for {cluster}: plans from {agent.plans.describe()}, audit to {agent.audit.describe()}, "
                   f"ecovisor {ecovisor}, hourly correction "
                   + (f"from the {agent.backlog.describe()}" if agent.backlog is not None else "off"))
@@ -172,12 +171,11 @@ def run(
         console.print(out.line())
         if once and not out.ok:
             status = "failed"
-            raise typer.Exit(1)
+            raise typer.Exit(int(ExitCode.DEGRADED))
         status = "stopped" if not once else "ok"
     except AgentConfigError as exc:
         status = "failed"
-        console.print(f"[bold red]error[/]: {exc}")
-        raise typer.Exit(2)
+        fail(exc)
     finally:
         agent.audit.close(status, {"passes": len(agent.passes),
                                    "failed": sum(not p.ok for p in agent.passes)})
@@ -187,7 +185,7 @@ def run(
 @agent_app.command("actions")
 def actions(
     cluster: Optional[str] = typer.Option(None, "--cluster"),
-    db: Optional[Path] = typer.Option(None, "--db", help="store (default: $CICM_HOME/cicm.duckdb)"),
+    db: Optional[Path] = db_option(),
     audit_file: Optional[Path] = typer.Option(None, "--audit-file", help="also read this JSONL audit/spool file"),
     limit: int = typer.Option(30, "--limit"),
     as_json: bool = typer.Option(False, "--json"),
@@ -201,8 +199,7 @@ def actions(
     try:
         frame = read_actions(db, spool, cluster, limit)
     except InputError as exc:
-        console.print(f"[bold red]error[/]: {exc}")
-        raise typer.Exit(1)
+        fail(exc)
     if as_json:
         print(json.dumps(json.loads(frame.to_json(orient="records", date_format="iso")), indent=2))
         return
@@ -218,7 +215,7 @@ def actions(
 @agent_app.command("deviations")
 def deviations(
     cluster: Optional[str] = typer.Option(None, "--cluster"),
-    db: Optional[Path] = typer.Option(None, "--db", help="store (default: $CICM_HOME/cicm.duckdb)"),
+    db: Optional[Path] = db_option(),
     audit_file: Optional[Path] = typer.Option(None, "--audit-file", help="also read this JSONL audit/spool file"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -231,8 +228,7 @@ def deviations(
     try:
         frame = read_deviations(db, spool, cluster)
     except InputError as exc:
-        console.print(f"[bold red]error[/]: {exc}")
-        raise typer.Exit(1)
+        fail(exc)
     if as_json:
         print(json.dumps(json.loads(frame.to_json(orient="records", date_format="iso")), indent=2))
         return

@@ -10,12 +10,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cicm.clikit import db_option, fail
 from cicm.errors import InputError
 
 slo_app = typer.Typer(no_args_is_help=True, help="The SLO check and its feedback loop (shaping on/off per cluster).")
 console = Console(width=None if sys.stdout.isatty() else 160)
 
-DbOption = typer.Option(None, "--db", help="DuckDB file (default: $CICM_HOME/cicm.duckdb)")
+DbOption = db_option()
 
 
 def _fmt(v) -> str:
@@ -50,8 +51,7 @@ def status(
         with Store(db or default_db_path(), read_only=True) as store:
             frame = slo_status(store, day)
     except InputError as exc:
-        console.print(f"[bold red]error[/]: {exc}")
-        raise typer.Exit(1)
+        fail(exc)
     totals = {"clusters": int(len(frame)), "cluster_days": int(frame["days"].sum()),
               "violated": int(frame["violated"].sum()), "close": int(frame["close"].sum()),
               "shaping_off": int((frame["shaping"] == "off").sum())}
@@ -107,8 +107,7 @@ def check(
             out = slo_stage(store, fleet_cfg, plan_date, window_days=window_days, close_fraction=close_fraction,
                             disable_days=disable_days)
     except InputError as exc:
-        console.print(f"[bold red]error[/]: {exc}")
-        raise typer.Exit(1)
+        fail(exc)
     if as_json:
         print(json.dumps({"summary": out["summary"], "run_id": out["run_id"],
                           "clusters": out["clusters"].to_dict("records")}, default=str, indent=2))
