@@ -43,6 +43,40 @@ def _mount_subcommands() -> None:
     app.add_typer(__import__("cicm.data.retention", fromlist=["store_app"]).store_app, name="store", help="The store: size, compaction of cold history to Parquet.")
 
 
+demo_app = typer.Typer(no_args_is_help=True, help="The bundled demo: real traces turned into a fleet's telemetry.")
+app.add_typer(demo_app, name="demo")
+
+
+@demo_app.command("seed")
+def demo_seed(
+    db: Optional[Path] = DbOption,
+    fleet: Optional[Path] = FleetOption,
+    seed: int = typer.Option(0, help="seed of the derived demo telemetry"),
+    force: bool = typer.Option(False, "--force", help="import again even if the store already holds the fleet's"),
+) -> None:
+    """Create the demo store: the demo fleet's usage and power telemetry derived from the bundled traces, the
+    zones' actual carbon and the trace provider's day-ahead forecasts over the history. One run."""
+    from cicm.config import load_fleet
+    from cicm.planning.ingest import import_demo_telemetry
+    from cicm.store import Store
+    from cicm.store import plan as plan_reads
+
+    try:
+        fleet_cfg = load_fleet(fleet)
+        path = db or default_db_path()
+        with Store(path) as store:
+            names = [c.name for c in fleet_cfg.clusters()]
+            if not force and plan_reads.clusters_with_usage(store, names) == set(names):
+                console.print(f"{path}: already holds telemetry for every cluster of {fleet_cfg.name} "
+                              "(--force imports again)")
+                return
+            info = import_demo_telemetry(store, fleet_cfg, seed=seed)
+    except InputError as exc:
+        fail(exc)
+    console.print(f"{path}: seeded {fleet_cfg.name} — {info['usage_rows']:,} usage and {info['power_rows']:,} "
+                  f"power rows, carbon of {', '.join(info['zones'])} (run {info['run_id']})")
+
+
 @app.command()
 def plan(
     date: Optional[str] = typer.Option(None, "--date", help="local planning day YYYY-MM-DD (default: the fleet's)"),

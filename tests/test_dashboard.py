@@ -48,7 +48,10 @@ def plan_store(tmp_path_factory) -> Path:
 
     db = tmp_path_factory.mktemp("dashboard-store") / "cicm.duckdb"
     fleet = load_fleet()
+    from cicm.planning.ingest import import_demo_telemetry
+
     with Store(db) as store:
+        import_demo_telemetry(store, fleet)  # what `cicm demo seed` does
         for day in PLAN_DATES:
             plan_day(store, fleet, day, PlanOptions())
     return db

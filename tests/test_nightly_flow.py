@@ -26,7 +26,11 @@ def prefect_server():
 def planned_db(prefect_server, tmp_path_factory):
     from flows.nightly import run_nightly_plan
 
+    from cicm.planning.ingest import import_demo_telemetry
+
     path = tmp_path_factory.mktemp("plan") / "cicm.duckdb"
+    with Store(path) as store:  # what `cicm demo seed` does
+        import_demo_telemetry(store, load_fleet())
     outcome = run_nightly_plan(PLAN_DATE, path)
     return path, outcome
 

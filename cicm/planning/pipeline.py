@@ -20,7 +20,7 @@ from cicm.config import Fleet, load_fleet
 from cicm.store import Store
 from cicm.errors import InputError, ProviderError
 from cicm.planning import stages
-from cicm.planning.ingest import import_demo_telemetry, ingest_telemetry, read_telemetry_dir
+from cicm.planning.ingest import ingest_telemetry, read_telemetry_dir
 
 
 @dataclass
@@ -74,18 +74,35 @@ def ingest_new_telemetry(store: Store, folder: str, fleet: Fleet | None = None,
                                                   f" power rows from {folder} (run {info['run_id']})")
 
 
+NO_TELEMETRY_HELP = ("for the bundled demo fleet run `cicm demo seed` first (./scripts/plan does); for your own "
+                     "fleet pass --telemetry DIR with usage*.parquet and power*.parquet (docs/telemetry.md)")
+
+
 def ensure_telemetry(store: Store, fleet: Fleet, seed: int, telemetry_dir: str | None = None) -> stages.StageReport:
+    """Ingest the night's telemetry drop (if given) and check the store has history to plan on. It never invents
+    data: a store without any usage history of the fleet's clusters is refused (InputError "telemetry"); clusters
+    without history fall back one by one (insufficient-history). ``seed`` is unused (kept for the flow's task)."""
+    from cicm.store import plan as plan_reads
+
+    report = None
     if telemetry_dir:  # a bad drop must not cost the fleet its plan: plan on the stored history, and say so
         try:
-            return ingest_new_telemetry(store, telemetry_dir, fleet, pd.Timestamp.now(tz="UTC"))
+            report = ingest_new_telemetry(store, telemetry_dir, fleet, pd.Timestamp.now(tz="UTC"))
         except InputError as exc:
-            return stages.StageReport("telemetry", "degraded", f"refused {telemetry_dir} ({exc}); planned on the "
-                                                               "stored history")
+            report = stages.StageReport("telemetry", "degraded", f"refused {telemetry_dir} ({exc}); planned on the "
+                                                                 "stored history")
     names = [c.name for c in fleet.clusters()]
-    if store.has_usage(names):
-        return stages.StageReport("telemetry", "ran", "store already holds telemetry for every cluster")
-    info = import_demo_telemetry(store, fleet, seed=seed)
-    return stages.StageReport("telemetry", "ran", f"imported {info['usage_rows']} usage rows (run {info['run_id']})")
+    have = plan_reads.clusters_with_usage(store, names)
+    if not have:
+        raise InputError("telemetry", f"the store holds no usage history for any cluster of fleet {fleet.name!r}: "
+                                      + NO_TELEMETRY_HELP)
+    missing = [n for n in names if n not in have]
+    if report is not None:
+        return report
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        return stages.StageReport("telemetry", "degraded", f"no usage history for {shown}: they fall back")
+    return stages.StageReport("telemetry", "ran", "store already holds telemetry for every cluster")
 
 
 def fetch_day_carbon(day: stages.CampusDay, options: PlanOptions) -> pd.DataFrame:

@@ -45,6 +45,13 @@ def has_usage(store, clusters: list[str]) -> bool:
     return found == len(set(clusters))
 
 
+def clusters_with_usage(store, clusters: list[str]) -> set[str]:
+    """The named clusters that have at least one usage row."""
+    rows = store.con.execute(
+        "SELECT DISTINCT cluster FROM usage_history WHERE list_contains(?, cluster)", [clusters]).fetchall()
+    return {r[0] for r in rows}
+
+
 def day_ahead_forecasts(store, zone: str, start: pd.Timestamp, end: pd.Timestamp,
                         min_lead_hours: float = 6.0) -> pd.Series:
     """Per target hour in [start, end): the newest carbon forecast issued at least ``min_lead_hours`` before it.
