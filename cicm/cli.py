@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cicm.planning.options import PlanOptions
 from cicm.clikit import db_option, exit_degraded_unless, fail, fleet_option, use_exit_code_table
 from cicm.errors import InputError, ProviderError
 from cicm.paths import default_db_path
@@ -22,6 +23,7 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 
 use_exit_code_table()
 DbOption = db_option()
+_D = PlanOptions  # the planner's defaults: one source (cicm.planning.options.PlanOptions)
 FleetOption = fleet_option()
 
 
@@ -82,29 +84,29 @@ def plan(
     date: Optional[str] = typer.Option(None, "--date", help="local planning day YYYY-MM-DD (default: the fleet's)"),
     db: Optional[Path] = DbOption,
     fleet: Optional[Path] = FleetOption,
-    provider: str = typer.Option("trace", help="carbon forecast provider: trace, electricitymaps, watttime, csv"),
+    provider: str = typer.Option(_D.provider, help="carbon forecast provider: trace, electricitymaps, watttime, csv"),
     base_url: Optional[str] = typer.Option(None, help="provider base URL"),
     csv: Optional[Path] = typer.Option(None, help="CSV forecast file for --provider csv"),
-    seed: int = typer.Option(0, help="seed of the demo telemetry and trace forecast errors"),
-    gamma: float = typer.Option(0.05, help="inflexible usage must fit under its (1-gamma) quantile"),
-    lambda_e: float = typer.Option(1.0, help="weight of carbon (per kgCO2)"),
-    lambda_p: float = typer.Option(0.0, help="weight of peak power (per kW)"),
-    delta_min: float = typer.Option(-1.0, help="lowest flexible deviation from flat"),
-    delta_max: float = typer.Option(1.0, help="highest flexible deviation from flat"),
-    solver: str = typer.Option("HIGHS", help="HIGHS or CLARABEL"),
+    seed: int = typer.Option(_D.seed, help="seed of the trace forecast errors"),
+    gamma: float = typer.Option(_D.gamma, help="inflexible usage must fit under its (1-gamma) quantile"),
+    lambda_e: float = typer.Option(_D.lambda_e, help="weight of carbon (per kgCO2)"),
+    lambda_p: float = typer.Option(_D.lambda_p, help="weight of peak power (per kW)"),
+    delta_min: float = typer.Option(_D.delta_min, help="lowest flexible deviation from flat"),
+    delta_max: float = typer.Option(_D.delta_max, help="highest flexible deviation from flat"),
+    solver: str = typer.Option(_D.solver, help="HIGHS or CLARABEL"),
     min_forecast_value_pct: float = typer.Option(
-        3.0, help="shape a campus only if following its zone's forecasts cut flexible carbon by this much (%)"
+        _D.min_forecast_value_pct, help="shape a campus only if following its zone's forecasts cut flexible carbon by this much (%)"
                   " over the last 28 days"),
     telemetry: Optional[Path] = typer.Option(
         None, help="folder of new usage*.parquet / power*.parquet telemetry to ingest before planning"),
-    runner: str = typer.Option("auto", help="where the campus partitions run: local (this process), dask, or"
+    runner: str = typer.Option(_D.runner, help="where the campus partitions run: local (this process), dask, or"
                                             " auto (dask if --dask-address is given or the fleet is very large)"),
     dask_address: Optional[str] = typer.Option(None, help="Dask scheduler, e.g. tcp://10.0.0.5:8786 (default with"
                                                           " --runner dask: a local cluster)"),
-    dask_workers: int = typer.Option(2, help="worker processes of the local Dask cluster"),
-    program: str = typer.Option("queue", help="the VCC program: queue (plans when flexible work runs, with a"
+    dask_workers: int = typer.Option(_D.dask_workers, help="worker processes of the local Dask cluster"),
+    program: str = typer.Option(_D.program, help="the VCC program: queue (plans when flexible work runs, with a"
                                               " look-ahead; docs/optimizer.md) or ceiling (CICM's, a baseline)"),
-    horizon_hours: int = typer.Option(48, help="queue program: look-ahead from planning time, in hours (only the"
+    horizon_hours: int = typer.Option(_D.horizon_hours, help="queue program: look-ahead from planning time, in hours (only the"
                                                " planning day is committed)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
@@ -126,10 +128,7 @@ def plan(
                               runner=runner, dask_address=dask_address, dask_workers=dask_workers,
                               telemetry_dir=str(telemetry) if telemetry else None, program=program,
                               horizon_hours=horizon_hours)
-        if program not in ("ceiling", "queue"):
-            raise InputError("program", f"must be ceiling or queue, got {program!r}")
-        if not 24 <= horizon_hours <= 96:
-            raise InputError("horizon_hours", f"must be 24 to 96 hours, got {horizon_hours}")
+        options.validate()
         from cicm.stdio import stdout_to_stderr
 
         with stdout_to_stderr(as_json):

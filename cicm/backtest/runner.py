@@ -45,7 +45,7 @@ from cicm.backtest.segment import ClusterData, Segment, hour_slots, run_open_loo
 from cicm.backtest.sim import make_tasks
 from cicm.config import Campus, Cluster, Fleet, GRID_ZONES
 from cicm.errors import InputError
-from cicm.planning.pipeline import PlanOptions
+from cicm.planning.options import PlanOptions
 from cicm.timeutil import check_timezone, local_day_hours_utc, planning_time_utc
 
 if TYPE_CHECKING:
@@ -70,11 +70,8 @@ class BacktestOptions(PlanOptions):
     slo_off_days: int = 7
     drain_hours: int = 72
     max_task_share: float = 0.01  # tasks no wider than this share of the cluster
-    # the queue-aware planner
-    horizon_hours: int = 48  # look-ahead of every solve (only the planning day is committed)
+    # the queue-aware planner (horizon_hours, planning_margin_hours, arrival_quantile: PlanOptions')
     oracle_horizon_hours: int = 72  # the oracle's: perfect foresight is not bound by a provider's forecast horizon
-    planning_margin_hours: float = 6.0  # deadlines are planned this much early
-    arrival_quantile: float = 0.9  # upper quantile of arrivals behind the VCC's risk margin
     hourly_correction: bool = True  # re-plan every hour from the live backlog
     plan_capacity_share: float = 1.0  # the program plans within this share of the machines (the rest: the guard)
     guard_hours: float = 0.0  # the deadline guard releases a task once its laxity falls below this
@@ -84,19 +81,15 @@ class BacktestOptions(PlanOptions):
     top_hours_share: float = 0.2  # "highest-carbon hours": this share of each local day's hours
 
     def validate(self) -> None:
+        super().validate()
         for name in self.policies:
             policy_class(name)  # an unknown name raises InputError("policies", ...)
         if BASELINE not in self.policies:
             raise InputError("policies", f"{BASELINE} is the baseline and must be included")
         if self.experiment and "planner" not in self.policies:
             raise InputError("experiment", "the experiment applies the planner's VCCs; include the planner")
-        for name in ("horizon_hours", "oracle_horizon_hours"):
-            if not 24 <= getattr(self, name) <= 72:
-                raise InputError(name, f"must be in [24, 72], got {getattr(self, name)}")
-        if not 0 <= self.planning_margin_hours < 24:
-            raise InputError("planning_margin_hours", f"must be in [0, 24), got {self.planning_margin_hours}")
-        if not 0.5 <= self.arrival_quantile < 1:
-            raise InputError("arrival_quantile", f"must be in [0.5, 1), got {self.arrival_quantile}")
+        if not 24 <= self.oracle_horizon_hours <= 72:
+            raise InputError("oracle_horizon_hours", f"must be in [24, 72], got {self.oracle_horizon_hours}")
         if not 0 < self.threshold_quantile < 1:
             raise InputError("threshold_quantile", "must be in (0, 1)")
         if not 0 < self.experiment_p < 1:

@@ -20,33 +20,8 @@ from cicm.config import Fleet, load_fleet
 from cicm.store import Store
 from cicm.errors import InputError, ProviderError
 from cicm.planning import stages
+from cicm.planning.options import PROGRAMS, PlanOptions  # noqa: F401  (re-exported: plan_day's options)
 from cicm.planning.ingest import ingest_telemetry, read_telemetry_dir
-
-
-@dataclass
-class PlanOptions:
-    provider: str = "trace"
-    base_url: str | None = None
-    csv_path: str | None = None
-    seed: int = 0
-    gamma: float = 0.05
-    lambda_e: float = 1.0
-    lambda_p: float = 0.0
-    delta_min: float = -1.0
-    delta_max: float = 1.0
-    ramp_limit: float | None = None
-    solver: str = "HIGHS"
-    min_forecast_value_pct: float = 3.0
-    fetch_retries: int = 2
-    fetch_retry_delay_seconds: float = 2.0
-    runner: str = "auto"  # "local" | "dask" | "auto" (see choose_runner)
-    dask_address: str | None = None  # tcp://scheduler:8786; None with runner dask: a local cluster
-    dask_workers: int = 2  # worker processes of a local Dask cluster
-    telemetry_dir: str | None = None  # new usage*/power*.parquet to ingest before planning
-    program: str = "queue"  # "queue" (the queue-aware program) | "ceiling" (CICM's VCC program, a baseline)
-    horizon_hours: int = 48  # queue program: look-ahead from planning time (only the planning day is committed)
-    planning_margin_hours: float = 6.0  # queue program: deadlines planned this much early
-    arrival_quantile: float = 0.9  # queue program: upper quantile of arrivals behind the VCC's margin
 
 
 @dataclass
@@ -137,6 +112,7 @@ def plan_day(store: Store, fleet: Fleet, plan_date: date, options: PlanOptions,
     `store`; `run_partitions` runs them elsewhere (Dask workers), which open the file read-only while this
     process has let go of it. Everything is then written here, by the one writer, in one transaction.
     """
+    options.validate()
     slo = slo or check_slo
     clock = _Clock()
     reports = [telemetry(store, fleet, options.seed, options.telemetry_dir)]
