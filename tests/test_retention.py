@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cicm.errors import InputError
-from cicm.store import Store, retention
+from cicm.store import SCHEMA_VERSION, Store, retention
 from cicm.store.retention import (compact_history, history_view, latest_allowed_before, rebuild_file,
                                   restore_history, store_size)
 
@@ -231,7 +231,7 @@ def test_store_size_rebuild_and_restore(loaded, telemetry, tmp_path):
     rebuilt = rebuild_file(loaded)
     assert rebuilt["db_bytes_before"] == grown and rebuilt["db_bytes_after"] < grown
     with Store(loaded) as store:
-        assert store.schema_version() == 1
+        assert store.schema_version() == SCHEMA_VERSION
         kept = _counts(store)
         restored = restore_history(store, archive, date(2022, 3, 1), date(2022, 4, 1))
         assert restored["rows"]["usage_history"] == 31 * 24 * len(usage["cluster"].unique())

@@ -1,3 +1,5 @@
+from datetime import date
+
 import duckdb
 import pandas as pd
 import pytest
@@ -96,6 +98,46 @@ def test_newer_schema_is_refused(db_path):
     con.close()
     with pytest.raises(InputError, match="schema version 999"):
         Store(db_path)
+
+
+def test_a_version_1_file_is_migrated_and_keeps_its_rows(db_path):
+    """Version 2 stores fallback reasons as a code and a detail in their own columns; a version-1 file gains them,
+    split from its stored text, in one transaction, and its plan in force reads the same."""
+    from cicm.store.core import SCHEMA_V1
+
+    con = duckdb.connect(str(db_path))
+    con.execute(SCHEMA_V1)
+    con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    for cluster, reason in (("a", "low-benefit: 0.4% (perfect 1.6%): below the 3% needed"), ("b", None),
+                            ("c", "too-full")):
+        con.execute("INSERT INTO vcc_status (run_id, plan_date, cluster, campus, status, reason) VALUES "
+                    "('r1', DATE '2022-06-15', ?, 'x', 'fallback', ?)", [cluster, reason])
+        con.execute("INSERT INTO current_plans VALUES ('r1', DATE '2022-06-15', ?)", [cluster])
+    con.close()
+    with Store(db_path) as store:
+        assert store.schema_version() == SCHEMA_VERSION == 2
+        rows = store.query("SELECT cluster, reason, reason_code, reason_detail FROM current_vcc_status"
+                           " ORDER BY cluster").set_index("cluster")
+    assert rows.loc["a", "reason_code"] == "low-benefit"
+    assert rows.loc["a", "reason_detail"] == "0.4% (perfect 1.6%): below the 3% needed"
+    assert rows.loc["b", "reason_code"] is None or pd.isna(rows.loc["b", "reason_code"])
+    assert rows.loc["c", "reason_code"] == "too-full" and pd.isna(rows.loc["c", "reason_detail"])
+
+
+def test_a_stored_plan_carries_its_reason_code_and_detail(db_path):
+    from cicm.reasons import FallbackCode, join_reason, split_reason
+
+    reason = join_reason(FallbackCode.NO_POWER_MODEL, "sj-a-pd1: 3 samples")
+    assert split_reason(reason) == ("no-power-model", "sj-a-pd1: 3 samples")
+    status = pd.DataFrame([{"plan_date": date(2022, 6, 15), "cluster": "sj-a", "campus": "ca-sj", "status": "fallback",
+                            "reason": reason, "capacity_cores": 1.0, "theta_core_hours": None,
+                            "tau_core_hours": None, "expected_kgco2": None, "flat_kgco2": None,
+                            "saving_pct": None, "peak_kw": None}])
+    with Store(db_path) as store, store.run("plan", plan_date=date(2022, 6, 15)) as run:
+        store.replace_plan(date(2022, 6, 15), pd.DataFrame(), status, run.run_id)
+    with Store(db_path, read_only=True) as store:
+        row = store.query("SELECT reason_code, reason_detail FROM current_vcc_status").iloc[0]
+    assert (row["reason_code"], row["reason_detail"]) == ("no-power-model", "sj-a-pd1: 3 samples")
 
 
 # -- the store package: old import paths, named reads and their documented columns ----------------------------

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cicm.reasons import split_reason
 from cicm.backtest import metrics as M
 from cicm.backtest.accounting import ClusterPower
 from cicm.backtest.policies import BASELINE
@@ -122,7 +123,7 @@ def summary(bt: Backtest, ev: dict) -> dict:
     cd = ev["cluster_days"]
     planner = {}
     if "planner_status" in cd:
-        reasons = cd["planner_reason"].fillna("").map(lambda r: r.split(":")[0]) if "planner_reason" in cd else None
+        reasons = cd["planner_reason"].map(lambda r: split_reason(r)[0] or "") if "planner_reason" in cd else None
         planner = {"shaped_cluster_days": int((cd["planner_status"] == "shaped").sum()),
                    "fallback_reasons": (reasons[cd["planner_status"] != "shaped"].value_counts().to_dict()
                                         if reasons is not None else {})}

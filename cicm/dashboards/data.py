@@ -14,6 +14,7 @@ from datetime import date, timedelta
 import numpy as np
 import pandas as pd
 
+from cicm.reasons import split_reason
 from cicm.config import Fleet
 from cicm.store import dashboard as reads
 from cicm.store.reader import Reading
@@ -60,14 +61,6 @@ def planned_clusters(r: Reading, plan_date: date) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- overview
-
-
-def split_reason(reason) -> tuple[str | None, str | None]:
-    """'code: detail' -> (code, detail)."""
-    if not isinstance(reason, str) or not reason:
-        return None, None
-    code, _, detail = reason.partition(": ")
-    return code, (detail or None)
 
 
 def overview(r: Reading, fleet: Fleet | None, plan_date: date) -> pd.DataFrame:

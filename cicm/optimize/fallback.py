@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import numpy as np
 
-STATUS_SHAPED = "shaped"
-STATUS_FALLBACK = "fallback"
+from cicm.reasons import ClusterStatus, FallbackCode
 
-#: Reason codes set by the program. Callers may preset any other non-empty code (it is passed through).
-REASON_INSUFFICIENT_HISTORY = "insufficient-history"  # typically preset by the caller
-REASON_SLO_FEEDBACK = "slo-feedback"  # typically preset by the caller
-REASON_NO_FLEXIBLE_WORK = "no-flexible-work"  # T_UF = 0: nothing to shape
-REASON_TOO_FULL = "too-full"  # Theta > capacity*H, or the floor does not fit, or tau does not fit in the day
-REASON_INFEASIBLE = "infeasible"  # no delta satisfies the constraints (per cluster, or the campus contract)
-REASON_SOLVER_ERROR = "solver-error"  # the solver raised, returned no solution, or a solution that fails checks
+STATUS_SHAPED = ClusterStatus.SHAPED
+STATUS_FALLBACK = ClusterStatus.FALLBACK
+
+#: Reason codes set by the program (cicm.reasons). Callers may preset any other non-empty code (passed through).
+REASON_INSUFFICIENT_HISTORY = FallbackCode.INSUFFICIENT_HISTORY  # typically preset by the caller
+REASON_SLO_FEEDBACK = FallbackCode.SLO_FEEDBACK  # typically preset by the caller
+REASON_NO_FLEXIBLE_WORK = FallbackCode.NO_FLEXIBLE_WORK  # T_UF = 0: nothing to shape
+REASON_TOO_FULL = FallbackCode.TOO_FULL  # Theta > capacity*H, or the floor does not fit, or tau does not fit
+REASON_INFEASIBLE = FallbackCode.INFEASIBLE  # no delta satisfies the constraints (per cluster, or the contract)
+REASON_SOLVER_ERROR = FallbackCode.SOLVER_ERROR  # the solver raised, returned no solution, or a bad solution
 
 #: Relative tolerance used by the pre-checks (so that a floor exactly at capacity is not "too full").
 PRECHECK_RTOL = 1e-9

@@ -31,9 +31,10 @@ import pandas as pd
 
 from cicm import __version__
 from cicm.errors import InputError
+from cicm.reasons import split_reason
 from cicm.paths import REPO_ROOT, default_db_path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -111,6 +112,21 @@ CREATE TABLE IF NOT EXISTS shaping_state (
     run_id VARCHAR NOT NULL, cluster VARCHAR NOT NULL, disabled_from DATE NOT NULL, disabled_until DATE NOT NULL,
     reason VARCHAR NOT NULL, PRIMARY KEY (cluster, disabled_from));
 """
+
+# Version -> the statements that bring a file of the version before up to it.
+MIGRATIONS = {
+    # Fallback reasons as a code and a detail, in their own columns (cicm.reasons), beside the full text.
+    2: """
+ALTER TABLE vcc_status ADD COLUMN reason_code VARCHAR;
+ALTER TABLE vcc_status ADD COLUMN reason_detail VARCHAR;
+UPDATE vcc_status SET reason_code = CASE WHEN reason IS NULL OR reason = '' THEN NULL
+                                         ELSE split_part(reason, ': ', 1) END,
+                      reason_detail = CASE WHEN position(': ' IN coalesce(reason, '')) > 0
+                                           THEN substr(reason, position(': ' IN reason) + 2) END;
+CREATE OR REPLACE VIEW current_vcc_status AS
+    SELECT v.* FROM vcc_status v JOIN current_plans c USING (run_id, plan_date, cluster);
+""",
+}
 
 # table -> primary key columns; writes replace rows with the same key (upsert).
 TABLE_KEYS: dict[str, tuple[str, ...]] = {
@@ -209,9 +225,19 @@ class Store:
 
     # -- schema -------------------------------------------------------------------------------------------
     def _migrate(self) -> None:
+        """Create the schema (version 1), then apply each later migration the file has not had, in one
+        transaction. A file from newer code is refused by ``_check_version``."""
         self.con.execute("BEGIN")
-        self.con.execute(SCHEMA_V1)
-        self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+        try:
+            self.con.execute(SCHEMA_V1)
+            self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', '1')")
+            found = int(self.con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+            for version in range(found + 1, SCHEMA_VERSION + 1):
+                self.con.execute(MIGRATIONS[version])
+                self.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)])
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
         self.con.execute("COMMIT")
 
     def _check_version(self) -> None:
@@ -319,6 +345,9 @@ class Store:
     def replace_plan(self, plan_date: date, vccs: pd.DataFrame, status: pd.DataFrame, run_id: str) -> None:
         """Store a plan run's VCCs and make them the plan in force for `plan_date`. Earlier runs' rows stay."""
         self.upsert("vccs", vccs, run_id)
+        if "reason" in status:  # one parser: the code and the detail get their own columns
+            parts = [split_reason(r) for r in status["reason"]]
+            status = status.assign(reason_code=[c for c, _ in parts], reason_detail=[d for _, d in parts])
         self.upsert("vcc_status", status, run_id)
         current = pd.DataFrame({"plan_date": plan_date, "cluster": status["cluster"].unique()})
         self.upsert("current_plans", current, run_id)
