@@ -12,13 +12,18 @@ from hypothesis import strategies as st
 
 from cicm.config import Fleet, load_fleet
 from cicm.data.store import Store
-from cicm.planning.slo import feedback_decision, fluid_served, slo_stage, slo_status
+from cicm.planning.slo import feedback_decision, fluid_served_many, slo_stage, slo_status
 from cicm.timeutil import local_day_hours_utc
 
 PLAN_DATE = date(2022, 6, 15)
 
 
 # ------------------------------------------------------------------------------------------------ fluid check
+
+
+def fluid_served(arrivals, room, deadline_hours=24):
+    """The production queue (fleet-wide, ``fluid_served_many``) on one series."""
+    return fluid_served_many(np.atleast_2d(arrivals), np.atleast_2d(room), deadline_hours)[0]
 
 
 def test_fluid_check_serves_fifo_within_the_deadline_and_drops_what_misses_it():

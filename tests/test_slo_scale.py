@@ -20,7 +20,8 @@ import pytest
 
 from cicm.config import Fleet, load_fleet
 from cicm.data.store import Store
-from cicm.planning.slo import REASON_PREFIX, check_cluster_days, feedback_decision, slo_stage
+from cicm.planning.slo import REASON_PREFIX, feedback_decision, slo_stage
+from slo_reference import check_cluster_days, fluid_served
 from cicm.timeutil import local_day_hours_utc, planning_time_utc
 
 PLAN_DATE = date(2022, 11, 10)  # the US DST change (Nov 6) falls inside the checked window
@@ -360,7 +361,7 @@ def _fluid_case(draw_rows, hours, deadline, seed):
 @pytest.mark.parametrize("rows,hours,deadline,seed", [(1, 1, 1, 0), (5, 40, 3, 1), (40, 120, 24, 2),
                                                       (200, 264, 24, 3), (30, 100, 30, 4), (10, 50, 1, 5)])
 def test_fluid_served_many_is_fluid_served_row_by_row(rows, hours, deadline, seed):
-    from cicm.planning.slo import fluid_served, fluid_served_many
+    from cicm.planning.slo import fluid_served_many
 
     arrivals, room = _fluid_case(rows, hours, deadline, seed)
     many = fluid_served_many(arrivals, room, deadline)

@@ -26,13 +26,12 @@ reason.
 
 **At scale.** ``slo_stage`` checks the whole fleet with ``check_fleet_days``: three queries (usage, plan hours,
 plan status) for all clusters, the fluid queue run for all clusters at once (``fluid_served_many``), and three
-queries for the feedback; the query count does not depend on the number of clusters. ``check_cluster_days`` and
-``feedback_decision`` are the per-cluster reference: the stage gives exactly their rows and decisions.
+queries for the feedback; the query count does not depend on the number of clusters. The per-cluster reference
+check (``tests/slo_reference.py``) and ``feedback_decision`` give exactly the stage's rows and decisions.
 """
 from __future__ import annotations
 
 import json
-from collections import deque
 from datetime import date, timedelta
 from typing import Optional
 
@@ -52,38 +51,10 @@ EVENT_COLUMNS = ["cluster", "day", "demand_core_hours", "served_core_hours", "th
 # ------------------------------------------------------------------------------------------------ the check
 
 
-def fluid_served(arrivals: np.ndarray, room: np.ndarray, deadline_hours: int = DEADLINE_HOURS) -> np.ndarray:
-    """Core-hours of each hour's arrivals served within ``deadline_hours`` (FIFO fluid queue, 1-hour steps).
-
-    Arrivals of hour t may run in hours t .. t + deadline_hours - 1; what is left then is dropped.
-    """
-    a = np.asarray(arrivals, dtype=float)
-    r = np.asarray(room, dtype=float)
-    if a.shape != r.shape:
-        raise ValueError("arrivals and room must have the same length")
-    if np.isnan(a).any() or (a < 0).any():
-        raise ValueError("arrivals must be numbers >= 0")
-    served = np.zeros_like(a)
-    queue: deque[list] = deque()
-    for t in range(len(a)):
-        if a[t] > 0:
-            queue.append([t, a[t]])
-        while queue and queue[0][0] + deadline_hours <= t:
-            queue.popleft()  # missed its deadline
-        left = max(float(r[t]), 0.0) if np.isfinite(r[t]) else 0.0
-        while left > 0 and queue:
-            take = min(left, queue[0][1])
-            served[queue[0][0]] += take
-            queue[0][1] -= take
-            left -= take
-            if queue[0][1] <= 1e-12:
-                queue.popleft()
-    return served
-
-
 def fluid_served_many(arrivals: np.ndarray, room: np.ndarray, deadline_hours: int = DEADLINE_HOURS) -> np.ndarray:
-    """``fluid_served`` for many series at once: row i of the result is ``fluid_served(arrivals[i], room[i])``,
-    bit for bit (the same additions and subtractions in the same order, vectorised over the leading axis)."""
+    """Core-hours of each hour's arrivals served within ``deadline_hours``: a FIFO fluid queue in 1-hour steps, for
+    many series at once (arrivals of hour t may run in hours t .. t + deadline_hours - 1; what is left then is
+    dropped). Row i equals the one-series reference (``fluid_served`` in tests/slo_reference.py) bit for bit."""
     a = np.asarray(arrivals, dtype=float)
     r = np.asarray(room, dtype=float)
     if a.shape != r.shape:
@@ -171,64 +142,6 @@ def _row_sums(x: np.ndarray) -> np.ndarray:
     return np.array([row.sum() for row in x], dtype=float)
 
 
-def _plan_hours(store, cluster: str, start: pd.Timestamp, end: pd.Timestamp) -> pd.DataFrame:
-    return slo_store.cluster_plan_hours(store, cluster, start, end)
-
-
-def check_cluster_days(store, cluster, tz: str, days: list[date], cutoff: pd.Timestamp, *,
-                       deadline_hours: int = DEADLINE_HOURS, close_fraction: float = CLOSE_FRACTION) -> pd.DataFrame:
-    """slo_events rows for the days of ``days`` that have a plan and complete evidence before ``cutoff``."""
-    if not days:
-        return pd.DataFrame(columns=EVENT_COLUMNS)
-    first, last = min(days), max(days)
-    start = local_day_hours_utc(first - timedelta(days=1), tz)[0]
-    end = local_day_hours_utc(last + timedelta(days=1), tz)[-1] + pd.Timedelta(hours=1)
-    end = min(end, cutoff.floor("h"))
-    grid = pd.date_range(start, end, freq="h", inclusive="left", name="hour")
-    usage = slo_store.cluster_usage(store, cluster.name, start, end).set_index("hour").reindex(grid)
-    plans = _plan_hours(store, cluster.name, start, end).set_index("hour").reindex(grid)
-    capacity = float(cluster.capacity_cores)
-    infl = usage["inflexible_cpu_cores"].to_numpy(float)
-    total = (usage["inflexible_cpu_cores"] + usage["flexible_cpu_cores"]).to_numpy(float)
-    reserved = usage["reserved_cpu_cores"].to_numpy(float)
-    measured_r = np.where(total > 0, reserved / np.where(total > 0, total, 1), np.nan)
-    ratio = plans["reservation_ratio"].to_numpy(float)
-    ratio = np.where(np.isfinite(ratio) & (ratio > 0), ratio,
-                     np.where(np.isfinite(measured_r) & (measured_r > 0), measured_r, cluster.reservation_ratio))
-    shaped = (plans["status"] == "shaped").to_numpy() & np.isfinite(plans["vcc_cores"].to_numpy(float))
-    cap_usage = np.where(shaped, np.minimum(plans["vcc_cores"].to_numpy(float) / ratio, capacity), capacity)
-    room = np.maximum(cap_usage - np.nan_to_num(infl, nan=capacity), 0.0)
-    arrivals = np.nan_to_num(usage["flexible_arrived_core_hours"].to_numpy(float), nan=0.0)
-    served = fluid_served(arrivals, room, deadline_hours)
-
-    status = slo_store.cluster_plan_status(store, cluster.name, first, last)
-    status["plan_date"] = pd.to_datetime(status["plan_date"]).dt.date
-    status = status.set_index("plan_date")
-    rows = []
-    have = usage["inflexible_cpu_cores"].notna()
-    for day in sorted(days):
-        if day not in status.index:
-            continue  # no plan: nothing to check
-        hours = local_day_hours_utc(day, tz)
-        deadline_end = hours[-1] + pd.Timedelta(hours=deadline_hours)
-        if deadline_end > cutoff or not have.reindex(hours, fill_value=False).all():
-            continue  # evidence not complete yet
-        window = grid.get_indexer(hours)
-        if (window < 0).any() or not have.iloc[window[-1]: window[-1] + deadline_hours].all():
-            continue
-        demand = float(arrivals[window].sum())
-        got = float(served[window].sum())
-        theta = status.loc[day, "theta_core_hours"]
-        theta = float(theta) if theta is not None and np.isfinite(theta) else np.nan
-        reserved = float(usage["reserved_cpu_cores"].iloc[window].sum())
-        rows.append({
-            "cluster": cluster.name, "day": day, "demand_core_hours": demand, "served_core_hours": got,
-            "theta_core_hours": theta, "violated": bool(got < demand - 1e-6 * max(demand, 1.0)),
-            "close": bool(np.isfinite(theta) and reserved >= close_fraction * theta),
-        })
-    return pd.DataFrame(rows, columns=EVENT_COLUMNS)
-
-
 def _capacities(clusters) -> np.ndarray:
     """``float(cluster.capacity_cores)`` of each cluster (the sum over its power domains of machines x
     cores_per_machine), looking each server row's cores up once: it is a SPECpower table read, slow 20,000 times."""
@@ -246,7 +159,7 @@ def _capacities(clusters) -> np.ndarray:
 
 def check_fleet_days(store, fleet, days: list[date], plan_date: date, *, deadline_hours: int = DEADLINE_HOURS,
                      close_fraction: float = CLOSE_FRACTION) -> pd.DataFrame:
-    """``check_cluster_days`` for every cluster of the fleet (cutoff: the plan of ``plan_date``'s planning time in
+    """The check of every cluster of the fleet (the per-cluster reference: tests/slo_reference.py) (cutoff: the plan of ``plan_date``'s planning time in
     each campus's zone), with three queries for the whole fleet and the checks vectorised over clusters.
     Same rows, in the same order (campus, cluster, day), with the same values as the per-cluster check."""
     clusters = [(campus, cluster) for campus in fleet.campuses for cluster in campus.clusters]
@@ -258,7 +171,7 @@ def check_fleet_days(store, fleet, days: list[date], plan_date: date, *, deadlin
     first, last = days[0], days[-1]
     hour_us = 3_600_000_000
 
-    # one hour grid per campus, as check_cluster_days makes it: the day before the first day .. the day after the
+    # one hour grid per campus, as the per-cluster reference makes it: the day before the first day .. the day after the
     # last, cut at the planning time
     grids, campus_rows, row = [], [], 0
     for campus in fleet.campuses:
