@@ -283,6 +283,23 @@ def test_pickers_change_what_is_shown(server, plan_store, page):
     page.wait_for_selector("text=Fleet overview — plan for 2022-06-15 (newest plan in the store)")
 
 
+def test_an_unknown_cluster_or_date_is_not_found_with_links(server, plan_store, page):
+    """Never silently another cluster or date: a clear "not found", with links to what the store has."""
+    _open(page, server + "/cluster?cluster=nope&date=2022-06-15", "#not-found")
+    assert "No cluster 'nope' in the plan for 2022-06-15" in page.inner_text("#not-found-what")
+    page.click("#not-found >> text=sj-a")
+    page.wait_for_selector("text=Cluster sj-a (ca-sj — grid zone CISO")
+
+    _open(page, server + "/cluster?cluster=sj-a&date=2021-01-01", "#not-found")
+    assert "No plan for 2021-01-01" in page.inner_text("#not-found-what")
+    links = [a.get_attribute("href") for a in page.query_selector_all("#not-found a")]
+    assert links == [f"/cluster?cluster=sj-a&date={d}" for d in sorted(PLAN_DATES, reverse=True)]
+
+    _open(page, server + "/?date=2021-01-01", "#not-found")
+    page.click("#not-found >> text=2022-06-14")
+    page.wait_for_selector("text=Fleet overview — plan for 2022-06-14")
+
+
 def test_runs_page_lists_the_plan_history_and_run_log(server, plan_store, page, artifacts_dir):
     _open(page, server + "/runs", "#runs-table")
     runs = _query(plan_store, "SELECT run_id, kind, status FROM runs ORDER BY started_at DESC")

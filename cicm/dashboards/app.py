@@ -229,6 +229,20 @@ class Pages:
         return dates, chosen
 
     @staticmethod
+    def _not_found(what: str, links: list[tuple[str, str]]) -> html.Div:
+        """A clear "not found" for a cluster or date the store has no plan for, with links to what it has."""
+        return html.Div([html.H1("Not found"), html.P(what, id="not-found-what"),
+                         html.Ul([html.Li(dcc.Link(label, href=href)) for label, href in links[:31]])],
+                        id="not-found")
+
+    def _unknown_date(self, params: dict, dates: list[date], href) -> html.Div | None:
+        """The not-found page when the request names a date without a plan (None when it names none, or one)."""
+        asked = params.get("date")
+        if not asked or _parse_date(asked) in dates:
+            return None
+        return self._not_found(f"No plan for {asked}. Plans in the store:", [(str(d), href(d)) for d in dates])
+
+    @staticmethod
     def _no_plan() -> html.Div:
         return html.Div([html.H1("No plans in the store"),
                          html.P("Run `cicm plan` (or wait for the nightly flow) to create one.")], id="no-plan")
@@ -238,6 +252,9 @@ class Pages:
         dates, plan_date = self._dates(r, params)
         if plan_date is None:
             return self._no_plan()
+        missing = self._unknown_date(params, dates, lambda d: f"/?date={d}")
+        if missing is not None:
+            return missing
         frame = data.overview(r, self.fleet, plan_date)
         carbon = data.carbon_summary(frame)
         slo = data.slo_summary(r, plan_date)
@@ -353,7 +370,13 @@ class Pages:
         known = [c.name for c in self.fleet.clusters()] if self.fleet else []
         options = clusters + [c for c in known if c not in clusters]
         cluster = params.get("cluster")
-        if cluster not in options:
+        missing = self._unknown_date(params, dates, lambda d: f"/cluster?cluster={cluster or ''}&date={d}")
+        if missing is not None:
+            return missing
+        if cluster and cluster not in options:
+            return self._not_found(f"No cluster {cluster!r} in the plan for {plan_date} or the fleet file. Clusters:",
+                                   [(c, f"/cluster?cluster={c}&date={plan_date}") for c in options])
+        if not cluster:
             cluster = options[0] if options else None
         if cluster is None:
             return self._no_plan()
