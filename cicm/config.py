@@ -3,17 +3,23 @@
 Every campus sits in one grid zone (a bundled EIA-930 balancing authority) and one local time zone, and has a
 power contract. Every cluster has power domains; each domain is a number of identical machines of one
 SPECpower_ssj2008 server (a row of data/server_power/...csv), which gives its cores and its power curve.
+
+An optional ``[telemetry]`` table names where the nightly plan reads the night's telemetry (docs/telemetry.md):
+today a Prometheus server (``source = "prometheus"``, ``url``, ``lookback_hours`` and a ``[telemetry.mapping]``
+table of PromQL queries). The mapping is kept here as the file's table; ``cicm.planning.ingest.telemetry_source``
+parses it with ``cicm.telemetry_sources.parse_mapping`` (config sits below telemetry_sources in the layers).
 """
 from __future__ import annotations
 
 import hashlib
+import re
 import tomllib
 from collections import Counter
 import zoneinfo
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -110,12 +116,34 @@ class Campus(_Strict):
         return value
 
 
+class TelemetrySource(_Strict):
+    """The fleet file's ``[telemetry]`` table: where the nightly plan reads the night's telemetry."""
+
+    source: Literal["prometheus"] = Field(description="the only source a fleet file names today (the Parquet drop "
+                                                      "is given per run: cicm plan --telemetry DIR)")
+    url: str = Field(description="the Prometheus server's base URL, e.g. http://127.0.0.1:9090")
+    lookback_hours: int = Field(default=35 * 24, ge=1, le=366 * 24,
+                                description="hours read when the store holds no usage history of the fleet (and "
+                                            "the most read at once); the load forecast needs 28 days")
+    mapping: dict[str, Any] = Field(default_factory=dict, description="the [telemetry.mapping] table: "
+                                                                      "cicm.telemetry_sources.PrometheusMapping")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+            raise ValueError(f"must be an http(s) URL such as http://127.0.0.1:9090, got {value!r}")
+        return value.rstrip("/")
+
+
 class Fleet(_Strict):
     name: str
     history_start: pd.Timestamp = Field(description="first UTC day of the demo telemetry")
     history_days: int = Field(ge=7)
     default_plan_date: date | None = Field(default=None, description="the day `cicm plan` plans by default")
     campuses: list[Campus] = Field(min_length=1)
+    telemetry: TelemetrySource | None = Field(default=None, description="where the nightly plan reads telemetry "
+                                                                        "(none: the store and --telemetry drops)")
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
@@ -150,6 +178,26 @@ class Fleet(_Strict):
     def history_end(self) -> pd.Timestamp:
         return self.history_start + pd.Timedelta(days=self.history_days)
 
+    def power_domains_by_cluster(self) -> dict[str, list[str]]:
+        """cluster name -> its power domains' names, in file order."""
+        return {c.name: [d.name for d in c.power_domains] for c in self.clusters()}
+
+
+def check_unique_domains(fleet: Fleet) -> None:
+    """Power telemetry is keyed by (domain, hour), so a fleet whose telemetry is read from a source by name needs
+    each power domain's name once in the fleet. Raises InputError naming the second one's field."""
+    seen: dict[str, str] = {}
+    for i, campus in enumerate(fleet.campuses):
+        for j, cluster in enumerate(campus.clusters):
+            for k, domain in enumerate(cluster.power_domains):
+                if domain.name in seen:
+                    raise InputError(f"campuses.{i}.clusters.{j}.power_domains.{k}.name",
+                                     f"power domain {domain.name!r} of cluster {cluster.name!r} is also in cluster "
+                                     f"{seen[domain.name]!r}; with [telemetry] source = "
+                                     f"{fleet.telemetry.source if fleet.telemetry else 'prometheus'!r} power domain "
+                                     "names must be unique across the fleet (power rows are keyed by domain and hour)")
+                seen[domain.name] = cluster.name
+
 
 def default_fleet_path() -> Path:
     return bundled_data_dir() / "demo_fleet.toml"
@@ -177,8 +225,12 @@ def _load_fleet(path: str, _digest: str, text: bytes) -> Fleet:
     except tomllib.TOMLDecodeError as exc:
         raise InputError("fleet", f"{path} is not valid TOML: {exc}") from exc
     try:
-        return Fleet.model_validate(raw)
+        fleet = Fleet.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "fleet"
-        raise InputError(field, f"{first['msg']} (in {path})") from exc
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise InputError(field, f"{message} (in {path})") from exc
+    if fleet.telemetry is not None:
+        check_unique_domains(fleet)
+    return fleet

@@ -85,3 +85,82 @@ def test_local_days_have_dst_lengths(day, hours):
     idx = local_day_hours_utc(pd.Timestamp(day).date(), "America/Los_Angeles")
     assert len(idx) == hours and str(idx.tz) == "UTC"
     assert planning_time_utc(pd.Timestamp(day).date(), "America/Los_Angeles") < idx[0]
+
+
+# --- the fleet file's [telemetry] table --------------------------------------------------------------------------
+
+TELEMETRY = '''
+[telemetry]
+source = "prometheus"
+url = "http://127.0.0.1:9090/"
+lookback_hours = 48
+
+[telemetry.mapping]
+power_kw = { query = 'sum(pdu_power_kw{room="{domain}"})', hour = "start" }
+max_age_hours = 6
+'''
+
+
+def _fleet_with(tmp_path, telemetry: str, text: str | None = None):
+    text = text if text is not None else load_fleet.__globals__["default_fleet_path"]().read_text()
+    path = tmp_path / "fleet.toml"
+    path.write_text(text + telemetry)
+    return load_fleet(path)
+
+
+def test_a_fleet_names_its_prometheus(tmp_path, fleet):
+    from cicm.planning.pipeline import prometheus_mapping
+
+    assert fleet.telemetry is None  # the demo fleet: the store and --telemetry drops
+    own = _fleet_with(tmp_path, TELEMETRY)
+    assert own.telemetry.source == "prometheus" and own.telemetry.url == "http://127.0.0.1:9090"
+    assert own.telemetry.lookback_hours == 48
+    mapping = prometheus_mapping(own)
+    assert mapping.power_kw.query == 'sum(pdu_power_kw{room="{domain}"})' and mapping.power_kw.hour == "start"
+    assert mapping.max_age_hours == 6 and mapping.inflexible_cpu_cores.hour == "end"  # the rest: the defaults
+    default = _fleet_with(tmp_path, '\n[telemetry]\nsource = "prometheus"\nurl = "https://prom.example:9090"\n')
+    assert default.telemetry.lookback_hours == 35 * 24 and prometheus_mapping(default) == type(mapping)()
+
+
+@pytest.mark.parametrize("old, new, field, message", [
+    ('url = "http://127.0.0.1:9090/"', 'url = "127.0.0.1:9090"', "telemetry.url", "http(s) URL"),
+    ('source = "prometheus"', 'source = "influxdb"', "telemetry.source", "'prometheus'"),
+    ("lookback_hours = 48", "lookback_hours = 0", "telemetry.lookback_hours", "greater than or equal to 1"),
+    ("lookback_hours = 48", 'lookback_hours = 48\ntoken = "x"', "telemetry.token", "Extra inputs"),
+    ('source = "prometheus"\n', "", "telemetry.source", "Field required"),
+])
+def test_a_bad_telemetry_table_names_the_field(tmp_path, old, new, field, message):
+    with pytest.raises(InputError) as err:
+        _fleet_with(tmp_path, TELEMETRY.replace(old, new))
+    assert err.value.field == field and message in err.value.message
+
+
+@pytest.mark.parametrize("line, field, message", [
+    ("url = 'http://x'", "telemetry.mapping.url", "Extra inputs are not permitted"),  # the url is not the mapping's
+    ("domain_cpu_cores = 'cpu{cluster=\"{cluster}\"}'", "telemetry.mapping.domain_cpu_cores", "must contain {domain}"),
+    ("inflexible_cpu_cores = { query = 'x{cluster=\"{cluster}\"}', hour = 'mid' }",
+     "telemetry.mapping.inflexible_cpu_cores.hour", "'start' or 'end'"),
+    ("min_coverage = 2", "telemetry.mapping.min_coverage", "less than or equal to 1"),
+])
+def test_a_bad_mapping_names_its_field(tmp_path, line, field, message):
+    from cicm.planning.pipeline import prometheus_mapping
+
+    own = _fleet_with(tmp_path, TELEMETRY + line + "\n")  # the mapping is parsed where it is read
+    with pytest.raises(InputError) as err:
+        prometheus_mapping(own)
+    assert err.value.field == field and message in err.value.message
+
+
+def test_a_mapping_that_is_not_a_table_is_refused(tmp_path):
+    with pytest.raises(InputError) as err:
+        _fleet_with(tmp_path, '\n[telemetry]\nsource = "prometheus"\nurl = "http://p:9090"\nmapping = "x"\n')
+    assert err.value.field == "telemetry.mapping"
+
+
+def test_power_domain_names_are_unique_for_prometheus(tmp_path):
+    text = load_fleet.__globals__["default_fleet_path"]().read_text()
+    twice = text.replace('name = "sj-b-pd1"', 'name = "sj-a-pd1"', 1)
+    with pytest.raises(InputError) as err:
+        _fleet_with(tmp_path, TELEMETRY, twice)
+    assert err.value.field == "campuses.0.clusters.1.power_domains.0.name"
+    assert "'sj-a-pd1'" in err.value.message and "unique" in err.value.message

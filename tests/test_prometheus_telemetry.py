@@ -4,20 +4,13 @@ A module fixture writes three days of hourly OpenMetrics samples (July 2022) for
 power domains, plus clusters that exist only to break the reader (a stale series, a duplicate series, NaN,
 negative values, too few hours), backfills them with ``promtool tsdb create-blocks-from openmetrics``, starts
 Debian's ``prometheus`` on a free loopback port with a 10-year retention and no scrape targets, and stops it
-afterwards. Needs ``prometheus`` and ``promtool`` (``.ci/setup-prometheus``, run here when promtool is missing);
-skips with the setup's reason when they cannot be installed.
+afterwards (tests/prometheus_server.py). Needs ``prometheus`` and ``promtool`` (``.ci/setup-prometheus``, run
+there when promtool is missing); skips with the setup's reason when they cannot be installed.
 """
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
-from pathlib import Path
-
 import pandas as pd
 import pytest
-import requests
 
 from cicm.errors import InputError, ProviderError
 from cicm.planning.ingest import POWER_FILE_COLUMNS, USAGE_FILE_COLUMNS, read_telemetry_dir
@@ -25,8 +18,10 @@ from cicm.httpclient import make_session
 from cicm.telemetry_sources import PrometheusMapping, SeriesQuery, read_prometheus_telemetry
 from cicm.telemetry_sources.prometheus import render
 
-REPO = Path(__file__).resolve().parent.parent
-SETUP = REPO / ".ci" / "setup-prometheus"
+try:
+    from tests.prometheus_server import free_port as _free_port, prometheus_server
+except ImportError:
+    from prometheus_server import free_port as _free_port, prometheus_server
 
 START = pd.Timestamp("2022-07-01 00:00", tz="UTC")
 DAYS = 3
@@ -133,55 +128,10 @@ MAPPING = PrometheusMapping(
 
 # --- the server -----------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory):
-    if shutil.which("promtool") is None or shutil.which("prometheus") is None:
-        r = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=600)
-        if shutil.which("promtool") is None or shutil.which("prometheus") is None:
-            why = (r.stderr.strip().splitlines() or r.stdout.strip().splitlines() or ["no output"])[-1]
-            pytest.skip(f"prometheus is not available here ({why}); run .ci/setup-prometheus")
-    root = tmp_path_factory.mktemp("prometheus")
-    data, om = root / "data", root / "telemetry.om"
-    om.write_text(openmetrics())
-    backfill = subprocess.run(["promtool", "tsdb", "create-blocks-from", "openmetrics", str(om), str(data)],
-                              capture_output=True, text=True, timeout=120)
-    assert backfill.returncode == 0, backfill.stderr or backfill.stdout
-    config = root / "prometheus.yml"
-    config.write_text("global:\n  scrape_interval: 1m\nscrape_configs: []\n")
-    port = _free_port()
-    log = (root / "prometheus.log").open("w")
-    proc = subprocess.Popen(
-        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={data}",
-         f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=10y"],
-        stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = (root / "prometheus.log").read_text()[-2000:]
-                raise AssertionError(f"prometheus did not become ready: {tail}")
-            time.sleep(0.1)
+    with prometheus_server(tmp_path_factory.mktemp("prometheus"), openmetrics()) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")

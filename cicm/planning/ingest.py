@@ -102,6 +102,15 @@ def read_telemetry_dir(path: Path | str, fleet: Fleet | None = None,
     power = _read_parquet(power_files, POWER_FILE_COLUMNS, ("domain", "hour"))
     if usage.empty and power.empty:
         raise InputError("telemetry", f"the files in {folder} hold no rows")
+    check_telemetry_rows(usage, power, fleet, now)
+    return usage, power
+
+
+def check_telemetry_rows(usage: pd.DataFrame, power: pd.DataFrame, fleet: Fleet | None = None,
+                         now: pd.Timestamp | None = None) -> None:
+    """The checks every source's rows get before they are stored (the drop's and Prometheus's): with `now`, no
+    hour may have started after it; with a fleet, every cluster must be one of its own and every power domain one
+    of its cluster's. Raises InputError naming the column."""
     if now is not None:
         for frame in (usage, power):
             if len(frame) and frame["hour"].max() > now:
@@ -115,7 +124,6 @@ def read_telemetry_dir(path: Path | str, fleet: Fleet | None = None,
         wrong = [f"{d} (in {c})" for c, d in pairs.itertuples(index=False) if d not in clusters[c]]
         if wrong:
             raise InputError("domain", f"not a power domain of its cluster: {', '.join(wrong[:5])}")
-    return usage, power
 
 
 def _read_parquet(files: list[Path], columns: tuple[str, ...], key: tuple[str, ...]) -> pd.DataFrame:

@@ -1,6 +1,6 @@
 """The nightly plan as plain calls: its options and outcome, the telemetry and carbon stages, and ``plan_day``.
 
-Stages: telemetry (import the demo telemetry when the store has none) → carbon forecasts per campus →
+Stages: telemetry (the night's drop or the fleet's Prometheus; never invented) → carbon forecasts per campus →
 SLO feedback (its own run) → power models → load forecasts → VCC program per campus, all written in one
 transaction. No Prefect here: the flow in the top-level ``flows/nightly.py`` wraps these in tasks.
 """
@@ -21,7 +21,8 @@ from cicm.store import Store
 from cicm.errors import InputError, ProviderError
 from cicm.planning import stages
 from cicm.planning.options import PROGRAMS, PlanOptions  # noqa: F401  (re-exported: plan_day's options)
-from cicm.planning.ingest import ingest_telemetry, read_telemetry_dir
+from cicm.planning.ingest import check_telemetry_rows, ingest_telemetry, read_telemetry_dir
+from cicm.telemetry_sources import PrometheusMapping, parse_mapping, read_prometheus_telemetry
 
 
 @dataclass
@@ -50,27 +51,39 @@ def ingest_new_telemetry(store: Store, folder: str, fleet: Fleet | None = None,
 
 
 NO_TELEMETRY_HELP = ("for the bundled demo fleet run `cicm demo seed` first (./scripts/plan does); for your own "
-                     "fleet pass --telemetry DIR with usage*.parquet and power*.parquet (docs/telemetry.md)")
+                     "fleet pass --telemetry DIR with usage*.parquet and power*.parquet, or name a Prometheus server "
+                     "in the fleet file's [telemetry] table (docs/telemetry.md, docs/operations.md)")
 
 
-def ensure_telemetry(store: Store, fleet: Fleet, seed: int, telemetry_dir: str | None = None) -> stages.StageReport:
-    """Ingest the night's telemetry drop (if given) and check the store has history to plan on. It never invents
-    data: a store without any usage history of the fleet's clusters is refused (InputError "telemetry"); clusters
-    without history fall back one by one (insufficient-history). ``seed`` is unused (kept for the flow's task)."""
+def ensure_telemetry(store: Store, fleet: Fleet, seed: int, telemetry_dir: str | None = None, *,
+                     now: pd.Timestamp | None = None) -> stages.StageReport:
+    """Ingest the night's telemetry (the drop in ``telemetry_dir`` if given, else the fleet file's Prometheus if it
+    names one) and check the store has history to plan on. It never invents data: a store without any usage
+    history of the fleet's clusters is refused (InputError "telemetry"); clusters without history fall back one by
+    one (insufficient-history). A refused drop or read is a degraded stage (and a failed telemetry-ingest run):
+    the plan goes on with the stored history. ``now`` (default: the clock) bounds the hours read. ``seed`` is
+    unused (kept for the flow's task)."""
     from cicm.store import plan as plan_reads
 
+    now = pd.Timestamp.now(tz="UTC") if now is None else now
     report = None
-    if telemetry_dir:  # a bad drop must not cost the fleet its plan: plan on the stored history, and say so
-        try:
-            report = ingest_new_telemetry(store, telemetry_dir, fleet, pd.Timestamp.now(tz="UTC"))
-        except InputError as exc:
-            report = stages.StageReport("telemetry", "degraded", f"refused {telemetry_dir} ({exc}); planned on the "
-                                                                 "stored history")
+    source = telemetry_dir or (fleet.telemetry.url if fleet.telemetry is not None else None)
+    try:  # bad telemetry must not cost the fleet its plan: plan on the stored history, and say so
+        if telemetry_dir:
+            report = ingest_new_telemetry(store, telemetry_dir, fleet, now)
+        elif fleet.telemetry is not None:
+            report = ingest_prometheus(store, fleet, now)
+    except (InputError, ProviderError) as exc:
+        if isinstance(exc, InputError) and exc.field.startswith("telemetry."):
+            raise  # the fleet file's [telemetry] table is wrong: as any bad fleet file, nothing is planned
+        report = stages.StageReport("telemetry", "degraded", f"refused {source} ({exc}); planned on the stored "
+                                                             "history")
     names = [c.name for c in fleet.clusters()]
     have = plan_reads.clusters_with_usage(store, names)
     if not have:
-        raise InputError("telemetry", f"the store holds no usage history for any cluster of fleet {fleet.name!r}: "
-                                      + NO_TELEMETRY_HELP)
+        why = f" ({report.detail.removesuffix('; planned on the stored history')})" if report is not None else ""
+        raise InputError("telemetry", f"the store holds no usage history for any cluster of fleet {fleet.name!r}"
+                                      f"{why}: " + NO_TELEMETRY_HELP)
     missing = [n for n in names if n not in have]
     if report is not None:
         return report
@@ -78,6 +91,52 @@ def ensure_telemetry(store: Store, fleet: Fleet, seed: int, telemetry_dir: str |
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         return stages.StageReport("telemetry", "degraded", f"no usage history for {shown}: they fall back")
     return stages.StageReport("telemetry", "ran", "store already holds telemetry for every cluster")
+
+
+def prometheus_mapping(fleet: Fleet) -> PrometheusMapping:
+    """The fleet file's ``[telemetry.mapping]`` parsed; a bad field raises InputError naming
+    ``telemetry.mapping.<field>``."""
+    raw = fleet.telemetry.mapping if fleet.telemetry is not None else {}
+    try:
+        return parse_mapping(raw)
+    except InputError as exc:
+        raise InputError("telemetry.mapping" + exc.field.removeprefix("prometheus"), exc.message) from exc
+
+
+def prometheus_window(store: Store, fleet: Fleet, now: pd.Timestamp) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """The UTC hours [start, end) to read: from the hour after the newest stored usage hour of the fleet's
+    clusters (at most ``lookback_hours`` back; all of them on a store without any) to ``now``'s last whole hour."""
+    assert fleet.telemetry is not None
+    end = now.tz_convert("UTC").floor("h")
+    earliest = end - pd.Timedelta(hours=fleet.telemetry.lookback_hours)
+    names = [c.name for c in fleet.clusters()]
+    for days in sorted({2, -(-fleet.telemetry.lookback_hours // 24)}):  # the last two days usually answer
+        hours = store.usage_histories(names, before=end, days=days)["hour"]
+        if len(hours):
+            return max(earliest, pd.Timestamp(hours.max()) + pd.Timedelta(hours=1)), end
+    return earliest, end
+
+
+def ingest_prometheus(store: Store, fleet: Fleet, now: pd.Timestamp) -> stages.StageReport:
+    """Read the hours the store lacks from the fleet's Prometheus, check them as a drop is checked, and store them
+    (one telemetry-ingest run). A refused read (InputError, ProviderError) is recorded as a failed run, stores
+    nothing and is raised; a bad ``[telemetry]`` table raises InputError ``telemetry.<field>`` before any read."""
+    assert fleet.telemetry is not None
+    url, mapping = fleet.telemetry.url, prometheus_mapping(fleet)
+    start, end = prometheus_window(store, fleet, now)
+    if start >= end:
+        return stages.StageReport("telemetry", "ran", f"store already holds every hour before {end} ({url})")
+    try:
+        usage, power = read_prometheus_telemetry(url, mapping, fleet.power_domains_by_cluster(), start, end)
+        check_telemetry_rows(usage, power, fleet, now)
+    except (InputError, ProviderError) as exc:
+        store.failed_run("telemetry-ingest", {"source": url, "start": str(start), "end": str(end)}, None, exc)
+        raise
+    info = ingest_telemetry(store, usage, power, source=url)
+    missing = sum(usage.attrs.get("missing_hours", {}).values())
+    return stages.StageReport("telemetry", "ran", f"read {info['usage_rows']} usage and {info['power_rows']} power "
+                                                  f"rows for [{start.isoformat()}, {end.isoformat()}) from {url} "
+                                                  f"({missing} cluster-hours missing; run {info['run_id']})")
 
 
 def fetch_day_carbon(day: stages.CampusDay, options: PlanOptions) -> pd.DataFrame:
