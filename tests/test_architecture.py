@@ -33,11 +33,7 @@ SQL_STATEMENT = re.compile(
     r"|\bCREATE\s+(OR\s+REPLACE\s+)?(TEMP\s+|TEMPORARY\s+)?(TABLE|VIEW|INDEX)\b")
 
 # Modules outside cicm/store that may still hold SQL, each with its reason. Keep this short.
-ALLOWED = {
-    # The ecovisor is a separate service (its own process, HTTP API and DuckDB file with its own ecovisor_*
-    # tables); the planner's store API does not cover it. Moving its store under cicm/store is a separate step.
-    "cicm/ecovisor/store.py",
-}
+ALLOWED: set[str] = set()  # none: the ecovisor's own telemetry file is cicm/store/ecovisor.py
 
 
 def _modules() -> list[Path]:

@@ -18,7 +18,7 @@ from cicm.ecovisor.registry import AppRegistry, token_sha256
 from cicm.ecovisor.schemas import AppRegistration
 from cicm.ecovisor.solar import SolarModel
 from cicm.ecovisor.state import AppState, containers_from_site
-from cicm.ecovisor.store import Telemetry
+from cicm.store.ecovisor import Telemetry
 from cicm.ecovisor.testing import test_site
 from cicm.errors import InputError
 

@@ -27,7 +27,7 @@ from .schemas import AppRegistration
 from .site import SiteConfig
 from .solar import SolarModel, load_solar
 from .state import AppState, ContainerState, containers_from_site
-from .store import Telemetry
+from cicm.store.ecovisor import Telemetry
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 

@@ -16,7 +16,7 @@ from .errors import AuthError, ConflictError, ForbiddenError
 from .schemas import AppRegistration
 from .site import SiteConfig
 from .state import AppState, ContainerState
-from .store import Telemetry
+from cicm.store.ecovisor import Telemetry
 
 log = logging.getLogger("cicm.ecovisor")
 
