@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from cicm.config import Fleet, load_fleet
 from cicm.data.store import Store
+from cicm.ops.metrics import write_plan_metrics
 from cicm.planning import stages
 from cicm.planning.pipeline import PlanOptions, PlanOutcome, check_slo, ensure_telemetry, fetch_day_carbon, plan_day
 
@@ -103,6 +104,7 @@ def nightly_plan(plan_date: date, db_path: str, fleet_path: str | None = None,
                            n_partitions=n_partitions)
     create_markdown_artifact(_markdown(outcome), key=f"nightly-plan-{plan_date}", description="nightly plan")
     get_run_logger().info("plan %s stored as run %s (%s)", plan_date, outcome.run_id, outcome.status)
+    write_plan_metrics(outcome)  # the textfile at $CICM_METRICS_TEXTFILE, if set (docs/metrics.md)
     return outcome
 
 

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cicm.errors import InputError
+from cicm.ops import ecovisor_metrics
 
 from .backends.base import BackendError, ContainerBackend
 from .backends.simulated import SimulatedBackend
@@ -42,7 +43,7 @@ from .schemas import (
 )
 from .site import SiteConfig
 from .state import AppState
-from .store import Telemetry
+from cicm.store.ecovisor import Telemetry
 
 log = logging.getLogger("cicm.ecovisor")
 
@@ -194,6 +195,7 @@ def create_app(
     api.state.ecovisor = core
     api.state.callbacks = callbacks
     api.state.admin_token = admin
+    ecovisor_metrics.install(api, core)  # GET /metrics (docs/metrics.md)
 
     # ---------------------------------------------------------------- errors
     @api.exception_handler(InputError)

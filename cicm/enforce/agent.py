@@ -48,6 +48,7 @@ from cicm.enforce.policy import (
 )
 
 if TYPE_CHECKING:
+    from cicm.ops.agent_metrics import AgentMetrics
     from cicm.optimize.inputs import PowerCurve
 
 log = logging.getLogger("cicm.agent")
@@ -134,6 +135,7 @@ class Agent:
         self._last_acted: pd.Timestamp | None = None
         self._last_acted_loaded = False
         self.passes: list[PassOutcome] = []
+        self.metrics: AgentMetrics | None = None  # Prometheus metrics of each pass (docs/metrics.md)
 
     # ------------------------------------------------------------------------------------------- plan
     def _safe(self, reason: str) -> tuple[str, str]:
@@ -430,6 +432,8 @@ class Agent:
         out.acted_at = self._unique_acted_at(now)
         out.audit_to = self._audit(out)
         self.passes.append(out)
+        if self.metrics is not None:
+            self.metrics.observe(out)
         (log.info if out.ok else log.warning)("%s", out.line())
         if fatal is not None:
             raise fatal

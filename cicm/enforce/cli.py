@@ -129,6 +129,12 @@ def run(
     clock: str = typer.Option("real", "--clock", help="real (wall time) | ecovisor (follow the ecovisor's clock, "
                                                       "e.g. a simulated one)"),
     log_level: str = typer.Option("info", "--log-level"),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=1, max=65535,
+                                               help="serve Prometheus metrics on this port (all interfaces; "
+                                                    "default: off; docs/metrics.md)"),
+    metrics_textfile: Optional[Path] = typer.Option(None, "--metrics-textfile",
+                                                    help="rewrite Prometheus metrics to this file after each pass "
+                                                         "(node_exporter's textfile collector, *.prom)"),
 ) -> None:
     """Apply the cluster's VCC hour by hour. The ecovisor token comes from $CICM_ECOVISOR_TOKEN."""
     from cicm.enforce.agent import AgentConfigError
@@ -152,6 +158,15 @@ def run(
             agent.clock = EcovisorClock(agent.client, stop=stop)
         elif clock != "real":
             raise InputError("clock", f"must be 'real' or 'ecovisor', not {clock!r}")
+        if metrics_port is not None or metrics_textfile is not None:
+            from cicm.ops.agent_metrics import AgentMetrics
+
+            agent.metrics = AgentMetrics(cluster, textfile=metrics_textfile)
+            if metrics_port is not None:
+                try:
+                    agent.metrics.serve(metrics_port)
+                except OSError as exc:
+                    raise InputError("metrics-port", f"cannot serve metrics on port {metrics_port}: {exc}") from exc
     except (InputError, ValueError) as exc:
         fail(exc)
     console.print(f"agent for {cluster}: plans from {agent.plans.describe()}, audit to {agent.audit.describe()}, "
@@ -180,6 +195,8 @@ def run(
         agent.audit.close(status, {"passes": len(agent.passes),
                                    "failed": sum(not p.ok for p in agent.passes)})
         agent.client.close()
+        if agent.metrics is not None:
+            agent.metrics.close()
 
 
 @agent_app.command("actions")
