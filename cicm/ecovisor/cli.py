@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -74,6 +75,59 @@ def check_site(site: Path = typer.Argument(..., exists=True, dir_okay=False)) ->
     typer.echo(f"{cfg.name}: {len(cfg.containers)} containers, backend {cfg.backend.kind}, "
                f"grid {cfg.grid.capacity_kw} kW ({cfg.grid.carbon.source} {cfg.grid.carbon.zone or cfg.grid.carbon.path}), "
                f"battery {cfg.battery.capacity_kwh} kWh, solar {cfg.solar.array_kwp} kWp")
+
+
+app_app = typer.Typer(help="Applications of a running ecovisor (admin).", no_args_is_help=True)
+ecovisor_app.add_typer(app_app, name="app")
+ADMIN_TOKEN_ENV = "ECOVISOR_ADMIN_TOKEN"
+
+
+@app_app.command("create")
+def app_create(
+    name: str = typer.Argument(..., help="the application's name, e.g. the cluster's"),
+    ecovisor: str = typer.Option("http://127.0.0.1:8700", "--ecovisor", help="the ecovisor's base URL"),
+    grid_kw: float | None = typer.Option(None, "--grid-kw", help="its grid share in kW"),
+    grid_fraction: float | None = typer.Option(None, "--grid-fraction", help="or as a share of the site's grid"),
+    solar_fraction: float = typer.Option(0.0, "--solar-fraction"),
+    battery_fraction: float = typer.Option(0.0, "--battery-fraction"),
+    container: list[str] = typer.Option([], "--container", help="a container of the app (repeat)"),
+) -> None:
+    """Register an application with a running ecovisor and print its bearer token (shown once): the agent reads it
+    from CICM_ECOVISOR_TOKEN. Needs ECOVISOR_ADMIN_TOKEN."""
+    import requests
+
+    from cicm.clikit import ExitCode
+    from cicm.httpclient import make_session, transport_problem
+
+    admin = os.environ.get(ADMIN_TOKEN_ENV)
+    if not admin:
+        fail(f"{ADMIN_TOKEN_ENV}: set it to the ecovisor's admin bearer token")
+    body: dict[str, Any] = {"name": name, "solar_fraction": solar_fraction, "battery_fraction": battery_fraction,
+            "containers": container}
+    body.update({k: v for k, v in (("grid_kw", grid_kw), ("grid_fraction", grid_fraction)) if v is not None})
+    url = ecovisor.rstrip("/") + "/v1/apps"
+    try:
+        with make_session(retries=2, backoff_s=0.2, timeout_s=10) as session:
+            reply = session.post(url, json=body, headers={"Authorization": f"Bearer {admin}"})
+    except requests.RequestException as exc:
+        fail(f"ecovisor: {url}: {transport_problem(exc)}", ExitCode.DEGRADED)
+    if reply.status_code != 201:
+        try:
+            detail = reply.json().get("detail", reply.text)
+        except ValueError:
+            detail = reply.text
+        fail(f"{_refused_field(detail)}: the ecovisor refused the app ({reply.status_code}): {detail}")
+    made = reply.json()
+    typer.echo(f"export CICM_ECOVISOR_TOKEN={made['token']}")
+    typer.echo(f"# app {made['name']}: grid {made['grid_share_kw']:g} kW, solar {made['solar_fraction']:g}, "
+               f"battery {made['battery_fraction']:g}; the token is shown once", err=True)
+
+
+def _refused_field(detail: object) -> str:
+    """The field an ecovisor error names (FastAPI's validation errors carry its location), else ``app``."""
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict) and detail[0].get("loc"):
+        return str(detail[0]["loc"][-1])
+    return "app"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,78 @@
+"""`cicm ecovisor app create`: mint an app's token with the admin token, against a real ecovisor on loopback,
+as a user runs it (the console script in a subprocess)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+CICM = Path(sys.executable).with_name("cicm")
+ADMIN = "admin-secret"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ecovisor(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "ECOVISOR_ADMIN_TOKEN": ADMIN}
+    proc = subprocess.Popen([str(CICM), "ecovisor", "serve", "--site", str(REPO / "cicm/ecovisor/examples/site.toml"),
+                             "--port", str(port), "--clock", "simulated", "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            requests.get(url + "/v1/health", timeout=1)
+            break
+        except requests.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(proc.stdout.read().decode()) from None
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def create(args: list[str], admin: str | None = ADMIN) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "ECOVISOR_ADMIN_TOKEN"}
+    if admin:
+        env["ECOVISOR_ADMIN_TOKEN"] = admin
+    return subprocess.run([str(CICM), "ecovisor", "app", "create", *args], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def test_app_create_prints_a_token_the_ecovisor_accepts(ecovisor):
+    out = create(["sj-a", "--ecovisor", ecovisor, "--grid-kw", "5", "--container", "batch-1"])
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.strip()
+    assert line.startswith("export CICM_ECOVISOR_TOKEN=")
+    token = line.split("=", 1)[1]
+    me = requests.get(ecovisor + "/v1/apps/me", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+    assert me.status_code == 200 and me.json()["name"] == "sj-a"
+    assert "grid 5 kW" in out.stderr
+
+    again = create(["sj-a", "--ecovisor", ecovisor, "--grid-kw", "1"])
+    assert again.returncode == 1 and again.stderr.startswith("error: app: the ecovisor refused the app (409)")
+    bad = create(["sj-b", "--ecovisor", ecovisor, "--grid-fraction", "3"])
+    assert bad.returncode == 1 and bad.stderr.startswith("error: grid_fraction:"), bad.stderr
+    wrong = create(["sj-c", "--ecovisor", ecovisor, "--grid-kw", "1"], admin="not-the-admin")
+    assert wrong.returncode == 1 and ("(401)" in wrong.stderr or "(403)" in wrong.stderr), wrong.stderr
+
+
+def test_app_create_without_admin_token_or_ecovisor(tmp_path):
+    missing = create(["sj-a"], admin=None)
+    assert missing.returncode == 1 and missing.stderr.startswith("error: ECOVISOR_ADMIN_TOKEN:")
+    down = create(["sj-a", "--ecovisor", f"http://127.0.0.1:{_free_port()}"])
+    assert down.returncode == 2 and "connection error" in down.stderr, down.stderr
