@@ -232,3 +232,83 @@ def test_values_at_is_reindex(n, shift, m, unit, half_hour):
     at = pd.date_range(pd.Timestamp("2022-01-01", tz="UTC") + pd.Timedelta(hours=shift, minutes=30 * half_hour),
                        periods=m, freq="h")
     assert np.array_equal(values_at(history, at), history.reindex(at).to_numpy(float), equal_nan=True)
+
+
+# --- the batched EWMA (forecast_arrivals_grid) is THE implementation: each row equals forecast_arrivals alone ---
+
+def _reference_forecast(history: pd.Series, hours: pd.DatetimeIndex, quantile: float = 0.9):
+    """The per-series pandas forecast as it was before the grid engine (reindex by timestamp, groupby by day)."""
+    from cicm.models.arrivals import values_at
+
+    values = history.astype(float).sort_index()
+    values = values[values.index < hours[0]]
+
+    def ewma(at):
+        num, den = np.zeros(len(at)), np.zeros(len(at))
+        for k in range(1, 5):
+            past = values_at(values, at - k * pd.Timedelta(days=7))
+            ok = ~np.isnan(past)
+            num[ok] += 0.5 ** k * past[ok]
+            den[ok] += 0.5 ** k
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, num / den, np.nan)
+
+    central = ewma(hours)
+    central = np.where(np.isnan(central), np.nanmean(central), central)
+    end = hours[0].floor("D")
+    past = pd.date_range(end - pd.Timedelta(days=28), end, freq="h", inclusive="left")
+    frame = pd.DataFrame({"f": ewma(past), "a": values_at(values, past)}, index=past).dropna()
+    daily = frame.groupby(frame.index.floor("D")).sum()
+    daily = daily[daily["f"] > 0]
+    q = max(float(np.quantile(daily["a"] / daily["f"] - 1.0, quantile)), 0.0) if len(daily) >= 7 else 0.0
+    return central, q
+
+
+def _random_histories(seed: int, n: int = 6):
+    rng = np.random.default_rng(seed)
+    end = pd.Timestamp("2022-06-14 01:00", tz="UTC")
+    out = []
+    for i in range(n):
+        length = int(rng.integers(24 * 8, 24 * 70))
+        idx = pd.date_range(end - pd.Timedelta(hours=length), periods=length, freq="h")
+        values = rng.gamma(2.0, 10.0, length) * (rng.random(length) > 0.3) * (1 + i)
+        s = pd.Series(values, index=idx)
+        if i % 2:
+            s = s.drop(s.index[rng.choice(length, length // 5, replace=False)])  # gaps
+        out.append(s)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("tz", ["UTC", "America/Los_Angeles"])
+def test_the_grid_forecast_equals_each_history_alone_and_the_pandas_reference(seed, tz):
+    from cicm.models.arrivals import forecast_arrivals_grid, history_grid
+
+    histories = _random_histories(seed)
+    hours = pd.date_range(pd.Timestamp("2022-06-15", tz=tz), periods=42, freq="h")
+    singles = [forecast_arrivals(h, hours) for h in histories]
+    for h, fc in zip(histories, singles):
+        central, q = _reference_forecast(h, hours)
+        np.testing.assert_allclose(fc.core_hours, central, rtol=1e-12)
+        assert fc.rel_error_quantile == pytest.approx(q, rel=1e-12, abs=1e-15)
+        raw = seasonal_ewma(h, hours)
+        np.testing.assert_allclose(raw[~np.isnan(raw)], central[~np.isnan(raw)], rtol=1e-12)
+    # one grid for all histories (a common start), plus a row with no history at all
+    start = min(h.index[0] for h in histories)
+    grid = np.full((len(histories) + 1, int((hours[0] - start) / pd.Timedelta(hours=1))), np.nan)
+    for i, h in enumerate(histories):
+        row, row_start = history_grid(h, hours)
+        offset = int((row_start - start.value) // 3_600_000_000_000)
+        grid[i, offset:offset + row.size] = row
+    batch = forecast_arrivals_grid(grid, start.value, hours)
+    for i, fc in enumerate(singles):
+        assert batch.problems[i] is None
+        np.testing.assert_allclose(batch.core_hours[i], fc.core_hours, rtol=1e-12)
+        np.testing.assert_allclose(batch.upper_core_hours[i], fc.upper_core_hours, rtol=1e-12)
+        assert batch.rel_error_quantile[i] == pytest.approx(fc.rel_error_quantile, rel=1e-12, abs=1e-15)
+    assert isinstance(batch.problems[-1], InputError) and np.isnan(batch.core_hours[-1]).all()
+    with pytest.raises(InputError, match="no arrival history"):
+        batch.row(len(histories))
+    # row order does not matter
+    flipped = forecast_arrivals_grid(grid[::-1], start.value, hours)
+    np.testing.assert_allclose(flipped.core_hours[1:][::-1], batch.core_hours[:-1], rtol=1e-12)

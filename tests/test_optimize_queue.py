@@ -168,3 +168,34 @@ def test_fifo_backlog_serves_the_oldest_work_first():
     np.testing.assert_allclose(fifo_backlog(arrived, np.array([4.0, 4.0, 4.0, 0.0])), [0.0, 0.0, 3.0, 8.0])
     np.testing.assert_allclose(fifo_backlog(arrived, np.zeros(4)), arrived)
     np.testing.assert_allclose(fifo_backlog(arrived, np.full(4, 100.0)), 0.0)
+
+
+def test_the_bounds_with_a_cluster_axis_equal_each_cluster_alone():
+    """task_bounds, ramps, fifo_backlog, arrival_bounds and greedy_service take (clusters, N) arrays (the
+    nightly plan's campus batch); each row equals the 1-D call, and zero padding adds nothing."""
+    rng = np.random.default_rng(3)
+    n_c, k, n = 5, 12, 30
+    arrival = rng.uniform(-20, 10, (n_c, k))
+    work = rng.uniform(0.5, 4, (n_c, k))
+    cores = rng.uniform(0, 50, (n_c, k)) * (rng.random((n_c, k)) > 0.3)
+    deadline = arrival + rng.uniform(4, 30, (n_c, k))
+    must, avail = task_bounds(n, arrival, work, cores, deadline, 6.0)
+    for i in range(n_c):
+        keep = cores[i] > 0
+        m1, a1 = task_bounds(n, arrival[i][keep], work[i][keep], cores[i][keep], deadline[i][keep], 6.0)
+        np.testing.assert_allclose(must[i], m1, rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(avail[i], a1, rtol=1e-12, atol=1e-9)
+    arrived = rng.uniform(0, 10, (n_c, n))
+    served = rng.uniform(0, 12, (n_c, n))
+    back = fifo_backlog(arrived, served)
+    m2, a2 = arrival_bounds(arrived, 18.0)
+    room = rng.uniform(5, 15, (n_c, n))
+    greedy = greedy_service(m2, a2, room)
+    for i in range(n_c):
+        np.testing.assert_allclose(back[i], fifo_backlog(arrived[i], served[i]), rtol=1e-12, atol=1e-12)
+        padded = fifo_backlog(np.r_[arrived[i], np.zeros(4)], np.r_[served[i], np.zeros(4)])
+        np.testing.assert_allclose(padded, np.r_[back[i], np.zeros(4)], rtol=1e-12, atol=1e-12)
+        mi, ai = arrival_bounds(arrived[i], 18.0)
+        np.testing.assert_array_equal(m2[i], mi)
+        np.testing.assert_array_equal(a2[i], ai)
+        np.testing.assert_array_equal(greedy[i], greedy_service(mi, ai, room[i]))

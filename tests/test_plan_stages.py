@@ -167,3 +167,74 @@ def test_a_forecast_is_used_up_to_its_first_gap():
     values.iloc[26] = np.nan
     assert len(stages.covered_forecast(values, start)) == 26
     assert len(stages.covered_forecast(values, start - pd.Timedelta(hours=1))) == 0  # the first hour is missing
+
+
+def _old_queue_cluster(ci, rows, day, hours, options):
+    """The per-cluster pandas path the campus batch replaced (kept here as the reference)."""
+    from cicm.models.arrivals import forecast_arrivals
+    from cicm.optimize.queue import arrival_bounds, fifo_backlog, task_bounds
+
+    arrived = pd.Series(rows["flexible_arrived_core_hours"].to_numpy(float),
+                        index=pd.DatetimeIndex(rows["hour"])).fillna(0.0)
+    served = pd.Series(rows["flexible_cpu_cores"].to_numpy(float), index=arrived.index).fillna(0.0)
+    recent = arrived.index >= day.planned_at - pd.Timedelta(hours=stages.BACKLOG_WINDOW_HOURS)
+    backlog = fifo_backlog(arrived[recent].to_numpy(), served[recent].to_numpy())
+    rel = ((arrived.index[recent] - hours[0]) / pd.Timedelta(hours=1)).to_numpy(float)
+    keep = backlog > 0
+    must, avail = task_bounds(len(hours), np.minimum(rel[keep], 0.0), np.ones(keep.sum()), backlog[keep],
+                              rel[keep] + 24.0, options.planning_margin_hours)
+    fc = forecast_arrivals(arrived, hours, quantile=options.arrival_quantile)
+    m2, a2 = arrival_bounds(fc.core_hours, 24.0 - options.planning_margin_hours)
+    return must + m2, avail + a2, float(fc.upper_core_hours[:len(day.hours)].sum() - fc.core_hours[:len(day.hours)].sum())
+
+
+def test_the_campus_batch_of_queue_inputs_equals_each_cluster_alone():
+    """queue_campus_clusters (numpy over the campus) gives what the per-cluster pandas path gave, whatever the
+    row order; a cluster with a bad or missing history gets its own problem without touching the others."""
+    from types import SimpleNamespace
+
+    from cicm.optimize.inputs import PowerCurve
+
+    rng = np.random.default_rng(7)
+    tz = "America/Los_Angeles"
+    day_hours = pd.date_range(pd.Timestamp("2022-06-15", tz=tz), periods=24, freq="h")
+    day = SimpleNamespace(hours=day_hours, planned_at=day_hours[0] - pd.Timedelta(hours=6))
+    hours = pd.date_range(day_hours[0], periods=42, freq="h")
+    curve = PowerCurve(np.array([0.0, 1000.0]), np.array([100.0, 400.0]))
+    frames, inputs = [], []
+    for i in range(6):
+        length = int(rng.integers(24 * 20, 24 * 80))
+        idx = pd.date_range(day.planned_at.tz_convert("UTC") - pd.Timedelta(hours=length), periods=length, freq="h")
+        arrived = rng.gamma(2.0, 20.0, length) * (rng.random(length) > 0.2)
+        frame = pd.DataFrame({"cluster": f"c{i}", "hour": idx, "flexible_arrived_core_hours": arrived,
+                              "flexible_cpu_cores": arrived * rng.uniform(0.6, 1.1, length)})
+        if i == 1:
+            frame = frame.drop(frame.index[rng.choice(length, length // 6, replace=False)])  # gaps
+        if i == 2:
+            frame.loc[frame.index[5], "flexible_arrived_core_hours"] = np.nan  # counts as 0
+        if i == 4:
+            frame.loc[frame.index[3], "flexible_arrived_core_hours"] = -1.0  # bad history
+        frames.append(frame)
+        inputs.append(SimpleNamespace(name=f"c{i}", inflexible_cpu_cores=np.full(24, 200.0),
+                                      inflexible_upper_cpu_cores=np.full(24, 250.0),
+                                      power_capped_capacity_cores=np.full(24, 900.0), power_curve=curve,
+                                      fallback_reason=None))
+    inputs.append(SimpleNamespace(**{**vars(inputs[0]), "name": "empty"}))  # no rows at all
+    usage = pd.concat(frames, ignore_index=True)
+    options = PlanOptions()
+    for frame in (usage, usage.sample(frac=1.0, random_state=1)):
+        built, extras, problems = stages.queue_campus_clusters(inputs, frame, day, hours, options)
+        assert sorted(problems) == ["c4", "empty"]
+        assert "negative" in str(problems["c4"]) and "no arrival history" in str(problems["empty"])
+        assert [b.name for b in built] == ["c0", "c1", "c2", "c3", "c5"]
+        for qc in built:
+            rows = usage[usage["cluster"] == qc.name]
+            must, avail, extra = _old_queue_cluster(inputs[int(qc.name[1])], rows, day, hours, options)
+            np.testing.assert_allclose(qc.must_core_hours, np.minimum(np.maximum.accumulate(must), avail),
+                                       rtol=1e-9, atol=1e-6)
+            np.testing.assert_allclose(qc.avail_core_hours, avail, rtol=1e-9, atol=1e-6)
+            assert extras[qc.name] == pytest.approx(extra, rel=1e-9, abs=1e-6)
+        one, extra_one = stages.queue_cluster(inputs[0], usage[usage["cluster"] == "c0"].drop(columns="cluster"),
+                                              day, hours, options)
+        np.testing.assert_allclose(one.avail_core_hours, built[0].avail_core_hours, rtol=1e-12)
+        assert extra_one == pytest.approx(extras["c0"], rel=1e-12)

@@ -12,6 +12,7 @@ upper quantile. See docs/models.md, "Hourly arrival forecasts", for how the two 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,52 +84,145 @@ def values_at(values: pd.Series, at: pd.DatetimeIndex) -> np.ndarray:
 
 
 def seasonal_ewma(history: pd.Series, hours: pd.DatetimeIndex, weeks: int = 4, alpha: float = 0.5) -> np.ndarray:
-    """EWMA over weeks of the arrivals at the same hour of the week (168 h earlier, 336 h, ...). NaN where none."""
+    """EWMA over weeks of the arrivals at the same hour of the week (168 h earlier, 336 h, ...). NaN where none.
+    One row of :func:`ewma_at` on the history's grid."""
     values = _check_history(history)
-    num = np.zeros(len(hours))
-    den = np.zeros(len(hours))
+    grid, start_ns = history_grid(values, hours)
+    return ewma_at(grid[None, :], *grid_positions(hours, start_ns), weeks, alpha)[0]
+
+
+def history_grid(values: pd.Series, hours: pd.DatetimeIndex) -> tuple[np.ndarray, int]:
+    """A checked history as a gap-free hourly grid on the phase of ``hours[0]`` (NaN where no value; stamps off
+    that grid are never read, as in :func:`values_at`). Returns (grid, UTC ns of its first hour)."""
+    if not len(hours):
+        return np.zeros(0), 0
+    phase = int(hours[:1].tz_convert("UTC").as_unit("ns").asi8[0] % _NS_PER_HOUR)
+    src_ns = values.index.tz_convert("UTC").as_unit("ns").asi8 - phase
+    on_grid = src_ns % _NS_PER_HOUR == 0
+    keys = src_ns[on_grid] // _NS_PER_HOUR
+    if not keys.size:
+        return np.zeros(0), 0
+    lo = int(keys.min())
+    grid = np.full(int(keys.max()) - lo + 1, np.nan)
+    grid[keys - lo] = values.to_numpy(float)[on_grid]
+    return grid, lo * _NS_PER_HOUR + phase
+
+
+def grid_positions(at: pd.DatetimeIndex, start_ns: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column of each stamp of ``at`` on an hourly grid from ``start_ns`` (UTC ns), and
+    whether the stamp is exactly on that grid (off-grid stamps read nothing, like :func:`values_at`)."""
+    rel = at.tz_convert("UTC").as_unit("ns").asi8 - start_ns
+    return rel // _NS_PER_HOUR, rel % _NS_PER_HOUR == 0
+
+
+def _read(grid: np.ndarray, pos: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """grid[:, pos] with NaN where ``pos`` is off the grid or outside it."""
+    ok = exact & (pos >= 0) & (pos < grid.shape[1])
+    out = np.full((grid.shape[0], pos.size), np.nan)
+    out[:, ok] = grid[:, pos[ok]]
+    return out
+
+
+def ewma_at(grid: np.ndarray, pos: np.ndarray, exact: np.ndarray, weeks: int = 4, alpha: float = 0.5) -> np.ndarray:
+    """:func:`seasonal_ewma` of every row of a (clusters x hours) grid at grid columns ``pos`` (NaN = unknown)."""
+    num = np.zeros((grid.shape[0], pos.size))
+    den = np.zeros((grid.shape[0], pos.size))
     for k in range(1, weeks + 1):
-        past = values_at(values, hours - k * WEEK)
+        past = _read(grid, pos - 168 * k, exact)
         w = alpha * (1 - alpha) ** (k - 1)
         ok = ~np.isnan(past)
-        num[ok] += w * past[ok]
-        den[ok] += w
+        num += np.where(ok, w * past, 0.0)
+        den += np.where(ok, w, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / den, np.nan)
+
+
+@dataclass(frozen=True)
+class ArrivalForecasts:
+    """:func:`forecast_arrivals_grid`: the EWMA forecasts of many histories (rows) over the same hours."""
+    hours: pd.DatetimeIndex
+    core_hours: np.ndarray  # (C, N) central forecasts; a row with a problem is all NaN
+    upper_core_hours: np.ndarray  # (C, N) central * (1 + q)
+    rel_error_quantile: np.ndarray  # (C,) q
+    problems: tuple[InputError | None, ...]  # per row: what forecast_arrivals would raise for it, or None
+
+    def row(self, i: int) -> ArrivalForecast:
+        problem = self.problems[i]
+        if problem is not None:
+            raise problem
+        return ArrivalForecast(self.hours, self.core_hours[i], self.upper_core_hours[i],
+                               float(self.rel_error_quantile[i]))
+
+
+def _check_options(alpha: float, quantile: float) -> None:
+    if not 0 < alpha <= 1:
+        raise InputError("alpha", f"must be in (0, 1], got {alpha!r}")
+    if not 0.5 <= quantile < 1:
+        raise InputError("quantile", f"must be in [0.5, 1), got {quantile!r}")
+
+
+def forecast_arrivals_grid(grid: np.ndarray, start_ns: int, hours: pd.DatetimeIndex, *, weeks: int = 4,
+                           alpha: float = 0.5, quantile: float = 0.9, error_days: int = 28) -> ArrivalForecasts:
+    """THE implementation of the EWMA arrival forecast (``forecast_arrivals`` calls it with one row), for a
+    (clusters x hours) grid of checked hourly arrivals (NaN = no data) whose first column is the hour at UTC ns
+    ``start_ns`` (on the phase of ``hours[0]``). Only columns before ``hours[0]`` are read. Each row's
+    forecast, and its daily backcast error quantile, is what :func:`forecast_arrivals` gives for that history."""
+    _check_options(alpha, quantile)
+    grid = np.atleast_2d(np.asarray(grid, float))
+    n_rows = grid.shape[0]
+    pos, exact = grid_positions(hours, start_ns)
+    first_ns = int(hours[:1].tz_convert("UTC").as_unit("ns").asi8[0])
+    grid = grid[:, :int(np.clip(-(-(first_ns - start_ns) // _NS_PER_HOUR), 0, grid.shape[1]))]  # before hours[0]
+    central = ewma_at(grid, pos, exact, weeks, alpha)
+    empty = np.isnan(central).all(axis=1)
+    problems: list[InputError | None] = [
+        InputError("flexible_arrived_core_hours", f"no arrival history in the {weeks} weeks before "
+                                                  f"{hours[0]:%Y-%m-%d %H:%M}Z") if e else None for e in empty]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # rows with no history: reported in ``problems``
+        fill = np.nanmean(central, axis=1, keepdims=True)
+    central = np.where(np.isnan(central), fill, central)
+    # Backcast the last error_days whole days before the horizon with the same method, on data before each.
+    end = hours[0].floor("D")
+    past = pd.date_range(end - pd.Timedelta(days=error_days), end, freq="h", inclusive="left")
+    q = np.zeros(n_rows)
+    if len(past):
+        p_pos, p_exact = grid_positions(past, start_ns)
+        back = ewma_at(grid, p_pos, p_exact, weeks, alpha)
+        actual = _read(grid, p_pos, p_exact)
+        kept = ~np.isnan(back) & ~np.isnan(actual)
+        day_codes, _ = pd.factorize(past.floor("D"), sort=False)
+        n_days = int(day_codes.max()) + 1
+        f_day = np.zeros((n_rows, n_days))
+        a_day = np.zeros((n_rows, n_days))
+        for d in range(n_days):  # days are contiguous runs of ``past``
+            cols = day_codes == d
+            f_day[:, d] = np.where(kept[:, cols], back[:, cols], 0.0).sum(axis=1)
+            a_day[:, d] = np.where(kept[:, cols], actual[:, cols], 0.0).sum(axis=1)
+        valid = f_day > 0
+        ratio = np.where(valid, a_day / np.where(valid, f_day, 1.0) - 1.0, np.nan)
+        enough = valid.sum(axis=1) >= 7
+        if enough.any():
+            q[enough] = np.maximum(np.nanquantile(ratio[enough], quantile, axis=1), 0.0)
+    central = np.where(empty[:, None], np.nan, central)
+    return ArrivalForecasts(hours, central, central * (1.0 + q[:, None]), q, tuple(problems))
 
 
 def forecast_arrivals(history: pd.Series, hours: pd.DatetimeIndex, *, weeks: int = 4, alpha: float = 0.5,
                       quantile: float = 0.9, error_days: int = 28, method: str = "ewma") -> ArrivalForecast:
     """Forecast the arrivals in ``hours`` from the hourly history strictly before them (see the module doc).
     ``method``: "ewma" (the CICM baseline, default) or "qr" (:func:`forecast_arrivals_qr`, which ignores
-    ``weeks``, ``alpha`` and ``error_days``)."""
+    ``weeks``, ``alpha`` and ``error_days``). The EWMA is :func:`forecast_arrivals_grid` with one row."""
     if method not in ARRIVAL_METHODS:
         raise InputError("method", f"must be one of {', '.join(ARRIVAL_METHODS)}, got {method!r}")
     if method == "qr":
         return forecast_arrivals_qr(history, hours, quantile=quantile)
-    if not 0 < alpha <= 1:
-        raise InputError("alpha", f"must be in (0, 1], got {alpha!r}")
-    if not 0.5 <= quantile < 1:
-        raise InputError("quantile", f"must be in [0.5, 1), got {quantile!r}")
+    _check_options(alpha, quantile)
     values = _check_history(history)
     values = values[values.index < hours[0]]
-    central = seasonal_ewma(values, hours, weeks, alpha)
-    if np.isnan(central).all():
-        raise InputError("flexible_arrived_core_hours", f"no arrival history in the {weeks} weeks before "
-                                                         f"{hours[0]:%Y-%m-%d %H:%M}Z")
-    central = np.where(np.isnan(central), np.nanmean(central), central)
-    # Backcast the last error_days whole days before the horizon with the same method, on data before each.
-    end = hours[0].floor("D")
-    past = pd.date_range(end - pd.Timedelta(days=error_days), end, freq="h", inclusive="left")
-    q = 0.0
-    if len(past):
-        back = seasonal_ewma(values, past, weeks, alpha)
-        frame = pd.DataFrame({"f": back, "a": values_at(values, past)}, index=past).dropna()
-        daily = frame.groupby(frame.index.floor("D")).sum()
-        daily = daily[daily["f"] > 0]
-        if len(daily) >= 7:
-            q = max(float(np.quantile(daily["a"] / daily["f"] - 1.0, quantile)), 0.0)
-    return ArrivalForecast(hours, central, central * (1.0 + q), q)
+    grid, start_ns = history_grid(values, hours)
+    return forecast_arrivals_grid(grid[None, :], start_ns, hours, weeks=weeks, alpha=alpha, quantile=quantile,
+                                  error_days=error_days).row(0)
 
 
 def hourly_arrivals(arrival: pd.Series, core_hours: np.ndarray, hours: pd.DatetimeIndex) -> pd.Series:

@@ -523,32 +523,98 @@ BACKLOG_WINDOW_HOURS = 48  # the FIFO backlog is measured over this window (assu
 
 
 def queue_cluster(cluster_input, rows: pd.DataFrame, day: CampusDay, hours: pd.DatetimeIndex, options):
-    """One cluster's queue-program input over ``hours`` (the planning day, then any look-ahead), from its stored
-    usage: the FIFO backlog at planning time (each arrival hour's remaining work, due 24 h after it), forecast
-    hourly arrivals (:func:`cicm.models.arrivals.forecast_arrivals`), and the load forecast's inflexible usage and
-    quantile (the day's profile repeated over the look-ahead). ``rows``: the cluster's usage history. Returns
-    (QueueCluster, the upper-quantile extra core-hours of the planning day)."""
-    from cicm.models.arrivals import forecast_arrivals
+    """One cluster's queue-program input: :func:`queue_campus_clusters` with one cluster. Returns (QueueCluster,
+    the upper-quantile extra core-hours of the planning day); raises the InputError of a bad history."""
+    built, extras, problems = queue_campus_clusters([cluster_input], rows.assign(cluster=cluster_input.name), day,
+                                                    hours, options)
+    if cluster_input.name in problems:
+        raise problems[cluster_input.name]
+    return built[0], extras[cluster_input.name]
+
+
+def _arrival_history_problems(codes: np.ndarray, n: int, hour_ns: np.ndarray, arrived: np.ndarray) -> list:
+    """What ``_check_history`` would raise for each cluster's arrival history (rows by code), or None."""
+    out: list = [None] * n
+    bad = np.zeros(n, bool)
+    if len(codes):
+        bad[codes[arrived < 0]] = True
+    for c in np.flatnonzero(bad):
+        out[c] = InputError("flexible_arrived_core_hours", "arrival history contains negative values")
+    # duplicate hours: the store's rows are ordered by cluster and hour, then a pass finds them
+    same = codes[1:] == codes[:-1]
+    if len(codes) > 1 and not (np.all(codes[1:] >= codes[:-1]) and np.all(hour_ns[1:][same] > hour_ns[:-1][same])):
+        order = np.lexsort((hour_ns, codes))
+        sc, sh = codes[order], hour_ns[order]
+        dup = (sc[1:] == sc[:-1]) & (sh[1:] == sh[:-1])
+        for c in np.unique(sc[1:][dup]):
+            out[c] = InputError("hour", "arrival history has duplicate hours")
+    return out
+
+
+def queue_campus_clusters(inputs: list, usage: pd.DataFrame, day: CampusDay, hours: pd.DatetimeIndex, options):
+    """Every cluster's queue-program input over ``hours`` (the planning day, then any look-ahead), from the
+    campus's stored usage (rows of any cluster; the store's order, by cluster and hour, is the fast path), as
+    (clusters x hours) arrays: the FIFO backlog at planning time (each arrival hour's remaining work, due 24 h
+    after it), forecast hourly arrivals (:func:`cicm.models.arrivals.forecast_arrivals_grid`, THE EWMA forecast),
+    and the load forecast's inflexible usage and quantile (the day's profile repeated over the look-ahead).
+    Returns (QueueClusters of the good clusters in input order, name -> the upper-quantile extra core-hours of the
+    planning day, name -> the InputError of a bad arrival history)."""
+    from cicm.models.arrivals import WEEK, forecast_arrivals_grid
+    from cicm.models.load.history import factorize_clusters
     from cicm.optimize.queue import QueueCluster, arrival_bounds, fifo_backlog, task_bounds
 
-    ci = cluster_input
-    arrived = pd.Series(rows["flexible_arrived_core_hours"].to_numpy(float),
-                        index=pd.DatetimeIndex(rows["hour"])).fillna(0.0)
-    served = pd.Series(rows["flexible_cpu_cores"].to_numpy(float), index=arrived.index).fillna(0.0)
-    recent = arrived.index >= day.planned_at - pd.Timedelta(hours=BACKLOG_WINDOW_HOURS)
-    backlog = fifo_backlog(arrived[recent].to_numpy(), served[recent].to_numpy())
-    rel = ((arrived.index[recent] - hours[0]) / _H).to_numpy(float)
-    keep = backlog > 0
-    n, n_day = len(hours), len(day.hours)
+    names = [ci.name for ci in inputs]
+    n, n_day, n_c = len(hours), len(day.hours), len(inputs)
+    weeks, error_days = 4, 28  # forecast_arrivals' defaults
+    h0 = int(hours[:1].tz_convert("UTC").as_unit("ns").asi8[0])
+    past_start = hours[0].floor("D") - pd.Timedelta(days=error_days)
+    window_start = day.planned_at - pd.Timedelta(hours=BACKLOG_WINDOW_HOURS)
+    first = min(pd.Timestamp(hours[0]), past_start, window_start) - weeks * WEEK
+    n_grid = -(-(h0 - int(first.tz_convert("UTC").as_unit("ns").value)) // 3_600_000_000_000)
+    start_ns = h0 - n_grid * 3_600_000_000_000  # the grid ends at hours[0] and is on its phase
+    arrived_grid = np.full((n_c, n_grid), np.nan)
+    served_grid = np.zeros((n_c, n_grid))
+    problems: dict[str, Exception] = {}
+    if len(usage):
+        codes_u, seen = factorize_clusters(usage["cluster"])
+        to_input = pd.Index(names).get_indexer(seen)
+        codes = to_input[codes_u]
+        hour_ns = pd.DatetimeIndex(usage["hour"]).tz_convert("UTC").as_unit("ns").asi8
+        arrived = np.nan_to_num(usage["flexible_arrived_core_hours"].to_numpy(float, na_value=np.nan), nan=0.0)
+        served = np.nan_to_num(usage["flexible_cpu_cores"].to_numpy(float, na_value=np.nan), nan=0.0)
+        mine = codes >= 0
+        for c, exc in enumerate(_arrival_history_problems(codes[mine], n_c, hour_ns[mine], arrived[mine])):
+            if exc is not None:
+                problems[names[c]] = exc
+        rel = hour_ns - start_ns
+        col = rel // 3_600_000_000_000
+        ok = mine & (rel % 3_600_000_000_000 == 0) & (col >= 0) & (col < n_grid)
+        arrived_grid[codes[ok], col[ok]] = arrived[ok]
+        served_grid[codes[ok], col[ok]] = served[ok]
+    fc = forecast_arrivals_grid(arrived_grid, start_ns, hours, weeks=weeks, quantile=options.arrival_quantile,
+                                error_days=error_days)
+    # the FIFO backlog of the last BACKLOG_WINDOW_HOURS (assumed empty before); missing hours neither arrive nor run
+    w0 = max(int(np.ceil((window_start.value - start_ns) / 3_600_000_000_000)), 0)
+    backlog = fifo_backlog(np.nan_to_num(arrived_grid[:, w0:], nan=0.0), served_grid[:, w0:])
+    rel_h = (np.arange(w0, n_grid) - n_grid).astype(float)  # hours from hours[0]
     # a backlog bucket may run within one hour (its width is unknown): work 1 h at width = its core-hours
-    must, avail = task_bounds(n, np.minimum(rel[keep], 0.0), np.ones(keep.sum()), backlog[keep],
-                              rel[keep] + 24.0, options.planning_margin_hours)
-    fc = forecast_arrivals(arrived, hours, quantile=options.arrival_quantile)
-    m2, a2 = arrival_bounds(fc.core_hours, 24.0 - options.planning_margin_hours)
-    physical = float(np.max(ci.power_capped_capacity_cores))
-    qc = QueueCluster(ci.name, np.resize(ci.inflexible_cpu_cores, n), np.resize(ci.inflexible_upper_cpu_cores, n),
-                      physical, must + m2, avail + a2, ci.power_curve, fallback_reason=ci.fallback_reason)
-    return qc, float(fc.upper_core_hours[:n_day].sum() - fc.core_hours[:n_day].sum())
+    k = np.broadcast_to(rel_h, backlog.shape)
+    must, avail = task_bounds(n, np.minimum(k, 0.0), np.ones(backlog.shape), np.where(backlog > 0, backlog, 0.0),
+                              k + 24.0, options.planning_margin_hours)
+    m2, a2 = arrival_bounds(np.nan_to_num(fc.core_hours), 24.0 - options.planning_margin_hours)
+    extra = fc.upper_core_hours[:, :n_day].sum(axis=1) - fc.core_hours[:, :n_day].sum(axis=1)
+    built, extras = [], {}
+    for i, ci in enumerate(inputs):
+        if ci.name not in problems and fc.problems[i] is not None:
+            problems[ci.name] = fc.problems[i]
+        if ci.name in problems:
+            continue
+        physical = float(np.max(ci.power_capped_capacity_cores))
+        built.append(QueueCluster(ci.name, np.resize(ci.inflexible_cpu_cores, n),
+                                  np.resize(ci.inflexible_upper_cpu_cores, n), physical, must[i] + m2[i],
+                                  avail[i] + a2[i], ci.power_curve, fallback_reason=ci.fallback_reason))
+        extras[ci.name] = float(extra[i])
+    return built, extras, problems
 
 
 def too_full_reason(late_core_hours: np.ndarray, room_cpu_cores: np.ndarray, rtol: float = 1e-6) -> str | None:
@@ -572,16 +638,9 @@ def queue_plan_rows(day: CampusDay, plan_date: date, inputs: list, usage: pd.Dat
 
     n_day = len(day.hours)
     hours = pd.DatetimeIndex(carbon.index)
-    built, extras, problems = [], {}, {}
-    by_cluster = dict(tuple(usage.groupby("cluster", sort=False)))
-    for ci in inputs:
-        try:
-            qc, extra = queue_cluster(ci, by_cluster.get(ci.name, usage.iloc[:0]), day, hours, options)
-            built.append(qc)
-            extras[ci.name] = extra
-        except InputError as exc:
-            problems[ci.name] = f"bad-history: {exc}"
-    vcc_frames, status_rows = [], []
+    built, extras, bad = queue_campus_clusters(inputs, usage, day, hours, options)
+    problems = {name: f"bad-history: {exc}" for name, exc in bad.items()}
+    status_rows: list[dict] = []
     eta_all = carbon.to_numpy(float)
     eta = eta_all[:n_day]
     plan = None
@@ -589,35 +648,42 @@ def queue_plan_rows(day: CampusDay, plan_date: date, inputs: list, usage: pd.Dat
         plan = plan_queue(QueueCampus(day.campus.name, tuple(built), eta_all, committed=np.arange(len(hours)) < n_day,
                                       contract_kw=day.campus.contract_limit_kw, lambda_e=options.lambda_e,
                                       lambda_p=options.lambda_p, solver=options.solver))
-    built_names = [b.name for b in built]
+    built_names = {b.name: k for k, b in enumerate(built)}
+    flat_all = greedy_service(np.stack([b.must_core_hours for b in built]), np.stack([b.avail_core_hours for b in built]),
+                              np.stack([b.room_cpu_cores for b in built]))[:, :n_day] if built else None
+    plan_index = {name: i for i, name in enumerate(plan.clusters)} if plan is not None else {}
+    cols: dict[str, list] = {key: [] for key in ("vcc_cores", "flexible_cpu_cores", "inflexible_cpu_cores",
+                                                 "power_kw", "carbon_kgco2")}
     for ci in inputs:
         ratio = ci.reservation_ratio
         capacity_res = float(np.max(ci.capacity_cores))
-        i = plan.clusters.index(ci.name) if plan is not None and ci.name in plan.clusters else -1
-        reason = problems.get(ci.name) or (plan.reason[i] if i >= 0 else "no-plan")
-        shaped = i >= 0 and plan.status[i] == "optimal"
+        i = plan_index.get(ci.name, -1)
+        reason = problems.get(ci.name) or (plan.reason[i] if plan is not None and i >= 0 else "no-plan")
+        shaped = plan is not None and i >= 0 and plan.status[i] == "optimal"
         if shaped:
             reason = too_full_reason(plan.late_core_hours[i][:n_day], plan.room_cpu_cores[i][:n_day])
             shaped = reason is None
         u = ci.inflexible_cpu_cores
         curve = ci.power_curve
+        known = ci.name in built_names
         if shaped:
-            qc = built[built_names.index(ci.name)]
+            qc = built[built_names[ci.name]]
             service = plan.service_cpu_cores[i][:n_day]
             room = qc.room_cpu_cores[:n_day]
             s = service + risk_margin(service, room, extras[ci.name])
-            flat = greedy_service(qc.must_core_hours, qc.avail_core_hours, qc.room_cpu_cores)[:n_day]
+            flat = flat_all[built_names[ci.name]]
             vcc = np.minimum((ci.inflexible_upper_cpu_cores + s) * ratio, capacity_res)
             power = curve(u + service)
             kg = power * eta / 1000.0
-            flat_kg = curve(u + flat) * eta / 1000.0
-            flex_kg = float(((power - curve(u)) * eta).sum() / 1000.0)
-            flat_flex_kg = float(((curve(u + flat) - curve(u)) * eta).sum() / 1000.0)
-        elif ci.name in built_names:  # unshaped: it runs work as it comes, so expected = flat, saving 0
-            qc = built[built_names.index(ci.name)]
+            flat_power = curve(u + flat)
+            base_power = curve(u)
+            flat_kg = flat_power * eta / 1000.0
+            flex_kg = float(((power - base_power) * eta).sum() / 1000.0)
+            flat_flex_kg = float(((flat_power - base_power) * eta).sum() / 1000.0)
+        elif known:  # unshaped: it runs work as it comes, so expected = flat, saving 0
             s = np.full(len(u), np.nan)
             vcc = np.full(len(u), capacity_res)
-            power = curve(u + greedy_service(qc.must_core_hours, qc.avail_core_hours, qc.room_cpu_cores)[:n_day])
+            power = curve(u + flat_all[built_names[ci.name]])
             kg = flat_kg = power * eta / 1000.0
             flex_kg = flat_flex_kg = np.nan
         else:
@@ -626,11 +692,9 @@ def queue_plan_rows(day: CampusDay, plan_date: date, inputs: list, usage: pd.Dat
             power = kg = np.full(len(u), np.nan)
             flat_kg = np.full(len(u), np.nan)
             flex_kg = flat_flex_kg = np.nan
-        known = shaped or ci.name in built_names
-        vcc_frames.append(pd.DataFrame({
-            "plan_date": plan_date, "cluster": ci.name, "hour": day.hours, "hour_index": np.arange(len(u)),
-            "vcc_cores": vcc, "flexible_cpu_cores": s, "inflexible_cpu_cores": u, "power_kw": power,
-            "carbon_kgco2": kg, "gco2_per_kwh": eta}))
+        for key, value in (("vcc_cores", vcc), ("flexible_cpu_cores", s), ("inflexible_cpu_cores", u),
+                           ("power_kw", power), ("carbon_kgco2", kg)):
+            cols[key].append(np.asarray(value, dtype=float))
         status_rows.append({
             "plan_date": plan_date, "cluster": ci.name, "campus": day.campus.name,
             "status": "shaped" if shaped else "fallback", "reason": None if shaped else reason,
@@ -641,10 +705,16 @@ def queue_plan_rows(day: CampusDay, plan_date: date, inputs: list, usage: pd.Dat
             "saving_pct": (100 * (1 - flex_kg / flat_flex_kg) if flat_flex_kg > 0 else np.nan) if shaped
             else (0.0 if known else np.nan),
             "peak_kw": float(np.max(power)) if known else np.nan})
+    n_in = len(inputs)
+    vccs = pd.DataFrame({
+        "plan_date": [plan_date] * (n_in * n_day), "cluster": np.repeat([ci.name for ci in inputs], n_day),
+        "hour": day.hours[np.tile(np.arange(n_day), n_in)], "hour_index": np.tile(np.arange(n_day), n_in),
+        **{key: np.concatenate(values) if values else np.zeros(0) for key, values in cols.items()},
+        "gco2_per_kwh": np.tile(eta, n_in)})
     note = (f"{day.campus.name}: queue program over {len(hours)} h ({n_day} committed), "
             f"{sum(r['status'] == 'shaped' for r in status_rows)}/{len(status_rows)} shaped"
             + (f" via {plan.solver} in {plan.solve_seconds:.2f} s" if plan else ""))
-    return pd.concat(vcc_frames, ignore_index=True), pd.DataFrame(status_rows), note
+    return vccs, pd.DataFrame(status_rows), note
 
 
 def plan_clusters(store, fleet: Fleet, plan_date: date, days: list[CampusDay], carbon: CarbonResult,
