@@ -243,9 +243,10 @@ class Store:
     def _check_version(self) -> None:
         found = self.con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if found is None or int(found[0]) != SCHEMA_VERSION:
+            older = found is not None and int(found[0]) < SCHEMA_VERSION
             raise InputError(
                 "db", f"{self.path} has schema version {found and found[0]}, this code needs {SCHEMA_VERSION}"
-            )
+                + ("; a writer migrates it when it opens the file (e.g. `cicm plan`)" if older else ""))
 
     def schema_version(self) -> int:
         return int(self.con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
