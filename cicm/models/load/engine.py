@@ -17,6 +17,7 @@ from cicm.models.load.history import (
     check_request,
     factorize_clusters,
     numeric_values,
+    one_cluster_frame,
     prepare_history,
     utc_ns,
 )
@@ -271,18 +272,7 @@ def forecast_load(
     """
     req = check_request(target_hours, tz, gamma, now, min_history_days, max_history_days, error_window_days,
                         adjust_window_days, ratio_days, alpha_grid, beta_grid)
-    if not isinstance(history, pd.DataFrame):
-        raise InputError("history", "must be a pandas DataFrame")
-    frame = history.set_index("hour") if "hour" in history.columns else history
-    if not isinstance(frame.index, pd.DatetimeIndex):
-        raise InputError("hour", "history needs a DatetimeIndex (or column) named 'hour'")
-    if frame.index.tz is None:
-        raise InputError("hour", "must be tz-aware (UTC)")
-    if "cluster" in frame.columns and frame["cluster"].nunique() > 1:
-        raise InputError("cluster", f"history must hold one cluster, holds {frame['cluster'].nunique()}")
-    missing = [c for c in HISTORY_COLUMNS if c not in frame.columns]
-    if missing:
-        raise InputError(missing[0], "column missing from history")
+    frame = one_cluster_frame(history)
     result = _forecast_rows(np.zeros(len(frame), dtype=np.intp), 1, utc_ns(frame.index, "hour"),
                             numeric_values(frame), lambda c: history, req)[0]
     if isinstance(result, InputError):

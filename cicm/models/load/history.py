@@ -150,13 +150,12 @@ def factorize_clusters(column: pd.Series) -> tuple[np.ndarray, pd.Index]:
     return pd.factorize(column, sort=False)
 
 
-def prepare_history(history: pd.DataFrame, now: pd.Timestamp, max_history_days: int) -> pd.DataFrame:
-    """Hours that ended by `now`, at most `max_history_days` back, validated. Index: UTC `hour`."""
+def one_cluster_frame(history: pd.DataFrame) -> pd.DataFrame:
+    """One cluster's history indexed by its tz-aware `hour` (index or column), with every history column;
+    otherwise an InputError naming what is wrong."""
     if not isinstance(history, pd.DataFrame):
         raise InputError("history", "must be a pandas DataFrame")
-    frame = history
-    if "hour" in frame.columns:
-        frame = frame.set_index("hour")
+    frame = history.set_index("hour") if "hour" in history.columns else history
     if not isinstance(frame.index, pd.DatetimeIndex):
         raise InputError("hour", "history needs a DatetimeIndex (or column) named 'hour'")
     if frame.index.tz is None:
@@ -166,6 +165,12 @@ def prepare_history(history: pd.DataFrame, now: pd.Timestamp, max_history_days: 
     missing = [c for c in HISTORY_COLUMNS if c not in frame.columns]
     if missing:
         raise InputError(missing[0], "column missing from history")
+    return frame
+
+
+def prepare_history(history: pd.DataFrame, now: pd.Timestamp, max_history_days: int) -> pd.DataFrame:
+    """Hours that ended by `now`, at most `max_history_days` back, validated. Index: UTC `hour`."""
+    frame = one_cluster_frame(history)
     index = frame.index.tz_convert("UTC")
     start = now - pd.Timedelta(days=max_history_days)
     keep = (index + _ONE_HOUR <= now) & (index >= start)
