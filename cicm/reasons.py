@@ -1,4 +1,5 @@
-"""Why a cluster is not shaped: a code from a short list and a free-text detail, written ``code: detail``.
+"""The plan's states (stage, run, cluster) and why a cluster is not shaped: a code from a short list and a
+free-text detail, written ``code: detail``.
 
 The plan stores both parts in their own columns (``vcc_status.reason_code`` and ``reason_detail``, beside the
 full text in ``reason``); this module is the one place that splits or joins them.
@@ -6,6 +7,23 @@ full text in ``reason``); this module is the one place that splits or joins them
 from __future__ import annotations
 
 from enum import StrEnum
+
+
+class StageStatus(StrEnum):
+    """How a stage of the nightly plan went."""
+
+    RAN = "ran"
+    DEGRADED = "degraded"  # it ran, with fallbacks or refused input (stored with their reasons)
+    FAILED = "failed"
+    NOT_BUILT = "not-built"
+
+
+class RunStatus(StrEnum):
+    """How a run (a plan, an ingestion, a check) ended, as the runs table stores it."""
+
+    OK = "ok"
+    DEGRADED = "degraded"
+    FAILED = "failed"
 
 
 class ClusterStatus(StrEnum):

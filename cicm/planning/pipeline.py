@@ -16,6 +16,7 @@ from typing import Callable
 
 import pandas as pd
 
+from cicm.reasons import RunStatus, StageStatus
 from cicm.config import Fleet, load_fleet
 from cicm.store import Store
 from cicm.errors import InputError, ProviderError
@@ -29,7 +30,7 @@ from cicm.telemetry_sources import PrometheusMapping, parse_mapping, read_promet
 class PlanOutcome:
     plan_date: date
     run_id: str | None
-    status: str  # "ok" | "degraded" | "failed"
+    status: RunStatus
     stages: list[stages.StageReport] = field(default_factory=list)
     clusters: pd.DataFrame = field(default_factory=pd.DataFrame)
     message: str = ""
@@ -46,7 +47,7 @@ def ingest_new_telemetry(store: Store, folder: str, fleet: Fleet | None = None,
         store.failed_run("telemetry-ingest", {"source": str(folder)}, None, exc)
         raise
     info = ingest_telemetry(store, usage, power, source=str(folder))
-    return stages.StageReport("telemetry", "ran", f"ingested {info['usage_rows']} usage and {info['power_rows']}"
+    return stages.StageReport("telemetry", StageStatus.RAN, f"ingested {info['usage_rows']} usage and {info['power_rows']}"
                                                   f" power rows from {folder} (run {info['run_id']})")
 
 
@@ -76,7 +77,7 @@ def ensure_telemetry(store: Store, fleet: Fleet, seed: int, telemetry_dir: str |
     except (InputError, ProviderError) as exc:
         if isinstance(exc, InputError) and exc.field.startswith("telemetry."):
             raise  # the fleet file's [telemetry] table is wrong: as any bad fleet file, nothing is planned
-        report = stages.StageReport("telemetry", "degraded", f"refused {source} ({exc}); planned on the stored "
+        report = stages.StageReport("telemetry", StageStatus.DEGRADED, f"refused {source} ({exc}); planned on the stored "
                                                              "history")
     names = [c.name for c in fleet.clusters()]
     have = plan_reads.clusters_with_usage(store, names)
@@ -89,8 +90,8 @@ def ensure_telemetry(store: Store, fleet: Fleet, seed: int, telemetry_dir: str |
         return report
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        return stages.StageReport("telemetry", "degraded", f"no usage history for {shown}: they fall back")
-    return stages.StageReport("telemetry", "ran", "store already holds telemetry for every cluster")
+        return stages.StageReport("telemetry", StageStatus.DEGRADED, f"no usage history for {shown}: they fall back")
+    return stages.StageReport("telemetry", StageStatus.RAN, "store already holds telemetry for every cluster")
 
 
 def prometheus_mapping(fleet: Fleet) -> PrometheusMapping:
@@ -125,7 +126,7 @@ def ingest_prometheus(store: Store, fleet: Fleet, now: pd.Timestamp) -> stages.S
     url, mapping = fleet.telemetry.url, prometheus_mapping(fleet)
     start, end = prometheus_window(store, fleet, now)
     if start >= end:
-        return stages.StageReport("telemetry", "ran", f"store already holds every hour before {end} ({url})")
+        return stages.StageReport("telemetry", StageStatus.RAN, f"store already holds every hour before {end} ({url})")
     try:
         usage, power = read_prometheus_telemetry(url, mapping, fleet.power_domains_by_cluster(), start, end)
         check_telemetry_rows(usage, power, fleet, now)
@@ -134,7 +135,7 @@ def ingest_prometheus(store: Store, fleet: Fleet, now: pd.Timestamp) -> stages.S
         raise
     info = ingest_telemetry(store, usage, power, source=url)
     missing = sum(usage.attrs.get("missing_hours", {}).values())
-    return stages.StageReport("telemetry", "ran", f"read {info['usage_rows']} usage and {info['power_rows']} power "
+    return stages.StageReport("telemetry", StageStatus.RAN, f"read {info['usage_rows']} usage and {info['power_rows']} power "
                                                   f"rows for [{start.isoformat()}, {end.isoformat()}) from {url} "
                                                   f"({missing} cluster-hours missing; run {info['run_id']})")
 
@@ -213,7 +214,8 @@ def plan_day(store: Store, fleet: Fleet, plan_date: date, options: PlanOptions,
         store.replace_plan(plan_date, result.vccs, result.status, run.run_id)
         for table, frame in result.extra_tables.items():
             store.upsert(table, frame, run.run_id)
-        run.status = "degraded" if any(r.status in ("degraded", "failed") for r in reports) else "ok"
+        bad = (StageStatus.DEGRADED, StageStatus.FAILED)
+        run.status = RunStatus.DEGRADED if any(r.status in bad for r in reports) else RunStatus.OK
         summary = stages.cluster_summary(result.status)
         run.summary = {"stages": [r.__dict__ for r in reports], "clusters": summary.to_dict("records"),
                        "seconds": {**clock.seconds, **result.seconds}}
@@ -239,5 +241,5 @@ def check_slo(store: Store, fleet: Fleet, plan_date: date) -> stages.StageReport
     try:
         result = slo_stage(store, fleet, plan_date)
     except Exception as exc:  # noqa: BLE001 - reported and stored with the run; the plan still goes ahead
-        return stages.StageReport("slo-feedback", "failed", f"{type(exc).__name__}: {exc}")
-    return stages.StageReport("slo-feedback", "ran", result["summary"])
+        return stages.StageReport("slo-feedback", StageStatus.FAILED, f"{type(exc).__name__}: {exc}")
+    return stages.StageReport("slo-feedback", StageStatus.RAN, result["summary"])

@@ -14,6 +14,7 @@ from datetime import date
 import numpy as np
 import pandas as pd
 
+from cicm.reasons import StageStatus
 from cicm.config import Campus, Fleet
 from cicm.errors import InputError, ProviderError
 from cicm.timeutil import local_day_hours_utc, planning_time_utc
@@ -24,7 +25,7 @@ _H = pd.Timedelta(hours=1)
 @dataclass
 class StageReport:
     name: str
-    status: str  # "ran" | "degraded" | "failed" | "not-built"
+    status: StageStatus
     detail: str = ""
 
 
@@ -114,8 +115,8 @@ def carbon_report(carbon: CarbonResult, days: list[CampusDay]) -> StageReport:
     got = f"{len(carbon.by_campus)}/{len(days)} campuses"
     if carbon.problems:
         detail = "; ".join(f"{k}: {v}" for k, v in carbon.problems.items())
-        return StageReport("carbon-forecast", "degraded", f"{got}; {detail}")
-    return StageReport("carbon-forecast", "ran", f"{got}, {len(carbon.forecasts)} hourly rows")
+        return StageReport("carbon-forecast", StageStatus.DEGRADED, f"{got}; {detail}")
+    return StageReport("carbon-forecast", StageStatus.RAN, f"{got}, {len(carbon.forecasts)} hourly rows")
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -733,7 +734,8 @@ def plan_clusters(store, fleet: Fleet, plan_date: date, days: list[CampusDay], c
     for stage in STAGE_NOTES:
         notes = merged["notes"][stage]
         degraded = stage in ("power-models", "load-forecast") and notes
-        reports.append(StageReport(stage, "degraded" if degraded else "ran", "; ".join(notes) or "all clusters"))
+        reports.append(StageReport(stage, StageStatus.DEGRADED if degraded else StageStatus.RAN,
+                                   "; ".join(notes) or "all clusters"))
     shaped = int((status["status"] == "shaped").sum()) if not status.empty else 0
     reports[-1].detail = f"{shaped}/{len(status)} clusters shaped; " + reports[-1].detail
     return PlanClustersResult(
