@@ -75,7 +75,7 @@ def choose_runner(options: PlanOptions, n_clusters: int) -> str:
 
 
 def _submit_partitions(db_path: str):
-    def run(jobs: list[stages.PartitionJob]) -> list[dict]:
+    def run(jobs: list[stages.PartitionJob]) -> list[stages.PartitionResult]:
         from prefect.futures import wait
 
         futures = [partition_task.submit(db_path, job) for job in jobs]

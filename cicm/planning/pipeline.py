@@ -161,7 +161,7 @@ def plan_day(store: Store, fleet: Fleet, plan_date: date, options: PlanOptions,
              fetch: Callable[[stages.CampusDay, PlanOptions], pd.DataFrame] = fetch_day_carbon,
              telemetry: Callable[..., stages.StageReport] = ensure_telemetry,
              slo: Callable[[Store, Fleet, date], stages.StageReport] | None = None,
-             run_partitions: Callable[[list[stages.PartitionJob]], list[dict]] | None = None,
+             run_partitions: Callable[[list[stages.PartitionJob]], list[stages.PartitionResult]] | None = None,
              n_partitions: int = 1) -> PlanOutcome:
     """The nightly plan's body, stage by stage, as plain calls. The flow passes its Prefect tasks in.
 

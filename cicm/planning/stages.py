@@ -14,7 +14,7 @@ from datetime import date
 import numpy as np
 import pandas as pd
 
-from cicm.reasons import StageStatus
+from cicm.reasons import StageStatus, split_reason
 from cicm.config import Campus, Fleet
 from cicm.errors import InputError, ProviderError
 from cicm.timeutil import local_day_hours_utc, planning_time_utc
@@ -407,7 +407,7 @@ def partition_jobs(days: list[CampusDay], carbon: CarbonResult, plan_date: date,
     ]
 
 
-def plan_partition(store, job: PartitionJob) -> dict:
+def plan_partition(store, job: PartitionJob) -> "PartitionResult":
     """Models and programs of a partition's campuses, merged in campus order."""
     values: dict = {}  # zone_day_key -> forecast value, shared by the campuses of a zone and time zone
     parts = [plan_campus_day(store, day, job.plan_date, job.carbon.get(day.campus.name), job.options,
@@ -415,7 +415,7 @@ def plan_partition(store, job: PartitionJob) -> dict:
     return merge_parts(parts)
 
 
-def plan_partition_from_file(db_path: str, job: PartitionJob) -> dict:
+def plan_partition_from_file(db_path: str, job: PartitionJob) -> "PartitionResult":
     """`plan_partition` on a read-only connection of its own: what a Dask worker runs."""
     from cicm.store import Store
 
@@ -428,12 +428,32 @@ STAGE_NOTES = ("forecast-value", "power-models", "load-forecast", "vcc-program")
 TIMED_STEPS = ("store-reads", "forecast-value", "power-models", "load-forecast", "vcc-program")
 
 
-def merge_parts(parts: list[dict]) -> dict:
+@dataclass
+class PartitionResult:
+    """What the models and programs of one or more campuses produced: frames for the store (``PART_FRAMES``),
+    notes per stage (``STAGE_NOTES``) and wall seconds per step (``TIMED_STEPS``)."""
+
+    frames: dict[str, list[pd.DataFrame]] = field(default_factory=lambda: {k: [] for k in PART_FRAMES})
+    notes: dict[str, list[str]] = field(default_factory=lambda: {s: [] for s in STAGE_NOTES})
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMED_STEPS, 0.0))
+
+    def add(self, key: str, frame: pd.DataFrame) -> None:
+        self.frames[key].append(frame)
+
+    def frame(self, key: str) -> pd.DataFrame:
+        """One table's rows, concatenated in order (empty without any)."""
+        frames = [f for f in self.frames[key] if not f.empty]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def merge_parts(parts: list[PartitionResult]) -> PartitionResult:
     """Partitions' results concatenated in order; their step seconds summed (CPU-seconds across workers)."""
-    out = {key: [f for p in parts for f in p[key] if not f.empty] for key in PART_FRAMES}
-    out = {key: [pd.concat(frames, ignore_index=True)] if frames else [] for key, frames in out.items()}
-    out["notes"] = {stage: [n for p in parts for n in p["notes"][stage]] for stage in STAGE_NOTES}
-    out["seconds"] = {step: sum(p["seconds"][step] for p in parts) for step in TIMED_STEPS}
+    out = PartitionResult()
+    for key in PART_FRAMES:
+        frames = [f for p in parts for f in p.frames[key] if not f.empty]
+        out.frames[key] = [pd.concat(frames, ignore_index=True)] if frames else []
+    out.notes = {stage: [n for p in parts for n in p.notes[stage]] for stage in STAGE_NOTES}
+    out.seconds = {step: sum(p.seconds[step] for p in parts) for step in TIMED_STEPS}
     return out
 
 
@@ -448,23 +468,21 @@ class _Timer:
 
 
 def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | None, options,
-                    problem: str | None, values: dict | None = None) -> dict:
+                    problem: str | None, values: dict | None = None) -> PartitionResult:
     """Models and program for one campus: a constant number of store reads, whatever its size. ``carbon``
     covers the day and any look-ahead. Returns frames for the store and per-stage notes."""
     from cicm.optimize.program import plan_campus
 
     ahead, carbon = carbon, (None if carbon is None else carbon.iloc[:len(day.hours)])
-    out = {key: [] for key in PART_FRAMES}
-    out["notes"] = {stage: [] for stage in STAGE_NOTES}
-    out["seconds"] = dict.fromkeys(TIMED_STEPS, 0.0)
-    timer = _Timer(out["seconds"])
+    out = PartitionResult()
+    timer = _Timer(out.seconds)
     values = {} if values is None else values
     key = zone_day_key(day)
     if key not in values:
         values[key] = campus_forecast_value(store, day, options.delta_max)
     value = values[key]
     low_benefit = low_benefit_reason(value, options.min_forecast_value_pct)
-    out["notes"]["forecast-value"].append(
+    out.notes["forecast-value"].append(
         f"{day.campus.name} ({day.campus.grid_zone}): "
         + (f"{value.realised_cut_pct:.1f}% (perfect {value.ceiling_cut_pct:.1f}%)" if value else "unknown")
         + (" → not shaped" if low_benefit else ""))
@@ -481,38 +499,38 @@ def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | 
     timer.lap("power-models")
     loads = forecast_campus_load(usage, day, options.gamma, names)
     timer.lap("load-forecast")
-    out["power_models"].append(pd.DataFrame(
+    out.add("power_models", pd.DataFrame(
         [row for c in clusters for row in power_model_rows(c, fits, counts, day.planned_at)]))
-    out["load_forecasts"].append(load_hour_rows(plan_date, loads))
-    out["load_forecast_days"].append(pd.DataFrame([load_day_row(n, plan_date, loads[n]) for n in names]))
+    out.add("load_forecasts", load_hour_rows(plan_date, loads))
+    out.add("load_forecast_days", pd.DataFrame([load_day_row(n, plan_date, loads[n]) for n in names]))
     inputs = []
     for cluster in clusters:
         load = loads[cluster.name]
         curve, power_problem = curves[cluster.name]
         problem_load = load_problem(load)
         if power_problem:
-            out["notes"]["power-models"].append(f"{cluster.name}: {power_problem}")
+            out.notes["power-models"].append(f"{cluster.name}: {power_problem}")
         if problem_load:
-            out["notes"]["load-forecast"].append(f"{cluster.name}: {problem_load}")
+            out.notes["load-forecast"].append(f"{cluster.name}: {problem_load}")
         reason = problem or problem_load or power_problem
         if reason:
             vccs, status = unplanned_rows(cluster, day.campus.name, plan_date, day.hours, reason, carbon)
-            out["vccs"].append(vccs)
-            out["status"].append(status)
+            out.add("vccs", vccs)
+            out.add("status", status)
             continue
         preset = disabled.get(cluster.name) or low_benefit
         inputs.append(cluster_input(cluster, ClusterModels(pd.DataFrame(), curve, None, load, None), preset))
     if inputs and getattr(options, "program", "ceiling") == "queue":
         vccs, status, note = queue_plan_rows(day, plan_date, inputs, usage, ahead, options)
-        out["vccs"].append(vccs)
-        out["status"].append(status)
-        out["notes"]["vcc-program"].append(note)
+        out.add("vccs", vccs)
+        out.add("status", status)
+        out.notes["vcc-program"].append(note)
     elif inputs:
         plan = plan_campus(campus_input(day.campus, inputs, carbon.to_numpy(), day.hours, options))
         vccs, status = plan_rows(plan, plan_date, {c.name: float(c.capacity_cores) for c in clusters})
-        out["vccs"].append(vccs)
-        out["status"].append(status)
-        out["notes"]["vcc-program"].append(
+        out.add("vccs", vccs)
+        out.add("status", status)
+        out.notes["vcc-program"].append(
             f"{day.campus.name}: {plan.lp_status} via {plan.solver} in {plan.solve_seconds:.2f} s"
             + (f" ({plan.message})" if plan.message else "")
         )
@@ -725,14 +743,11 @@ def plan_clusters(store, fleet: Fleet, plan_date: date, days: list[CampusDay], c
     jobs = partition_jobs(days, carbon, plan_date, options, n_partitions)
     parts = run_partitions(jobs) if run_partitions else [plan_partition(store, job) for job in jobs]
     merged = merge_parts(parts)
-
-    def cat(key: str) -> pd.DataFrame:
-        return merged[key][0] if merged[key] else pd.DataFrame()
-
+    cat = merged.frame
     status = cat("status")
     reports = []
     for stage in STAGE_NOTES:
-        notes = merged["notes"][stage]
+        notes = merged.notes[stage]
         degraded = stage in ("power-models", "load-forecast") and notes
         reports.append(StageReport(stage, StageStatus.DEGRADED if degraded else StageStatus.RAN,
                                    "; ".join(notes) or "all clusters"))
@@ -742,7 +757,7 @@ def plan_clusters(store, fleet: Fleet, plan_date: date, days: list[CampusDay], c
         reports, cat("vccs"), status,
         {"power_models": cat("power_models"), "load_forecasts": cat("load_forecasts"),
          "load_forecast_days": cat("load_forecast_days")},
-        merged["seconds"],
+        merged.seconds,
     )
 
 
@@ -752,7 +767,7 @@ def cluster_summary(status: pd.DataFrame) -> pd.DataFrame:
         return status
     return pd.DataFrame({
         "campus": status["campus"], "cluster": status["cluster"], "status": status["status"],
-        "reason": status["reason"].map(lambda r: r.split(":")[0] if isinstance(r, str) else None),
+        "reason": status["reason"].map(lambda r: split_reason(r)[0]),
         "theta_kcore_h": status["theta_core_hours"] / 1000.0,
         "plan_kgco2": status["expected_kgco2"], "flat_kgco2": status["flat_kgco2"],
         "saving_pct": status["saving_pct"],
