@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from datetime import date, timedelta
-from typing import TYPE_CHECKING, Callable, Mapping, cast
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -67,7 +67,7 @@ def run_ceiling(seg: Segment, campus_days: list[CampusDay], options: BacktestOpt
             window = history[history.index >= cd.planned_at - pd.Timedelta(days=stages.POWER_WINDOW_DAYS + 1)]
             telemetry = cluster_power_telemetry(c, window.reset_index(), options.seed)
             models = stages.cluster_models_from_frames(c, telemetry, history.reset_index(), cd, options.gamma)
-            load = cast("LoadForecast | None", models.load)  # typed object in cicm.planning.stages.ClusterModels
+            load = models.load
             ok = load if load is not None and load.ok else None
             row = {"day": d, "cluster": c.name, "q97": ok.reservations_rel_error_q97 if ok is not None else np.nan,
                    "forecast_flexible_core_hours": ok.flexible_core_hours if ok is not None else np.nan}

@@ -117,9 +117,8 @@ def run_queue_policy(seg: Segment, campus_days: list[CampusDay], options: Backte
                     if problem or models.power_curve is None:
                         cl.fallback = problem or "no-power-model"
                     else:
-                        # ClusterModels types these seams as object (cicm.planning.stages); without a problem
-                        # they are a PowerCurve and an "ok" LoadForecast.
-                        cl.curve = cast("PowerCurve", models.power_curve)
+                        # without a problem the load forecast is an "ok" one
+                        cl.curve = models.power_curve
                         load = cast("LoadForecast", models.load)
                         idx = hour_slots(seg.hours, cd.hours)
                         cl.inflexible_fc[idx] = load.inflexible_cpu_cores.to_numpy()

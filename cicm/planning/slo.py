@@ -267,11 +267,12 @@ def check_fleet_days(store, fleet, days: list[date], plan_date: date, *, deadlin
                           _row_sums(reserved_sum[rows][:, window])))
     if not parts:
         return pd.DataFrame(columns=EVENT_COLUMNS)
-    ci, k, demand, got, theta, res = (np.concatenate(x) for x in zip(*parts))
-    order = np.lexsort((k, ci))
-    ci, k, demand, got, theta, res = ci[order], k[order], demand[order], got[order], theta[order], res[order]
+    rows_c, days_k, demand, got, theta, res = (np.concatenate(x) for x in zip(*parts))
+    order = np.lexsort((days_k, rows_c))
+    rows_c, days_k, demand, got, theta, res = (rows_c[order], days_k[order], demand[order], got[order], theta[order],
+                                               res[order])
     return pd.DataFrame({
-        "cluster": [names[i] for i in ci], "day": [days[j] for j in k], "demand_core_hours": demand,
+        "cluster": [names[i] for i in rows_c], "day": [days[j] for j in days_k], "demand_core_hours": demand,
         "served_core_hours": got, "theta_core_hours": theta,
         "violated": got < demand - 1e-6 * np.maximum(demand, 1.0),
         "close": np.isfinite(theta) & (res >= close_fraction * theta),

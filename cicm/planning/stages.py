@@ -15,9 +15,15 @@ import numpy as np
 import pandas as pd
 
 from cicm.reasons import StageStatus, split_reason
+from typing import TYPE_CHECKING
+
 from cicm.config import Campus, Fleet
 from cicm.errors import InputError, ProviderError
 from cicm.timeutil import local_day_hours_utc, planning_time_utc
+
+if TYPE_CHECKING:
+    from cicm.models.load import LoadForecast
+    from cicm.optimize.inputs import PowerCurve
 
 _H = pd.Timedelta(hours=1)
 
@@ -130,9 +136,9 @@ class ClusterModels:
     """What the models stage produced for one cluster: stored rows plus the optimiser's inputs."""
 
     power_rows: pd.DataFrame
-    power_curve: object | None  # cicm.optimize.inputs.PowerCurve
+    power_curve: PowerCurve | None
     power_problem: str | None
-    load: object | None  # cicm.models.load.LoadForecast; None when the history was rejected
+    load: LoadForecast | None  # None when the history was rejected
     load_problem: str | None  # "insufficient-history: ..." or "bad-history: ..."
 
 
@@ -324,20 +330,24 @@ def cluster_input(cluster, models: ClusterModels, preset: str | None):
     from cicm.optimize.inputs import ClusterInput
 
     load = models.load
-    code, _, detail = (preset or "").partition(": ")
+    assert load is not None, "cluster_input needs the cluster's load forecast"
+    flexible, reservations, q97 = load.flexible_core_hours, load.reservations_core_hours, \
+        load.reservations_rel_error_q97
+    assert flexible is not None and reservations is not None and q97 is not None, "an ok forecast has its figures"
+    code, detail = split_reason(preset)
     return ClusterInput(
         name=cluster.name,
         inflexible_cpu_cores=load.inflexible_cpu_cores.to_numpy(),
         inflexible_upper_cpu_cores=load.inflexible_upper_cpu_cores.to_numpy(),
-        flexible_core_hours=load.flexible_core_hours,
-        reservations_core_hours=load.reservations_core_hours,
+        flexible_core_hours=flexible,
+        reservations_core_hours=reservations,
         reservation_ratio=load.reservation_ratio.to_numpy(),
-        reservations_rel_error_q97=load.reservations_rel_error_q97,
+        reservations_rel_error_q97=q97,
         capacity_cores=float(cluster.capacity_cores) * float(load.reservation_ratio.max()),
         power_capped_capacity_cores=float(cluster.capacity_cores),
         power_curve=models.power_curve,
-        fallback_reason=code or None,
-        fallback_detail=detail or None,
+        fallback_reason=code,
+        fallback_detail=detail,
     )
 
 
@@ -526,6 +536,7 @@ def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | 
         out.add("status", status)
         out.notes["vcc-program"].append(note)
     elif inputs:
+        assert carbon is not None  # a campus without a carbon forecast has a problem: no inputs
         plan = plan_campus(campus_input(day.campus, inputs, carbon.to_numpy(), day.hours, options))
         vccs, status = plan_rows(plan, plan_date, {c.name: float(c.capacity_cores) for c in clusters})
         out.add("vccs", vccs)
@@ -624,8 +635,9 @@ def queue_campus_clusters(inputs: list, usage: pd.DataFrame, day: CampusDay, hou
     extra = fc.upper_core_hours[:, :n_day].sum(axis=1) - fc.core_hours[:, :n_day].sum(axis=1)
     built, extras = [], {}
     for i, ci in enumerate(inputs):
-        if ci.name not in problems and fc.problems[i] is not None:
-            problems[ci.name] = fc.problems[i]
+        problem = fc.problems[i]
+        if ci.name not in problems and problem is not None:
+            problems[ci.name] = problem
         if ci.name in problems:
             continue
         physical = float(np.max(ci.power_capped_capacity_cores))
@@ -680,12 +692,14 @@ def queue_plan_rows(day: CampusDay, plan_date: date, inputs: list, usage: pd.Dat
         reason = problems.get(ci.name) or (plan.reason[i] if plan is not None and i >= 0 else "no-plan")
         shaped = plan is not None and i >= 0 and plan.status[i] == "optimal"
         if shaped:
+            assert plan is not None
             reason = too_full_reason(plan.late_core_hours[i][:n_day], plan.room_cpu_cores[i][:n_day])
             shaped = reason is None
         u = ci.inflexible_cpu_cores
         curve = ci.power_curve
         known = ci.name in built_names
         if shaped:
+            assert plan is not None and flat_all is not None
             qc = built[built_names[ci.name]]
             service = plan.service_cpu_cores[i][:n_day]
             room = qc.room_cpu_cores[:n_day]
@@ -700,6 +714,7 @@ def queue_plan_rows(day: CampusDay, plan_date: date, inputs: list, usage: pd.Dat
             flex_kg = float(((power - base_power) * eta).sum() / 1000.0)
             flat_flex_kg = float(((flat_power - base_power) * eta).sum() / 1000.0)
         elif known:  # unshaped: it runs work as it comes, so expected = flat, saving 0
+            assert flat_all is not None
             s = np.full(len(u), np.nan)
             vcc = np.full(len(u), capacity_res)
             power = curve(u + flat_all[built_names[ci.name]])
