@@ -186,6 +186,9 @@ def test_overview_answers_the_operator_questions(server, plan_store, page, artif
     # Which clusters are shaped, and why the others are not.
     shaped = int((status["status"] == "shaped").sum())
     assert f"{shaped} of {len(status)} clusters" in page.inner_text("#card-shaped")
+    shaped_list = page.inner_text("#shaped-list")
+    assert all(c in shaped_list for c in status.loc[status["status"] == "shaped", "cluster"])
+    assert not any(c in shaped_list.split() for c in status.loc[status["status"] != "shaped", "cluster"])
     fallbacks = status[status["status"] != "shaped"]
     assert len(fallbacks) >= 1, "the demo plan has a fallback cluster (cb-c, too-full)"
     listed = page.inner_text("#not-shaped-list")
@@ -298,6 +301,17 @@ def test_an_unknown_cluster_or_date_is_not_found_with_links(server, plan_store, 
     _open(page, server + "/?date=2021-01-01", "#not-found")
     page.click("#not-found >> text=2022-06-14")
     page.wait_for_selector("text=Fleet overview — plan for 2022-06-14")
+
+
+def test_wide_tables_scroll_inside_the_page(server, plan_store, page):
+    """On a narrow screen the fleet table scrolls in its own box; the page itself does not grow sideways."""
+    page.set_viewport_size({"width": 480, "height": 900})
+    _open(page, server + "/", "#fleet-table")
+    widths = page.evaluate("""() => ({page: document.documentElement.scrollWidth, view: window.innerWidth,
+        table: document.querySelector('#fleet-table').scrollWidth,
+        box: document.querySelector('#fleet-table').parentElement.clientWidth})""")
+    assert widths["table"] > widths["box"]  # the table is wider than its box: it scrolls there
+    assert widths["page"] <= widths["view"] + 1, widths
 
 
 def test_runs_page_lists_the_plan_history_and_run_log(server, plan_store, page, artifacts_dir):

@@ -47,6 +47,7 @@ h1 { font-size: 22px; margin: 12px 0; } h2 { font-size: 18px; margin: 24px 0 8px
         flex: 1; }
 .card .label { font-size: 12px; color: #666; text-transform: uppercase; letter-spacing: .04em; }
 .card .value { font-size: 24px; font-weight: 700; margin: 4px 0; } .card .note { font-size: 13px; color: #444; }
+.table-wrap { overflow-x: auto; max-width: 100%; }  /* a wide table scrolls; the page does not stretch */
 table.grid { border-collapse: collapse; background: white; font-size: 13px; width: 100%; }
 table.grid th, table.grid td { border: 1px solid #e0e0e0; padding: 4px 8px; text-align: left; vertical-align: top; }
 table.grid th { background: #f1f1f1; } table.grid td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -152,7 +153,7 @@ def grid(frame: pd.DataFrame, columns: list[tuple[Any, ...]], table_id: str,
             cells.append(html.Td(content, className=(rest[0] if rest else None)))
         attrs: dict[str, Any] = {"data-key": str(row[row_key])} if row_key else {}
         rows.append(html.Tr(cells, **attrs))
-    return html.Table([head, html.Tbody(rows)], id=table_id, className="grid")
+    return html.Div(html.Table([head, html.Tbody(rows)], id=table_id, className="grid"), className="table-wrap")
 
 
 def _num(digits: int = 1, suffix: str = ""):
@@ -266,9 +267,14 @@ class Pages:
                         html.Strong(code or status), (f" — {detail}" if detail else "")])
                for c, status, code, detail in zip(not_shaped["cluster"], not_shaped["status"],
                                                   not_shaped["reason_code"], not_shaped["reason_detail"])]
+        shaped_names = list(frame.loc[frame["status"] == "shaped", "cluster"])
+        shaped_list = html.P(["shaped: "] + [x for i, c in enumerate(shaped_names) for x in
+                                             ([", "] if i else []) + [dcc.Link(c, href=f"/cluster?cluster={c}"
+                                                                                      f"&date={plan_date}")]]
+                             if shaped_names else "no cluster is shaped", id="shaped-list")
         shaped_card = _card(
             "card-shaped", f"Shaped on {plan_date}", f"{carbon.shaped} of {carbon.clusters} clusters",
-            html.Ul(why, id="not-shaped-list") if why else "every planned cluster is shaped")
+            html.Div([shaped_list, html.Ul(why, id="not-shaped-list") if why else "every planned cluster is shaped"]))
         if carbon.flat_kgco2 > 0:
             carbon_value = f"{fmt(carbon.saved_kgco2)} kgCO2"
             carbon_note = (f"{fmt(carbon.saved_pct)}% of {fmt(carbon.flat_kgco2)} kgCO2 unshaped (flat); "
@@ -340,10 +346,11 @@ class Pages:
             group_attrs: dict[str, Any] = {"data-campus": str(campus)}
             body.append(html.Tr(html.Td(f"{campus} — grid zone {zone} — {tz}", colSpan=len(columns)),
                                 className="group", **group_attrs))
-            table = grid(group, columns, "unused", row_key="cluster")
+            table = grid(group, columns, "unused", row_key="cluster").children
             body.extend(table.children[1].children)
-        fleet_table = html.Table([html.Thead(html.Tr([html.Th(h) for _, h, *_ in columns])), html.Tbody(body)],
-                                 id="fleet-table", className="grid")
+        fleet_table = html.Div(html.Table([html.Thead(html.Tr([html.Th(h) for _, h, *_ in columns])),
+                                           html.Tbody(body)], id="fleet-table", className="grid"),
+                               className="table-wrap")
 
         return html.Div([
             html.H1(f"Fleet overview — plan for {plan_date}{newest}", id="overview-title"),
