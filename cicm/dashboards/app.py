@@ -141,7 +141,7 @@ def _status_span(status) -> html.Span:
 
 
 def grid(frame: pd.DataFrame, columns: list[tuple[Any, ...]], table_id: str,
-         row_key: str | None = None) -> html.Table:
+         row_key: str | None = None) -> html.Div:
     """A plain HTML table. columns: (column, header, formatter or None, css class or None)."""
     head = html.Thead(html.Tr([html.Th(h) for _, h, *_ in columns]))
     rows = []
@@ -538,7 +538,7 @@ class Pages:
         return html.Div(parts, id="runs-page")
 
 
-def _frame_table(frame: pd.DataFrame, table_id: str) -> html.Table | html.P:
+def _frame_table(frame: pd.DataFrame, table_id: str) -> html.Div | html.P:
     if frame.empty:
         return html.P("no rows", className="muted", id=table_id)
     columns: list[tuple[Any, ...]] = []
