@@ -231,6 +231,15 @@ def test_cluster_page_charts_hold_the_store_data(server, plan_store, page, artif
     assert vcc["x"][0].startswith("2022-06-15") and "00:00" in vcc["x"][0]  # local midnight, Los Angeles
     assert all(n > 0 for n in day["points"]), dict(zip(names, day["points"]))
     assert day["drawn"] == len(names)
+    # capacity is drawn in the VCC's unit: the machines' cores x the day's highest reservation ratio
+    capacity = day["traces"][names.index("capacity (reservation cores)")]["y"][0]
+    ratio = _query(plan_store, "SELECT max(reservation_ratio) AS r FROM load_forecasts l JOIN current_plans c"
+                               " USING (run_id, plan_date, cluster) WHERE cluster = 'sj-a' AND plan_date = ?",
+                   [PLAN_DATES[-1]])["r"].iloc[0]
+    from cicm.config import load_fleet
+
+    assert capacity == pytest.approx(load_fleet().cluster("sj-a").capacity_cores * ratio, rel=1e-9)
+    assert max(vcc["y"]) <= capacity * (1 + 1e-9)
 
     fit = _plot(page, "power-fit")
     models = _query(plan_store, """SELECT m.domain, m.model FROM power_models m JOIN current_plans c

@@ -46,7 +46,8 @@ def day_chart(day: pd.DataFrame, tz: str | None, capacity_cores: float | None, t
     local = to_local(day["hour"], tz)
     x = list(local) + [local.iloc[-1] + pd.Timedelta(hours=1)]
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.64, 0.36],
-                        subplot_titles=("Capacity and usage (CPU cores)", "Carbon intensity (gCO2/kWh)"))
+                        subplot_titles=("Cores: VCC, capacity and reservations in reservation cores; usage in CPU cores",
+                                        "Carbon intensity (gCO2/kWh)"))
 
     def line(name, y, colour, row, dash=None, width=2, shape="hv", visible=True, fill=None):
         values = _values(y)
@@ -57,7 +58,8 @@ def day_chart(day: pd.DataFrame, tz: str | None, capacity_cores: float | None, t
 
     line("VCC (reservation cores)", day["vcc_cores"], COLOURS["vcc"], 1, width=3)
     if capacity_cores:
-        line("machine capacity", pd.Series([capacity_cores] * len(day)), COLOURS["capacity"], 1, dash="dot",
+        # the plan's capacity is in the VCC's unit: the machines' cores times the day's highest reservation ratio
+        line("capacity (reservation cores)", pd.Series([capacity_cores] * len(day)), COLOURS["capacity"], 1, dash="dot",
              width=1)
     line("actual reservations", day["actual_reserved_cpu_cores"], COLOURS["reserved"], 1, dash="dot")
     line("forecast inflexible usage", day["forecast_inflexible_cpu_cores"], COLOURS["forecast_if"], 1)
