@@ -15,7 +15,7 @@ CICM = Path(sys.executable).with_name("cicm")
 
 
 def run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if k not in ("ECOVISOR_ADMIN_TOKEN", "CICM_ECOVISOR_TOKEN")}
+    environ = {k: v for k, v in os.environ.items() if k not in ("CICM_ECOVISOR_ADMIN_TOKEN", "CICM_ECOVISOR_TOKEN")}
     environ.update(CICM_HOME=str(tmp_path / "home"), **env)
     return subprocess.run([str(CICM), *args], capture_output=True, text=True, timeout=120, env=environ,
                           cwd=tmp_path)
@@ -27,7 +27,7 @@ def run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProc
     (["carbon", "fetch", "--zone", "CISO", "--provider", "nope", "--date", "2022-06-15"], "provider"),
     (["slo", "status", "--db", "missing.duckdb"], "db"),
     (["agent", "run", "--cluster", "sj-a", "--ecovisor", "http://127.0.0.1:9", "--once"], "CICM_ECOVISOR_TOKEN"),
-    (["ecovisor", "serve", "--site", "site.toml"], "ECOVISOR_ADMIN_TOKEN"),
+    (["ecovisor", "serve", "--site", "site.toml"], "CICM_ECOVISOR_ADMIN_TOKEN"),
     (["store", "compact", "--db", "missing.duckdb", "--before", "2022-01-01", "--archive", "a"], "db"),
     (["plan", "--no-such-flag"], "No such option"),  # a usage error is bad input too (Click's own 2 is not)
 ])

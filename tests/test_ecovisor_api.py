@@ -323,7 +323,7 @@ def test_real_time_ticker_ticks_by_itself(tmp_path):
 
 def test_cli_serve_starts_the_service(tmp_path):
     port = free_port()
-    env = {**os.environ, "ECOVISOR_ADMIN_TOKEN": "cli-admin"}
+    env = {**os.environ, "CICM_ECOVISOR_ADMIN_TOKEN": "cli-admin"}
     cmd = [sys.executable, "-m", "cicm.ecovisor.cli", "serve", "--site", str(REPO / "cicm/ecovisor/examples/site.toml"),
            "--port", str(port), "--db", str(tmp_path / "cli.duckdb"), "--clock", "simulated", "--log-level", "warning"]
     p = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -345,6 +345,6 @@ def test_cli_serve_starts_the_service(tmp_path):
     finally:
         p.terminate()
         p.wait(timeout=10)
-    env.pop("ECOVISOR_ADMIN_TOKEN")
+    env.pop("CICM_ECOVISOR_ADMIN_TOKEN")
     r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=30)
-    assert r.returncode == 1 and "ECOVISOR_ADMIN_TOKEN" in r.stderr
+    assert r.returncode == 1 and "CICM_ECOVISOR_ADMIN_TOKEN" in r.stderr

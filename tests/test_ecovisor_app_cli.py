@@ -26,7 +26,7 @@ def _free_port() -> int:
 @pytest.fixture
 def ecovisor(tmp_path):
     port = _free_port()
-    env = {**os.environ, "ECOVISOR_ADMIN_TOKEN": ADMIN}
+    env = {**os.environ, "CICM_ECOVISOR_ADMIN_TOKEN": ADMIN}
     proc = subprocess.Popen([str(CICM), "ecovisor", "serve", "--site", str(REPO / "cicm/ecovisor/examples/site.toml"),
                              "--port", str(port), "--clock", "simulated", "--log-level", "warning"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -46,9 +46,9 @@ def ecovisor(tmp_path):
 
 
 def create(args: list[str], admin: str | None = ADMIN) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "ECOVISOR_ADMIN_TOKEN"}
+    env = {k: v for k, v in os.environ.items() if k != "CICM_ECOVISOR_ADMIN_TOKEN"}
     if admin:
-        env["ECOVISOR_ADMIN_TOKEN"] = admin
+        env["CICM_ECOVISOR_ADMIN_TOKEN"] = admin
     return subprocess.run([str(CICM), "ecovisor", "app", "create", *args], capture_output=True, text=True,
                           timeout=60, env=env)
 
@@ -73,6 +73,6 @@ def test_app_create_prints_a_token_the_ecovisor_accepts(ecovisor):
 
 def test_app_create_without_admin_token_or_ecovisor(tmp_path):
     missing = create(["sj-a"], admin=None)
-    assert missing.returncode == 1 and missing.stderr.startswith("error: ECOVISOR_ADMIN_TOKEN:")
+    assert missing.returncode == 1 and missing.stderr.startswith("error: CICM_ECOVISOR_ADMIN_TOKEN:")
     down = create(["sj-a", "--ecovisor", f"http://127.0.0.1:{_free_port()}"])
     assert down.returncode == 2 and "connection error" in down.stderr, down.stderr

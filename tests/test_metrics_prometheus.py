@@ -146,7 +146,7 @@ def test_prometheus_scrapes_every_metric_of_the_real_services(tmp_path, db_path)
         eco = Service("ecovisor", [sys.executable, "-m", "cicm.ecovisor.cli", "serve", "--site", str(site),
                                    "--port", str(eco_port), "--db", str(tmp_path / "ecovisor.duckdb"),
                                    "--clock", "simulated", "--log-level", "warning"],
-                      tmp_path, {"ECOVISOR_ADMIN_TOKEN": ADMIN})
+                      tmp_path, {"CICM_ECOVISOR_ADMIN_TOKEN": ADMIN})
         services.append(eco)
         wait_for("the ecovisor", lambda: httpx.get(f"{eco_url}/v1/health", timeout=1).status_code == 200,
                  proc=eco.proc, log=eco.log)

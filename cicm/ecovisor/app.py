@@ -1,6 +1,6 @@
 """The ecovisor's REST API (FastAPI). ``create_app(site, clock, backend, db_path)`` builds it.
 
-Auth: admin routes need ``Authorization: Bearer $ECOVISOR_ADMIN_TOKEN``; app routes need the token returned by
+Auth: admin routes need ``Authorization: Bearer $CICM_ECOVISOR_ADMIN_TOKEN``; app routes need the token returned by
 ``POST /v1/apps``. An app sees and controls only its own virtual energy system and containers (401 without or
 with a bad token, 403 for another app's container). Bad values answer 422 with the offending ``field``, and
 change nothing.
@@ -140,9 +140,9 @@ def create_app(
     callback_timeout_s: float = 2.0,
     run_ticker: bool = True,
 ) -> FastAPI:
-    admin = admin_token if admin_token is not None else os.environ.get("ECOVISOR_ADMIN_TOKEN")
+    admin = admin_token if admin_token is not None else os.environ.get("CICM_ECOVISOR_ADMIN_TOKEN")
     if not admin:
-        log.warning("ECOVISOR_ADMIN_TOKEN is not set: admin routes will answer 401")
+        log.warning("CICM_ECOVISOR_ADMIN_TOKEN is not set: admin routes will answer 401")
     store = Telemetry(db_path)
     core = Ecovisor(site, clock, backend, store, carbon=carbon, solar=solar)
     callbacks = CallbackDispatcher(timeout_s=callback_timeout_s)

@@ -26,7 +26,7 @@ def serve(
     backend: str | None = typer.Option(None, "--backend", help="override the site's backend: lxd | cgroup | simulated"),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
-    """Run the ecovisor's REST API. Needs ECOVISOR_ADMIN_TOKEN in the environment."""
+    """Run the ecovisor's REST API. Needs CICM_ECOVISOR_ADMIN_TOKEN in the environment."""
     import uvicorn
 
     from .app import create_app
@@ -34,8 +34,8 @@ def serve(
     from .clock import RealClock, SimulatedClock
     from .site import load_site
 
-    if not os.environ.get("ECOVISOR_ADMIN_TOKEN"):
-        fail("ECOVISOR_ADMIN_TOKEN: set it to the bearer token of admin routes")
+    if not os.environ.get("CICM_ECOVISOR_ADMIN_TOKEN"):
+        fail("CICM_ECOVISOR_ADMIN_TOKEN: set it to the bearer token of admin routes")
     try:
         cfg = load_site(site)
         if backend is not None:
@@ -79,7 +79,7 @@ def check_site(site: Path = typer.Argument(..., exists=True, dir_okay=False)) ->
 
 app_app = typer.Typer(help="Applications of a running ecovisor (admin).", no_args_is_help=True)
 ecovisor_app.add_typer(app_app, name="app")
-ADMIN_TOKEN_ENV = "ECOVISOR_ADMIN_TOKEN"
+ADMIN_TOKEN_ENV = "CICM_ECOVISOR_ADMIN_TOKEN"
 
 
 @app_app.command("create")
@@ -93,7 +93,7 @@ def app_create(
     container: list[str] = typer.Option([], "--container", help="a container of the app (repeat)"),
 ) -> None:
     """Register an application with a running ecovisor and print its bearer token (shown once): the agent reads it
-    from CICM_ECOVISOR_TOKEN. Needs ECOVISOR_ADMIN_TOKEN."""
+    from CICM_ECOVISOR_TOKEN. Needs CICM_ECOVISOR_ADMIN_TOKEN."""
     import requests
 
     from cicm.clikit import ExitCode
