@@ -14,7 +14,7 @@ from datetime import date
 import numpy as np
 import pandas as pd
 
-from cicm.reasons import StageStatus, split_reason
+from cicm.reasons import StageStatus, join_reason, split_reason
 from typing import TYPE_CHECKING
 
 from cicm.config import Campus, Fleet
@@ -689,7 +689,8 @@ def queue_plan_rows(day: CampusDay, plan_date: date, inputs: list, usage: pd.Dat
         ratio = ci.reservation_ratio
         capacity_res = float(np.max(ci.capacity_cores))
         i = plan_index.get(ci.name, -1)
-        reason = problems.get(ci.name) or (plan.reason[i] if plan is not None and i >= 0 else "no-plan")
+        preset = join_reason(ci.fallback_reason, ci.fallback_detail) if ci.fallback_reason else None
+        reason = problems.get(ci.name) or preset or (plan.reason[i] if plan is not None and i >= 0 else "no-plan")
         shaped = plan is not None and i >= 0 and plan.status[i] == "optimal"
         if shaped:
             assert plan is not None

@@ -7,6 +7,7 @@
 - Named reads and writes, by consumer, each returning frames with the columns its docstring lists:
   ``cicm.store.plan`` (the nightly plan, ``cicm vcc show``), ``cicm.store.slo`` (the SLO check and feedback),
   ``cicm.store.agent`` (the enforcement agent), ``cicm.store.dashboard`` (the dashboard).
+- ``cicm.store.operator``: the operators' shaping pauses.
 - ``cicm.store.ecovisor``: the ecovisor service's own telemetry file (its ticks, containers and apps).
 
 The names below are loaded on first use, so importing a consumer module (``from cicm.store import slo``) does
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
                                  new_run_id)
 
 _CORE_NAMES = ("SCHEMA_VERSION", "TABLE_KEYS", "RunRecord", "Store", "code_version", "new_run_id")
-_MODULES = ("agent", "core", "dashboard", "ecovisor", "plan", "reader", "retention", "slo")
+_MODULES = ("agent", "core", "dashboard", "ecovisor", "operator", "plan", "reader", "retention", "slo")
 
 __all__ = [*_CORE_NAMES, *_MODULES]
 
