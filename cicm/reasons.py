@@ -40,6 +40,7 @@ class FallbackCode(StrEnum):
     NO_POWER_MODEL = "no-power-model"  # a power domain has no usable fit
     NO_CARBON_FORECAST = "no-carbon-forecast"  # the zone's forecast is missing or refused
     SLO_FEEDBACK = "slo-feedback"  # the SLO loop switched shaping off
+    OPERATOR_PAUSE = "operator-pause"  # an operator paused shaping (cicm shaping pause)
     NO_FLEXIBLE_WORK = "no-flexible-work"  # no flexible work forecast: nothing to shape
     TOO_FULL = "too-full"  # the work cannot be shaped within the machines
     INFEASIBLE = "infeasible"  # the program has no solution

@@ -8,7 +8,9 @@ from datetime import date
 
 import pandas as pd
 
-PAUSE_PREFIX = "operator-pause"
+from cicm.reasons import FallbackCode
+
+PAUSE_PREFIX = str(FallbackCode.OPERATOR_PAUSE)
 
 
 def write_pauses(store, clusters: list[str], start: date, until: date, reason: str, run_id: str) -> int:
