@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cicm.clikit import fleet_option
 from cicm.errors import InputError, ProviderError
 from cicm.stdio import stdout_to_stderr
 
@@ -43,7 +44,7 @@ def backtest_command(
     days: int = typer.Option(60, "--days", min=1, help="number of local days"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON instead of tables"),
     out: Optional[Path] = typer.Option(None, "--out", help="report folder (default: $CICM_HOME/backtests/...)"),
-    fleet: Optional[Path] = typer.Option(None, "--fleet", help="fleet TOML (default: data/demo_fleet.toml)"),
+    fleet: Optional[Path] = fleet_option(),
     campus: Optional[str] = typer.Option(None, "--campus",
                                          help="campus to move into the zone (default: the zone's own campus, "
                                               "else the fleet's first)"),

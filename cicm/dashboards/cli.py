@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from cicm.clikit import db_option
+from cicm.clikit import db_option, fleet_option
 from cicm.paths import default_db_path
 
 dashboard_app = typer.Typer(help="The operators' dashboard (read-only web app over the store).",
@@ -61,7 +61,7 @@ def dashboard(
     db: Optional[Path] = db_option(),
     port: int = typer.Option(DEFAULT_PORT, "--port", help="TCP port (0 picks a free one)"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default loopback only)"),
-    fleet: Optional[Path] = typer.Option(None, "--fleet", help="fleet TOML (default: data/demo_fleet.toml)"),
+    fleet: Optional[Path] = fleet_option(),
     snapshot: bool = typer.Option(True, "--snapshot/--no-snapshot",
                                   help="while a writer holds the store, show a snapshot of its last checkpoint "
                                        "(else only a 'store busy, retrying' notice)"),

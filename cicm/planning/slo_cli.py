@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cicm.clikit import db_option, fail
+from cicm.clikit import db_option, fail, fleet_option
 from cicm.errors import InputError
 
 slo_app = typer.Typer(no_args_is_help=True, help="The SLO check and its feedback loop (shaping on/off per cluster).")
@@ -86,7 +86,7 @@ def _isna(v) -> bool:
 def check(
     date: str = typer.Option(..., "--date", help="the plan day the check is for (checks the days before it)"),
     db: Optional[Path] = DbOption,
-    fleet: Optional[Path] = typer.Option(None, "--fleet", help="fleet TOML (default: data/demo_fleet.toml)"),
+    fleet: Optional[Path] = fleet_option(),
     window_days: int = typer.Option(7, "--window-days"),
     close_fraction: float = typer.Option(0.95, "--close-fraction", help="close: reservations >= this x Theta"),
     disable_days: int = typer.Option(7, "--disable-days"),
