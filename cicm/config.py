@@ -8,13 +8,25 @@ An optional ``[telemetry]`` table names where the nightly plan reads the night's
 today a Prometheus server (``source = "prometheus"``, ``url``, ``lookback_hours`` and a ``[telemetry.mapping]``
 table of PromQL queries). The mapping is kept here as the file's table; ``cicm.planning.ingest.telemetry_source``
 parses it with ``cicm.telemetry_sources.parse_mapping`` (config sits below telemetry_sources in the layers).
+
+Everything is checked before anything is read or stored (issue 20), and a refusal is an InputError naming the
+field (``campuses.1.clusters.0.power_domains.2.name``):
+
+* names (fleet, campus, cluster, power domain) are 1-200 characters, without leading or trailing whitespace or
+  control characters; campus names are unique in the fleet, cluster names and power-domain names are unique in the
+  whole fleet (telemetry is keyed by them: a repeated domain would let one cluster's power rows overwrite
+  another's, a silent wrong plan);
+* every number has a range no real fleet leaves: ``machines`` 1-1,000,000 per domain (:data:`MAX_MACHINES`),
+  a server of 1-4,096 hardware threads (:data:`MAX_THREADS_PER_MACHINE`), shares in (0, 0.9] and (0, 0.6],
+  ``reservation_ratio`` in [1, 3], ``contract_limit_kw`` in (0, 10,000,000] (10 GW: :data:`MAX_CONTRACT_KW`),
+  ``history_days`` 7-3,660, dates in 2000-2100 (:data:`MIN_DATE`, :data:`MAX_DATE`), ``lookback_hours``
+  1-8,784; at most 1,000 power domains per cluster; NaN and infinity are refused everywhere.
 """
 from __future__ import annotations
 
 import hashlib
 import re
 import tomllib
-from collections import Counter
 import zoneinfo
 from datetime import date
 from functools import lru_cache
@@ -26,6 +38,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cicm.errors import InputError
 from cicm.paths import bundled_data_dir
+
+MAX_NAME_CHARS = 200
+MAX_MACHINES = 1_000_000
+MAX_THREADS_PER_MACHINE = 4096
+MAX_CONTRACT_KW = 10_000_000.0
+MAX_DOMAINS_PER_CLUSTER = 1000
+MAX_HISTORY_DAYS = 3660
+MIN_DATE = date(2000, 1, 1)
+MAX_DATE = date(2100, 1, 1)
 
 GRID_ZONES = ("AZPS", "BPAT", "CISO", "ERCO", "MISO", "NYIS", "PJM", "SOCO")
 SPECPOWER_FILE = "server_power/specpower_ssj2008_619_servers_via_green-coding-solutions_cloud-energy.csv"
@@ -49,13 +70,51 @@ def threads_per_machine(spec_row: int) -> int:
     return int(text.split()[0])
 
 
+class FieldProblem(ValueError):
+    """Raised inside a model validator to name a field below the model (pydantic puts such errors at the
+    model's own path); ``load_fleet`` appends ``field`` to that path."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
+def check_name(value: str, what: str = "name") -> str:
+    """A name as the fleet uses it in telemetry and the store: 1-200 characters, no leading or trailing
+    whitespace, no control characters."""
+    if not value or not value.strip():
+        raise ValueError(f"empty {what}")
+    if value != value.strip():
+        raise ValueError(f"{what} {value!r} has leading or trailing whitespace")
+    if len(value) > MAX_NAME_CHARS:
+        raise ValueError(f"{what} of {len(value)} characters is longer than {MAX_NAME_CHARS}")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise ValueError(f"{what} {value!r} holds control characters")
+    return value
+
+
+def _first_repeat(names: list[str]) -> tuple[int, str] | None:
+    """(index, name) of the first name seen before, or None."""
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            return i, name
+        seen.add(name)
+    return None
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("name", mode="after", check_fields=False)
+    @classmethod
+    def _good_name(cls, value: str) -> str:
+        return check_name(value)
 
 
 class PowerDomain(_Strict):
     name: str
-    machines: int = Field(gt=0)
+    machines: int = Field(ge=1, le=MAX_MACHINES, description="identical machines, 1-1,000,000")
     spec_row: int = Field(ge=0, description="0-based row of the bundled SPECpower CSV")
     server_model: str = Field(description="hw_model of that row, checked, so a row typo cannot pass")
 
@@ -67,6 +126,13 @@ class PowerDomain(_Strict):
         actual = models[self.spec_row]
         if actual != self.server_model:
             raise ValueError(f"spec_row {self.spec_row} is {actual!r}, not {self.server_model!r}")
+        try:
+            threads = threads_per_machine(self.spec_row)
+        except (ValueError, IndexError) as exc:
+            raise ValueError(f"spec_row {self.spec_row} has no readable hardware_threads: {exc}") from exc
+        if not 1 <= threads <= MAX_THREADS_PER_MACHINE:
+            raise ValueError(f"spec_row {self.spec_row} has {threads} hardware threads per machine; a server has "
+                             f"1-{MAX_THREADS_PER_MACHINE}")
         return self
 
     @property
@@ -85,7 +151,7 @@ class Cluster(_Strict):
     flexible_trace: Literal["pai", "azure"]
     flexible_mean_share: float = Field(gt=0, le=0.6, description="mean flexible usage / capacity")
     reservation_ratio: float = Field(default=1.3, ge=1.0, le=3.0, description="reservations / usage")
-    power_domains: list[PowerDomain] = Field(min_length=2)
+    power_domains: list[PowerDomain] = Field(min_length=2, max_length=MAX_DOMAINS_PER_CLUSTER)
 
     @property
     def capacity_cores(self) -> int:
@@ -96,7 +162,7 @@ class Campus(_Strict):
     name: str
     grid_zone: str
     timezone: str
-    contract_limit_kw: float = Field(gt=0)
+    contract_limit_kw: float = Field(gt=0, le=MAX_CONTRACT_KW, description="kW, in (0, 10 GW]")
     clusters: list[Cluster] = Field(min_length=1)
 
     @field_validator("grid_zone")
@@ -138,8 +204,8 @@ class TelemetrySource(_Strict):
 
 class Fleet(_Strict):
     name: str
-    history_start: pd.Timestamp = Field(description="first UTC day of the demo telemetry")
-    history_days: int = Field(ge=7)
+    history_start: pd.Timestamp = Field(description="first UTC day of the demo telemetry, in 2000-2100")
+    history_days: int = Field(ge=7, le=MAX_HISTORY_DAYS, description="days of history, 7-3,660 (ten years)")
     default_plan_date: date | None = Field(default=None, description="the day `cicm plan` plans by default")
     campuses: list[Campus] = Field(min_length=1)
     telemetry: TelemetrySource | None = Field(default=None, description="where the nightly plan reads telemetry "
@@ -150,15 +216,50 @@ class Fleet(_Strict):
     @field_validator("history_start", mode="before")
     @classmethod
     def _utc_day(cls, value) -> pd.Timestamp:
-        ts = pd.Timestamp(value)
-        return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+        try:
+            ts = pd.Timestamp(value)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise ValueError(f"not a date: {value!r}") from exc
+        if ts is pd.NaT:
+            raise ValueError(f"not a date: {value!r}")
+        ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+        if not pd.Timestamp(MIN_DATE, tz="UTC") <= ts < pd.Timestamp(MAX_DATE, tz="UTC"):
+            raise ValueError(f"{ts.date()} is outside {MIN_DATE}..{MAX_DATE}")
+        return ts
+
+    @field_validator("default_plan_date", mode="after")
+    @classmethod
+    def _sane_date(cls, value: date | None) -> date | None:
+        if value is not None and not MIN_DATE <= value < MAX_DATE:
+            raise ValueError(f"{value} is outside {MIN_DATE}..{MAX_DATE}")
+        return value
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Fleet":
-        counts = Counter(c.name for c in self.clusters())
-        dupes = sorted(n for n, k in counts.items() if k > 1)
-        if dupes:
-            raise ValueError(f"cluster names must be unique across the fleet; repeated: {dupes}")
+        """Campus names unique in the fleet; cluster and power-domain names unique across the whole fleet (usage
+        rows are keyed by cluster, power rows by domain: a repeat would mix two clusters' telemetry)."""
+        repeat = _first_repeat([c.name for c in self.campuses])
+        if repeat is not None:
+            raise FieldProblem(f"campuses.{repeat[0]}.name",
+                               f"campus name {repeat[1]!r} is repeated; campus names must be unique in the fleet")
+        clusters = [(i, j, c) for i, campus in enumerate(self.campuses) for j, c in enumerate(campus.clusters)]
+        cluster_at: dict[str, str] = {}
+        for i, j, c in clusters:
+            if c.name in cluster_at:
+                raise FieldProblem(f"campuses.{i}.clusters.{j}.name",
+                                   f"cluster name {c.name!r} is also at {cluster_at[c.name]}; cluster names must "
+                                   "be unique across the fleet")
+            cluster_at[c.name] = f"campuses.{i}.clusters.{j}"
+        domain_of: dict[str, str] = {}
+        for i, j, c in clusters:
+            for k, d in enumerate(c.power_domains):
+                if d.name in domain_of:
+                    where = "the same cluster" if domain_of[d.name] == c.name else f"cluster {domain_of[d.name]!r}"
+                    raise FieldProblem(f"campuses.{i}.clusters.{j}.power_domains.{k}.name",
+                                       f"power domain {d.name!r} of cluster {c.name!r} is also in {where}; power "
+                                       "domain names must be unique across the fleet (power telemetry is keyed by "
+                                       "domain and hour, so one cluster's rows would overwrite another's)")
+                domain_of[d.name] = c.name
         return self
 
     def clusters(self) -> list[Cluster]:
@@ -184,8 +285,9 @@ class Fleet(_Strict):
 
 
 def check_unique_domains(fleet: Fleet) -> None:
-    """Power telemetry is keyed by (domain, hour), so a fleet whose telemetry is read from a source by name needs
-    each power domain's name once in the fleet. Raises InputError naming the second one's field."""
+    """Power telemetry is keyed by (domain, hour), so each power domain's name is needed once in the fleet.
+    ``Fleet`` itself refuses repeats now (any fleet, with or without ``[telemetry]``); this check stays for
+    fleets built without validation (``model_construct``). Raises InputError naming the second one's field."""
     seen: dict[str, str] = {}
     for i, campus in enumerate(fleet.campuses):
         for j, cluster in enumerate(campus.clusters):
@@ -193,9 +295,8 @@ def check_unique_domains(fleet: Fleet) -> None:
                 if domain.name in seen:
                     raise InputError(f"campuses.{i}.clusters.{j}.power_domains.{k}.name",
                                      f"power domain {domain.name!r} of cluster {cluster.name!r} is also in cluster "
-                                     f"{seen[domain.name]!r}; with [telemetry] source = "
-                                     f"{fleet.telemetry.source if fleet.telemetry else 'prometheus'!r} power domain "
-                                     "names must be unique across the fleet (power rows are keyed by domain and hour)")
+                                     f"{seen[domain.name]!r}; power domain names must be unique across the fleet "
+                                     "(power rows are keyed by domain and hour)")
                 seen[domain.name] = cluster.name
 
 
@@ -228,9 +329,12 @@ def _load_fleet(path: str, _digest: str, text: bytes) -> Fleet:
         fleet = Fleet.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "fleet"
+        loc = [str(p) for p in first["loc"]]
+        problem = (first.get("ctx") or {}).get("error")
+        if isinstance(problem, FieldProblem):
+            loc.append(problem.field)
+        field = ".".join(loc) or "fleet"
         message = str(first["msg"]).removeprefix("Value error, ")
         raise InputError(field, f"{message} (in {path})") from exc
-    if fleet.telemetry is not None:
-        check_unique_domains(fleet)
+    check_unique_domains(fleet)
     return fleet

@@ -164,3 +164,85 @@ def test_power_domain_names_are_unique_for_prometheus(tmp_path):
         _fleet_with(tmp_path, TELEMETRY, twice)
     assert err.value.field == "campuses.0.clusters.1.power_domains.0.name"
     assert "'sj-a-pd1'" in err.value.message and "unique" in err.value.message
+
+
+# ------------------------------------------------------------------ issue 20 item 1: bad fleet files are refused
+
+def _demo_text() -> str:
+    return load_fleet.__globals__["default_fleet_path"]().read_text()
+
+
+# (old, new, count, field, words): the demo fleet with `old` replaced by `new` (the first `count` times)
+BAD_FLEETS = [
+    # names unique in their scope: the silent wrong plan of issue 20 is the repeated power domain
+    ('name = "sj-b-pd1"', 'name = "sj-a-pd1"', 1, "campuses.0.clusters.1.power_domains.0.name", "sj-a-pd1"),
+    ('name = "sj-a-pd2"', 'name = "sj-a-pd1"', 1, "campuses.0.clusters.0.power_domains.1.name", "same cluster"),
+    ('name = "sj-b"', 'name = "sj-a"', 1, "campuses.0.clusters.1.name", "'sj-a' is also at campuses.0.clusters.0"),
+    ('name = "or-dalles"', 'name = "ca-sj"', 1, "campuses.1.name", "campus name 'ca-sj' is repeated"),
+    # empty and whitespace names
+    ('name = "demo"', 'name = ""', 1, "name", "empty name"),
+    ('name = "ca-sj"', 'name = "   "', 1, "campuses.0.name", "empty name"),
+    ('name = "sj-a"', 'name = " sj-a"', 1, "campuses.0.clusters.0.name", "whitespace"),
+    ('name = "sj-a-pd1"', 'name = "sj-a-pd1\\t"', 1, "campuses.0.clusters.0.power_domains.0.name", "whitespace"),
+    ('name = "sj-a-pd1"', 'name = "sj\\u0000pd1"', 1, "campuses.0.clusters.0.power_domains.0.name", "control"),
+    ('name = "sj-a-pd1"', f'name = "{"p" * 201}"', 1, "campuses.0.clusters.0.power_domains.0.name", "longer than"),
+    # absurd values
+    ("machines = 400", "machines = 0", 1, "campuses.0.clusters.0.power_domains.0.machines", "greater than or equal"),
+    ("machines = 400", "machines = -3", 1, "campuses.0.clusters.0.power_domains.0.machines", "greater than or equal"),
+    ("machines = 400", "machines = 1000001", 1, "campuses.0.clusters.0.power_domains.0.machines", "less than or"),
+    ("machines = 400", "machines = " + "9" * 400, 1, "campuses.0.clusters.0.power_domains.0.machines", ""),
+    ("spec_row = 12", "spec_row = -1", 1, "campuses.0.clusters.0.power_domains.0.spec_row", "greater than or"),
+    ("contract_limit_kw = 850.0", "contract_limit_kw = 0.0", 1, "campuses.0.contract_limit_kw", "greater than 0"),
+    ("contract_limit_kw = 850.0", "contract_limit_kw = -5.0", 1, "campuses.0.contract_limit_kw", "greater than 0"),
+    ("contract_limit_kw = 850.0", "contract_limit_kw = 1e12", 1, "campuses.0.contract_limit_kw", "less than or"),
+    ("contract_limit_kw = 850.0", "contract_limit_kw = nan", 1, "campuses.0.contract_limit_kw", "finite"),
+    ("contract_limit_kw = 850.0", "contract_limit_kw = inf", 1, "campuses.0.contract_limit_kw", "finite"),
+    ("inflexible_peak_share = 0.55", "inflexible_peak_share = 1.5", 1,
+     "campuses.0.clusters.0.inflexible_peak_share", "less than or equal to 0.9"),
+    ("inflexible_peak_share = 0.55", "inflexible_peak_share = 0", 1,
+     "campuses.0.clusters.0.inflexible_peak_share", "greater than 0"),
+    ("flexible_mean_share = 0.20", "flexible_mean_share = -0.1", 1,
+     "campuses.0.clusters.0.flexible_mean_share", "greater than 0"),
+    ("flexible_mean_share = 0.20", "flexible_mean_share = nan", 1,
+     "campuses.0.clusters.0.flexible_mean_share", "finite"),
+    ("reservation_ratio = 1.35", "reservation_ratio = 0.5", 1,
+     "campuses.0.clusters.0.reservation_ratio", "greater than or equal to 1"),
+    ("reservation_ratio = 1.35", "reservation_ratio = 40", 1,
+     "campuses.0.clusters.0.reservation_ratio", "less than or equal to 3"),
+    ("history_days = 365", "history_days = 0", 1, "history_days", "greater than or equal to 7"),
+    ("history_days = 365", "history_days = 100000", 1, "history_days", "less than or equal to 3660"),
+    ('history_start = "2022-01-01"', 'history_start = "1066-10-14"', 1, "history_start", "outside"),
+    ('history_start = "2022-01-01"', 'history_start = "soon"', 1, "history_start", "not a date"),
+    ('default_plan_date = "2022-06-15"', 'default_plan_date = "9999-06-15"', 1, "default_plan_date", "outside"),
+]
+
+
+@pytest.mark.parametrize("old, new, count, field, words", BAD_FLEETS, ids=[f"{b[3]}:{b[1][:30]}" for b in BAD_FLEETS])
+def test_a_bad_fleet_is_refused_naming_its_field(tmp_path, old, new, count, field, words):
+    text = _demo_text()
+    assert old in text, f"the demo fleet changed: {old!r} is gone"
+    path = tmp_path / "fleet.toml"
+    path.write_text(text.replace(old, new, count))
+    with pytest.raises(InputError) as err:
+        load_fleet(path)
+    assert err.value.field == field, str(err.value)
+    assert words in err.value.message
+
+
+def test_repeated_power_domains_are_refused_without_a_telemetry_table_too(tmp_path):
+    """The silent wrong plan of issue 20: two clusters sharing a domain name shared its power telemetry."""
+    path = tmp_path / "fleet.toml"
+    path.write_text(_demo_text().replace('name = "sj-b-pd1"', 'name = "sj-a-pd1"', 1))
+    with pytest.raises(InputError, match="power domain 'sj-a-pd1' of cluster 'sj-b' is also in cluster 'sj-a'"):
+        load_fleet(path)
+
+
+def test_the_demo_and_scale_fleets_stay_valid(tmp_path):
+    from cicm.demo.scale_fleet import scale_fleet, write_fleet_toml
+
+    demo = load_fleet()
+    assert len(demo.clusters()) >= 8
+    big = scale_fleet(300, seed=1)
+    assert len(big.clusters()) == 300
+    again = load_fleet(write_fleet_toml(big, tmp_path / "scale.toml"))
+    assert again.power_domains_by_cluster() == big.power_domains_by_cluster()

@@ -15,22 +15,28 @@ def _show(items: Sequence[Any], limit: int = 5) -> str:
     return shown + (f", ... ({len(items)} in total)" if len(items) > limit else "")
 
 
+def _clip(value: Any, limit: int = 60) -> str:
+    """repr of a wire value, cut short: a hostile 400-digit number must not flood the message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def parse_utc_timestamp(value: Any, field: str) -> pd.Timestamp:
     """One ISO-8601 timestamp with an explicit offset -> tz-aware UTC Timestamp (ns)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise InputError(field, "missing timestamp")
     try:
         ts = pd.Timestamp(value)
-    except (ValueError, TypeError) as exc:
-        raise InputError(field, f"unparseable timestamp {value!r}") from exc
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InputError(field, f"unparseable timestamp {_clip(value)}") from exc
     if ts is pd.NaT:
-        raise InputError(field, f"unparseable timestamp {value!r}")
+        raise InputError(field, f"unparseable timestamp {_clip(value)}")
     if ts.tzinfo is None:
-        raise InputError(field, f"naive timestamp {value!r}: an explicit UTC offset is required")
+        raise InputError(field, f"naive timestamp {_clip(value)}: an explicit UTC offset is required")
     try:
         return ts.tz_convert("UTC").as_unit("ns")
     except (ValueError, OverflowError) as exc:  # OutOfBoundsDatetime is a ValueError
-        raise InputError(field, f"timestamp out of range {value!r}") from exc
+        raise InputError(field, f"timestamp out of range {_clip(value)}") from exc
 
 
 def parse_utc_timestamps(values: Iterable[Any], field: str) -> pd.DatetimeIndex:
@@ -42,7 +48,7 @@ def parse_utc_timestamps(values: Iterable[Any], field: str) -> pd.DatetimeIndex:
         try:
             parsed.append(parse_utc_timestamp(value, field))
         except InputError as exc:
-            (naive if "naive" in exc.message else bad).append(f"#{i}={value!r}")
+            (naive if "naive" in exc.message else bad).append(f"#{i}={_clip(value)}")
     if naive:
         raise InputError(field, f"naive timestamp(s) without UTC offset: {_show(naive)}")
     if bad:
@@ -51,17 +57,23 @@ def parse_utc_timestamps(values: Iterable[Any], field: str) -> pd.DatetimeIndex:
 
 
 def parse_float_values(values: Iterable[Any], field: str) -> np.ndarray:
-    """Numbers (or JSON null -> NaN, checked later by validation) -> float64 array. Strings/bools/objects raise."""
-    out, bad = [], []
+    """Numbers (or JSON null -> NaN, checked later by validation) -> float64 array. Strings/bools/objects raise,
+    and so do integers too large for a float (a hostile 400-digit one), named."""
+    out, bad, huge = [], [], []
     for i, value in enumerate(values):
         if value is None:
             out.append(float("nan"))
         elif isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            bad.append(f"#{i}={value!r}")
+            bad.append(f"#{i}={_clip(value)}")
         else:
-            out.append(float(value))
+            try:
+                out.append(float(value))
+            except OverflowError:
+                huge.append(f"#{i}={_clip(value)}")
     if bad:
         raise InputError(field, f"non-numeric value(s): {_show(bad)}")
+    if huge:
+        raise InputError(field, f"number(s) out of range (too large for a float): {_show(huge)}")
     return np.asarray(out, dtype="float64")
 
 
@@ -75,8 +87,13 @@ def require_key(obj: Any, key: str, where: str) -> Any:
     return obj[key]
 
 
-def require_list(obj: Any, key: str, where: str = "") -> list:
+def require_list(obj: Any, key: str, where: str = "", *, nonempty: bool = False) -> list:
+    """obj[key] as a list; with ``nonempty`` an empty one raises InputError saying "empty" (not a later, misleading
+    complaint about the empty frame's timestamps)."""
     value = require_key(obj, key, where)
+    field = f"{where}.{key}" if where else key
     if not isinstance(value, list):
-        raise InputError(f"{where}.{key}" if where else key, f"expected a list, got {type(value).__name__}")
+        raise InputError(field, f"expected a list, got {type(value).__name__}")
+    if nonempty and not value:
+        raise InputError(field, "empty list in provider response: no points to read")
     return value

@@ -58,7 +58,7 @@ def parse_forecast_payload(payload: object, *, zone: str) -> pd.DataFrame:
     if not isinstance(payload, dict):
         raise InputError("forecast", f"expected a JSON object, got {type(payload).__name__}")
     _check_zone(payload, zone)
-    entries = require_list(payload, "forecast")
+    entries = require_list(payload, "forecast", nonempty=True)
     issued_at = parse_utc_timestamp(require_key(payload, "updatedAt", ""), "issued_at")
     cols = _points(entries, "forecast", ("datetime", "carbonIntensity"))
     return make_forecast_frame(
@@ -75,7 +75,7 @@ def parse_history_payload(payload: object, *, zone: str) -> pd.DataFrame:
     if not isinstance(payload, dict):
         raise InputError("history", f"expected a JSON object, got {type(payload).__name__}")
     _check_zone(payload, zone)
-    entries = require_list(payload, "history")
+    entries = require_list(payload, "history", nonempty=True)
     cols = _points(entries, "history", ("datetime", "carbonIntensity", "updatedAt"))
     return make_forecast_frame(
         zone=zone,

@@ -10,11 +10,13 @@ says how that session is built:
 * every other 4xx (401, 403, 404, ...) fails at once;
 * failures become :class:`~cicm.errors.ProviderError` carrying the last HTTP status (None for transport errors)
   and naming the URL;
-* a 2xx with an empty or non-JSON body is a ProviderError too (the caller checks the JSON's fields).
+* a 2xx with an empty or non-JSON body is a ProviderError too (the caller checks the JSON's fields);
+* so is a body larger than ``max_bytes`` (20 MB: :data:`cicm.jsonsafe.MAX_BYTES`; the body is streamed and the read
+  stops there), nested deeper than 64, or holding a number no reading has (a 400-digit integer, ``1e400``):
+  :func:`cicm.jsonsafe.loads_bounded` parses it, and its refusal names the field (``response body``).
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -22,6 +24,7 @@ from typing import Any, Callable, Mapping
 import requests
 
 from cicm.errors import ProviderError
+from cicm.jsonsafe import MAX_BYTES, JSONRejected, loads_bounded
 from cicm.httpclient import (
     RETRY_STATUSES, attempts_made, make_session, retry_after_s, session_max_attempts, session_timeout_s,
     transport_problem)
@@ -66,15 +69,43 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def decode_json(response: requests.Response, provider: str) -> Any:
-    """Body of a 2xx response as JSON; empty or malformed bodies raise ProviderError naming the URL."""
-    body = response.content
+def read_bounded(response: requests.Response, provider: str, max_bytes: int = MAX_BYTES, *,
+                 truncate: bool = False) -> bytes:
+    """The body of ``response`` (streamed or not), or ProviderError once it passes ``max_bytes`` (with
+    ``truncate``: its first ``max_bytes``, for an error page)."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        for chunk in response.iter_content(chunk_size=64 * 1024):
+            size += len(chunk)
+            if size > max_bytes and truncate:
+                chunks.append(chunk[:max_bytes - size])
+                break
+            if size > max_bytes:
+                raise ProviderError(provider, f"response body: larger than the {max_bytes:,}-byte limit from "
+                                              f"{response.url}", response.status_code)
+            chunks.append(chunk)
+    except requests.RequestException as exc:
+        raise ProviderError(provider, f"response body: reading from {response.url} failed: {exc}",
+                            response.status_code) from exc
+    finally:
+        response.close()
+    return b"".join(chunks)
+
+
+def decode_json(response: requests.Response, provider: str, max_bytes: int = MAX_BYTES) -> Any:
+    """Body of a 2xx response as JSON; empty, too large, too deep or malformed bodies raise ProviderError naming
+    the field (``response body``) and the URL."""
+    body = read_bounded(response, provider, max_bytes)
     if not body or not body.strip():
         raise ProviderError(provider, f"empty response body from {response.url}", response.status_code)
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProviderError(provider, f"malformed JSON from {response.url}: {exc}", response.status_code) from exc
+        return loads_bounded(body, "response body", max_bytes=max_bytes)
+    except JSONRejected as exc:
+        message = exc.message.replace("malformed JSON", "malformed JSON from " + str(response.url))
+        if "malformed JSON" not in exc.message:
+            message = f"{message} (from {response.url})"
+        raise ProviderError(provider, f"{exc.field}: {message}", response.status_code) from exc
 
 
 def get_json(
@@ -91,7 +122,7 @@ def get_json(
     Raises ProviderError on failure: the status and body of the last response, or the transport problem.
     """
     try:
-        response = session.get(url, params=params, headers=headers, auth=auth)
+        response = session.get(url, params=params, headers=headers, auth=auth, stream=True)
     except requests.RequestException as exc:
         problem = transport_problem(exc, session_timeout_s(session, url))
         attempts = session_max_attempts(session, url) or 1
@@ -99,7 +130,8 @@ def get_json(
     status = response.status_code
     if 200 <= status < 300:
         return decode_json(response, provider)
-    problem = f"GET {response.url} failed: {_short(response.text)}"
+    body = read_bounded(response, provider, 64 * 1024, truncate=True)  # an error page: its start says why
+    problem = f"GET {response.url} failed: {_short(body.decode('utf-8', 'replace'))}"
     attempts = attempts_made(response)
     if attempts > 1:
         problem = f"giving up after {attempts} attempt(s): {problem}"

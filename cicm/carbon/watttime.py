@@ -69,7 +69,7 @@ def parse_forecast_payload(payload: object, *, region: str) -> pd.DataFrame:
     if got_region != region:
         raise InputError("zone", f"asked WattTime for region {region!r}, response is for {got_region!r}")
     issued_at = parse_utc_timestamp(require_key(meta, "generated_at", "meta"), "issued_at")
-    points = require_list(payload, "data")
+    points = require_list(payload, "data", nonempty=True)
     times = [require_key(p, "point_time", f"data[{i}]") for i, p in enumerate(points)]
     values = [require_key(p, "value", f"data[{i}]") for i, p in enumerate(points)]
     return make_forecast_frame(

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from cicm.errors import InputError
+from cicm.jsonsafe import MAX_BYTES, JSONRejected, loads_bounded
 
 
 class PlanUnavailable(RuntimeError):
@@ -326,12 +327,15 @@ class FilePlanSource:
         return f"plan file {self.path}"
 
     def read(self) -> list[DayPlan]:
-        try:
-            raw = json.loads(self.path.read_text())
+        try:  # bounded: a hostile file (huge, 200,000 brackets deep, a 400-digit number) is refused, named
+            with self.path.open("rb") as fh:
+                raw = loads_bounded(fh.read(MAX_BYTES + 1), "plan file")
         except FileNotFoundError as exc:
             raise PlanUnavailable(f"plan file {self.path} not found") from exc
-        except (OSError, json.JSONDecodeError) as exc:
+        except OSError as exc:
             raise PlanUnavailable(f"plan file {self.path}: {exc}") from exc
+        except JSONRejected as exc:
+            raise PlanUnavailable(f"plan file {self.path}: {exc.field}: {exc.message}") from exc
         docs = raw if isinstance(raw, list) else [raw]
         try:
             plans = [parse_plan_document(d, f"plan file {self.path}") for d in docs]
