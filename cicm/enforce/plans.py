@@ -13,6 +13,8 @@ retries a locked file for ``cicm.store.core.LOCK_RETRY_SECONDS`` first). The SQL
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from dataclasses import dataclass, field
@@ -130,6 +132,7 @@ class StorePlanSource:
                 found = agent.plan_dates_covering(store, self.cluster, hour)
                 newest_date = agent.newest_plan_date(store, self.cluster)
                 plan = self._read(store, found["plan_date"].iloc[0]) if not found.empty else None
+                plan = self._with_operator_pause(store, plan)
                 newest = None
                 if newest_date is not None and not pd.isna(newest_date):
                     newest_date = pd.Timestamp(newest_date).date()
@@ -141,6 +144,16 @@ class StorePlanSource:
                 return PlanLookup(cached[0], note=f"store unreadable ({_short(exc)}); using the plan read before")
             raise PlanUnavailable(f"store {self.path}: {_short(exc)}") from exc
         return PlanLookup(plan, newest)
+
+    def _with_operator_pause(self, store, plan: DayPlan | None) -> DayPlan | None:
+        """The plan, or a fallback with the operator's reason when shaping of the cluster is paused on its day
+        (``cicm shaping pause``): the agent then lifts the caps at this pass, whatever the stored plan says."""
+        from cicm.store import operator
+
+        if plan is None or plan.status != "shaped":
+            return plan
+        reason = operator.pause_in_force(store, self.cluster, plan.plan_date)
+        return plan if reason is None else dataclasses.replace(plan, status="fallback", reason=reason)
 
     def carbon_forecast(self, hours: pd.DatetimeIndex, issued_before: pd.Timestamp) -> pd.Series | None:
         """The newest carbon forecast vintage issued by ``issued_before`` for ``hours`` (NaN where there is none),
