@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cicm.planning.options import PlanOptions
-from cicm.clikit import db_option, exit_degraded_unless, fail, fleet_option, use_exit_code_table
+from cicm.clikit import db_option, exit_degraded_unless, fail, fleet_option, interruptible, use_exit_code_table
 from cicm.errors import InputError, ProviderError
 from cicm.paths import default_db_path
 from cicm.timeutil import parse_plan_date
@@ -41,6 +41,9 @@ def _mount_subcommands() -> None:
     app.add_typer(dashboard_app, name="dashboard", help="The operators' web dashboard.")
     app.add_typer(agent_app, name="agent", help="The enforcement agent: applies the VCC hourly via the ecovisor.")
     app.add_typer(slo_app, name="slo", help="The SLO feedback loop: violations and shaping state.")
+    from cicm.planning.shaping_cli import shaping_app
+
+    app.add_typer(shaping_app, name="shaping", help="Operator controls: pause and resume shaping.")
     app.command("backtest")(backtest_command)
     app.add_typer(__import__("cicm.data.retention", fromlist=["store_app"]).store_app, name="store", help="The store: size, compaction of cold history to Parquet.")
 
@@ -131,7 +134,7 @@ def plan(
         options.validate()
         from cicm.stdio import stdout_to_stderr
 
-        with stdout_to_stderr(as_json):
+        with interruptible(), stdout_to_stderr(as_json):  # SIGTERM/SIGINT: rolled back, recorded, exit 2
             outcome = run_nightly_plan(plan_date, db or default_db_path(), fleet, options)
     except (InputError, ProviderError) as exc:
         fail(exc)

@@ -13,9 +13,11 @@ document.
 """
 from __future__ import annotations
 
+import signal
 import sys
+from contextlib import contextmanager
 from enum import IntEnum
-from typing import Any, NoReturn
+from typing import Any, Iterator, NoReturn
 
 import typer
 
@@ -64,3 +66,35 @@ def use_exit_code_table() -> None:
         except ImportError:
             continue
         module.UsageError.exit_code = int(ExitCode.BAD_INPUT)
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived (raised by ``interruptible``'s handler). A BaseException, so that no ``except
+    Exception`` fallback swallows it: it unwinds to the store's run, which rolls back and records the run as
+    failed with "Interrupted: interrupted by SIGTERM"."""
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """The one place that handles SIGTERM and SIGINT for the commands that write runs (`cicm plan`, `cicm carbon
+    fetch`): the first signal raises ``Interrupted`` in the main thread; the transaction open at that point rolls
+    back and the run is recorded with the reason; the command then exits 2 (degraded) with one error line. Further
+    signals are ignored while that cleanup runs (SIGKILL still ends the process; the next writer then marks the
+    run abandoned)."""
+    signals = (signal.SIGTERM, signal.SIGINT)
+    received: list[str] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        if received:
+            return
+        received.append(signal.Signals(signum).name)
+        raise Interrupted(f"interrupted by {received[0]}")
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    except Interrupted as exc:
+        fail(str(exc), ExitCode.DEGRADED)
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)

@@ -110,12 +110,14 @@ def test_a_version_1_file_is_migrated_and_keeps_its_rows(db_path):
     con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
     for cluster, reason in (("a", "low-benefit: 0.4% (perfect 1.6%): below the 3% needed"), ("b", None),
                             ("c", "too-full")):
+        con.execute("INSERT OR IGNORE INTO runs (run_id, kind, started_at, status) VALUES "
+                    "('r1', 'plan', now(), 'ok')")
         con.execute("INSERT INTO vcc_status (run_id, plan_date, cluster, campus, status, reason) VALUES "
                     "('r1', DATE '2022-06-15', ?, 'x', 'fallback', ?)", [cluster, reason])
         con.execute("INSERT INTO current_plans VALUES ('r1', DATE '2022-06-15', ?)", [cluster])
     con.close()
     with Store(db_path) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 2
+        assert store.schema_version() == SCHEMA_VERSION
         rows = store.query("SELECT cluster, reason, reason_code, reason_detail FROM current_vcc_status"
                            " ORDER BY cluster").set_index("cluster")
     assert rows.loc["a", "reason_code"] == "low-benefit"
@@ -219,3 +221,79 @@ def test_dashboard_reads_take_the_dashboards_reading(db_path):
         runs = dashboard.runs(reading)
         forecast = dashboard.newest_carbon_forecast(reading, "CISO", HOUR, HOUR + pd.Timedelta(days=1))
     assert runs["kind"].tolist() == ["fetch"] and len(forecast) == 24
+
+
+def _version_2_file(db_path) -> None:
+    """A file as version-2 code left it: a plan run 'p1' (ok) in force for cluster a, then a plan run 'p2' killed
+    after its data committed and before its status did ('running', owning the plan in force of a and b)."""
+    from cicm.store.core import MIGRATIONS, SCHEMA_V1
+
+    con = duckdb.connect(str(db_path))
+    con.execute(SCHEMA_V1)
+    con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    con.execute(MIGRATIONS[2])
+    con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    for run_id, status, started in (("p1", "ok", "2022-06-14 01:00"), ("p2", "running", "2022-06-15 01:00"),
+                                    ("agent-1", "running", "2022-06-15 02:00")):
+        kind = "agent" if run_id.startswith("agent") else "plan"
+        con.execute("INSERT INTO runs (run_id, kind, started_at, status) VALUES (?, ?, ?, ?)",
+                    [run_id, kind, pd.Timestamp(started, tz="UTC"), status])
+    for run_id, cluster in (("p1", "a"), ("p2", "a"), ("p2", "b")):
+        con.execute("INSERT INTO vcc_status (run_id, plan_date, cluster, campus, status) VALUES "
+                    "(?, DATE '2022-06-15', ?, 'x', 'shaped')", [run_id, cluster])
+    con.execute("INSERT INTO current_plans VALUES ('p2', DATE '2022-06-15', 'a'), ('p2', DATE '2022-06-15', 'b')")
+    con.close()
+
+
+def test_a_version_2_file_migrates_and_its_stuck_runs_are_abandoned(db_path):
+    """Issue 20, item 2: version 3 records each run's writer (pid, hostname); migrating a version-2 file abandons
+    the runs earlier code left 'running' (not the agent's), and the plan in force goes back to the newest
+    succeeded plan run (or none)."""
+    _version_2_file(db_path)
+    with Store(db_path) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        assert {"pid", "hostname"} <= set(store.columns("runs"))
+        runs = store.query("SELECT run_id, status, message FROM runs").set_index("run_id")
+        current = store.query("SELECT run_id, cluster FROM current_plans ORDER BY cluster")
+        shown = store.query("SELECT run_id, cluster FROM current_vcc_status ORDER BY cluster")
+        assert store.plans_of_unsucceeded_runs().empty
+    assert runs.loc["p2", "status"] == "abandoned" and "earlier version" in runs.loc["p2", "message"]
+    assert runs.loc["p1", "status"] == "ok" and runs.loc["agent-1", "status"] == "running"
+    assert current.values.tolist() == [["p1", "a"]]  # b had no succeeded plan: none in force
+    assert shown.values.tolist() == [["p1", "a"]]
+
+
+def test_runs_of_dead_processes_are_abandoned_live_ones_kept(db_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    with Store(db_path) as store:
+        mine = store.begin_run("plan")
+        other = store.begin_run("carbon-fetch")
+        store.con.execute("UPDATE runs SET pid = ? WHERE run_id = ?", [dead_pid, other])
+    with Store(db_path) as store:  # reopening for writing: the dead writer's run is abandoned, with the reason
+        runs = store.query("SELECT run_id, status, message, pid, hostname FROM runs").set_index("run_id")
+    assert runs.loc[mine, "status"] == "running"  # this (live) process's run is not touched
+    assert runs.loc[mine, "pid"] == os.getpid() and runs.loc[mine, "hostname"] == socket.gethostname()
+    assert runs.loc[other, "status"] == "abandoned"
+    assert f"process {dead_pid} on {socket.gethostname()} is gone" in runs.loc[other, "message"]
+    with Store(db_path, read_only=True) as store:  # a reader changes nothing
+        assert store.query("SELECT count(*) AS n FROM runs WHERE status = 'running'")["n"].iloc[0] == 1
+
+
+def test_a_runs_status_commits_with_its_data(db_path):
+    """The final status is written inside the run's transaction: a failure at commit time leaves neither the
+    data nor an 'ok' status; a success lands both at once."""
+    with Store(db_path) as store:
+        with store.run("fetch") as run:
+            store.write_carbon_forecast(forecast_rows(100.0), run.run_id)
+            inside = store.query("SELECT status FROM runs WHERE run_id = ?", [run.run_id])["status"].iloc[0]
+        after = store.query("SELECT status, finished_at FROM runs WHERE run_id = ?", [run.run_id]).iloc[0]
+        failed = store.failed_run("fetch", {}, None, RuntimeError("no"))
+        row = store.query("SELECT status, message, finished_at, pid FROM runs WHERE run_id = ?", [failed]).iloc[0]
+    assert inside == "running" and after["status"] == "ok" and not pd.isna(after["finished_at"])
+    assert row["status"] == "failed" and row["message"] == "RuntimeError: no" and not pd.isna(row["finished_at"])

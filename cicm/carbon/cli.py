@@ -8,7 +8,7 @@ from typing import Optional
 import pandas as pd
 import typer
 
-from cicm.clikit import fail
+from cicm.clikit import fail, interruptible
 from cicm.carbon.providers import PROVIDERS, fetch_forecast
 from cicm.carbon.validate import format_time, require_utc_timestamp
 from cicm.errors import InputError, ProviderError
@@ -80,15 +80,10 @@ def store_forecast(db: Path, fetch, params: dict) -> tuple[pd.DataFrame, str]:
     """Fetch inside a store run, so a failed fetch is recorded as a failed run with its reason."""
     from cicm.store import Store
 
-    with Store(db) as st:
-        run_id = st.begin_run("carbon-fetch", params)
-        try:
-            frame = fetch()
-            st.write_carbon_forecast(frame, run_id)  # one INSERT: all rows or none
-        except BaseException as exc:
-            st.finish_run(run_id, "failed", message=f"{type(exc).__name__}: {exc}")
-            raise
-        st.finish_run(run_id, "ok")
+    with Store(db) as st, st.run("carbon-fetch", params) as run:  # the status commits with the rows
+        frame = fetch()
+        st.write_carbon_forecast(frame, run.run_id)  # one INSERT: all rows or none
+        run_id = run.run_id
     return frame, run_id
 
 
@@ -124,7 +119,8 @@ def fetch(
         params = {"provider": provider, "zone": zone, "start": str(window_start), "end": str(window_end),
                   "now": str(now_ts), "seed": seed, "base_url": base_url, "csv": str(csv) if csv else None}
         if db is not None:
-            frame, run_id = store_forecast(db, do_fetch, params)
+            with interruptible():  # SIGTERM/SIGINT: rolled back, recorded, exit 2
+                frame, run_id = store_forecast(db, do_fetch, params)
         else:
             frame, run_id = do_fetch(), None
     except (InputError, ProviderError) as exc:

@@ -16,6 +16,8 @@ callers. `cicm.data.store` is an alias of this module.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import time
 import uuid
@@ -34,7 +36,7 @@ from cicm.errors import InputError
 from cicm.reasons import split_reason
 from cicm.paths import REPO_ROOT, default_db_path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -126,7 +128,41 @@ UPDATE vcc_status SET reason_code = CASE WHEN reason IS NULL OR reason = '' THEN
 CREATE OR REPLACE VIEW current_vcc_status AS
     SELECT v.* FROM vcc_status v JOIN current_plans c USING (run_id, plan_date, cluster);
 """,
+    # The writer of each run (pid, hostname), so that a later writer can tell a run whose process died (marked
+    # 'abandoned', see Store.abandon_dead_runs) from a live one. The views show only plans of succeeded runs.
+    # Runs left 'running' by earlier code (no pid to check) are abandoned here, once; the agent's long-lived run
+    # is not (its process does not hold the file).
+    3: """
+ALTER TABLE runs ADD COLUMN pid INTEGER;
+ALTER TABLE runs ADD COLUMN hostname VARCHAR;
+UPDATE runs SET status = 'abandoned', finished_at = now(),
+                message = 'abandoned: left running by an earlier version of cicm; its process no longer holds the store'
+    WHERE status = 'running' AND kind <> 'agent';
+CREATE OR REPLACE VIEW current_vccs AS
+    SELECT v.* FROM vccs v JOIN current_plans c USING (run_id, plan_date, cluster)
+    WHERE c.run_id IN (SELECT run_id FROM runs WHERE status IN ('ok', 'degraded'));
+CREATE OR REPLACE VIEW current_vcc_status AS
+    SELECT v.* FROM vcc_status v JOIN current_plans c USING (run_id, plan_date, cluster)
+    WHERE c.run_id IN (SELECT run_id FROM runs WHERE status IN ('ok', 'degraded'));
+""",
 }
+
+# The plan in force for a (day, cluster) whose run did not succeed (a run abandoned by earlier code, which wrote
+# its status after its data) goes back to the newest succeeded plan run that planned it, or is dropped.
+REPOINT_PLANS = """
+CREATE OR REPLACE TEMP TABLE _repoint AS
+    SELECT c.plan_date, c.cluster,
+           (SELECT s.run_id FROM vcc_status s JOIN runs r USING (run_id)
+             WHERE s.plan_date = c.plan_date AND s.cluster = c.cluster AND r.kind = 'plan'
+               AND r.status IN ('ok', 'degraded')
+             ORDER BY r.started_at DESC LIMIT 1) AS run_id
+    FROM current_plans c WHERE c.run_id NOT IN (SELECT run_id FROM runs WHERE status IN ('ok', 'degraded'));
+UPDATE current_plans c SET run_id = p.run_id FROM _repoint p
+    WHERE p.plan_date = c.plan_date AND p.cluster = c.cluster AND p.run_id IS NOT NULL;
+DELETE FROM current_plans c WHERE EXISTS (SELECT 1 FROM _repoint p
+    WHERE p.plan_date = c.plan_date AND p.cluster = c.cluster AND p.run_id IS NULL);
+DROP TABLE _repoint;
+"""
 
 # table -> primary key columns; writes replace rows with the same key (upsert).
 TABLE_KEYS: dict[str, tuple[str, ...]] = {
@@ -180,6 +216,30 @@ def _connect_with_retry(path: Path, read_only: bool) -> duckdb.DuckDBPyConnectio
             time.sleep(0.1)
 
 
+def failure_message(exc: BaseException) -> str:
+    """A failed run's message. A termination signal reads "Interrupted: interrupted by SIGTERM" whether our
+    handler (cicm.clikit.interruptible) or Prefect's, in force during a flow run (its TerminationSignal), raised."""
+    sig = getattr(exc, "signal", None)
+    if type(exc).__name__ == "TerminationSignal" and isinstance(sig, int):
+        import signal
+
+        return f"Interrupted: interrupted by {signal.Signals(sig).name}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    except OSError:
+        return False
+    return True
+
+
 @dataclass
 class RunRecord:
     run_id: str
@@ -202,6 +262,8 @@ class Store:
         if not read_only:
             self._migrate()
         self._check_version()
+        if not read_only:
+            self.abandon_dead_runs()
 
     @contextmanager
     def released(self) -> Iterator[Path]:
@@ -252,16 +314,22 @@ class Store:
         return int(self.con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
 
     # -- runs and transactions ----------------------------------------------------------------------------
-    def begin_run(self, kind: str, params: dict | None = None, plan_date: date | None = None) -> str:
+    def begin_run(self, kind: str, params: dict | None = None, plan_date: date | None = None,
+                   status: str = "running", message: str | None = None) -> str:
+        """Record a run, with this process's pid and hostname (``abandon_dead_runs`` checks them)."""
         run_id = new_run_id(kind)
         self.con.execute(
-            "INSERT INTO runs (run_id, kind, plan_date, started_at, status, params, code_version)"
-            " VALUES (?, ?, ?, now(), 'running', ?, ?)",
-            [run_id, kind, plan_date, json.dumps(params or {}, default=str), code_version()],
+            "INSERT INTO runs (run_id, kind, plan_date, started_at, finished_at, status, params, code_version,"
+            " message, pid, hostname)"
+            " VALUES (?, ?, ?, now(), CASE WHEN ? = 'running' THEN NULL ELSE now() END, ?, ?, ?, ?, ?, ?)",
+            [run_id, kind, plan_date, status, status, json.dumps(params or {}, default=str), code_version(), message,
+             os.getpid(), socket.gethostname()],
         )
         return run_id
 
     def finish_run(self, run_id: str, status: str, message: str | None = None, summary: dict | None = None):
+        """Set a run's final status. Inside the transaction that holds the run's data (``Store.run`` does so),
+        the status lands with the data or not at all."""
         self.con.execute(
             "UPDATE runs SET finished_at = now(), status = ?, message = ?, summary = ? WHERE run_id = ?",
             [status, message, json.dumps(summary, default=str) if summary is not None else None, run_id],
@@ -278,25 +346,62 @@ class Store:
         self.con.execute("COMMIT")
 
     def failed_run(self, kind: str, params: dict | None, plan_date: date | None, exc: BaseException) -> str:
-        """Record a run that failed before it could write anything."""
-        run_id = self.begin_run(kind, params, plan_date)
-        self.finish_run(run_id, "failed", f"{type(exc).__name__}: {exc}")
-        return run_id
+        """Record a run that failed before it could write anything (one statement: never left 'running')."""
+        return self.begin_run(kind, params, plan_date, status="failed", message=failure_message(exc))
 
     @contextmanager
     def run(self, kind: str, params: dict | None = None, plan_date: date | None = None) -> Iterator["RunRecord"]:
         """Record a run and make its writes one transaction. On error: writes rolled back, run 'failed'.
 
-        The caller may set `status` (e.g. 'degraded') and `summary` on the yielded record before the block ends.
+        The run is recorded 'running' first (committed, so that a run that dies is still seen: the next writer
+        marks it 'abandoned'); its final status is written in the transaction of its data, so data never lands
+        under a run that is not finished. The caller may set `status` (e.g. 'degraded') and `summary` on the
+        yielded record before the block ends.
         """
         record = RunRecord(self.begin_run(kind, params, plan_date))
         try:
             with self.transaction():
                 yield record
+                self.finish_run(record.run_id, record.status, record.message, record.summary)
         except BaseException as exc:
-            self.finish_run(record.run_id, "failed", f"{type(exc).__name__}: {exc}")
+            self.finish_run(record.run_id, "failed", failure_message(exc))
             raise
-        self.finish_run(record.run_id, record.status, record.message, record.summary)
+
+    def abandon_dead_runs(self) -> list[str]:
+        """Mark as 'abandoned', with the reason, every run left 'running' by a process that is gone; point any
+        plan in force that does not belong to a succeeded run back at the newest succeeded one. Called when the
+        store is opened for writing. A run of a live process (this host, pid alive) is not touched; runs without
+        a pid (the agent's long-lived run) neither. A run of another host is abandoned: this process holds the
+        file's write lock, and a run's writer holds it from its begin to its end. Returns the abandoned runs."""
+        rows = self.con.execute(
+            "SELECT run_id, pid, hostname FROM runs WHERE status = 'running' AND pid IS NOT NULL").fetchall()
+        here, me = socket.gethostname(), os.getpid()
+        gone: list[tuple[str, str]] = []
+        for run_id, pid, host in rows:
+            if host == here:
+                if pid == me or _pid_alive(pid):
+                    continue
+                why = f"abandoned: its process {pid} on {host} is gone (found by process {me} opening the store)"
+            else:
+                why = (f"abandoned: its process {pid} on {host} no longer holds the store (found by process {me} on"
+                       f" {here} opening it for writing)")
+            gone.append((run_id, why))
+        if not gone and self.plans_of_unsucceeded_runs().empty:
+            return []
+        with self.transaction():
+            for run_id, why in gone:
+                self.con.execute("UPDATE runs SET status = 'abandoned', finished_at = now(), message = ?"
+                                 " WHERE run_id = ? AND status = 'running'", [why, run_id])
+            if not self.plans_of_unsucceeded_runs().empty:
+                self.con.execute(REPOINT_PLANS)
+        return [r for r, _ in gone]
+
+    def plans_of_unsucceeded_runs(self) -> pd.DataFrame:
+        """The invariant check: plans in force (``current_plans``) whose run is not a succeeded one (status ok or
+        degraded). Always empty. Columns: run_id, plan_date, cluster, status (null: no such run)."""
+        return self.query(
+            "SELECT c.run_id, c.plan_date, c.cluster, r.status FROM current_plans c LEFT JOIN runs r USING (run_id)"
+            " WHERE r.status IS NULL OR r.status NOT IN ('ok', 'degraded')")
 
     # -- generic writes -----------------------------------------------------------------------------------
     def upsert(self, table: str, frame: pd.DataFrame, run_id: str) -> int:
@@ -356,7 +461,7 @@ class Store:
     # -- named reads (the SQL lives in the consumer modules; these delegate) ------------------------------
     def runs(self, limit: int = 50) -> pd.DataFrame:
         """The newest runs first. Columns: the runs table's (run_id, kind, plan_date, started_at, finished_at,
-        status, params, code_version, message, summary)."""
+        status, params, code_version, message, summary, pid, hostname)."""
         return self.query("SELECT * FROM runs ORDER BY started_at DESC LIMIT ?", [limit])
 
     def has_table(self, name: str) -> bool:
