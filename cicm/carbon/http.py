@@ -5,8 +5,12 @@ says how that session is built:
 
 * timeouts, connection errors and HTTP 429/5xx are retried, at most ``max_attempts`` requests in all;
 * the delay before retry *n* is ``backoff_base_s * 2**(n-1)``, capped at ``backoff_max_s``;
-* HTTP 429 waits for the server's ``Retry-After`` (seconds or an HTTP date), capped at ``retry_after_cap_s``;
-  without a usable header the exponential back-off is used;
+* HTTP 429 waits for the server's ``Retry-After`` (seconds or an HTTP date), capped at ``retry_after_cap_s``
+  (60 s); without a usable header the exponential back-off is used;
+* each fetch (its retries, waits and body) ends within ``deadline_s`` (60 s) of wall-clock time: connects and reads
+  wait at most what is left, a wait (back-off or capped Retry-After) that would end past the deadline gives up at
+  once, and a body still arriving at the deadline (a server trickling a byte at a time) is cut off
+  (:class:`cicm.httpclient.DeadlineSession`); the ProviderError says which deadline passed, doing what;
 * every other 4xx (401, 403, 404, ...) fails at once;
 * failures become :class:`~cicm.errors.ProviderError` carrying the last HTTP status (None for transport errors)
   and naming the URL;
@@ -26,8 +30,8 @@ import requests
 from cicm.errors import ProviderError
 from cicm.jsonsafe import MAX_BYTES, JSONRejected, loads_bounded
 from cicm.httpclient import (
-    RETRY_STATUSES, attempts_made, make_session, retry_after_s, session_max_attempts, session_timeout_s,
-    transport_problem)
+    DEFAULT_DEADLINE_S, RETRY_STATUSES, DeadlineExceeded, ResponseTooLarge, attempts_made, make_session, read_body,
+    retry_after_s, session_max_attempts, session_timeout_s, transport_problem)
 
 __all__ = [
     "DEFAULT_POLICY", "RetryPolicy", "backoff_delay_s", "decode_json", "get_json", "retry_after_s",
@@ -42,17 +46,22 @@ class RetryPolicy:
     backoff_max_s: float = 30.0
     retry_after_cap_s: float = 60.0
     sleep: Callable[[float], None] = field(default=time.sleep, compare=False, repr=False)
+    deadline_s: float = DEFAULT_DEADLINE_S
+    max_bytes: int = MAX_BYTES
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
+        if not self.deadline_s > 0:
+            raise ValueError("deadline_s must be > 0")
 
     def session(self) -> requests.Session:
         """A new ``requests.Session`` retrying per this policy (close it, or use it as a context manager)."""
         return make_session(
             retries=self.max_attempts - 1, backoff_s=self.backoff_base_s, timeout_s=self.timeout_s,
             backoff_max_s=self.backoff_max_s, retry_after_cap_s=self.retry_after_cap_s,
-            retry_statuses=RETRY_STATUSES, sleep=self.sleep,
+            retry_statuses=RETRY_STATUSES, sleep=self.sleep, deadline_s=self.deadline_s,
+            max_body_bytes=self.max_bytes,
         )
 
 
@@ -72,25 +81,15 @@ def _short(text: str, limit: int = 200) -> str:
 def read_bounded(response: requests.Response, provider: str, max_bytes: int = MAX_BYTES, *,
                  truncate: bool = False) -> bytes:
     """The body of ``response`` (streamed or not), or ProviderError once it passes ``max_bytes`` (with
-    ``truncate``: its first ``max_bytes``, for an error page)."""
-    chunks: list[bytes] = []
-    size = 0
+    ``truncate``: its first ``max_bytes``, for an error page) or the fetch's deadline (``response.deadline``, set by
+    the session: :func:`cicm.httpclient.read_body`)."""
     try:
-        for chunk in response.iter_content(chunk_size=64 * 1024):
-            size += len(chunk)
-            if size > max_bytes and truncate:
-                chunks.append(chunk[:max_bytes - size])
-                break
-            if size > max_bytes:
-                raise ProviderError(provider, f"response body: larger than the {max_bytes:,}-byte limit from "
-                                              f"{response.url}", response.status_code)
-            chunks.append(chunk)
+        return read_body(response, max_bytes, truncate=truncate)
+    except (DeadlineExceeded, ResponseTooLarge) as exc:
+        raise ProviderError(provider, str(exc), response.status_code) from exc
     except requests.RequestException as exc:
         raise ProviderError(provider, f"response body: reading from {response.url} failed: {exc}",
                             response.status_code) from exc
-    finally:
-        response.close()
-    return b"".join(chunks)
 
 
 def decode_json(response: requests.Response, provider: str, max_bytes: int = MAX_BYTES) -> Any:
@@ -123,13 +122,15 @@ def get_json(
     """
     try:
         response = session.get(url, params=params, headers=headers, auth=auth, stream=True)
+    except DeadlineExceeded as exc:
+        raise ProviderError(provider, f"GET {url}: {exc}", exc.status) from exc
     except requests.RequestException as exc:
         problem = transport_problem(exc, session_timeout_s(session, url))
         attempts = session_max_attempts(session, url) or 1
         raise ProviderError(provider, f"giving up after {attempts} attempt(s): GET {url}: {problem}", None) from exc
     status = response.status_code
     if 200 <= status < 300:
-        return decode_json(response, provider)
+        return decode_json(response, provider, getattr(response, "max_body_bytes", MAX_BYTES))
     body = read_bounded(response, provider, 64 * 1024, truncate=True)  # an error page: its start says why
     problem = f"GET {response.url} failed: {_short(body.decode('utf-8', 'replace'))}"
     attempts = attempts_made(response)

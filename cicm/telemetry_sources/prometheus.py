@@ -43,7 +43,9 @@ Handling (also in docs/telemetry.md):
   cluster (domain).
 * **Empty.** A query that returns no series at all over the window raises InputError naming the field.
 * **HTTP.** Connection errors, timeouts and non-2xx responses (after the session's retries) raise ProviderError
-  naming the URL; a query Prometheus rejects as malformed (HTTP 400, ``bad_data``) raises InputError naming the
+  naming the URL; so do a request that passes the session's overall deadline (60 s per query by default, retries
+  and body included: :class:`cicm.httpclient.DeadlineSession`), a body larger than 20 MB, and a body that is not
+  bounded JSON (:func:`cicm.jsonsafe.loads_bounded`: too deep, a 400-digit number); a query Prometheus rejects as malformed (HTTP 400, ``bad_data``) raises InputError naming the
   field, since the mapping is wrong, not the server.
 
 Flexible arrivals are optional: without a query, ``flexible_arrived_core_hours`` is the served flexible work of
@@ -66,7 +68,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cicm.errors import InputError, ProviderError
 from cicm.telemetry_sources.schema import POWER_FILE_COLUMNS, USAGE_FILE_COLUMNS
-from cicm.httpclient import make_session, session_timeout_s, transport_problem
+from cicm.httpclient import make_session, read_body, session_timeout_s, transport_problem
+from cicm.jsonsafe import MAX_BYTES, JSONRejected, loads_bounded
 
 __all__ = ["MAX_POINTS", "PrometheusMapping", "SeriesQuery", "parse_mapping", "read_prometheus_telemetry", "render"]
 
@@ -187,6 +190,7 @@ class _Reader:
         self.url = base_url.rstrip("/") + "/api/v1/query_range"
         self.mapping = mapping
         self.session = session
+        self.max_bytes = int(getattr(session, "max_body_bytes", MAX_BYTES))
         self.start, self.end = start, end
         self.n_hours = int((end - start) / HOUR)
 
@@ -195,23 +199,29 @@ class _Reader:
         params = {"query": query, "start": str(int(first.timestamp())), "end": str(int(last.timestamp())),
                   "step": "3600"}
         try:
-            response = self.session.get(self.url, params=params)
+            response = self.session.get(self.url, params=params, stream=True)
+            raw = read_body(response, self.max_bytes)  # within the call's deadline, at most max_bytes
         except requests.RequestException as exc:
             problem = transport_problem(exc, session_timeout_s(self.session, self.url))
-            raise ProviderError(PROVIDER, f"GET {self.url} ({field}): {problem}") from exc
+            status = getattr(exc, "status", None)
+            raise ProviderError(PROVIDER, f"GET {self.url} ({field}): {problem}", status) from exc
+        text = raw.decode("utf-8", "replace")
         try:
-            body = response.json()
-        except ValueError:
+            body = loads_bounded(raw, "response body", max_bytes=self.max_bytes)
+        except JSONRejected as exc:
+            if 200 <= response.status_code < 300:
+                raise ProviderError(PROVIDER, f"GET {self.url} ({field}): {exc.field}: {exc.message}",
+                                    response.status_code) from exc
             body = None
         if not 200 <= response.status_code < 300:
             if response.status_code == 400 and isinstance(body, dict) and body.get("errorType") == "bad_data":
                 raise InputError(field, f"Prometheus at {self.url} rejected the query {query!r}: "
                                         f"{body.get('error', '')}")
             raise ProviderError(PROVIDER, f"GET {self.url} ({field}, query {query!r}) failed: "
-                                          f"{_short(response.text)}", response.status_code)
+                                          f"{_short(text)}", response.status_code)
         if not isinstance(body, dict) or body.get("status") != "success" or not isinstance(body.get("data"), dict):
             raise ProviderError(PROVIDER, f"GET {self.url} ({field}): not a successful Prometheus answer: "
-                                          f"{_short(response.text)}", response.status_code)
+                                          f"{_short(text)}", response.status_code)
         data = body["data"]
         if data.get("resultType") != "matrix" or not isinstance(data.get("result"), list):
             raise ProviderError(PROVIDER, f"GET {self.url} ({field}): expected a matrix, got "
