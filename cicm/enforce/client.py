@@ -16,6 +16,7 @@ from typing import Any, Callable
 import requests
 
 from cicm.httpclient import make_session, session_max_attempts, transport_problem
+from cicm.jsonsafe import loads_bounded
 
 ROUTES: dict[str, tuple[str, str]] = {
     "health": ("get", "/v1/health"),
@@ -98,7 +99,7 @@ class EcovisorClient:
         if r.status_code >= 400:
             field = None
             try:
-                body = r.json()
+                body = _json(r)
                 field = body.get("field") if isinstance(body, dict) else None
             except ValueError:
                 pass
@@ -108,9 +109,9 @@ class EcovisorClient:
         if r.status_code == 204 or not r.content:
             return None
         try:
-            return r.json()
+            return _json(r)
         except ValueError as exc:
-            raise EcovisorBadResponse(r.status_code, f"{verb} {url}: malformed JSON in the response: "
+            raise EcovisorBadResponse(r.status_code, f"{verb} {url}: malformed JSON in the response ({exc}): "
                                                      f"{r.text[:200]!r}") from exc
 
     def _route(self, key: str, **params) -> tuple[str, str]:
@@ -162,9 +163,15 @@ class EcovisorClient:
         return self._request(*self._route("set_max_discharge"), json={"kw": float(kw)})
 
 
+def _json(r: requests.Response) -> Any:
+    """The body as JSON, bounded (:func:`cicm.jsonsafe.loads_bounded`: size, depth, numbers); a refusal is a
+    ValueError (JSONRejected) naming ``response body``, as the decoder's error was."""
+    return loads_bounded(r.content, "response body")
+
+
 def _detail(r: requests.Response) -> str:
     try:
-        body = r.json()
+        body = _json(r)
     except ValueError:
         return r.text[:200]
     detail = body.get("detail", body) if isinstance(body, dict) else body
