@@ -36,6 +36,7 @@ import numpy as np
 from cicm.errors import InputError
 from cicm.optimize.curves import CurveTable, lower_hulls
 from cicm.optimize.inputs import PowerCurve, SOLVERS
+from cicm.optimize.storage import CampusStorage, StoragePlan, StorageTerms, plan_storage, read_plan, storage_terms
 
 #: Price of one core-hour of lateness per hour late, and of one core-hour served above the plan of record, in
 #: units of the campus's dearest core-hour of carbon (lambda_e * max eta * max slope / 1000). Lateness must cost
@@ -135,6 +136,8 @@ class QueueCampus:
     lambda_e: float = 1.0
     lambda_p: float = 0.0
     solver: str = "HIGHS"
+    #: battery and solar (docs/storage_coplan.md): the program then plans the campus meter; None: unchanged
+    storage: CampusStorage | None = None
 
     def __post_init__(self):
         if not self.clusters:
@@ -162,6 +165,10 @@ class QueueCampus:
             raise InputError("contract_kw", f"must be > 0, got {self.contract_kw!r}")
         if self.solver not in SOLVERS:
             raise InputError("solver", f"unknown solver {self.solver!r}; choose from {', '.join(SOLVERS)}")
+        if self.storage is not None:
+            if not isinstance(self.storage, CampusStorage):
+                raise InputError("storage", f"must be a CampusStorage, got {type(self.storage).__name__}")
+            self.storage.check(n)
 
 
 @dataclass(frozen=True, eq=False)
@@ -185,6 +192,7 @@ class QueuePlan:
     solver: str
     solve_seconds: float
     detail: dict = field(default_factory=dict)
+    storage: StoragePlan | None = None  # the campus meter, when the campus has storage
 
 
 def _vector(name: str, value, n: int | None) -> np.ndarray:
@@ -234,9 +242,15 @@ def plan_queue(campus: QueueCampus) -> QueuePlan:
     service[:] = greedy_service(np.stack([c.must_core_hours for c in campus.clusters]),
                                 np.stack([c.avail_core_hours for c in campus.clusters]), rooms)
     detail: dict = {}
+    st = campus.storage
+    if st is not None:  # the unshaped clusters' power is load the program cannot move
+        fixed = sum((c.power_curve(c.inflexible_cpu_cores + service[i]) for i, c in enumerate(campus.clusters)
+                     if i not in shaped), np.zeros(n))
+        st = CampusStorage(st.battery, st.solar_kw, st.other(n) + fixed, st.terminal_gco2_per_kwh)
+    terms = None
     if shaped:
         try:
-            s, lt, ov = _solve(campus, [campus.clusters[i] for i in shaped])
+            s, lt, ov, terms = _solve(campus, [campus.clusters[i] for i in shaped], st)
             for k, i in enumerate(shaped):
                 service[i], late[i], over[i] = s[k], lt[k], ov[k]
                 status[i], reason[i] = "optimal", None
@@ -244,17 +258,32 @@ def plan_queue(campus: QueueCampus) -> QueuePlan:
             detail["solver_error"] = str(exc)
             for i in shaped:
                 reason[i] = "solver-error"
+    storage_plan = None
+    if st is not None:
+        if shaped and terms is None:  # the solver failed: every cluster serves run-on-arrival
+            st = CampusStorage(st.battery, st.solar_kw, st.other(n) + sum(
+                (campus.clusters[i].power_curve(campus.clusters[i].inflexible_cpu_cores + service[i])
+                 for i in shaped), np.zeros(n)), st.terminal_gco2_per_kwh)
+        load = sum((campus.clusters[i].power_curve(campus.clusters[i].inflexible_cpu_cores + service[i])
+                    for i in shaped if terms is not None), np.zeros(n))
+        if not shaped:  # nothing to shape: the battery alone
+            storage_plan = plan_storage(np.zeros(n), campus.carbon_gco2_per_kwh, st, committed=campus.committed,
+                                        contract_kw=campus.contract_kw, lambda_e=campus.lambda_e,
+                                        lambda_p=campus.lambda_p, solver=campus.solver)[0]
+        else:
+            storage_plan = read_plan(st, terms, load)
     left = np.array([c.avail_core_hours[-1] for c in campus.clusters]) - service.sum(axis=1)
     return QueuePlan(tuple(c.name for c in campus.clusters), service, late, over, np.maximum(left, 0.0),
                      tuple(status), tuple(reason), rooms,
-                     campus.solver, time.perf_counter() - t0, detail)
+                     campus.solver, time.perf_counter() - t0, detail, storage_plan)
 
 
 class _SolveFailed(RuntimeError):
     pass
 
 
-def _solve(campus: QueueCampus, clusters: list[QueueCluster]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _solve(campus: QueueCampus, clusters: list[QueueCluster], storage: CampusStorage | None = None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, StorageTerms | None]:
     n_c, n = len(clusters), clusters[0].hours
     u = np.stack([c.inflexible_cpu_cores for c in clusters])
     room = np.stack([c.room_cpu_cores for c in clusters])
@@ -292,7 +321,13 @@ def _solve(campus: QueueCampus, clusters: list[QueueCluster]) -> tuple[np.ndarra
             cp.reshape(cp.sum(fill, axis=1), (n_c, n), order="C") == (u - x_first[:, None]) / scale + x]
     z = p_first[:, None] + cp.reshape(cp.sum(cp.multiply(np.repeat(slope * scale, n, axis=0), fill), axis=1),
                                       (n_c, n), order="C")  # power (kW)
-    objective = campus.lambda_e * cp.sum(z @ (eta / 1000.0))
+    terms = None
+    if storage is None:
+        objective = campus.lambda_e * cp.sum(z @ (eta / 1000.0))
+    else:  # the campus meter: grid = load - solar - discharge + charge, charged at the carbon forecast
+        terms = storage_terms(storage, cp.sum(z, axis=0), eta, np.asarray(campus.committed), campus.contract_kw,
+                              campus.lambda_e, campus.lambda_p)
+        objective, cons = terms.objective, cons + terms.constraints
     eta_term = float(eta.mean())
     slope_term = table.slope_at(u.mean(axis=1, keepdims=True))[:, 0]
     leftover = avail[:, -1] / scale[:, 0] - s_cum[:, n - 1]
@@ -310,7 +345,7 @@ def _solve(campus: QueueCampus, clusters: list[QueueCluster]) -> tuple[np.ndarra
         objective += unit * OVER_PRICE * cp.sum(cp.multiply(scale, ov))
     assert campus.committed is not None  # QueueCampus.__post_init__ fills the default
     com = np.flatnonzero(campus.committed)
-    if campus.lambda_p > 0 or np.isfinite(campus.contract_kw):
+    if storage is None and (campus.lambda_p > 0 or np.isfinite(campus.contract_kw)):
         y = cp.Variable(n_c)
         cons.append(z[:, com] <= y[:, None] @ np.ones((1, com.size)))
         if np.isfinite(campus.contract_kw):
@@ -326,7 +361,7 @@ def _solve(campus: QueueCampus, clusters: list[QueueCluster]) -> tuple[np.ndarra
     s = np.clip(np.diff(s_cum.value, axis=1, prepend=0.0) * scale, 0.0, room)
     late_v = np.maximum(lat.value * scale, 0.0)
     over_v = np.zeros_like(s) if ov is None else np.maximum(ov.value * scale, 0.0)
-    return s, late_v, over_v
+    return s, late_v, over_v, terms
 
 
 # ------------------------------------------------------------------------------------------ queue bounds
