@@ -236,3 +236,16 @@ def test_a_given_session_is_used(server):
     with EcovisorClient(server.url, "tok", session=session) as client:
         assert client.containers() == [{"name": "c1"}]
     assert server.requests[0][2]["Authorization"] == "Bearer tok"
+
+
+@pytest.mark.parametrize("body, why", [
+    (b"[" * 5000 + b"]" * 5000, "JSON nested 5,000 deep, deeper than the limit of 64"),
+    (b'{"kw": ' + b"9" * 400 + b"}", "integer of 400 digits is out of range"),
+    (b'{"kw": 1e400}', "number out of range"),
+])
+def test_hostile_json_from_the_ecovisor_is_refused_naming_the_body(server, body, why):
+    server.answer((200, body))
+    with EcovisorClient(server.url, "t", retries=0) as client:
+        with pytest.raises(EcovisorBadResponse, match="malformed JSON in the response") as e:
+            client.battery()
+    assert f"response body: {why}" in str(e.value)
