@@ -1,8 +1,13 @@
 """The fleet: campuses, clusters and power domains, read from TOML and validated with pydantic.
 
-Every campus sits in one grid zone (a bundled EIA-930 balancing authority) and one local time zone, and has a
-power contract. Every cluster has power domains; each domain is a number of identical machines of one
-SPECpower_ssj2008 server (a row of data/server_power/...csv), which gives its cores and its power curve.
+Every campus sits in one grid zone, named as its carbon provider names it (an Electricity Maps zone such as ``DE``,
+a WattTime region, a CSV feed's name, or for the bundled trace one of the 8 EIA-930 balancing authorities), and
+one local time zone (any IANA name), and has a power contract. Its optional ``[campuses.carbon]`` table names its
+provider (:class:`CarbonSource`). Every cluster has power domains; a domain is either a number of identical
+machines of one SPECpower_ssj2008 server (a row of data/server_power/...csv), which gives its cores and a declared
+power curve, or any hardware given by its ``cores``, with its own ``power_points`` or with telemetry alone. The
+demo fields (a cluster's traces and shares, the fleet's history window) are needed only by ``cicm demo seed`` and
+the backtests.
 
 An optional ``[telemetry]`` table names where the nightly plan reads the night's telemetry (docs/telemetry.md):
 today a Prometheus server (``source = "prometheus"``, ``url``, ``lookback_hours`` and a ``[telemetry.mapping]``
@@ -19,7 +24,8 @@ field (``campuses.1.clusters.0.power_domains.2.name``):
 * every number has a range no real fleet leaves: ``machines`` 1-1,000,000 per domain (:data:`MAX_MACHINES`),
   a server of 1-4,096 hardware threads (:data:`MAX_THREADS_PER_MACHINE`), shares in (0, 0.9] and (0, 0.6],
   ``reservation_ratio`` in [1, 3], ``contract_limit_kw`` in (0, 10,000,000] (10 GW: :data:`MAX_CONTRACT_KW`),
-  ``history_days`` 7-3,660, dates in 2000-2100 (:data:`MIN_DATE`, :data:`MAX_DATE`), ``lookback_hours``
+  ``history_days`` 7-3,660, ``power_points`` from 0 to the domain's cores with CPU rising and power not
+  falling, dates in 2000-2100 (:data:`MIN_DATE`, :data:`MAX_DATE`), ``lookback_hours``
   1-8,784; at most 1,000 power domains per cluster; NaN and infinity are refused everywhere.
 """
 from __future__ import annotations
@@ -49,6 +55,7 @@ MIN_DATE = date(2000, 1, 1)
 MAX_DATE = date(2100, 1, 1)
 
 GRID_ZONES = ("AZPS", "BPAT", "CISO", "ERCO", "MISO", "NYIS", "PJM", "SOCO")
+SPEC_WATT_COLUMNS = ("watts_active_idle",) + tuple(f"watts_{p}pct" for p in range(10, 101, 10))
 SPECPOWER_FILE = "server_power/specpower_ssj2008_619_servers_via_green-coding-solutions_cloud-energy.csv"
 
 
@@ -113,64 +120,219 @@ class _Strict(BaseModel):
 
 
 class PowerDomain(_Strict):
+    """A power domain: machines of one SPECpower server (``machines``, ``spec_row``, ``server_model``), or any
+    hardware given by its ``cores``. Its power curve comes from telemetry (fitted each night); a SPECpower row or
+    the domain's own ``power_points`` ([[cpu_cores, kw], ...]) is the declared curve, used when no fit is
+    possible. A domain with neither must have power telemetry (checked at plan time)."""
+
     name: str
-    machines: int = Field(ge=1, le=MAX_MACHINES, description="identical machines, 1-1,000,000")
-    spec_row: int = Field(ge=0, description="0-based row of the bundled SPECpower CSV")
-    server_model: str = Field(description="hw_model of that row, checked, so a row typo cannot pass")
+    machines: int | None = Field(default=None, ge=1, le=MAX_MACHINES, description="identical machines, 1-1,000,000")
+    spec_row: int | None = Field(default=None, ge=0, description="0-based row of the bundled SPECpower CSV")
+    server_model: str | None = Field(default=None, description="hw_model of that row, checked, so a row typo cannot "
+                                                               "pass")
+    cores: int | None = Field(default=None, ge=1, le=MAX_MACHINES * MAX_THREADS_PER_MACHINE,
+                              description="logical CPUs of the domain (without a SPECpower row)")
+    power_points: list[tuple[float, float]] | None = Field(
+        default=None, min_length=2, max_length=1000,
+        description="the domain's own curve: [[cpu_cores, kw], ...], CPU increasing from 0 to the domain's cores")
 
     @model_validator(mode="after")
-    def _spec_row_matches_model(self) -> "PowerDomain":
+    def _one_way_to_the_cores(self) -> "PowerDomain":
+        spec = (self.machines, self.spec_row, self.server_model)
+        if any(v is not None for v in spec) and not all(v is not None for v in spec):
+            missing = [n for n, v in zip(("machines", "spec_row", "server_model"), spec) if v is None]
+            raise FieldProblem(missing[0], "a SPECpower domain gives machines, spec_row and server_model together")
+        if self.spec_row is None:
+            if self.cores is None:
+                raise FieldProblem("cores", "give the domain's cores (or machines, spec_row and server_model of a "
+                                            "SPECpower server)")
+        else:
+            self._check_spec_row()
+            if self.cores is not None and self.cores != self.capacity_cores:
+                raise FieldProblem("cores", f"{self.cores} cores, but {self.machines} x {self.server_model!r} have "
+                                            f"{self.capacity_cores}")
+            if self.power_points is not None:
+                raise FieldProblem("power_points", "a SPECpower domain has its curve already: give spec_row or "
+                                                   "power_points, not both")
+        if self.power_points is not None:
+            self._check_points()
+        return self
+
+    def _check_spec_row(self) -> None:
+        assert self.spec_row is not None
         models = specpower_models()
         if self.spec_row >= len(models):
-            raise ValueError(f"spec_row {self.spec_row} is past the SPECpower table ({len(models)} rows)")
+            raise FieldProblem("spec_row", f"spec_row {self.spec_row} is past the SPECpower table ({len(models)} "
+                                           "rows)")
         actual = models[self.spec_row]
         if actual != self.server_model:
-            raise ValueError(f"spec_row {self.spec_row} is {actual!r}, not {self.server_model!r}")
+            raise FieldProblem("server_model", f"spec_row {self.spec_row} is {actual!r}, not {self.server_model!r}")
         try:
             threads = threads_per_machine(self.spec_row)
         except (ValueError, IndexError) as exc:
-            raise ValueError(f"spec_row {self.spec_row} has no readable hardware_threads: {exc}") from exc
+            raise FieldProblem("spec_row", f"spec_row {self.spec_row} has no readable hardware_threads: {exc}") \
+                from exc
         if not 1 <= threads <= MAX_THREADS_PER_MACHINE:
-            raise ValueError(f"spec_row {self.spec_row} has {threads} hardware threads per machine; a server has "
-                             f"1-{MAX_THREADS_PER_MACHINE}")
-        return self
+            raise FieldProblem("spec_row", f"spec_row {self.spec_row} has {threads} hardware threads per machine; "
+                                           f"a server has 1-{MAX_THREADS_PER_MACHINE}")
+
+    def _check_points(self) -> None:
+        assert self.power_points is not None
+        cpu = [p[0] for p in self.power_points]
+        kw = [p[1] for p in self.power_points]
+        if cpu[0] != 0 or cpu[-1] != self.capacity_cores:
+            raise FieldProblem("power_points", f"CPU must run from 0 to the domain's {self.capacity_cores} cores, "
+                                               f"got {cpu[0]:g} to {cpu[-1]:g}")
+        if any(b <= a for a, b in zip(cpu, cpu[1:])):
+            raise FieldProblem("power_points", "CPU cores must increase strictly from point to point")
+        if any(not 0 <= k <= MAX_CONTRACT_KW for k in kw):
+            raise FieldProblem("power_points", f"kW must be in [0, {MAX_CONTRACT_KW:,.0f}]")
+        if any(b < a for a, b in zip(kw, kw[1:])):
+            raise FieldProblem("power_points", "power must not fall as CPU rises")
 
     @property
     def cores_per_machine(self) -> int:
+        if self.spec_row is None:
+            raise InputError("spec_row", f"power domain {self.name!r} names no SPECpower server")
         return threads_per_machine(self.spec_row)
 
     @property
     def capacity_cores(self) -> int:
-        return self.machines * self.cores_per_machine
+        if self.spec_row is None:
+            assert self.cores is not None
+            return self.cores
+        assert self.machines is not None
+        return self.machines * threads_per_machine(self.spec_row)
+
+    def declared_curve_kw(self) -> tuple[list[float], list[float]] | None:
+        """(cpu_cores, kW) of the domain's declared curve: its ``power_points``, or its SPECpower row's published
+        points scaled by its machines; None for a telemetry-only domain."""
+        if self.power_points is not None:
+            return [p[0] for p in self.power_points], [p[1] for p in self.power_points]
+        if self.spec_row is None:
+            return None
+        assert self.machines is not None
+        row = specpower_table().iloc[self.spec_row]
+        watts = [float(row[c]) for c in SPEC_WATT_COLUMNS]
+        cores = self.capacity_cores
+        return ([cores * i / 10 for i in range(11)], [w * self.machines / 1000.0 for w in watts])
 
 
 class Cluster(_Strict):
+    """A cluster: its power domains give its cores. The trace fields say how ``cicm demo seed`` derives its
+    telemetry; a real cluster leaves them out (its telemetry comes from Prometheus or a drop)."""
+
     name: str
-    inflexible_trace: Literal["google2019", "azure2019", "alibaba2018"]
-    inflexible_peak_share: float = Field(gt=0, le=0.9, description="peak inflexible usage / capacity")
-    flexible_trace: Literal["pai", "azure"]
-    flexible_mean_share: float = Field(gt=0, le=0.6, description="mean flexible usage / capacity")
+    cores: int | None = Field(default=None, ge=1, description="the cluster's cores: when given, the sum of its "
+                                                              "power domains' cores must equal it")
+    inflexible_trace: Literal["google2019", "azure2019", "alibaba2018"] | None = Field(
+        default=None, description="demo only: the trace its inflexible usage is derived from")
+    inflexible_peak_share: float | None = Field(default=None, gt=0, le=0.9,
+                                                description="demo only: peak inflexible usage / capacity")
+    flexible_trace: Literal["pai", "azure"] | None = Field(default=None, description="demo only: the batch trace")
+    flexible_mean_share: float | None = Field(default=None, gt=0, le=0.6,
+                                              description="demo only: mean flexible usage / capacity")
     reservation_ratio: float = Field(default=1.3, ge=1.0, le=3.0, description="reservations / usage")
-    power_domains: list[PowerDomain] = Field(min_length=2, max_length=MAX_DOMAINS_PER_CLUSTER)
+    power_domains: list[PowerDomain] = Field(min_length=1, max_length=MAX_DOMAINS_PER_CLUSTER)
+
+    @model_validator(mode="after")
+    def _cores_add_up(self) -> "Cluster":
+        if self.cores is not None and self.cores != self.capacity_cores:
+            raise FieldProblem("cores", f"{self.cores} cores, but the power domains have {self.capacity_cores}")
+        demo = (self.inflexible_trace, self.inflexible_peak_share, self.flexible_trace, self.flexible_mean_share)
+        if any(v is not None for v in demo) and not all(v is not None for v in demo):
+            names = ("inflexible_trace", "inflexible_peak_share", "flexible_trace", "flexible_mean_share")
+            raise FieldProblem(next(n for n, v in zip(names, demo) if v is None),
+                               "a demo cluster gives all four trace fields (or none, for a real cluster)")
+        return self
 
     @property
     def capacity_cores(self) -> int:
         return sum(d.capacity_cores for d in self.power_domains)
 
+    @property
+    def is_demo(self) -> bool:
+        return self.inflexible_trace is not None
+
+
+#: Carbon providers a campus may name (cicm.carbon.providers.REGISTRY; config sits below carbon in the layers).
+CARBON_PROVIDERS = ("trace", "electricitymaps", "watttime", "csv")
+#: Zone names each provider uses: Electricity Maps zones (DE, US-CAL-CISO, IN-SO, DK-DK1), WattTime regions
+#: (CAISO_NORTH, PJM_DC, DE); the trace provider knows the bundled EIA balancing authorities only.
+ZONE_PATTERNS = {"electricitymaps": r"^[A-Z]{2}(-[A-Z0-9]{1,12}){0,3}$", "watttime": r"^[A-Z][A-Z0-9_]{1,63}$"}
+
+
+def check_zone(provider: str, zone: str) -> str:
+    """``zone`` if ``provider`` can know it, else ValueError saying which zones it knows."""
+    if provider == "trace":
+        if zone not in GRID_ZONES:
+            raise ValueError(f"unknown grid zone {zone!r} for the trace provider, whose bundled zones are "
+                             f"{', '.join(GRID_ZONES)}; a live zone names its provider in [campuses.carbon]")
+    elif provider in ZONE_PATTERNS and not re.match(ZONE_PATTERNS[provider], zone):
+        example = "DE or US-CAL-CISO" if provider == "electricitymaps" else "CAISO_NORTH"
+        raise ValueError(f"{zone!r} is not a {provider} zone name (such as {example})")
+    return zone
+
+
+class CarbonSource(_Strict):
+    """A campus's ``[campuses.carbon]`` table: where its grid's forecasts and actuals come from. Without it the
+    campus uses the run's provider (``cicm plan --provider``, default trace). Tokens are never here: they come
+    from the provider's environment variables or Prefect Secret blocks (docs/operations.md)."""
+
+    provider: Literal["trace", "electricitymaps", "watttime", "csv"]
+    base_url: str | None = Field(default=None, description="the provider's base URL (default: its public API)")
+    forecast_csv: Path | None = Field(default=None, description="csv: the forecast feed (target_hour, "
+                                                                "gco2_per_kwh[, issued_at]); relative to the "
+                                                                "fleet file")
+    actuals_csv: Path | None = Field(default=None, description="csv: the measured intensity (target_hour, "
+                                                               "gco2_per_kwh); relative to the fleet file")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+            raise ValueError(f"must be an http(s) URL, got {value!r}")
+        return value.rstrip("/") if value else value
+
+    @field_validator("forecast_csv", "actuals_csv", mode="after")
+    @classmethod
+    def _relative_to_fleet(cls, value: Path | None, info) -> Path | None:
+        base = (info.context or {}).get("fleet_dir") if info.context else None
+        if value is not None and not value.is_absolute() and base is not None:
+            return Path(base) / value
+        return value
+
+    @model_validator(mode="after")
+    def _csv_needs_a_file(self) -> "CarbonSource":
+        if self.provider == "csv" and self.forecast_csv is None:
+            raise FieldProblem("forecast_csv", "the csv provider needs forecast_csv")
+        if self.provider != "csv" and (self.forecast_csv or self.actuals_csv):
+            raise FieldProblem("forecast_csv" if self.forecast_csv else "actuals_csv",
+                               f"CSV files are for provider csv, not {self.provider}")
+        return self
+
 
 class Campus(_Strict):
     name: str
-    grid_zone: str
+    grid_zone: str = Field(description="the grid zone as the campus's provider names it")
     timezone: str
     contract_limit_kw: float = Field(gt=0, le=MAX_CONTRACT_KW, description="kW, in (0, 10 GW]")
+    carbon: CarbonSource | None = Field(default=None, description="the campus's own carbon source")
     clusters: list[Cluster] = Field(min_length=1)
 
     @field_validator("grid_zone")
     @classmethod
-    def _known_zone(cls, value: str) -> str:
-        if value not in GRID_ZONES:
-            raise ValueError(f"unknown grid zone {value!r}; bundled zones are {', '.join(GRID_ZONES)}")
-        return value
+    def _zone_name(cls, value: str) -> str:
+        return check_name(value, "grid zone")
+
+    @model_validator(mode="after")
+    def _zone_known_to_provider(self) -> "Campus":
+        if self.carbon is not None:
+            try:
+                check_zone(self.carbon.provider, self.grid_zone)
+            except ValueError as exc:
+                raise FieldProblem("grid_zone", str(exc)) from None
+        return self
 
     @field_validator("timezone")
     @classmethod
@@ -180,6 +342,10 @@ class Campus(_Strict):
         except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"unknown time zone {value!r}") from exc
         return value
+
+    def provider(self, default: str) -> str:
+        """The provider of this campus's carbon: its own, else the run's ``default``."""
+        return self.carbon.provider if self.carbon is not None else default
 
 
 class TelemetrySource(_Strict):
@@ -204,8 +370,10 @@ class TelemetrySource(_Strict):
 
 class Fleet(_Strict):
     name: str
-    history_start: pd.Timestamp = Field(description="first UTC day of the demo telemetry, in 2000-2100")
-    history_days: int = Field(ge=7, le=MAX_HISTORY_DAYS, description="days of history, 7-3,660 (ten years)")
+    history_start: pd.Timestamp | None = Field(default=None, description="demo only: first UTC day of the derived "
+                                                                        "telemetry, in 2000-2100")
+    history_days: int | None = Field(default=None, ge=7, le=MAX_HISTORY_DAYS,
+                                     description="demo only: days of history, 7-3,660 (ten years)")
     default_plan_date: date | None = Field(default=None, description="the day `cicm plan` plans by default")
     campuses: list[Campus] = Field(min_length=1)
     telemetry: TelemetrySource | None = Field(default=None, description="where the nightly plan reads telemetry "
@@ -215,7 +383,9 @@ class Fleet(_Strict):
 
     @field_validator("history_start", mode="before")
     @classmethod
-    def _utc_day(cls, value) -> pd.Timestamp:
+    def _utc_day(cls, value) -> pd.Timestamp | None:
+        if value is None:
+            return None
         try:
             ts = pd.Timestamp(value)
         except (ValueError, TypeError, OverflowError) as exc:
@@ -276,7 +446,32 @@ class Fleet(_Strict):
         return next(c for c in campus.clusters if c.name == cluster_name)
 
     @property
+    def is_demo(self) -> bool:
+        """Every cluster names its demo traces and the fleet its history window: ``cicm demo seed`` can derive
+        its telemetry."""
+        return self.history_start is not None and self.history_days is not None and all(
+            c.is_demo and all(d.spec_row is not None for d in c.power_domains) for c in self.clusters())
+
+    def require_demo(self, what: str) -> None:
+        """InputError naming the first field a demo fleet needs and this one lacks."""
+        if self.history_start is None or self.history_days is None:
+            raise InputError("history_start" if self.history_start is None else "history_days",
+                             f"{what} needs a demo fleet: fleet {self.name!r} gives no demo history window")
+        for i, campus in enumerate(self.campuses):
+            for j, c in enumerate(campus.clusters):
+                if not c.is_demo:
+                    raise InputError(f"campuses.{i}.clusters.{j}.inflexible_trace",
+                                     f"{what} needs a demo fleet: cluster {c.name!r} names no demo traces")
+                for k, d in enumerate(c.power_domains):
+                    if d.spec_row is None:
+                        raise InputError(f"campuses.{i}.clusters.{j}.power_domains.{k}.spec_row",
+                                         f"{what} needs a demo fleet: power domain {d.name!r} names no SPECpower "
+                                         "server")
+
+    @property
     def history_end(self) -> pd.Timestamp:
+        if self.history_start is None or self.history_days is None:
+            raise InputError("history_start", f"fleet {self.name!r} has no demo history window")
         return self.history_start + pd.Timedelta(days=self.history_days)
 
     def power_domains_by_cluster(self) -> dict[str, list[str]]:
@@ -298,6 +493,17 @@ def check_unique_domains(fleet: Fleet) -> None:
                                      f"{seen[domain.name]!r}; power domain names must be unique across the fleet "
                                      "(power rows are keyed by domain and hour)")
                 seen[domain.name] = cluster.name
+
+
+def check_fleet_zones(fleet: Fleet, default_provider: str) -> None:
+    """Every campus's zone is one its provider knows (its own ``[campuses.carbon]`` provider, else
+    ``default_provider``, the run's). Raises InputError naming ``campuses.N.grid_zone``, before anything is read
+    or stored."""
+    for i, campus in enumerate(fleet.campuses):
+        try:
+            check_zone(campus.provider(default_provider), campus.grid_zone)
+        except ValueError as exc:
+            raise InputError(f"campuses.{i}.grid_zone", f"campus {campus.name!r}: {exc}") from None
 
 
 def default_fleet_path() -> Path:
@@ -326,7 +532,7 @@ def _load_fleet(path: str, _digest: str, text: bytes) -> Fleet:
     except tomllib.TOMLDecodeError as exc:
         raise InputError("fleet", f"{path} is not valid TOML: {exc}") from exc
     try:
-        fleet = Fleet.model_validate(raw)
+        fleet = Fleet.model_validate(raw, context={"fleet_dir": str(Path(path).resolve().parent)})
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = [str(p) for p in first["loc"]]

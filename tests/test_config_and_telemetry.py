@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cicm.config import load_fleet
+from cicm.config import check_fleet_zones, load_fleet
 from cicm.demo.telemetry import (capacity_limited_cpu_cores, cluster_usage_history, demo_power_telemetry,
                                  history_hours, specpower_watts)
 from cicm.errors import InputError
@@ -28,9 +28,11 @@ def test_bad_fleet_names_the_field(tmp_path):
                                                                                'grid_zone = "MARS"')
     path = tmp_path / "fleet.toml"
     path.write_text(text)
+    fleet = load_fleet(path)  # a zone is checked against the campus's provider: here the run's
     with pytest.raises(InputError) as err:
-        load_fleet(path)
+        check_fleet_zones(fleet, "trace")
     assert err.value.field == "campuses.2.grid_zone" and "MARS" in str(err.value)
+    check_fleet_zones(load_fleet(), "trace")  # the demo's zones are the trace's
 
 
 def test_wrong_server_row_is_caught(tmp_path):

@@ -76,12 +76,29 @@ def test_slo_disabled_cluster_is_not_shaped(fleet, telemetry_db, tmp_path):
     assert status.loc["sj-a", "status"] == "shaped"
 
 
-def test_missing_power_telemetry_falls_back(fleet, telemetry_db, tmp_path):
+def test_missing_power_telemetry_uses_the_declared_curve_or_falls_back(fleet, telemetry_db, tmp_path):
     path = tmp_path / "db.duckdb"
     path.write_bytes(telemetry_db.read_bytes())
     with Store(path) as store:
         store.con.execute("DELETE FROM power_telemetry WHERE domain = 'ml-b-pd1' AND hour > '2022-06-01'")
         result = plan(store, fleet)
+    # ml-b-pd1 names a SPECpower row: with no fit, its declared curve plans it, and the power_models row says so
+    status = result.status.set_index("cluster")
+    assert status.loc["ml-b", "status"] == "shaped"
+    rows = result.extra_tables["power_models"].set_index("domain")
+    assert rows.loc["ml-b-pd1", "status"] == "ok" and rows.loc["ml-b-pd1", "reason"].startswith(
+        "declared curve (SPECpower row")
+    assert pd.isna(rows.loc["ml-b-pd2", "reason"])  # the other domain still has its fit
+    report = next(r for r in result.reports if r.name == "power-models")
+    assert "ml-b-pd1" in report.detail and "declared curve" in report.detail
+
+    # a domain with telemetry only (no spec_row, no power_points) and no fit: the cluster falls back
+    bare = fleet.model_copy(deep=True)
+    cluster = bare.cluster("ml-b")
+    object.__setattr__(cluster.power_domains[0], "spec_row", None)
+    object.__setattr__(cluster.power_domains[0], "cores", fleet.cluster("ml-b").power_domains[0].capacity_cores)
+    with Store(path) as store:
+        result = plan(store, bare)
     status = result.status.set_index("cluster")
     assert status.loc["ml-b", "reason"].startswith("no-power-model") and "ml-b-pd1" in status.loc["ml-b", "reason"]
 

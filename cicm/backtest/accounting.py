@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from cicm.config import Cluster
-from cicm.demo.telemetry import SPEC_LOAD_FRACTIONS, specpower_watts
+from cicm.demo.telemetry import SPEC_LOAD_FRACTIONS
+from cicm.errors import InputError
 from cicm.optimize.inputs import PowerCurve
 
 #: DESIGN.md's ceiling table: best cut (%) in flexible-work carbon from within-day shifting, 2022 EIA-930.
@@ -28,7 +29,12 @@ class ClusterPower:
 
     def __init__(self, cluster: Cluster):
         self.capacity = float(cluster.capacity_cores)
-        watts = sum(specpower_watts(d.spec_row, SPEC_LOAD_FRACTIONS) * d.machines for d in cluster.power_domains)
+        watts = np.zeros(len(SPEC_LOAD_FRACTIONS))
+        for d in cluster.power_domains:  # each domain's declared curve at the same load fraction
+            curve = d.declared_curve_kw()
+            if curve is None:
+                raise InputError(d.name, "the backtest needs a declared power curve (spec_row or power_points)")
+            watts += 1000.0 * np.interp(SPEC_LOAD_FRACTIONS * d.capacity_cores, *curve)
         self.knots_cpu = SPEC_LOAD_FRACTIONS * self.capacity
         self.knots_kw = np.asarray(watts, dtype=float) / 1000.0
 

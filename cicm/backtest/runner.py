@@ -139,6 +139,8 @@ def workload_shift(fleet: Fleet, first_day: date, need_start: pd.Timestamp, need
     """Whole weeks to move the demo workload so that it covers ``[need_start, need_end)`` (the backtest's history,
     window and drain) in the carbon data's calendar, weekdays aligned; of those, the one closest to the same
     season (the first day's year moved onto the workload's year). Zero when the carbon year is the workload's."""
+    fleet.require_demo("a backtest")
+    assert fleet.history_start is not None
     lo, hi = fleet.history_start, fleet.history_end
     if need_end - need_start > hi - lo:
         raise InputError("days", f"the backtest needs {(need_end - need_start).days} days of workload (35 days of "

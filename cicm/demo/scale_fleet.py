@@ -79,7 +79,9 @@ def scale_fleet(n_clusters: int, seed: int = 0, clusters_per_campus: int = 100,
 def write_fleet_toml(fleet: Fleet, path: Path) -> Path:
     import tomli_w
 
-    data = fleet.model_dump(mode="python")
+    data = fleet.model_dump(mode="python", exclude_none=True)
+    fleet.require_demo("a scale fleet file")
+    assert fleet.history_start is not None
     data["history_start"] = fleet.history_start.strftime("%Y-%m-%d")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(tomli_w.dumps({k: v for k, v in data.items() if v is not None}).encode())

@@ -35,10 +35,12 @@ def _rng(seed: int, *names: str) -> np.random.Generator:
 
 
 def history_hours(fleet: Fleet) -> pd.DatetimeIndex:
+    fleet.require_demo("demo telemetry")
     return pd.date_range(fleet.history_start, fleet.history_end, freq="h", inclusive="left", name="hour")
 
 
 def inflexible_cpu_cores(cluster: Cluster, hours: pd.DatetimeIndex, seed: int) -> np.ndarray:
+    assert cluster.inflexible_trace is not None and cluster.inflexible_peak_share is not None, "a demo cluster"
     profile = inflexible_profile(cluster.inflexible_trace)
     rng = _rng(seed, "inflexible", cluster.name)
     offset = int(rng.integers(0, len(profile) // 168)) * 168
@@ -52,6 +54,7 @@ def inflexible_cpu_cores(cluster: Cluster, hours: pd.DatetimeIndex, seed: int) -
 
 def cluster_jobs(cluster: Cluster, seed: int) -> pd.DataFrame:
     """The cluster's flexible jobs: arrival (UTC), length_hours, cpu_cores. Unscaled trace CPU counts."""
+    assert cluster.flexible_trace is not None, "a demo cluster"
     jobs = batch_jobs(cluster.flexible_trace)
     jobs = jobs[jobs["length"] <= MAX_FLEXIBLE_JOB_HOURS]
     keep = _rng(seed, "flexible", cluster.name).random(len(jobs)) < FLEXIBLE_KEEP_FRACTION
@@ -90,6 +93,7 @@ def arrived_core_hours(jobs: pd.DataFrame, hours: pd.DatetimeIndex) -> np.ndarra
 
 def flexible_scale(cluster: Cluster, jobs: pd.DataFrame, hours: pd.DatetimeIndex) -> float:
     raw_mean = run_on_arrival_cpu_cores(jobs, hours).mean()
+    assert cluster.flexible_mean_share is not None, "a demo cluster"
     return cluster.flexible_mean_share * cluster.capacity_cores / raw_mean
 
 
@@ -148,6 +152,7 @@ def cluster_power_telemetry(cluster: Cluster, usage: pd.DataFrame, seed: int) ->
     for domain in cluster.power_domains:
         share = domain.capacity_cores / cluster.capacity_cores
         cpu = total_cpu * share
+        assert domain.spec_row is not None and domain.machines is not None, "a demo power domain"
         watts = specpower_watts(domain.spec_row, cpu / domain.capacity_cores) * domain.machines
         noise = 1.0 + _rng(seed, "power", domain.name).normal(0.0, 0.01, len(cpu))
         frames.append(

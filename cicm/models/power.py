@@ -549,6 +549,22 @@ def _fit_domain_slowly(telemetry, rows, now, window_days, clean) -> PowerModel |
         return exc
 
 
+def power_model_from_curve(cpu_cores, power_kw, now: pd.Timestamp, window_days: float = 7) -> PowerModel:
+    """A PowerModel of a declared curve (a SPECpower row scaled to the domain, or the operator's own points):
+    the same piecewise-linear fit, on samples of the curve spread evenly over [0, the curve's last CPU] in the
+    window before ``now``. Its r2 and mape_pct say how well three segments follow the declared points."""
+    cpu = np.asarray(cpu_cores, dtype=float)
+    kw = np.asarray(power_kw, dtype=float)
+    if cpu.ndim != 1 or cpu.shape != kw.shape or len(cpu) < 2 or np.any(np.diff(cpu) <= 0):
+        raise InputError("power_points", "a declared curve needs two or more points with CPU increasing")
+    now, start = _check_window(now, window_days)
+    hours = pd.date_range(end=now - pd.Timedelta(hours=1), periods=int(window_days * 24), freq="h")
+    sweep = np.abs(((np.arange(len(hours)) * 7) % 48) / 24.0 - 1.0)  # 0..1..0, 48 levels, all of them hit
+    u = cpu[0] + sweep * (cpu[-1] - cpu[0])
+    p = np.interp(u, cpu, kw)
+    return fit_power_model(pd.Series(u, index=hours), pd.Series(p, index=hours), now, window_days, clean=False)
+
+
 def predict_power_kw(model: PowerModel, cpu_cores):
     """Power (kW) at the given CPU cores: float for a scalar, ndarray for an array. Never negative."""
     u = _cpu_array(cpu_cores)

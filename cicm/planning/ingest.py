@@ -38,7 +38,9 @@ def import_demo_telemetry(store: Store, fleet: Fleet, seed: int = 0) -> dict:
     trace provider's day-ahead forecasts over the history (so forecast skill can be measured from day one).
 
     One run, one transaction. Rows are keyed by (cluster|domain|zone, hour), so a re-import replaces them.
+    A fleet without the demo fields is refused naming the first one missing.
     """
+    fleet.require_demo("cicm demo seed")
     usage = demo_usage_history(fleet, seed=seed)
     power = demo_power_telemetry(fleet, usage, seed=seed)
     zones = sorted({c.grid_zone for c in fleet.campuses})
@@ -69,6 +71,7 @@ def import_scale_telemetry(store: Store, fleet: Fleet, seed: int = 0, held_back_
     Written campus by campus (bounded memory) in one run."""
     from cicm.demo.scale_fleet import POWER_TELEMETRY_DAYS, scale_power_telemetry, scale_usage_history
 
+    fleet.require_demo("seeding a scale fleet")
     end = fleet.history_end - pd.Timedelta(days=held_back_days)
     power_start = fleet.history_end - pd.Timedelta(days=POWER_TELEMETRY_DAYS)
     zones = sorted({c.grid_zone for c in fleet.campuses})

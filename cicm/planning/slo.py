@@ -150,6 +150,9 @@ def _capacities(clusters) -> np.ndarray:
     for cluster in clusters:
         total = 0
         for domain in cluster.power_domains:
+            if domain.spec_row is None or domain.machines is None:
+                total += domain.capacity_cores
+                continue
             if domain.spec_row not in cores:
                 cores[domain.spec_row] = domain.cores_per_machine
             total += domain.machines * cores[domain.spec_row]

@@ -152,19 +152,59 @@ def fit_domain_power_models(telemetry: pd.DataFrame, now: pd.Timestamp) -> dict:
     return fit_power_models_batch(telemetry, now, window_days=POWER_WINDOW_DAYS)
 
 
+@dataclass(frozen=True)
+class DeclaredFit:
+    """A domain planned on its declared curve (SPECpower row or its own points) because no fit was possible."""
+
+    model: object  # PowerModel of the declared curve
+    reason: str
+
+
+def with_declared_curves(clusters, fits: dict, now: pd.Timestamp) -> dict:
+    """``fits`` where every domain without a fit (failed, or no telemetry) but with a declared curve gets that
+    curve's model, as a :class:`DeclaredFit` saying why. Domains with neither keep their InputError."""
+    from cicm.models.power import power_model_from_curve
+
+    out = dict(fits)
+    for cluster in clusters:
+        for domain in cluster.power_domains:
+            fit = fits.get(domain.name, InputError("cpu_cores", "no power telemetry in the window"))
+            curve = domain.declared_curve_kw() if isinstance(fit, InputError) else None
+            if curve is not None:
+                source = "power_points" if domain.power_points is not None else f"SPECpower row {domain.spec_row}"
+                cpu_cores, power_kw = curve
+                out[domain.name] = DeclaredFit(power_model_from_curve(cpu_cores, power_kw, now),
+                                               f"declared curve ({source}) used: {fit}")
+    return out
+
+
+def _fitted(model):
+    return model.model if isinstance(model, DeclaredFit) else model
+
+
 def power_model_rows(cluster, fits: dict, telemetry_rows: dict[str, int], now: pd.Timestamp) -> list[dict]:
-    """The power_models rows of one cluster's domains (a domain with no telemetry has no fit: it failed)."""
+    """The power_models rows of one cluster's domains (a domain with no telemetry has no fit: it failed; one
+    planned on its declared curve is ``ok`` with the reason saying so)."""
     rows = []
     for domain in cluster.power_domains:
         row = {"cluster": cluster.name, "domain": domain.name, "fitted_at": now}
-        model = fits.get(domain.name, InputError("cpu_cores", "no power telemetry in the window"))
-        if isinstance(model, InputError):
-            rows.append({**row, "status": "failed", "reason": str(model), "model": None, "r2": None,
+        found = fits.get(domain.name, InputError("cpu_cores", "no power telemetry in the window"))
+        if isinstance(found, InputError):
+            rows.append({**row, "status": "failed", "reason": str(found), "model": None, "r2": None,
                          "mape_pct": None, "n_samples": telemetry_rows.get(domain.name, 0)})
-        else:
-            rows.append({**row, "status": "ok", "reason": None, "model": json.dumps(model.to_dict()),
-                         "r2": model.r2, "mape_pct": model.mape_pct, "n_samples": model.n_samples})
+            continue
+        model = _fitted(found)
+        reason = found.reason if isinstance(found, DeclaredFit) else None
+        n_samples = telemetry_rows.get(domain.name, 0) if reason else model.n_samples
+        rows.append({**row, "status": "ok", "reason": reason, "model": json.dumps(model.to_dict()),
+                     "r2": model.r2, "mape_pct": model.mape_pct, "n_samples": n_samples})
     return rows
+
+
+def declared_notes(cluster, fits: dict) -> list[str]:
+    """One note per domain of the cluster planned on its declared curve."""
+    return [f"{d.name}: {fits[d.name].reason}" for d in cluster.power_domains
+            if isinstance(fits.get(d.name), DeclaredFit)]
 
 
 def cluster_power_curve(cluster, fits: dict):
@@ -177,7 +217,7 @@ def cluster_power_curve(cluster, fits: dict):
                 if isinstance(fits.get(d.name, missing), InputError)]
     if problems:
         return None, "no-power-model: " + "; ".join(problems)
-    models = [fits[d.name] for d in cluster.power_domains]
+    models = [_fitted(fits[d.name]) for d in cluster.power_domains]
     shares = [d.capacity_cores / cluster.capacity_cores for d in cluster.power_domains]
     knots = {0.0, float(cluster.capacity_cores)}
     for model, share in zip(models, shares):
@@ -189,7 +229,7 @@ def cluster_power_curve(cluster, fits: dict):
 
 def fit_cluster_power(cluster, telemetry: pd.DataFrame, now: pd.Timestamp):
     """One cluster's power_models rows, its P(u) curve and the problem (None if both domains fitted)."""
-    fits = fit_domain_power_models(telemetry, now)
+    fits = with_declared_curves([cluster], fit_domain_power_models(telemetry, now), now)
     counts = telemetry.groupby("domain").size().to_dict() if len(telemetry) else {}
     curve, problem = cluster_power_curve(cluster, fits)
     return pd.DataFrame(power_model_rows(cluster, fits, counts, now)), curve, problem
@@ -503,7 +543,7 @@ def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | 
     usage = store.usage_histories(names, before=day.planned_at, days=LOAD_HISTORY_DAYS)
     disabled = shaping_disabled_many(store, names, plan_date)
     timer.lap("store-reads")
-    fits = fit_domain_power_models(telemetry, day.planned_at)
+    fits = with_declared_curves(clusters, fit_domain_power_models(telemetry, day.planned_at), day.planned_at)
     counts = telemetry.groupby("domain").size().to_dict() if len(telemetry) else {}
     curves = {c.name: cluster_power_curve(c, fits) for c in clusters}
     timer.lap("power-models")
@@ -520,6 +560,7 @@ def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | 
         problem_load = load_problem(load)
         if power_problem:
             out.notes["power-models"].append(f"{cluster.name}: {power_problem}")
+        out.notes["power-models"].extend(f"{cluster.name}: {note}" for note in declared_notes(cluster, fits))
         if problem_load:
             out.notes["load-forecast"].append(f"{cluster.name}: {problem_load}")
         reason = problem or problem_load or power_problem
