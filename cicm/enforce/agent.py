@@ -28,7 +28,7 @@ import logging
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
 
@@ -104,6 +104,7 @@ class PassOutcome:
     changes: list[str] = field(default_factory=list)
     detail: str = ""
     audit_to: str = ""
+    store_problem: str | None = None  # the plan store was missing, corrupt, locked or unreadable (storehealth)
 
     @property
     def ok(self) -> bool:
@@ -136,6 +137,8 @@ class Agent:
         self._last_acted_loaded = False
         self.passes: list[PassOutcome] = []
         self.metrics: AgentMetrics | None = None  # Prometheus metrics of each pass (docs/metrics.md)
+        self._store_problem: str | None = None  # this pass's plan store problem (cicm.enforce.storehealth kind)
+        self._store_counter: Any = None  # cicm_agent_store_unreadable_passes, on the metrics' registry
 
     # ------------------------------------------------------------------------------------------- plan
     def _safe(self, reason: str) -> tuple[str, str]:
@@ -143,9 +146,11 @@ class Agent:
 
     def plan_for(self, hour: pd.Timestamp) -> tuple[str, str | None, DayPlan | None, float | None, str]:
         """(mode, reason, plan covering the hour or None, flexible allowance in cluster cores, note)."""
+        self._store_problem = None
         try:
             look = self.plans.lookup(hour)
-        except PlanUnavailable as exc:
+        except PlanUnavailable as exc:  # a deleted or corrupt store, or a locked one without a cached plan
+            self._store_problem = exc.kind
             return (*self._safe(f"plan-unreadable: {exc}"), None, None, "")
         note = "; ".join([*(look.problems or []), *([look.note] if look.note else [])])
         plan = look.plan
@@ -359,7 +364,7 @@ class Agent:
         hour = hour_start(now)
         mode, reason, plan, allowance, note = self.plan_for(hour)
         out = PassOutcome(hour=hour, acted_at=now, mode=mode, reason=reason, result=RESULT_UNCHANGED, plan=plan,
-                          allowance_cores=allowance, plan_allowance_cores=allowance)
+                          allowance_cores=allowance, plan_allowance_cores=allowance, store_problem=self._store_problem)
         if plan is not None and plan.covers(hour):
             out.vcc_cores = float(plan.row(hour)["vcc_cores"])
         details = [note] if note else []
@@ -433,11 +438,36 @@ class Agent:
         out.audit_to = self._audit(out)
         self.passes.append(out)
         if self.metrics is not None:
+            self._count_store_problem(out)
             self.metrics.observe(out)
         (log.info if out.ok else log.warning)("%s", out.line())
         if fatal is not None:
             raise fatal
         return out
+
+    def _count_store_problem(self, out: PassOutcome) -> None:
+        """``cicm_agent_store_unreadable_passes_total{cluster, kind}``: passes whose plan store was missing,
+        corrupt, locked (with no cached plan) or unreadable, on the agent's metrics registry (an alert fires on
+        ``increase(...[15m]) > 0``). Never raises."""
+        try:
+            from prometheus_client import Counter
+
+            from cicm.enforce.storehealth import KINDS
+
+            registry = getattr(self.metrics, "registry", None)
+            if registry is None:
+                return
+            if self._store_counter is None:
+                self._store_counter = Counter(
+                    "cicm_agent_store_unreadable_passes", "Agent passes whose plan store could not be read, by "
+                    "kind (missing, corrupt, locked without a cached plan, unreadable); the caps were lifted "
+                    "(or kept with --on-missing-plan keep)", ["cluster", "kind"], registry=registry)
+                for k in KINDS:
+                    self._store_counter.labels(self.config.cluster, k)
+            if out.store_problem:
+                self._store_counter.labels(self.config.cluster, out.store_problem).inc()
+        except Exception as exc:  # noqa: BLE001 - metrics never stop enforcement
+            log.warning("agent metrics: %s", exc)
 
     def _unique_acted_at(self, now: pd.Timestamp) -> pd.Timestamp:
         """acted_at is the audit key with the cluster; a simulated clock can repeat instants, so bump by 1 µs."""

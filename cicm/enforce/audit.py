@@ -135,6 +135,7 @@ class StoreAudit:
         self.run_id = run_id
         self.params = params or {}
         self.last_error: str | None = None
+        self.last_error_kind: str | None = None  # cicm.enforce.storehealth: missing, corrupt, locked, unreadable
         self._runs_seen: set[str] = set()
         self._code_version: str | None = None
 
@@ -168,14 +169,16 @@ class StoreAudit:
                         agent.write_actions(store, part.drop(columns="run_id"), str(run_id))
                     write_deviations(store, rows)
         except (duckdb.Error, InputError, OSError) as exc:  # never lose an audit row: spool it
-            self.last_error = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            (log.warning if is_lock_error(exc) else log.error)(
-                "store %s not writable (%s): audit row spooled to %s", self.db_path, self.last_error, self.spool.path)
+            from cicm.enforce.storehealth import LOCKED, classify
+
+            self.last_error_kind, self.last_error = classify(exc, self.db_path)
+            (log.warning if self.last_error_kind == LOCKED else log.error)(
+                "%s: audit row spooled to %s", self.last_error, self.spool.path)
             return self.spool.write(row)
         if pending:
             self.spool.path.write_text("")  # drained
             log.info("drained %d spooled audit rows into %s", len(pending), self.db_path)
-        self.last_error = None
+        self.last_error = self.last_error_kind = None
         return "store"
 
     def last_acted_at(self, cluster: str) -> pd.Timestamp | None:

@@ -30,7 +30,12 @@ from cicm.jsonsafe import MAX_BYTES, JSONRejected, loads_bounded
 
 
 class PlanUnavailable(RuntimeError):
-    """The plan source could not be read (missing, locked, malformed)."""
+    """The plan source could not be read (missing, locked, malformed). ``kind``: for a store, what is wrong with
+    the file (:mod:`cicm.enforce.storehealth`: missing, corrupt, locked, unreadable); None for a plan file."""
+
+    def __init__(self, message: str, kind: str | None = None):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -139,10 +144,16 @@ class StorePlanSource:
                     same = plan is not None and plan.plan_date == newest_date
                     newest = plan if same else self._read(store, newest_date)
         except (duckdb.Error, InputError, OSError) as exc:  # locked by a writer (after the store's retries), gone
+            from cicm.enforce.storehealth import LOCKED, classify
+
+            kind, message = classify(exc, self.path)
+            if kind != LOCKED:  # deleted, corrupt: it will not come back by itself; never cap from memory
+                self._cache.clear()
+                raise PlanUnavailable(message, kind) from exc
             cached = [p for p in self._cache.values() if p.covers(hour)]
             if cached:
-                return PlanLookup(cached[0], note=f"store unreadable ({_short(exc)}); using the plan read before")
-            raise PlanUnavailable(f"store {self.path}: {_short(exc)}") from exc
+                return PlanLookup(cached[0], note=f"store unreadable ({message}); using the plan read before")
+            raise PlanUnavailable(message, kind) from exc
         return PlanLookup(plan, newest)
 
     def _with_operator_pause(self, store, plan: DayPlan | None) -> DayPlan | None:
