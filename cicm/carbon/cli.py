@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import pandas as pd
 import typer
 
-from cicm.clikit import fail, interruptible
+from cicm.clikit import ExitCode, fail, interruptible
 from cicm.carbon.providers import PROVIDERS, fetch_forecast
 from cicm.carbon.validate import format_time, require_utc_timestamp
 from cicm.errors import InputError, ProviderError
+
+if TYPE_CHECKING:
+    from cicm.store.core import StoreLocked
 
 carbon_app = typer.Typer(help="Carbon-intensity forecasts: fetch, validate, store.", no_args_is_help=True)
 
@@ -77,14 +80,41 @@ def summary_line(df: pd.DataFrame) -> str:
 
 
 def store_forecast(db: Path, fetch, params: dict) -> tuple[pd.DataFrame, str]:
-    """Fetch inside a store run, so a failed fetch is recorded as a failed run with its reason."""
+    """Fetch first, then open the store and write in one short transaction: the store (DuckDB's one-writer lock)
+    is never held while the network is asked. A failed (or interrupted) fetch is recorded as a failed run with its
+    reason, in its own short write; a store that stays locked raises :class:`~cicm.store.core.StoreLocked`."""
+    from cicm.clikit import Interrupted
     from cicm.store import Store
+    from cicm.store.core import StoreLocked
 
-    with Store(db) as st, st.run("carbon-fetch", params) as run:  # the status commits with the rows
+    try:
         frame = fetch()
-        st.write_carbon_forecast(frame, run.run_id)  # one INSERT: all rows or none
-        run_id = run.run_id
+    except (InputError, ProviderError, Interrupted) as exc:
+        record_failed_fetch(db, params, exc)
+        raise
+    try:
+        with Store(db) as st, st.run("carbon-fetch", params) as run:  # the status commits with the rows
+            st.write_carbon_forecast(frame, run.run_id)  # one INSERT: all rows or none
+            run_id = run.run_id
+    except StoreLocked as exc:
+        exc.frame = frame  # type: ignore[attr-defined]  # the caller still prints what was fetched
+        raise
     return frame, run_id
+
+
+def record_failed_fetch(db: Path, params: dict, exc: BaseException) -> None:
+    """Record a failed fetch as a failed carbon-fetch run. A locked store cannot take it: say so on stderr (the
+    fetch's own error is the command's)."""
+    import sys
+
+    from cicm.store import Store
+    from cicm.store.core import StoreLocked
+
+    try:
+        with Store(db) as st:
+            st.failed_run("carbon-fetch", params, None, exc)
+    except StoreLocked as locked:
+        print(f"warning: the failed carbon-fetch run was not recorded: {locked}", file=sys.stderr, flush=True)
 
 
 @carbon_app.command("fetch")
@@ -118,9 +148,14 @@ def fetch(
 
         params = {"provider": provider, "zone": zone, "start": str(window_start), "end": str(window_end),
                   "now": str(now_ts), "seed": seed, "base_url": base_url, "csv": str(csv) if csv else None}
+        locked: StoreLocked | None = None
         if db is not None:
+            from cicm.store.core import StoreLocked
             with interruptible():  # SIGTERM/SIGINT: rolled back, recorded, exit 2
-                frame, run_id = store_forecast(db, do_fetch, params)
+                try:
+                    frame, run_id = store_forecast(db, do_fetch, params)
+                except StoreLocked as exc:  # fetched, but the store stayed locked: print it, store nothing
+                    locked, frame, run_id = exc, exc.frame, None  # type: ignore[attr-defined]
         else:
             frame, run_id = do_fetch(), None
     except (InputError, ProviderError) as exc:
@@ -133,3 +168,6 @@ def fetch(
         typer.echo(f"wrote {out}")
     if run_id is not None:
         typer.echo(f"stored in {db} (run {run_id})")
+    if locked is not None:
+        fail(f"{locked.field}: the carbon-fetch run and its {len(frame)} hours cannot be recorded in a locked "
+             f"store: {locked.message}", ExitCode.DEGRADED)

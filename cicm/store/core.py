@@ -201,19 +201,50 @@ def new_run_id(kind: str) -> str:
 
 
 LOCK_RETRY_SECONDS = 10.0
+#: Environment variable that sets how long a command waits for a locked store (seconds; default 10).
+LOCK_WAIT_ENV = "CICM_DB_LOCK_WAIT_S"
 
 
-def _connect_with_retry(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
-    """DuckDB lets one process hold a file for writing; another holder (the dashboard's brief reads, the agent)
-    makes connect fail with a lock error. Retry for a few seconds, then say who is in the way."""
-    deadline = time.monotonic() + LOCK_RETRY_SECONDS
+class StoreLocked(InputError):
+    """The store stayed locked by another process for the whole bounded wait (field ``db``). Nothing this process
+    would have recorded (a run, its rows) is in the store."""
+
+    @classmethod
+    def after(cls, path: Path, waited_s: float, detail: str) -> "StoreLocked":
+        return cls("db", f"{path} is locked by another process (waited {waited_s:g} s; {detail}); nothing was "
+                         f"recorded in it: run again when the other writer is done")
+
+
+def lock_wait_s() -> float:
+    """How long to wait for a locked store: ``$CICM_DB_LOCK_WAIT_S`` (a number >= 0), else LOCK_RETRY_SECONDS."""
+    raw = os.environ.get(LOCK_WAIT_ENV)
+    if raw is None or not raw.strip():
+        return LOCK_RETRY_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise InputError(LOCK_WAIT_ENV, f"must be a number of seconds >= 0, got {raw!r}")
+    return value
+
+
+def _connect_with_retry(path: Path, read_only: bool, wait_s: float | None = None) -> duckdb.DuckDBPyConnection:
+    """DuckDB lets one process hold a file for writing; another holder (a writer's run, the dashboard's brief
+    reads, the agent) makes connect fail with a lock error. Retry for a bounded time (``wait_s``, default
+    :func:`lock_wait_s`: 10 s), then raise :class:`StoreLocked` saying who is in the way."""
+    wait = lock_wait_s() if wait_s is None else wait_s
+    started = time.monotonic()
     while True:
         try:
             return duckdb.connect(str(path), read_only=read_only)
         except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
-                raise InputError("db", f"{path} is locked by another process: {exc}") from exc
-            time.sleep(0.1)
+            if "lock" not in str(exc).lower():
+                raise InputError("db", f"cannot open {path}: {exc}") from exc
+            waited = time.monotonic() - started
+            if waited >= wait:
+                raise StoreLocked.after(path, round(waited, 1), str(exc).splitlines()[0]) from exc
+            time.sleep(min(0.1, max(wait - waited, 0.0)))
 
 
 def failure_message(exc: BaseException) -> str:
