@@ -46,6 +46,34 @@ def _markdown(outcome: PlanOutcome) -> str:
     return "\n".join(lines)
 
 
+#: Prefect Secret blocks that stand in for a provider's environment variable when it is unset.
+SECRET_BLOCKS = {"ELECTRICITYMAPS_TOKEN": "electricitymaps-token", "WATTTIME_USERNAME": "watttime-username",
+                 "WATTTIME_PASSWORD": "watttime-password"}
+PROVIDER_ENV = {"electricitymaps": ("ELECTRICITYMAPS_TOKEN",), "watttime": ("WATTTIME_USERNAME", "WATTTIME_PASSWORD")}
+
+
+def load_provider_secrets(fleet: Fleet, options: PlanOptions) -> list[str]:
+    """Put each credential the fleet's live providers need and the environment lacks into this process's
+    environment from its Prefect Secret block (``electricitymaps-token``, ``watttime-username``,
+    ``watttime-password``), if the Prefect API holds one. The value is never logged, stored or returned: the
+    names of the variables filled are. A missing block leaves the variable unset (the provider then says so)."""
+    from prefect.blocks.system import Secret
+
+    needed = {env for campus in fleet.campuses for env in PROVIDER_ENV.get(campus.provider(options.provider), ())}
+    filled = []
+    for env in sorted(needed):
+        if os.environ.get(env, "").strip():
+            continue
+        try:
+            value = Secret.load(SECRET_BLOCKS[env]).get()
+        except (ValueError, KeyError):  # no such block
+            continue
+        if isinstance(value, str) and value.strip():
+            os.environ[env] = value
+            filled.append(env)
+    return filled
+
+
 partition_task = task(stages.plan_partition_from_file, name="plan-partition", cache_policy=NO_CACHE)
 
 # "auto" and a local Dask cluster (docs/scale.md): on 2 cores a local cluster never paid (10,000 clusters: 63.6 s
@@ -98,6 +126,9 @@ def nightly_plan(plan_date: date, db_path: str, fleet_path: str | None = None,
         retries=options.fetch_retries, retry_delay_seconds=options.fetch_retry_delay_seconds
     )
     on_dask = type(get_run_context().task_runner).__name__ == "DaskTaskRunner"
+    filled = load_provider_secrets(fleet, options)
+    if filled:
+        get_run_logger().info("credentials %s read from Prefect Secret blocks", ", ".join(filled))
     with Store(db_path) as store:
         outcome = plan_day(store, fleet, plan_date, options, fetch=fetch, telemetry=telemetry_task, slo=slo_task,
                            run_partitions=_submit_partitions(db_path) if on_dask else None,

@@ -10,7 +10,6 @@ failed telemetry-ingest run, stores nothing, and the plan goes on with the store
 from __future__ import annotations
 
 from datetime import date
-from functools import partial
 
 import pandas as pd
 import pytest
@@ -18,7 +17,7 @@ import pytest
 from cicm.config import load_fleet
 from cicm.demo.telemetry import demo_power_telemetry, demo_usage_history
 from cicm.errors import InputError
-from cicm.planning.pipeline import PlanOptions, ensure_telemetry, plan_day
+from cicm.planning.pipeline import PlanOptions, plan_day
 from cicm.store import Store
 from cicm.timeutil import planning_time_utc
 
@@ -138,8 +137,7 @@ def planned_at(day: date) -> pd.Timestamp:
 
 def plan(store, fleet, day: date):
     """The nightly plan of `day`, run at its planning time (18:00 local the evening before)."""
-    return plan_day(store, fleet, day, PlanOptions(),
-                    telemetry=partial(ensure_telemetry, now=planned_at(day)))
+    return plan_day(store, fleet, day, PlanOptions(as_of=planned_at(day).isoformat()))
 
 
 def stored(store, table: str, columns) -> pd.DataFrame:

@@ -140,6 +140,45 @@ class WattTimeSession:
         return parse_forecast_payload(self.forecast_payload(region, horizon_hours=horizon_hours), region=region)
 
 
+def parse_historical_payload(payload: object, *, region: str) -> pd.DataFrame:
+    """Pure: a /v3/historical JSON body (the measured co2_moer, same shape as the forecast's, without
+    ``generated_at``) -> raw canonical frame in g/kWh, ``issued_at`` = each point's time."""
+    if not isinstance(payload, dict):
+        raise InputError("data", f"expected a JSON object, got {type(payload).__name__}")
+    meta = require_key(payload, "meta", "")
+    units = require_key(meta, "units", "meta")
+    if units != EXPECTED_UNITS:
+        raise InputError("meta.units", f"expected {EXPECTED_UNITS!r}, got {units!r}")
+    got_region = meta.get("region", region)
+    if got_region != region:
+        raise InputError("zone", f"asked WattTime for region {region!r}, response is for {got_region!r}")
+    points = require_list(payload, "data")
+    times = parse_utc_timestamps([require_key(p, "point_time", f"data[{i}]") for i, p in enumerate(points)],
+                                 "target_hour")
+    values = [require_key(p, "value", f"data[{i}]") for i, p in enumerate(points)]
+    return make_forecast_frame(zone=region, target_times=times, issued_at=list(times),
+                               gco2_per_kwh=lbs_per_mwh_to_gco2_per_kwh(parse_float_values(values, "gco2_per_kwh")),
+                               provider=PROVIDER)
+
+
+def fetch_raw_historical(region: str, start: pd.Timestamp, end: pd.Timestamp, *, base_url: str | None = None,
+                         policy: RetryPolicy = DEFAULT_POLICY, session: requests.Session | None = None,
+                         ) -> pd.DataFrame:
+    """Log in and GET the measured co2_moer of ``region`` over [start, end) (at most 32 days a request, as the
+    API allows). Unvalidated; credentials from the environment."""
+    if end - start > pd.Timedelta(days=32):
+        raise InputError("start", "WattTime's historical data is asked for 32 days at most at a time")
+    if session is None:
+        with policy.session() as own:
+            return fetch_raw_historical(region, start, end, base_url=base_url, policy=policy, session=own)
+    wt = WattTimeSession(base_url=base_url or DEFAULT_BASE_URL, policy=policy, session=session)
+    wt.login()
+    params = {"region": region, "signal_type": SIGNAL_TYPE, "start": start.isoformat(), "end": end.isoformat()}
+    headers = {"Authorization": f"Bearer {wt.token}"}
+    payload = get_json(session, f"{wt._base()}/v3/historical", provider=PROVIDER, params=params, headers=headers)
+    return parse_historical_payload(payload, region=region)
+
+
 def fetch_raw_forecast(
     region: str,
     *,

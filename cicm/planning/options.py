@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pandas as pd
+
 from cicm.errors import InputError
 
 
@@ -31,6 +33,14 @@ class PlanOptions:
     horizon_hours: int = 48  # queue program: look-ahead from planning time (only the planning day is committed)
     planning_margin_hours: float = 6.0  # queue program: deadlines planned this much early
     arrival_quantile: float = 0.9  # queue program: upper quantile of arrivals behind the VCC's margin
+    as_of: str | None = None  # ISO-8601 with offset: plan as if the clock read this (a missed night's re-run)
+
+    def now(self) -> pd.Timestamp:
+        """The planning clock: ``as_of`` if given, else the wall clock (UTC). Telemetry is read up to it, live
+        forecasts and actuals are judged against it."""
+        if self.as_of is None:
+            return pd.Timestamp.now(tz="UTC")
+        return pd.Timestamp(self.as_of).tz_convert("UTC")
 
     def validate(self) -> None:
         """Refuse knobs the planner cannot use, naming the field. The one source of the planner's defaults and
@@ -45,6 +55,13 @@ class PlanOptions:
             raise InputError("arrival_quantile", f"must be in [0.5, 1), got {self.arrival_quantile}")
         if not 0 < self.gamma < 0.5:
             raise InputError("gamma", f"must be in (0, 0.5), got {self.gamma}")
+        if self.as_of is not None:
+            try:
+                stamp = pd.Timestamp(self.as_of)
+            except (ValueError, TypeError) as exc:
+                raise InputError("as_of", f"not a time: {self.as_of!r}") from exc
+            if stamp is pd.NaT or stamp.tzinfo is None:
+                raise InputError("as_of", f"give a time with its offset, e.g. 2026-12-04T18:00Z; got {self.as_of!r}")
 
 
 PROGRAMS = ("queue", "ceiling")

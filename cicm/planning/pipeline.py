@@ -17,7 +17,7 @@ from typing import Callable
 import pandas as pd
 
 from cicm.reasons import RunStatus, StageStatus
-from cicm.config import Fleet, load_fleet
+from cicm.config import Fleet, check_fleet_zones, load_fleet
 from cicm.store import Store
 from cicm.errors import InputError, ProviderError
 from cicm.planning import stages
@@ -94,6 +94,63 @@ def ensure_telemetry(store: Store, fleet: Fleet, seed: int, telemetry_dir: str |
     return stages.StageReport("telemetry", StageStatus.RAN, "store already holds telemetry for every cluster")
 
 
+#: Stored usage may exceed a cluster's cores by this share before the fleet file is held not to match (rounding of
+#: exported gauges).
+CAPACITY_TOLERANCE = 0.01
+#: Days back from the newest stored hour that the fleet-against-store check reads.
+MATCH_WINDOW_DAYS = 8
+
+
+def _field_of(fleet: Fleet) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """cluster -> its field path; domain -> (its field path, its cluster)."""
+    clusters, domains = {}, {}
+    for i, campus in enumerate(fleet.campuses):
+        for j, cluster in enumerate(campus.clusters):
+            clusters[cluster.name] = f"campuses.{i}.clusters.{j}"
+            for k, domain in enumerate(cluster.power_domains):
+                domains[domain.name] = (f"campuses.{i}.clusters.{j}.power_domains.{k}", cluster.name)
+    return clusters, domains
+
+
+def check_fleet_matches_store(store: Store, fleet: Fleet) -> None:
+    """Refuse a fleet file the store's history does not match, before anything is planned, naming the field:
+
+    * a power domain whose stored telemetry belongs to another cluster than the file says;
+    * a cluster whose stored usage (inflexible + flexible) in the last 8 stored days peaks above its cores;
+    * a power domain with no declared curve (spec_row, power_points) and no power telemetry at all.
+    """
+    cluster_field, domain_field = _field_of(fleet)
+    owners = store.query(
+        "SELECT domain, min(cluster) AS cluster, count(DISTINCT cluster) AS n FROM power_telemetry"
+        " WHERE list_contains(?, domain) AND hour >= (SELECT max(hour) FROM power_telemetry) - to_days(?)"
+        " GROUP BY domain", [list(domain_field), MATCH_WINDOW_DAYS])
+    for domain, cluster, n in owners.itertuples(index=False):
+        field, expected = domain_field[domain]
+        if n > 1 or cluster != expected:
+            raise InputError(f"{field}.name", f"the store holds power domain {domain!r}'s telemetry under cluster "
+                                              f"{cluster!r}, the fleet file puts it in {expected!r}: the fleet "
+                                              "file does not match the store's history")
+    peaks = store.query(
+        "SELECT cluster, max(inflexible_cpu_cores + flexible_cpu_cores) AS peak FROM usage_history"
+        " WHERE list_contains(?, cluster) AND hour >= (SELECT max(hour) FROM usage_history) - to_days(?)"
+        " GROUP BY cluster", [list(cluster_field), MATCH_WINDOW_DAYS])
+    for cluster, peak in peaks.itertuples(index=False):
+        cores = fleet.cluster(cluster).capacity_cores
+        if peak > cores * (1 + CAPACITY_TOLERANCE):
+            raise InputError(f"{cluster_field[cluster]}.power_domains",
+                             f"cluster {cluster!r}'s stored usage peaks at {peak:,.0f} cores in the last "
+                             f"{MATCH_WINDOW_DAYS} stored days, above the {cores:,} cores the fleet file gives it: "
+                             "the fleet file does not match the store's history")
+    bare = [d.name for c in fleet.clusters() for d in c.power_domains if d.declared_curve_kw() is None]
+    if bare:
+        seen = set(store.query("SELECT DISTINCT domain FROM power_telemetry WHERE list_contains(?, domain)",
+                               [bare])["domain"])
+        for name in bare:
+            if name not in seen:
+                raise InputError(domain_field[name][0], f"power domain {name!r} has no power curve (spec_row or "
+                                                        "power_points) and no power telemetry in the store")
+
+
 def prometheus_mapping(fleet: Fleet) -> PrometheusMapping:
     """The fleet file's ``[telemetry.mapping]`` parsed; a bad field raises InputError naming
     ``telemetry.mapping.<field>``."""
@@ -141,20 +198,82 @@ def ingest_prometheus(store: Store, fleet: Fleet, now: pd.Timestamp) -> stages.S
 
 
 def fetch_day_carbon(day: stages.CampusDay, options: PlanOptions) -> pd.DataFrame:
-    extra = {}
-    if options.base_url:
-        extra["base_url"] = options.base_url
-    if options.csv_path:
-        extra["path"] = options.csv_path
-    now = None if options.provider == "trace" else pd.Timestamp.now(tz="UTC")
+    """The campus's forecast from its provider (its own, else the run's), to the look-ahead if the provider
+    reaches it, else the day alone. The trace is issued at planning time; a live forecast is judged against the
+    planning clock (``options.now()``)."""
+    provider, extra = stages.carbon_source(day.campus, options)
+    now = None if provider == "trace" else options.now()
     end = stages.carbon_window_end(day, options)
     try:
-        return stages.fetch_campus_carbon(day, options.provider, options.seed, now=now, end=end, **extra)
+        return stages.fetch_campus_carbon(day, provider, options.seed, now=now, end=end, **extra)
     except (InputError, ProviderError):
         if end <= day.hours[-1] + pd.Timedelta(hours=1):
             raise
     # the provider cannot reach the look-ahead: plan with the day alone (the program's note says so)
-    return stages.fetch_campus_carbon(day, options.provider, options.seed, now=now, **extra)
+    return stages.fetch_campus_carbon(day, provider, options.seed, now=now, **extra)
+
+
+#: Days of actuals asked for on a store that holds none of a zone (the forecast-value gate looks back 28 days;
+#: Electricity Maps' history answers the last 24 hours whatever is asked).
+ACTUALS_LOOKBACK_DAYS = 28
+
+
+def actuals_sources(fleet: Fleet, options: PlanOptions) -> dict[tuple, tuple[str, dict]]:
+    """Each live (provider, zone, where) of the fleet once: key -> (provider, fetch options incl. zone)."""
+    from cicm.carbon.actuals import LIVE_PROVIDERS
+
+    out: dict[tuple, tuple[str, dict]] = {}
+    for campus in fleet.campuses:
+        provider, extra = stages.carbon_source(campus, options)
+        if provider not in LIVE_PROVIDERS:
+            continue
+        fetch = {"zone": campus.grid_zone, "base_url": extra.get("base_url")}
+        if provider == "csv":
+            fetch["path"] = campus.carbon.actuals_csv if campus.carbon is not None else None
+            if fetch["path"] is None:
+                continue  # a CSV forecast feed without a measured series: nothing to store
+        out[(provider, campus.grid_zone, fetch.get("base_url"), str(fetch.get("path")))] = (provider, fetch)
+    return out
+
+
+def update_carbon_actuals(store: Store, fleet: Fleet, options: PlanOptions) -> stages.StageReport:
+    """Fetch each live zone's measured intensity since the newest stored hour (at most 28 days back) and store
+    it: one ``carbon-actuals`` run, written after every fetch is in, in one short transaction (the store is let
+    go during the network I/O). A provider that fails is a degraded stage naming it; the others are stored."""
+    from cicm.carbon.actuals import fetch_actuals
+
+    sources = actuals_sources(fleet, options)
+    if not sources:
+        return stages.StageReport("carbon-actuals", StageStatus.RAN, "no live zones (the trace's are bundled)")
+    now = options.now()
+    end = now.floor("h")
+    starts = {}
+    for key, (provider, fetch) in sources.items():
+        newest = store.query("SELECT max(hour) AS h FROM carbon_actuals WHERE zone = ?", [fetch["zone"]])["h"].iloc[0]
+        earliest = end - pd.Timedelta(days=ACTUALS_LOOKBACK_DAYS)
+        starts[key] = earliest if pd.isna(newest) else max(earliest, pd.Timestamp(newest) + pd.Timedelta(hours=1))
+    frames, problems = [], []
+    with store.released():  # no lock held while waiting on providers
+        for key, (provider, fetch) in sources.items():
+            if starts[key] >= end:
+                continue
+            try:
+                frames.append(fetch_actuals(provider, fetch["zone"], starts[key], end, now=now,
+                                            base_url=fetch.get("base_url"), path=fetch.get("path")))
+            except (InputError, ProviderError) as exc:
+                problems.append(f"{provider} {fetch['zone']}: {exc}")
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    zones = sorted({fetch["zone"] for _, fetch in sources.values()})
+    with store.run("carbon-actuals", {"zones": zones, "end": str(end)}) as run:
+        if len(rows):
+            store.upsert("carbon_actuals", rows, run.run_id)
+        run.status = RunStatus.DEGRADED if problems else RunStatus.OK
+        run.message = "; ".join(problems) or None
+        run.summary = {"rows": len(rows), "zones": zones}
+    detail = f"{len(rows)} hourly actuals of {', '.join(zones)} stored"
+    if problems:
+        return stages.StageReport("carbon-actuals", StageStatus.DEGRADED, f"{detail}; failed: {'; '.join(problems)}")
+    return stages.StageReport("carbon-actuals", StageStatus.RAN, detail)
 
 
 def plan_day(store: Store, fleet: Fleet, plan_date: date, options: PlanOptions,
@@ -173,20 +292,25 @@ def plan_day(store: Store, fleet: Fleet, plan_date: date, options: PlanOptions,
     process has let go of it. Everything is then written here, by the one writer, in one transaction.
     """
     options.validate()
+    check_fleet_zones(fleet, options.provider)
     slo = slo or check_slo
     clock = _Clock()
-    reports = [telemetry(store, fleet, options.seed, options.telemetry_dir)]
+    reports = [telemetry(store, fleet, options.seed, options.telemetry_dir, now=options.now())]
+    check_fleet_matches_store(store, fleet)
     clock.lap("telemetry")
+    reports.append(update_carbon_actuals(store, fleet, options))
+    clock.lap("carbon-actuals")
     days = stages.campus_days(fleet, plan_date)
     fetched, by_zone_day = {}, {}
-    for day in days:  # campuses in one zone and time zone share their forecast: fetched once
-        key = stages.zone_day_key(day)
-        if key not in by_zone_day:
-            try:
-                by_zone_day[key] = fetch(day, options)
-            except Exception as exc:  # noqa: BLE001 - collect_carbon decides what is a fallback and what a bug
-                by_zone_day[key] = exc
-        fetched[day.campus.name] = by_zone_day[key]
+    with store.released():  # no lock held while waiting on providers
+        for day in days:  # campuses in one zone and time zone share their forecast: fetched once
+            key = stages.zone_day_key(day)
+            if key not in by_zone_day:
+                try:
+                    by_zone_day[key] = fetch(day, options)
+                except Exception as exc:  # noqa: BLE001 - collect_carbon decides what is a fallback and what a bug
+                    by_zone_day[key] = exc
+            fetched[day.campus.name] = by_zone_day[key]
     carbon = stages.collect_carbon(days, fetched)
     reports.append(stages.carbon_report(carbon, days))
     clock.lap("carbon-forecast")

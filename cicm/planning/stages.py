@@ -50,8 +50,19 @@ class CarbonResult:
 
 
 def zone_day_key(day: CampusDay) -> tuple:
-    """Campuses with equal keys have the same carbon forecast and forecast value (same zone, hours, issue time)."""
-    return day.campus.grid_zone, day.hours[0], len(day.hours), day.planned_at
+    """Campuses with equal keys have the same carbon forecast and forecast value (same source, zone, hours,
+    issue time)."""
+    return day.campus.carbon, day.campus.grid_zone, day.hours[0], len(day.hours), day.planned_at
+
+
+def carbon_source(campus: Campus, options) -> tuple[str, dict]:
+    """(provider, its options: base_url, path) of a campus's forecasts: its own ``[campuses.carbon]`` table,
+    else the run's ``--provider`` with ``--base-url`` and ``--csv``."""
+    if campus.carbon is not None:
+        src = campus.carbon
+        return src.provider, {k: v for k, v in (("base_url", src.base_url), ("path", src.forecast_csv)) if v}
+    extra = {k: v for k, v in (("base_url", options.base_url), ("path", options.csv_path)) if v}
+    return options.provider, extra
 
 
 def campus_days(fleet: Fleet, plan_date: date) -> list[CampusDay]:
