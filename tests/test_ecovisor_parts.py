@@ -118,7 +118,9 @@ def test_registry_restores_apps_and_their_caps(parts):
     site, store, containers, registry = parts
     app, token = registry.register(AppRegistration(name="a", grid_kw=2.0, containers=["a-batch"]))
     containers["a-batch"].powercap_kw = 1.2
-    registry.persist(app)
+    registry.persist(app)  # write-behind: only marked ...
+    assert store.load_apps()[0]["state"]["powercaps_kw"]["a-batch"] != 1.2
+    assert registry.flush() == 1 and registry.flush() == 0  # ... and stored by the flush, once
     fresh = containers_from_site(site)
     again = AppRegistry(site, store, fresh, SimulatedClock(T0))
     again.restore(T0)

@@ -14,7 +14,7 @@ import logging
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Callable, TypeVar
 
 import anyio
 import httpx
@@ -46,6 +46,9 @@ from .state import AppState
 from cicm.store.ecovisor import Telemetry
 
 log = logging.getLogger("cicm.ecovisor")
+
+T = TypeVar("T")
+INLINE_BACKENDS = ("simulated", "cgroup")  # backends whose calls are quick enough for the event loop
 
 _bearer = HTTPBearer(auto_error=False)
 Creds = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
@@ -109,13 +112,13 @@ class CallbackDispatcher:
         return {k: getattr(self, k).get(app, 0) for k in ("sent", "failed", "dropped", "pending")}
 
 
-def _require_admin(request: Request, creds: Creds) -> None:
+async def _require_admin(request: Request, creds: Creds) -> None:
     admin = request.app.state.admin_token
     if creds is None or not admin or not hmac.compare_digest(creds.credentials.encode(), admin.encode()):
         raise AuthError("admin token required")
 
 
-def _require_app(request: Request, creds: Creds) -> AppState:
+async def _require_app(request: Request, creds: Creds) -> AppState:
     return request.app.state.ecovisor.authenticate(creds.credentials if creds else None)
 
 
@@ -139,6 +142,7 @@ def create_app(
     solar=None,
     callback_timeout_s: float = 2.0,
     run_ticker: bool = True,
+    flush_every_s: float = 1.0,
 ) -> FastAPI:
     admin = admin_token if admin_token is not None else os.environ.get("CICM_ECOVISOR_ADMIN_TOKEN")
     if not admin:
@@ -146,6 +150,27 @@ def create_app(
     store = Telemetry(db_path)
     core = Ecovisor(site, clock, backend, store, carbon=carbon, solar=solar)
     callbacks = CallbackDispatcher(timeout_s=callback_timeout_s)
+    inline_ok = backend.kind in INLINE_BACKENDS
+
+    async def run(fn: Callable[..., T], *args: Any) -> T:
+        """A core call: inline on the event loop when the ecovisor lock is free and the backend is in memory or
+        sysfs (no thread hop: the common case costs microseconds), else in a worker thread (a tick holds the
+        lock, or the backend does network I/O, as LXD does)."""
+        if inline_ok and core._lock.acquire(blocking=False):
+            try:
+                return fn(*args)
+            finally:
+                core._lock.release()
+        return await anyio.to_thread.run_sync(fn, *args)
+
+    async def flusher() -> None:
+        """Store the apps' changed settings every ``flush_every_s`` (setters only mark them)."""
+        while True:
+            await asyncio.sleep(flush_every_s)
+            try:
+                await anyio.to_thread.run_sync(core.flush)
+            except Exception:
+                log.exception("storing the apps' settings failed; retrying in %s s", flush_every_s)
 
     async def dispatch(summary: dict) -> None:
         for name, s in summary["apps"].items():
@@ -169,18 +194,21 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         await callbacks.start()
-        task = None
+        tasks = [asyncio.create_task(flusher())]
         if clock_mode(clock) == "real" and run_ticker:
-            task = asyncio.create_task(ticker())
+            tasks.append(asyncio.create_task(ticker()))
         try:
             yield
         finally:
-            if task is not None:
+            for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await callbacks.stop()
-            store.close()
+            try:
+                core.flush()
+            finally:
+                store.close()
 
     api = FastAPI(
         title="cicm ecovisor",
@@ -231,7 +259,7 @@ def create_app(
 
     # ---------------------------------------------------------------- public
     @api.get("/v1/health", tags=["service"])
-    def health() -> dict:
+    async def health() -> dict:
         return {
             "status": "ok",
             "site": site.name,
@@ -244,26 +272,27 @@ def create_app(
         }
 
     @api.get("/v1/clock", tags=["service"])
-    def get_clock() -> dict:
+    async def get_clock() -> dict:
         return {"mode": clock_mode(clock), "now": clock.now().isoformat(), "tick_seconds": core.dt_s,
                 "last_tick_end": core.last_tick_end.isoformat(), "tick_id": core.tick_id}
 
     # ---------------------------------------------------------------- admin
     @api.post("/v1/apps", status_code=201, tags=["admin"], response_model=AppRegistered)
-    def register_app(body: AppRegistration, _: Admin) -> AppRegistered:
-        app_, token = core.register_app(body)
+    async def register_app(body: AppRegistration, _: Admin) -> AppRegistered:
+        app_, token = await anyio.to_thread.run_sync(core.register_app, body)
         return AppRegistered(name=app_.name, token=token, grid_share_kw=app_.grid_share_kw,
                              solar_fraction=app_.solar_fraction, battery_fraction=app_.battery_fraction,
                              containers=app_.containers)
 
     @api.get("/v1/apps", tags=["admin"])
-    def list_apps(_: Admin) -> list[dict]:
-        return [core.app_view(a) | {"callbacks": callbacks.stats(a.name)} for a in list(core.apps.values())]
+    async def list_apps(_: Admin) -> list[dict]:
+        views = await run(lambda: [core.app_view(a) for a in list(core.apps.values())])
+        return [v | {"callbacks": callbacks.stats(v["name"])} for v in views]
 
     @api.delete("/v1/apps/{name}", status_code=204, tags=["admin"])
-    def delete_app(name: str, _: Admin) -> Response:
+    async def delete_app(name: str, _: Admin) -> Response:
         try:
-            core.delete_app(name)
+            await anyio.to_thread.run_sync(core.delete_app, name)
         except KeyError:
             return _err(404, f"no app {name!r}")
         return Response(status_code=204)
@@ -282,7 +311,7 @@ def create_app(
         return {"n": n, "now": clock.now().isoformat(), "ticks": ticks}
 
     @api.put("/v1/admin/containers/{name}/demand", tags=["admin"])
-    def set_demand(name: str, body: DemandBody, _: Admin) -> dict:
+    async def set_demand(name: str, body: DemandBody, _: Admin) -> dict:
         """Simulated backend only: a container's CPU demand in cores."""
         if backend.kind != "simulated" or not isinstance(backend, SimulatedBackend):
             raise ConflictError("demand can only be set on the simulated backend")
@@ -294,72 +323,71 @@ def create_app(
         return {"container": name, "demand_cores": body.cores}
 
     @api.get("/v1/admin/site", tags=["admin"])
-    def get_site(_: Admin) -> dict:
+    async def get_site(_: Admin) -> dict:
         return site.model_dump(mode="json")
 
     # ---------------------------------------------------------------- app: Table 1
     @api.get("/v1/apps/me", tags=["app"])
-    def me(app_: App) -> dict:
-        return core.app_view(app_) | {"callbacks": callbacks.stats(app_.name)}
+    async def me(app_: App) -> dict:
+        return await run(core.app_view, app_) | {"callbacks": callbacks.stats(app_.name)}
 
     @api.get("/v1/containers", tags=["containers"])
-    def list_containers(app_: App) -> list[dict]:
-        return [core.get_container(app_, c) for c in app_.containers]
+    async def list_containers(app_: App) -> list[dict]:
+        return await run(lambda: [core.get_container(app_, c) for c in app_.containers])
 
     @api.get("/v1/containers/{name}", tags=["containers"])
-    def get_container(name: str, app_: App) -> dict:
-        return core.get_container(app_, name)
+    async def get_container(name: str, app_: App) -> dict:
+        return await run(core.get_container, app_, name)
 
     @api.put("/v1/containers/{name}/powercap", tags=["containers"])
-    def set_container_powercap(name: str, body: PowerBody, app_: App) -> dict:
-        cs = core.set_container_powercap(app_, name, body.kw)
-        return core.container_view(cs)
+    async def set_container_powercap(name: str, body: PowerBody, app_: App) -> dict:
+        return await run(lambda: core.container_view(core.set_container_powercap(app_, name, body.kw)))
 
     @api.get("/v1/containers/{name}/powercap", tags=["containers"])
-    def get_container_powercap(name: str, app_: App) -> dict:
-        v = core.get_container(app_, name)
+    async def get_container_powercap(name: str, app_: App) -> dict:
+        v = await run(core.get_container, app_, name)
         return {k: v[k] for k in ("container", "powercap_kw", "effective_powercap_kw", "cpu_limit_cores", "idle_kw", "max_kw")}
 
     @api.get("/v1/containers/{name}/power", tags=["containers"])
-    def get_container_power(name: str, app_: App) -> dict:
-        v = core.get_container(app_, name)
+    async def get_container_power(name: str, app_: App) -> dict:
+        v = await run(core.get_container, app_, name)
         return {k: v[k] for k in ("container", "power_kw", "cpu_usage_cores", "power_source")} | {
             "as_of": core.last_tick_end.isoformat()}
 
     @api.put("/v1/battery/charge-rate", tags=["battery"])
-    def set_battery_charge_rate(body: PowerBody, app_: App) -> dict:
-        return core.battery_view(core.set_battery_charge_rate(app_, body.kw))
+    async def set_battery_charge_rate(body: PowerBody, app_: App) -> dict:
+        return await run(lambda: core.battery_view(core.set_battery_charge_rate(app_, body.kw)))
 
     @api.put("/v1/battery/max-discharge", tags=["battery"])
-    def set_battery_max_discharge(body: PowerBody, app_: App) -> dict:
-        return core.battery_view(core.set_battery_max_discharge(app_, body.kw))
+    async def set_battery_max_discharge(body: PowerBody, app_: App) -> dict:
+        return await run(lambda: core.battery_view(core.set_battery_max_discharge(app_, body.kw)))
 
     @api.get("/v1/battery", tags=["battery"])
-    def get_battery(app_: App) -> dict:
+    async def get_battery(app_: App) -> dict:
         return core.battery_view(app_)
 
     @api.get("/v1/battery/discharge-rate", tags=["battery"])
-    def get_battery_discharge_rate(app_: App) -> dict:
+    async def get_battery_discharge_rate(app_: App) -> dict:
         v = core.battery_view(app_)
         return {"discharge_rate_kw": v["discharge_rate_kw"], "max_discharge_setting_kw": v["max_discharge_setting_kw"],
                 "as_of": v["as_of"]}
 
     @api.get("/v1/battery/charge-level", tags=["battery"])
-    def get_battery_charge_level(app_: App) -> dict:
+    async def get_battery_charge_level(app_: App) -> dict:
         v = core.battery_view(app_)
         return {"charge_level_kwh": v["charge_level_kwh"], "soc": v["soc"], "capacity_kwh": v["capacity_kwh"],
                 "as_of": v["as_of"]}
 
     @api.get("/v1/solar/power", tags=["energy"])
-    def get_solar_power(app_: App) -> dict:
+    async def get_solar_power(app_: App) -> dict:
         return core.solar_view(app_)
 
     @api.get("/v1/grid/power", tags=["energy"])
-    def get_grid_power(app_: App) -> dict:
+    async def get_grid_power(app_: App) -> dict:
         return core.grid_view(app_)
 
     @api.get("/v1/grid/carbon", tags=["energy"])
-    def get_grid_carbon(app_: App) -> dict:
+    async def get_grid_carbon(app_: App) -> dict:
         return core.carbon_view()
 
     # ---------------------------------------------------------------- app: Table 2
@@ -384,15 +412,17 @@ def create_app(
         return out
 
     @api.put("/v1/carbon/rate", tags=["library"])
-    def set_carbon_rate(body: CarbonRateBody, app_: App) -> dict:
-        return core.policy_view(core.set_carbon_rate(app_, body.gco2_per_h))
+    async def set_carbon_rate(body: CarbonRateBody, app_: App) -> dict:
+        return await run(lambda: core.policy_view(core.set_carbon_rate(app_, body.gco2_per_h)))
 
     @api.put("/v1/carbon/budget", tags=["library"])
-    def set_carbon_budget(body: CarbonBudgetBody, app_: App) -> dict:
-        return core.policy_view(core.set_carbon_budget(app_, body.kgco2, body.start, body.end))
+    async def set_carbon_budget(body: CarbonBudgetBody, app_: App) -> dict:
+        # reads the stored carbon of the window: a store query, so in a worker thread
+        return await anyio.to_thread.run_sync(
+            lambda: core.policy_view(core.set_carbon_budget(app_, body.kgco2, body.start, body.end)))
 
     @api.get("/v1/carbon/policy", tags=["library"])
-    def get_carbon_policy(app_: App) -> dict:
+    async def get_carbon_policy(app_: App) -> dict:
         return core.policy_view(app_)
 
     @api.get("/v1/ticks", tags=["library"])

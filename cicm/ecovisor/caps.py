@@ -69,8 +69,10 @@ class CapController:
 
     def apply(self, app: AppState) -> None:
         """Set the CPU limits of the app's containers from their effective caps (only the ones that changed)."""
-        eff, met = self.effective_caps_kw(app, self.clock.now())
+        now = self.clock.now()
+        eff, met = self.effective_caps_kw(app, now)
         app.carbon_policy_met = met
+        app.caps_constrained = math.isfinite(policy.rate_limit_gco2_per_h(app, now))
         for c, cap in eff.items():
             cs = self.containers[c]
             if cs.cpu_limit_cores is None or abs(cap - cs.effective_powercap_kw) > _TOL_KW:
@@ -102,18 +104,29 @@ class CapController:
         self.apply_container(name)
 
     def set_powercap(self, app: AppState, cs: ContainerState, kw: float) -> None:
-        """Set a container's cap and apply it; on a backend error, restore the old cap and re-raise."""
+        """Set a container's cap and apply it; on a backend error, restore the old cap and re-raise.
+
+        Without a carbon policy in force, the effective cap of a container is its own cap, so only this container
+        is touched (O(1)); under a policy, the common scaling factor moves every cap of the app (O(containers))."""
         old = cs.powercap_kw
         cs.powercap_kw = kw
         try:
-            self.apply(app)
+            self._apply_after_change(app, cs)
         except BackendError:
             cs.powercap_kw = old
             try:
-                self.apply(app)
+                self._apply_after_change(app, cs)
             except BackendError:
                 pass
             raise
+
+    def _apply_after_change(self, app: AppState, cs: ContainerState) -> None:
+        if app.caps_constrained or math.isfinite(policy.rate_limit_gco2_per_h(app, self.clock.now())):
+            self.apply(app)  # under a policy now or at the last apply: every effective cap may move
+            return
+        app.carbon_policy_met = True
+        if cs.cpu_limit_cores is None or abs(cs.powercap_kw - cs.effective_powercap_kw) > _TOL_KW:
+            self._set_limit(cs, cs.powercap_kw)
 
     def set_policy(self, app: AppState, field: str, value: object) -> None:
         """Set one carbon-policy field of the app and apply its caps; on a backend error, restore and re-raise."""

@@ -52,6 +52,7 @@ class Ecovisor:
         self.solar = solar or load_solar(site.location, site.solar, site.base_dir)
         self.dt_s = float(site.tick_seconds)
         self._lock = threading.RLock()
+        self._flush_lock = threading.Lock()  # one settings flush at a time, so they are stored in order
         self.containers: dict[str, ContainerState] = containers_from_site(site)
         self.registry = AppRegistry(site, telemetry, self.containers, clock)
         self.apps: dict[str, AppState] = self.registry.apps
@@ -77,19 +78,27 @@ class Ecovisor:
 
     # ------------------------------------------------------------------ apps and auth
     def register_app(self, reg: AppRegistration) -> tuple[AppState, str]:
-        with self._lock:
+        with self._flush_lock, self._lock:  # no pending flush may land on a re-used name
             return self.registry.register(reg)
 
     def delete_app(self, name: str) -> None:
-        with self._lock:
+        with self._flush_lock, self._lock:
             app = self.registry.pop(name)
             for c in app.containers:
                 self.caps.release(c)
             self.store.delete_app(name)
 
     def authenticate(self, token: str | None) -> AppState:
-        with self._lock:
-            return self.registry.authenticate(token)
+        return self.registry.authenticate(token)  # a dict lookup: no lock needed
+
+    def flush(self) -> int:
+        """Store the settings of the apps changed since the last flush (setters only mark them); returns how
+        many. The documents are taken under the ecovisor lock and written outside it."""
+        with self._flush_lock:
+            with self._lock:
+                docs = self.registry.dirty_docs()
+            self.registry.write_docs(docs)
+            return len(docs)
 
     # ------------------------------------------------------------------ Table 1: setters
     def set_container_powercap(self, app: AppState, name: str, kw: float) -> ContainerState:
@@ -189,11 +198,18 @@ class Ecovisor:
         for _ in range(n):
             with self._lock:
                 self.clock.advance(self.dt_s)
-                out.append(self.tick())
+                out.append(self._tick())
+            self.flush()
         return out
 
     def tick(self) -> dict:
-        """Account the interval since the previous tick, store it, then set the caps for the next interval."""
+        """Account the interval since the previous tick, store it, then set the caps for the next interval; then
+        store the apps' changed settings."""
+        summary = self._tick()
+        self.flush()  # never under the ecovisor lock: a flush takes its own lock first, then the ecovisor's
+        return summary
+
+    def _tick(self) -> dict:
         with self._lock:
             interval = self._next_interval()
             grid = self.carbon.at(interval.mid)

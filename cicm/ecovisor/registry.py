@@ -38,6 +38,8 @@ class AppRegistry:
         self.containers = containers
         self.clock = clock
         self.apps: dict[str, AppState] = {}
+        self._by_token: dict[str, AppState] = {}  # token SHA-256 -> app
+        self._dirty: set[str] = set()  # apps whose settings changed since the last flush
 
     # ---------------------------------------------------------------- register and remove
     def register(self, reg: AppRegistration) -> tuple[AppState, str]:
@@ -74,6 +76,8 @@ class AppRegistry:
         app = self.apps.pop(name, None)
         if app is None:
             raise KeyError(name)
+        self._by_token.pop(app.token_sha256, None)
+        self._dirty.discard(name)
         return app
 
     def restore(self, last_tick_end: datetime) -> None:
@@ -87,14 +91,15 @@ class AppRegistry:
 
     # ---------------------------------------------------------------- auth
     def authenticate(self, token: str | None) -> AppState:
-        """The app whose token this is (constant-time compare), else :class:`AuthError`."""
+        """The app whose token this is, else :class:`AuthError`. One dict lookup by the token's SHA-256 (a lookup
+        by hash leaks nothing about the token), then a constant-time compare; safe without the ecovisor lock."""
         if not token:
             raise AuthError("missing bearer token")
         h = token_sha256(token)
-        for app in self.apps.values():
-            if hmac.compare_digest(app.token_sha256, h):
-                return app
-        raise AuthError("invalid token")
+        app = self._by_token.get(h)
+        if app is None or not hmac.compare_digest(app.token_sha256, h):
+            raise AuthError("invalid token")
+        return app
 
     def container_of(self, app: AppState, name: str) -> ContainerState:
         """The app's container ``name``: 422 if unknown, 403 if another app's or no app's."""
@@ -107,8 +112,25 @@ class AppRegistry:
 
     # ---------------------------------------------------------------- persistence
     def persist(self, app: AppState) -> None:
-        """Store the app's settings."""
-        self.store.save_app_state(app.name, self._state_doc(app))
+        """Mark the app's settings to be stored by the next :meth:`flush` (write-behind: a setter costs no store
+        write; the ecovisor flushes every second, after every tick and on shutdown)."""
+        self._dirty.add(app.name)
+
+    def dirty_docs(self) -> list[tuple[str, dict]]:
+        """Take the settings documents of the apps changed since the last call (clears the marks)."""
+        names, self._dirty = self._dirty, set()
+        return [(n, self._state_doc(self.apps[n])) for n in sorted(names) if n in self.apps]
+
+    def flush(self) -> int:
+        """Store the changed settings now (callers hold the ecovisor lock); returns how many apps."""
+        docs = self.dirty_docs()
+        self.write_docs(docs)
+        return len(docs)
+
+    def write_docs(self, docs: list[tuple[str, dict]]) -> None:
+        """Store settings documents taken by :meth:`dirty_docs` (needs no ecovisor lock)."""
+        for name, doc in docs:
+            self.store.save_app_state(name, doc)
 
     def carbon_used_kgco2(self, app: str, start: datetime, end: datetime) -> float:
         """The app's stored carbon over [start, end)."""
@@ -117,6 +139,7 @@ class AppRegistry:
     # ---------------------------------------------------------------- internals
     def _add(self, app: AppState) -> None:
         self.apps[app.name] = app
+        self._by_token[app.token_sha256] = app
         for c in app.containers:
             self.containers[c].app = app.name
 

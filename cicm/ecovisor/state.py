@@ -51,6 +51,7 @@ class AppState:
     carbon_rate_gco2_per_h: float | None = None
     carbon_budget: dict | None = None  # {"kgco2", "start", "end", "used_kgco2"}
     carbon_policy_met: bool = True
+    caps_constrained: bool = False  # a carbon policy was in force at the last apply of the caps
     last: energy.StepResult | None = None
     last_interval: tuple[datetime, datetime] | None = None
 
