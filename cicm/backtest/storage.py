@@ -13,6 +13,8 @@ planned at 18:00 the evening before over a 48-hour horizon from the day's start,
 - ``battery-plan``: the same schedule, and the battery planned by the storage LP on the forecast
   (:func:`cicm.optimize.storage.plan_storage`): what planning the battery alone adds.
 - ``co-plan``: the queue program with the battery and the solar forecast in it (schedule and battery together).
+- ``co-plan-actual-solar``, ``co-plan-oracle``: the same, rolling, planned on the actual solar, and on the actual
+  solar and carbon: how much of the gap to the bound is each forecast's, and how much the rolling horizon's.
 - ``bound``: co-planning with perfect foresight (actual carbon and actual solar, the whole run in one LP).
 
 Each plan is applied through the same hourly site model (the ecovisor's rules: solar serves the load, its surplus
@@ -71,7 +73,10 @@ from cicm.optimize.storage import Battery, CampusStorage, StoragePlan, plan_stor
 from cicm.timeutil import local_day_hours_utc, planning_time_utc
 
 _H = pd.Timedelta(hours=1)
-POLICIES = ("no-battery", "heuristic", "battery-plan", "co-plan", "bound")
+POLICIES = ("no-battery", "heuristic", "battery-plan", "co-plan", "co-plan-actual-solar", "co-plan-oracle", "bound")
+#: The rolling co-planners: (plans on the actual carbon?, plans on the actual solar?). The last two split the gap
+#: to the bound between the two forecasts and the rolling 48-hour horizon.
+CO_PLANS = {"co-plan": (False, False), "co-plan-actual-solar": (False, True), "co-plan-oracle": (True, True)}
 #: Where each bundled zone's campus stands (a data-centre town of the zone): the solar array's coordinates.
 ZONE_SITES = {
     "CISO": (37.34, -121.89), "ERCO": (32.48, -96.99), "BPAT": (45.60, -121.18), "AZPS": (33.45, -112.07),
@@ -346,7 +351,7 @@ def _rolling(bt: StorageBacktest, seg: Segment, cls: list[_Cl], blocks, policies
     n = len(bt.hours)
     battery = bt.battery
     plain_service = np.zeros((len(cls), n))  # the no-storage schedule (no-battery, heuristic, battery-plan)
-    co_service = np.zeros((len(cls), n))
+    co_service = {p: np.zeros((len(cls), n)) for p in CO_PLANS}
     parts: dict[str, list[StoragePlan]] = {p: [] for p in policies}
     energy = {p: battery.initial_kwh for p in policies}
     secs = {p: 0.0 for p in policies}
@@ -390,23 +395,27 @@ def _rolling(bt: StorageBacktest, seg: Segment, cls: list[_Cl], blocks, policies
                 parts[p].append(part)
                 if p != "no-battery":
                     energy[p] = float(part.energy_kwh[-1])
-        if "co-plan" in policies:
+        for p, (real_carbon, real_solar) in CO_PLANS.items():
+            if p not in policies:
+                continue
             t0 = time.perf_counter()
-            bat = battery.with_energy(energy["co-plan"])
-            served = co_service[:, :t].sum(axis=1)
-            plan = plan_queue(_queue_campus(cls, hz, served, eta_fc, k,
-                                            CampusStorage(bat, bt.solar_forecast_kw[hz])))
+            bat = battery.with_energy(energy[p])
+            served = co_service[p][:, :t].sum(axis=1)
+            eta = seg.carbon[hz] if real_carbon else eta_fc
+            sun = bt.solar_actual_kw[hz] if real_solar else bt.solar_forecast_kw[hz]
+            plan = plan_queue(_queue_campus(cls, hz, served, eta, k, CampusStorage(bat, sun)))
             assert plan.storage is not None
-            co_service[:, idx] = plan.service_cpu_cores[:, :k]
+            co_service[p][:, idx] = plan.service_cpu_cores[:, :k]
             hz_load = _load(cls, plan.service_cpu_cores, hz)
             cmd_c, cmd_d = commands(plan.storage, hz_load)
-            part = run_site(_load(cls, co_service[:, idx], idx), bt.solar_actual_kw[idx], bat, cmd_c[:k], cmd_d[:k])
-            parts["co-plan"].append(part)
-            energy["co-plan"] = float(part.energy_kwh[-1])
-            secs["co-plan"] += time.perf_counter() - t0
+            part = run_site(_load(cls, co_service[p][:, idx], idx), bt.solar_actual_kw[idx], bat, cmd_c[:k],
+                            cmd_d[:k])
+            parts[p].append(part)
+            energy[p] = float(part.energy_kwh[-1])
+            secs[p] += time.perf_counter() - t0
     for p in policies:
         whole = _concat(parts[p], battery) if p != "no-battery" else _concat_idle(parts[p])
-        service = co_service if p == "co-plan" else plain_service
+        service = co_service[p] if p in CO_PLANS else plain_service
         bt.runs[p] = StorageRun(p, whole, service, _lateness(cls, service), secs[p])
 
 
