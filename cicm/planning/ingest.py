@@ -89,12 +89,29 @@ def import_scale_telemetry(store: Store, fleet: Fleet, seed: int = 0, held_back_
 
 
 
-def read_telemetry_dir(path: Path | str, fleet: Fleet | None = None,
-                       now: pd.Timestamp | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+#: Usage may pass a cluster's (power domain's) physical cores by this share (rounding in the monitoring pipeline);
+#: reservations may fall below usage by this share of the capacity.
+CAPACITY_TOLERANCE = 0.01
+#: Reservations may exceed the physical cores (overcommit), up to this many times them.
+MAX_OVERCOMMIT = 10.0
+#: Flexible work arriving in one hour: at most this many hours of the whole cluster.
+MAX_ARRIVAL_HOURS = 168.0
+#: Power drawn by a power domain: at most this many kW per logical CPU of it (servers draw ~0.01-0.08).
+MAX_KW_PER_CORE = 1.0
+#: Two stored and new values are the same reading when they differ by less than this (relative, or absolute).
+SAME_READING = 1e-9
+USAGE_VALUES = ("inflexible_cpu_cores", "flexible_cpu_cores", "reserved_cpu_cores", "flexible_arrived_core_hours")
+POWER_VALUES = ("cpu_cores", "power_kw")
+
+
+def read_telemetry_dir(path: Path | str, fleet: Fleet | None = None, now: pd.Timestamp | None = None, *,
+                       not_after: pd.Timestamp | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """New telemetry dropped by the monitoring pipeline: `usage*.parquet` and `power*.parquet` in one folder,
     with the usage_history / power_telemetry columns (hour in UTC). Validated: a bad file raises an InputError
     naming the column, and nothing is stored. With a fleet, every cluster and power domain must be one of its own
-    (and each domain in its own cluster); with `now`, no hour may have started after it."""
+    (and each domain in its own cluster) and every value within the physical bounds of its cluster
+    (:func:`check_telemetry_rows`); with `now`, no hour may have started after it; with `not_after` (the plan's
+    start), no hour may start at or after it."""
     folder = Path(path)
     if not folder.is_dir():
         raise InputError("telemetry", f"{folder} is not a folder")
@@ -105,28 +122,94 @@ def read_telemetry_dir(path: Path | str, fleet: Fleet | None = None,
     power = _read_parquet(power_files, POWER_FILE_COLUMNS, ("domain", "hour"))
     if usage.empty and power.empty:
         raise InputError("telemetry", f"the files in {folder} hold no rows")
-    check_telemetry_rows(usage, power, fleet, now)
+    check_telemetry_rows(usage, power, fleet, now, not_after=not_after)
     return usage, power
 
 
 def check_telemetry_rows(usage: pd.DataFrame, power: pd.DataFrame, fleet: Fleet | None = None,
-                         now: pd.Timestamp | None = None) -> None:
-    """The checks every source's rows get before they are stored (the drop's and Prometheus's): with `now`, no
-    hour may have started after it; with a fleet, every cluster must be one of its own and every power domain one
-    of its cluster's. Raises InputError naming the column."""
-    if now is not None:
-        for frame in (usage, power):
-            if len(frame) and frame["hour"].max() > now:
-                raise InputError("hour", f"hours in the future (up to {frame['hour'].max()}, now is {now})")
-    if fleet is not None:
-        clusters = {c.name: {d.name for d in c.power_domains} for c in fleet.clusters()}
-        unknown = sorted(set(usage["cluster"]) - clusters.keys()) + sorted(set(power["cluster"]) - clusters.keys())
-        if unknown:
-            raise InputError("cluster", f"not in fleet {fleet.name!r}: {', '.join(unknown[:5])}")
-        pairs = power[["cluster", "domain"]].drop_duplicates()
-        wrong = [f"{d} (in {c})" for c, d in pairs.itertuples(index=False) if d not in clusters[c]]
-        if wrong:
-            raise InputError("domain", f"not a power domain of its cluster: {', '.join(wrong[:5])}")
+                         now: pd.Timestamp | None = None, *, not_after: pd.Timestamp | None = None) -> None:
+    """The checks every source's rows get before they are stored (the drop's and Prometheus's). Raises InputError
+    naming the column (and the cluster or domain, the hour and the bound):
+
+    * with `now`, no hour may have started after it; with `not_after` (the plan's start), no hour may start at or
+      after it: telemetry of the planned day cannot have been measured when it is planned;
+    * with a fleet, every cluster must be one of its own and every power domain one of its cluster's, and the
+      values must be physically possible for the cluster (domain) they describe: inflexible and flexible usage,
+      each and together, at most the cluster's cores (``capacity_cores``) + CAPACITY_TOLERANCE; reservations at
+      least the usage (less CAPACITY_TOLERANCE of the cores) and at most MAX_OVERCOMMIT x the cores; arrivals at
+      most MAX_ARRIVAL_HOURS of the whole cluster; a domain's CPU at most its cores (+ tolerance), its power at
+      most MAX_KW_PER_CORE per core."""
+    for frame in (usage, power):
+        if not len(frame):
+            continue
+        if now is not None and frame["hour"].max() > now:
+            raise InputError("hour", f"hours in the future (up to {frame['hour'].max()}, now is {now})")
+        if not_after is not None:
+            late = frame["hour"] >= not_after
+            if late.any():
+                who = "domain" if "domain" in frame.columns else "cluster"
+                first = frame.loc[late].iloc[0]
+                raise InputError("hour", f"{int(late.sum())} rows for hours at or after the plan's start "
+                                         f"{not_after.isoformat()} (up to {frame.loc[late, 'hour'].max().isoformat()},"
+                                         f" e.g. {who} {first[who]!r} at {first['hour'].isoformat()}): they cannot "
+                                         f"have been measured when the day is planned")
+    if fleet is None:
+        return
+    clusters = {c.name: {d.name for d in c.power_domains} for c in fleet.clusters()}
+    unknown = sorted(set(usage["cluster"]) - clusters.keys()) + sorted(set(power["cluster"]) - clusters.keys())
+    if unknown:
+        raise InputError("cluster", f"not in fleet {fleet.name!r}: {', '.join(unknown[:5])}")
+    pairs = power[["cluster", "domain"]].drop_duplicates()
+    wrong = [f"{d} (in {c})" for c, d in pairs.itertuples(index=False) if d not in clusters[c]]
+    if wrong:
+        raise InputError("domain", f"not a power domain of its cluster: {', '.join(wrong[:5])}")
+    check_physical_bounds(usage, power, fleet)
+
+
+def _refuse_rows(frame: pd.DataFrame, bad: "pd.Series", field: str, who: str, what: str,
+                 value: "pd.Series", bound: "pd.Series", unit: str) -> None:
+    """InputError naming ``field``, the first offending row's cluster (domain), hour, value and bound."""
+    if not bad.any():
+        return
+    i = bad.to_numpy().nonzero()[0][0]
+    row = frame.iloc[i]
+    raise InputError(field, f"{value.iloc[i]:,.6g} {unit} at hour {row['hour'].isoformat()} for {who} "
+                            f"{row[who]!r}: {what} {bound.iloc[i]:,.6g} {unit} ({int(bad.sum())} rows in all)")
+
+
+def check_physical_bounds(usage: pd.DataFrame, power: pd.DataFrame, fleet: Fleet) -> None:
+    """The physical bounds of :func:`check_telemetry_rows` (every cluster and domain is the fleet's)."""
+    tol = CAPACITY_TOLERANCE
+    if len(usage):
+        cores = usage["cluster"].map({c.name: float(c.capacity_cores) for c in fleet.clusters()})
+        limit = cores * (1 + tol)
+        for field in ("inflexible_cpu_cores", "flexible_cpu_cores"):
+            _refuse_rows(usage, usage[field] > limit, field, "cluster", f"more than the cluster's capacity "
+                         f"(+{tol:.0%}):", usage[field], limit, "cores")
+        used = usage["inflexible_cpu_cores"] + usage["flexible_cpu_cores"]
+        _refuse_rows(usage, used > limit, "flexible_cpu_cores", "cluster", "inflexible + flexible usage is more than "
+                     f"the cluster's capacity (+{tol:.0%}):", used, limit, "cores")
+        floor = used - tol * cores
+        _refuse_rows(usage, usage["reserved_cpu_cores"] < floor, "reserved_cpu_cores", "cluster",
+                     f"reservations below the cores in use (inflexible + flexible, less {tol:.0%} of the capacity):",
+                     usage["reserved_cpu_cores"], floor, "cores")
+        most = cores * MAX_OVERCOMMIT
+        _refuse_rows(usage, usage["reserved_cpu_cores"] > most, "reserved_cpu_cores", "cluster",
+                     f"more than {MAX_OVERCOMMIT:g} x the cluster's capacity:", usage["reserved_cpu_cores"], most,
+                     "cores")
+        most = cores * MAX_ARRIVAL_HOURS
+        _refuse_rows(usage, usage["flexible_arrived_core_hours"] > most, "flexible_arrived_core_hours", "cluster",
+                     f"more than {MAX_ARRIVAL_HOURS:g} hours of the whole cluster arriving in one hour:",
+                     usage["flexible_arrived_core_hours"], most, "core-hours")
+    if len(power):
+        domain_cores = {d.name: float(d.capacity_cores) for c in fleet.clusters() for d in c.power_domains}
+        cores = power["domain"].map(domain_cores)
+        limit = cores * (1 + tol)
+        _refuse_rows(power, power["cpu_cores"] > limit, "cpu_cores", "domain",
+                     f"more than the power domain's capacity (+{tol:.0%}):", power["cpu_cores"], limit, "cores")
+        most = cores * MAX_KW_PER_CORE
+        _refuse_rows(power, power["power_kw"] > most, "power_kw", "domain",
+                     f"more than {MAX_KW_PER_CORE:g} kW per core of the power domain:", power["power_kw"], most, "kW")
 
 
 def _read_parquet(files: list[Path], columns: tuple[str, ...], key: tuple[str, ...]) -> pd.DataFrame:
@@ -172,10 +255,76 @@ def _read_parquet(files: list[Path], columns: tuple[str, ...], key: tuple[str, .
     return frame
 
 
-def ingest_telemetry(store: Store, usage: pd.DataFrame, power: pd.DataFrame, source: str) -> dict:
+def ingest_telemetry(store: Store, usage: pd.DataFrame, power: pd.DataFrame, source: str, *,
+                     rewrite_history: bool = False) -> dict:
     """The nightly ingestion: new usage and power rows (the usage_history / power_telemetry columns) in one run.
-    Rows are keyed by (cluster|domain, hour), so re-ingesting a day replaces it."""
-    with store.run("telemetry-ingest", {"source": source, "usage_rows": len(usage), "power_rows": len(power)}) as run:
+
+    Rows are keyed by (cluster|domain, hour). Re-ingesting hours with the values already stored changes nothing.
+    Rows that would overwrite stored hours with *different* values are refused (InputError naming the first
+    differing column, the cluster or domain, the hour and both values; the run is recorded as failed and nothing
+    is stored) unless ``rewrite_history=True``: then they replace the stored ones and the run records the rewrite
+    (``params.rewrite_history``, and in its summary ``rewrites``: per table the rows rewritten, their first and
+    last hour and the clusters or domains, and its message says so)."""
+    params = {"source": source, "usage_rows": len(usage), "power_rows": len(power),
+              "rewrite_history": bool(rewrite_history)}
+    with store.run("telemetry-ingest", params) as run:
+        rewrites = {}
+        for table, frame, key, values in (("usage_history", usage, "cluster", USAGE_VALUES),
+                                          ("power_telemetry", power, "domain", POWER_VALUES)):
+            changed = _changed_history(store, table, frame, key, values)
+            if changed is None:
+                continue
+            if not rewrite_history:
+                raise InputError(changed["field"], changed["example"] + f" ({changed['rows']} stored {table} rows "
+                                 f"for {changed['first_hour']}..{changed['last_hour']} would change); rewriting "
+                                 "history needs the explicit option (rewrite_history=True)")
+            rewrites[table] = {k: v for k, v in changed.items() if k not in ("field", "example")}
         store.upsert("usage_history", usage, run.run_id)
         store.upsert("power_telemetry", power, run.run_id)
-    return {"run_id": run.run_id, "usage_rows": len(usage), "power_rows": len(power)}
+        run.summary = {"usage_rows": len(usage), "power_rows": len(power), "rewrites": rewrites}
+        if rewrites:
+            run.message = "rewrote stored history: " + "; ".join(
+                f"{r['rows']} {t} rows for {r['first_hour']}..{r['last_hour']}" for t, r in rewrites.items())
+    return {"run_id": run.run_id, "usage_rows": len(usage), "power_rows": len(power), "rewrites": rewrites}
+
+
+def _changed_history(store: Store, table: str, frame: pd.DataFrame, key: str,
+                     values: tuple[str, ...]) -> dict | None:
+    """The stored rows of ``table`` that ``frame`` would overwrite with different values (None when none): their
+    count, first and last hour, keys, and the first difference (field, and a sentence naming both values)."""
+    import numpy as np
+
+    if frame.empty:
+        return None
+    incoming = frame[[key, "hour", *values]]
+    store.con.register("_incoming_check", incoming)
+    try:
+        stored = store.query(
+            f"SELECT s.{key}, s.hour, {', '.join('s.' + v for v in values)} FROM {table} s "
+            f"JOIN (SELECT DISTINCT {key}, hour FROM _incoming_check) i USING ({key}, hour)")
+    finally:
+        store.con.unregister("_incoming_check")
+    if stored.empty:
+        return None
+    stored["hour"] = pd.to_datetime(stored["hour"], utc=True)
+    both = incoming.assign(hour=pd.to_datetime(incoming["hour"], utc=True)).merge(
+        stored, on=[key, "hour"], suffixes=("", "_stored"))
+    differs = pd.Series(False, index=both.index)
+    first_field: dict[int, str] = {}
+    for v in values:
+        new, old = both[v].to_numpy(dtype=float), both[v + "_stored"].to_numpy(dtype=float)
+        diff = ~np.isclose(new, old, rtol=SAME_READING, atol=SAME_READING)
+        for j in np.nonzero(diff & ~differs.to_numpy())[0]:
+            first_field.setdefault(int(j), v)
+        differs |= diff
+    if not differs.any():
+        return None
+    changed = both.loc[differs].sort_values("hour")
+    i = int(changed.index[0])
+    field = first_field[i]
+    row = both.loc[i]
+    example = (f"{row[field]:,.6g} at hour {row['hour'].isoformat()} for {key} {row[key]!r} would overwrite the "
+               f"stored {row[field + '_stored']:,.6g}")
+    return {"field": field, "example": example, "rows": int(len(changed)),
+            "first_hour": changed["hour"].min().isoformat(), "last_hour": changed["hour"].max().isoformat(),
+            key + "s": sorted(changed[key].unique().tolist())[:20]}
