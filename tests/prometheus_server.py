@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import pandas as pd
 import pytest
 import requests
 
@@ -79,3 +80,26 @@ def prometheus_server(root: Path, openmetrics: str) -> Iterator[str]:
             proc.kill()
             proc.wait()
         log.close()
+
+
+#: The columns of the telemetry drops as the gauges a monitoring stack would export (the fleet files' mapping
+#: tables in the tests name these).
+USAGE_METRICS = {"inflexible_cpu_cores": "cicm_inflexible_cpu_cores", "flexible_cpu_cores": "cicm_flexible_cpu_cores",
+                 "reserved_cpu_cores": "cicm_reserved_cpu_cores",
+                 "flexible_arrived_core_hours": "cicm_flexible_arrived_core_hours"}
+POWER_METRICS = {"cpu_cores": "cicm_domain_cpu_cores", "power_kw": "cicm_domain_power_kw"}
+
+
+def openmetrics(usage: pd.DataFrame, power: pd.DataFrame) -> str:
+    """Hourly gauges stamped at the hour's start; repr() round-trips every float exactly."""
+    lines: list[str] = []
+    for frame, metrics, labels in ((usage, USAGE_METRICS, ("cluster",)), (power, POWER_METRICS, ("cluster", "domain"))):
+        seconds = ((frame["hour"] - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy()
+        for column, metric in metrics.items():
+            lines.append(f"# TYPE {metric} gauge")
+            for key, rows in frame.assign(_t=seconds).groupby(list(labels), sort=True):
+                key = key if isinstance(key, tuple) else (key,)
+                label = ",".join(f'{name}="{value}"' for name, value in zip(labels, key))
+                lines.extend(f"{metric}{{{label}}} {v!r} {t}" for t, v in zip(rows["_t"], rows[column].tolist()))
+    lines.append("# EOF")
+    return "\n".join(lines) + "\n"

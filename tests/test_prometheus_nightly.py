@@ -22,9 +22,9 @@ from cicm.store import Store
 from cicm.timeutil import planning_time_utc
 
 try:
-    from tests.prometheus_server import free_port, prometheus_server
+    from tests.prometheus_server import free_port, openmetrics, prometheus_server
 except ImportError:
-    from prometheus_server import free_port, prometheus_server
+    from prometheus_server import free_port, openmetrics, prometheus_server
 
 TZ = "America/Los_Angeles"
 HISTORY_START = "2022-05-06"
@@ -91,30 +91,9 @@ contract_limit_kw = 600.0
     server_model = "PRIMERGY RX2530 M6"
 """
 
-USAGE_METRICS = {"inflexible_cpu_cores": "cicm_inflexible_cpu_cores", "flexible_cpu_cores": "cicm_flexible_cpu_cores",
-                 "reserved_cpu_cores": "cicm_reserved_cpu_cores",
-                 "flexible_arrived_core_hours": "cicm_flexible_arrived_core_hours"}
-POWER_METRICS = {"cpu_cores": "cicm_domain_cpu_cores", "power_kw": "cicm_domain_power_kw"}
-
-
 def write_fleet(path, url: str):
     path.write_text(FLEET.format(start=HISTORY_START, days=HISTORY_DAYS, url=url, lookback=LOOKBACK_HOURS, tz=TZ))
     return load_fleet(path)
-
-
-def openmetrics(usage: pd.DataFrame, power: pd.DataFrame) -> str:
-    """Hourly gauges stamped at the hour's start; repr() round-trips every float exactly."""
-    lines: list[str] = []
-    for frame, metrics, labels in ((usage, USAGE_METRICS, ("cluster",)), (power, POWER_METRICS, ("cluster", "domain"))):
-        seconds = ((frame["hour"] - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy()
-        for column, metric in metrics.items():
-            lines.append(f"# TYPE {metric} gauge")
-            for key, rows in frame.assign(_t=seconds).groupby(list(labels), sort=True):
-                key = key if isinstance(key, tuple) else (key,)
-                label = ",".join(f'{name}="{value}"' for name, value in zip(labels, key))
-                lines.extend(f"{metric}{{{label}}} {v!r} {t}" for t, v in zip(rows["_t"], rows[column].tolist()))
-    lines.append("# EOF")
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture(scope="module")
