@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--battery-hours", type=float, default=2.0)
     ap.add_argument("--c-rate", type=float, default=0.5)
     ap.add_argument("--rte", type=float, default=0.85)
+    ap.add_argument("--hurdle", default="0,0.1", help="the planners' cycling hurdle, share of mean forecast carbon; "
+                                                   "comma-separated")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     pd.set_option("display.width", 200)
@@ -55,17 +57,18 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for zone in args.zones.split(","):
-        for solar in [float(s) for s in args.solar.split(",")]:
+        for solar, hurdle in [(float(s), float(h)) for s in args.solar.split(",") for h in args.hurdle.split(",")]:
             for start in args.starts.split(","):
                 spec = SiteSpec(battery_hours=args.battery_hours, c_rate=args.c_rate,
-                                round_trip_efficiency=args.rte, solar_kwp_per_kw=solar)
+                                round_trip_efficiency=args.rte, solar_kwp_per_kw=solar, hurdle=hurdle)
                 wall, cpu = time.perf_counter(), time.process_time()
                 bt = run_storage_backtest(zone, date.fromisoformat(start), args.days, spec)
                 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
                 t = bt.table()
                 tot = t["total_kgco2"]
                 nb, he, co, bd, bp = (tot[p] for p in ("no-battery", "heuristic", "co-plan", "bound", "battery-plan"))
-                row = {"zone": zone, "start": start, "solar_kwp_per_kw": solar, "mean_load_kw": bt.mean_load_kw,
+                row = {"zone": zone, "start": start, "solar_kwp_per_kw": solar, "hurdle": hurdle,
+                       "mean_load_kw": bt.mean_load_kw,
                        "battery_kwh": bt.battery.capacity_kwh, **{f"cut_{p}_pct": t.loc[p, "cut_vs_no_battery_pct"]
                                                                    for p in t.index if p != "no-battery"},
                        "coplan_extra_vs_heuristic_pct": 100 * (he - co) / he,
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     frame = pd.DataFrame(rows)
     cols = [c for c in frame.columns if c.startswith(("cut_", "coplan_", "share_of_bound"))] + ["max_balance_error_kw"]
     print("== medians over the windows ==")
-    med = frame.groupby(["zone", "solar_kwp_per_kw"])[cols].median().T
+    med = frame.groupby(["zone", "solar_kwp_per_kw", "hurdle"])[cols].median().T
     print(med.round(3).to_string())
     print(f"\nlargest hourly balance error over every run: {frame['max_balance_error_kw'].max():.2e} kW; "
           f"{frame['wall_s'].sum():.0f} s wall, {frame['cpu_s'].sum():.0f} s CPU in all")

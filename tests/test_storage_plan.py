@@ -243,3 +243,46 @@ def test_co_planned_campuses_hold_every_invariant(seed, n, rte, reserve, contrac
         sc = max(c.avail_core_hours[-1], 1.0)
         assert (s >= -1e-6 * sc).all() and (s <= c.room_cpu_cores + 1e-6 * sc).all()
         assert (np.cumsum(s) <= c.avail_core_hours + 1e-5 * sc).all()
+
+
+def test_a_hurdle_stops_cycling_on_a_spread_below_it():
+    n = 24
+    eta = np.where(np.arange(n) < 12, 100.0, 160.0)  # a kWh charged at 100 g gives 0.9 kWh that save 144 g
+    bat = Battery.from_site(1000.0, 0.9, 0.5, 0.5, reserve_soc=0.1, initial_soc=0.1)
+    load = np.full(n, 300.0)
+    free = plan_storage(load, eta, CampusStorage(bat, terminal_gco2_per_kwh=0.0))[0]
+    held = plan_storage(load, eta, CampusStorage(bat, terminal_gco2_per_kwh=0.0, hurdle_gco2_per_kwh=50.0))[0]  # 45 g on 0.9 kWh
+    assert free.discharge_kw.sum() > 100.0 and held.discharge_kw.max() < 1e-6
+    check_plan(held, bat, 1000.0)
+    with pytest.raises(InputError, match="hurdle_gco2_per_kwh"):
+        CampusStorage(bat, hurdle_gco2_per_kwh=-1.0)
+
+
+def test_unshaped_clusters_draw_their_power_and_a_solver_failure_holds_the_battery(monkeypatch):
+    import cicm.optimize.queue as Q
+
+    n = 24
+    bat = Battery.from_site(500.0, 0.9, 0.5, 0.5, reserve_soc=0.2, initial_soc=0.5)
+    solar = np.clip(np.sin((np.arange(n) - 6) / 12 * np.pi), 0, None) * 300.0
+    shaped = cluster(np.full(n, 50.0), name="a")
+    preset = cluster(np.full(n, 80.0), name="b", fallback_reason="insufficient-history")
+    campus = QueueCampus("x", (shaped, preset), sine_carbon(n), storage=CampusStorage(bat, solar))
+    plan = plan_queue(campus)
+    assert plan.status == ("optimal", "fallback") and plan.storage is not None
+    expected = sum(c.power_curve(c.inflexible_cpu_cores + plan.service_cpu_cores[i])
+                   for i, c in enumerate(campus.clusters))
+    np.testing.assert_allclose(plan.storage.load_kw, expected, rtol=1e-12)
+    check_plan(plan.storage, bat, 1000.0)
+
+    def boom(*args, **kwargs):
+        raise Q._SolveFailed("HIGHS returned infeasible")
+
+    monkeypatch.setattr(Q, "_solve", boom)
+    failed = plan_queue(campus)
+    assert failed.reason == ("solver-error", "insufficient-history")
+    assert failed.storage is not None and failed.storage.status == "idle"
+    assert failed.storage.charge_kw.max() == 0 and failed.storage.discharge_kw.max() == 0
+    np.testing.assert_allclose(failed.storage.load_kw, sum(
+        c.power_curve(c.inflexible_cpu_cores + failed.service_cpu_cores[i]) for i, c in enumerate(campus.clusters)),
+        rtol=1e-12)
+    check_plan(failed.storage, bat, 1000.0)

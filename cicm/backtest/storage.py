@@ -97,6 +97,9 @@ class SiteSpec:
     solar_kwp_per_kw: float = 1.0
     tilt_deg: float = 20.0
     azimuth_deg: float = 180.0
+    #: the planners' hurdle on cycling, as a share of the horizon's mean forecast carbon (CampusStorage's
+    #: hurdle_gco2_per_kwh): a discharge must beat its charge and losses by this much. 0: trust the forecast.
+    hurdle: float = 0.1  # chosen on CISO and ERCO from 2022-04-01 and 2022-10-01 (docs/storage_coplan.md)
 
 
 @dataclass
@@ -122,6 +125,7 @@ class StorageBacktest:
     battery: Battery
     solar_site: SolarSite
     mean_load_kw: float
+    spec: SiteSpec = field(default_factory=SiteSpec)
     runs: dict[str, StorageRun] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -318,7 +322,7 @@ def run_storage_backtest(zone: str = "CISO", start: date = date(2022, 6, 1), n_d
         cover = read_cloud_csv(write_cloud_csv(cover, Path(tmp) / f"{zone}_cloud_cover.csv"))
     clear = clear_sky_kw(site, hours)
     solar_fc = solar_forecast_kw(site, hours, cover, clear_kw=clear)
-    bt = StorageBacktest(zone, start, n_days, hours, seg.carbon, solar_actual, solar_fc, battery, site, mean_kw)
+    bt = StorageBacktest(zone, start, n_days, hours, seg.carbon, solar_actual, solar_fc, battery, site, mean_kw, spec)
 
     # planning steps: each window day, then 24-hour blocks of the drain (no new work arrives there)
     blocks = [(hour_slots(hours, cd.hours), cd.planned_at) for cd in campus_days]
@@ -387,8 +391,9 @@ def _rolling(bt: StorageBacktest, seg: Segment, cls: list[_Cl], blocks, policies
                 else:
                     t1 = time.perf_counter()
                     hz_load = _load(cls, plan.service_cpu_cores, hz)
-                    sp, _ = plan_storage(hz_load, eta_fc, CampusStorage(bat, bt.solar_forecast_kw[hz]),
-                                         committed=np.arange(hz.size) < k)
+                    sp, _ = plan_storage(hz_load, eta_fc, CampusStorage(
+                        bat, bt.solar_forecast_kw[hz], hurdle_gco2_per_kwh=bt.spec.hurdle * float(eta_fc.mean())),
+                        committed=np.arange(hz.size) < k)
                     cmd_c, cmd_d = commands(sp, hz_load)
                     part = run_site(load, solar, bat, cmd_c[:k], cmd_d[:k])
                     secs[p] += time.perf_counter() - t1
@@ -403,7 +408,9 @@ def _rolling(bt: StorageBacktest, seg: Segment, cls: list[_Cl], blocks, policies
             served = co_service[p][:, :t].sum(axis=1)
             eta = seg.carbon[hz] if real_carbon else eta_fc
             sun = bt.solar_actual_kw[hz] if real_solar else bt.solar_forecast_kw[hz]
-            plan = plan_queue(_queue_campus(cls, hz, served, eta, k, CampusStorage(bat, sun)))
+            hurdle = 0.0 if real_carbon else bt.spec.hurdle * float(eta.mean())  # no margin for a known future
+            plan = plan_queue(_queue_campus(cls, hz, served, eta, k, CampusStorage(bat, sun,
+                                                                                   hurdle_gco2_per_kwh=hurdle)))
             assert plan.storage is not None
             co_service[p][:, idx] = plan.service_cpu_cores[:, :k]
             hz_load = _load(cls, plan.service_cpu_cores, hz)

@@ -28,7 +28,7 @@ average hour costs, no more (otherwise the last hours would always be emptied).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cvxpy as cp
 import numpy as np
@@ -246,7 +246,7 @@ def plan_queue(campus: QueueCampus) -> QueuePlan:
     if st is not None:  # the unshaped clusters' power is load the program cannot move
         fixed = sum((c.power_curve(c.inflexible_cpu_cores + service[i]) for i, c in enumerate(campus.clusters)
                      if i not in shaped), np.zeros(n))
-        st = CampusStorage(st.battery, st.solar_kw, st.other(n) + fixed, st.terminal_gco2_per_kwh)
+        st = replace(st, other_load_kw=st.other(n) + fixed)
     terms = None
     if shaped:
         try:
@@ -261,9 +261,9 @@ def plan_queue(campus: QueueCampus) -> QueuePlan:
     storage_plan = None
     if st is not None:
         if shaped and terms is None:  # the solver failed: every cluster serves run-on-arrival
-            st = CampusStorage(st.battery, st.solar_kw, st.other(n) + sum(
+            st = replace(st, other_load_kw=st.other(n) + sum(
                 (campus.clusters[i].power_curve(campus.clusters[i].inflexible_cpu_cores + service[i])
-                 for i in shaped), np.zeros(n)), st.terminal_gco2_per_kwh)
+                 for i in shaped), np.zeros(n)))
         load = sum((campus.clusters[i].power_curve(campus.clusters[i].inflexible_cpu_cores + service[i])
                     for i in shaped if terms is not None), np.zeros(n))
         if not shaped:  # nothing to shape: the battery alone

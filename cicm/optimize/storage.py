@@ -107,12 +107,14 @@ class CampusStorage:
     """A campus's battery (or None) and solar forecast (kW, the mean of each hour; None: no solar) over the
     horizon. ``other_load_kw``: load the program does not plan (e.g. cooling), drawn every hour.
     ``terminal_gco2_per_kwh``: what a kWh stored at the horizon's end is worth, before eta_d (None: the mean of
-    the horizon's carbon forecast)."""
+    the horizon's carbon forecast). ``hurdle_gco2_per_kwh``: a price on every kWh discharged, so the battery cycles
+    only where the forecast spread beats the losses by that much (a margin for the forecast's error; 0: none)."""
 
     battery: Battery | None = None
     solar_kw: np.ndarray | None = None
     other_load_kw: np.ndarray | None = None
     terminal_gco2_per_kwh: float | None = None
+    hurdle_gco2_per_kwh: float = 0.0
 
     def __post_init__(self):
         if self.battery is not None and not isinstance(self.battery, Battery):
@@ -129,6 +131,9 @@ class CampusStorage:
         t = self.terminal_gco2_per_kwh
         if t is not None and (not math.isfinite(float(t)) or float(t) < 0):
             raise InputError("terminal_gco2_per_kwh", f"must be finite and >= 0, got {t!r}")
+        h = float(self.hurdle_gco2_per_kwh)
+        if not math.isfinite(h) or h < 0:
+            raise InputError("hurdle_gco2_per_kwh", f"must be finite and >= 0, got {self.hurdle_gco2_per_kwh!r}")
 
     def check(self, n: int) -> None:
         for name in ("solar_kw", "other_load_kw"):
@@ -220,6 +225,8 @@ def storage_terms(storage: CampusStorage, load_kw, carbon_gco2_per_kwh: np.ndarr
         obj = obj - lambda_e * terminal * bat.discharge_efficiency / 1000.0 * energy[n - 1]
         unit = max(lambda_e * float(eta.max()) / 1000.0, lambda_p, 1e-12)
         obj = obj + unit * THROUGHPUT_PRICE * cp.sum(ch + dis)
+        if storage.hurdle_gco2_per_kwh > 0:
+            obj = obj + lambda_e * storage.hurdle_gco2_per_kwh / 1000.0 * cp.sum(dis)
     cons.append(grid >= 0)
     obj = obj + lambda_e * (grid @ (eta / 1000.0))
     com = np.flatnonzero(committed)
