@@ -62,7 +62,7 @@ def test_a_real_plan_in_textfile_format(demo_outcome, tmp_path):
     # every timed step of the run, in seconds, and the total of plan_day's own steps
     assert o.seconds and all(value(found, "cicm_plan_stage_duration_seconds", stage=k) == pytest.approx(v)
                              for k, v in o.seconds.items())
-    top = ("telemetry", "carbon-forecast", "slo-feedback", "models-and-programs", "store-write")
+    top = ("telemetry", "carbon-actuals", "carbon-forecast", "slo-feedback", "models-and-programs", "store-write")
     assert value(found, "cicm_plan_duration_seconds") == pytest.approx(sum(o.seconds[k] for k in top))
     for report in o.stages:
         assert value(found, "cicm_plan_stage_status", stage=report.name, status=report.status) == 1.0

@@ -1,5 +1,6 @@
 """The nightly Prefect flow end to end, on one session-scoped Prefect test server (each start costs ~10 s)."""
 import json
+import os
 import shutil
 
 import numpy as np
@@ -48,7 +49,7 @@ def test_plan_stores_every_stage_for_every_cluster(planned_db):
     names = sorted(c.name for c in fleet.clusters())
     assert outcome.status == "ok", outcome.stages
     assert [s.name for s in outcome.stages] == [
-        "telemetry", "carbon-forecast", "slo-feedback", "forecast-value", "power-models", "load-forecast", "vcc-program"]
+        "telemetry", "carbon-actuals", "carbon-forecast", "slo-feedback", "forecast-value", "power-models", "load-forecast", "vcc-program"]
     with Store(path, read_only=True) as store:
         run = store.query("SELECT * FROM runs WHERE run_id = ?", [outcome.run_id]).iloc[0]
         assert run["status"] == "ok" and run["code_version"] and json.loads(run["params"])["provider"] == "trace"
@@ -201,3 +202,31 @@ def test_plan_json_is_clean_on_stdout(planned_copy):
     doc = json.loads(proc.stdout)
     assert doc["plan_date"] == str(PLAN_DATE) and doc["status"] == "ok"
     assert {c["status"] for c in doc["clusters"]} == {"shaped", "fallback"}
+
+
+def test_provider_credentials_come_from_prefect_secret_blocks(prefect_server, tmp_path, monkeypatch):
+    """An unset provider variable is filled from its Prefect Secret block for this process, and only for the
+    providers the fleet's campuses use; a set variable is left as it is."""
+    from prefect.blocks.system import Secret
+
+    from flows.nightly import load_provider_secrets
+    from cicm.planning.options import PlanOptions
+
+    monkeypatch.delenv("ELECTRICITYMAPS_TOKEN", raising=False)
+    monkeypatch.delenv("WATTTIME_USERNAME", raising=False)
+    Secret(value="em-from-block").save("electricitymaps-token", overwrite=True)
+    Secret(value="wt-user-from-block").save("watttime-username", overwrite=True)
+    demo = load_fleet()
+    assert load_provider_secrets(demo, PlanOptions()) == []  # the trace needs no credentials
+    assert "ELECTRICITYMAPS_TOKEN" not in os.environ
+    text = (load_fleet.__globals__["default_fleet_path"]()).read_text().replace(
+        'grid_zone = "CISO"', 'grid_zone = "US-CAL-CISO"', 1).replace(
+        "  [[campuses.clusters]]", '  [campuses.carbon]\n  provider = "electricitymaps"\n  [[campuses.clusters]]', 1)
+    path = tmp_path / "fleet.toml"
+    path.write_text(text)
+    fleet = load_fleet(path)
+    assert load_provider_secrets(fleet, PlanOptions()) == ["ELECTRICITYMAPS_TOKEN"]
+    assert os.environ["ELECTRICITYMAPS_TOKEN"] == "em-from-block"
+    monkeypatch.setenv("ELECTRICITYMAPS_TOKEN", "from-env")
+    assert load_provider_secrets(fleet, PlanOptions()) == []
+    assert os.environ["ELECTRICITYMAPS_TOKEN"] == "from-env"

@@ -85,7 +85,7 @@ def plan_registry(outcome: Any, now: float | None = None) -> CollectorRegistry:
         durations.labels(str(name)).set(_finite(seconds))
     durations_total = gauge("cicm_plan_duration_seconds", "Wall time of the plan: the sum of plan_day's top-level "
                                                           "steps (telemetry to store-write)")
-    top = ("telemetry", "carbon-forecast", "slo-feedback", "models-and-programs", "store-write")
+    top = ("telemetry", "carbon-actuals", "carbon-forecast", "slo-feedback", "models-and-programs", "store-write")
     durations_total.set(sum(_finite((outcome.seconds or {}).get(k, 0.0)) for k in top))
     worst: dict[str, str] = {}
     for report in outcome.stages or []:
