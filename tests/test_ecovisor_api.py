@@ -59,7 +59,6 @@ def _state(c, tok):
         ("put", "/v1/containers/a-batch/powercap", {"kw": "lots"}, "kw"),
         ("put", "/v1/containers/a-batch/powercap", {}, "kw"),
         ("put", "/v1/containers/a-batch/powercap", {"kw": 1.0, "extra": 1}, "extra"),
-        ("put", "/v1/containers/no-such/powercap", {"kw": 1.0}, "container"),
         ("put", "/v1/battery/charge-rate", {"kw": -1}, "kw"),
         ("put", "/v1/battery/charge-rate", {"kw": 5.01}, "kw"),  # C-rate 0.5 x 10 kWh = 5 kW
         ("put", "/v1/battery/max-discharge", {"kw": 10.5}, "kw"),  # C-rate 1 x 10 kWh
@@ -69,7 +68,9 @@ def _state(c, tok):
         ("put", "/v1/carbon/budget", {"kgco2": -1}, "kgco2"),
         ("get", "/v1/energy?start=2022-06-21T00:00:00", None, "start"),
         ("get", "/v1/energy?start=yesterday", None, "start"),
-        ("get", "/v1/energy?container=no-such", None, "container"),
+        ("get", "/v1/energy?start=0.5", None, "start"),  # never Unix time
+        ("put", "/v1/containers/a-batch/powercap", {"kw": True}, "kw"),  # strict: no booleans ...
+        ("put", "/v1/containers/a-batch/powercap", {"kw": "0.9"}, "kw"),  # ... and no strings for numbers
     ],
 )
 def test_bad_values_answer_422_naming_the_field_and_change_nothing(client, method, path, body, field):
@@ -175,7 +176,7 @@ def test_simulated_demand(client):
     assert r.status_code == 200
     assert client.put("/v1/admin/containers/a-serve/demand", headers=ADMIN, json={"cores": 2.5}).json()["field"] == "cores"
     assert client.put("/v1/admin/containers/nope/demand", headers=ADMIN, json={"cores": 1}).json()["field"] == "container"
-    assert client.put("/v1/admin/containers/a-serve/demand", headers=tok, json={"cores": 1}).status_code == 401
+    assert client.put("/v1/admin/containers/a-serve/demand", headers=tok, json={"cores": 1}).status_code == 403
     client.post("/v1/tick", headers=ADMIN, json={"n": 1})
     p = client.get("/v1/containers/a-serve/power", headers=tok).json()
     assert p["cpu_usage_cores"] == 2.0 and p["power_kw"] == pytest.approx(0.6)

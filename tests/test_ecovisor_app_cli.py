@@ -76,3 +76,34 @@ def test_app_create_without_admin_token_or_ecovisor(tmp_path):
     assert missing.returncode == 1 and missing.stderr.startswith("error: CICM_ECOVISOR_ADMIN_TOKEN:")
     down = create(["sj-a", "--ecovisor", f"http://127.0.0.1:{_free_port()}"])
     assert down.returncode == 2 and "connection error" in down.stderr, down.stderr
+
+
+def rotate(args: list[str], admin: str | None = ADMIN) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "CICM_ECOVISOR_ADMIN_TOKEN"}
+    if admin:
+        env["CICM_ECOVISOR_ADMIN_TOKEN"] = admin
+    return subprocess.run([str(CICM), "ecovisor", "app", "rotate", *args], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def test_app_rotate_prints_a_new_token_and_the_old_one_stops_working(ecovisor):
+    made = create(["sj-a", "--ecovisor", ecovisor, "--grid-kw", "5", "--token-ttl-days", "30"])
+    assert made.returncode == 0, made.stderr
+    assert "expires at" in made.stderr
+    old = made.stdout.strip().split("=", 1)[1]
+    out = rotate(["sj-a", "--ecovisor", ecovisor, "--token-ttl-days", "7"])
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.strip()
+    assert line.startswith("export CICM_ECOVISOR_TOKEN=")
+    new = line.split("=", 1)[1]
+    assert new != old and "old token no longer works" in out.stderr
+
+    def me(token: str) -> requests.Response:
+        return requests.get(ecovisor + "/v1/apps/me", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+
+    assert me(new).status_code == 200 and me(new).json()["name"] == "sj-a"
+    assert me(old).status_code == 401
+    missing = rotate(["nope", "--ecovisor", ecovisor])
+    assert missing.returncode == 1 and missing.stderr.startswith("error: name: the ecovisor refused the rotation (404)")
+    wrong = rotate(["sj-a", "--ecovisor", ecovisor], admin=new)  # an app's token is not the admin's
+    assert wrong.returncode == 1 and "(403)" in wrong.stderr, wrong.stderr

@@ -13,7 +13,7 @@ from cicm.ecovisor.caps import CapController
 from cicm.ecovisor.carbon import CarbonValue
 from cicm.ecovisor.clock import Clock, ManualClock, RealClock, SimulatedClock, as_utc, clock_mode, is_simulated
 from cicm.ecovisor.energy import BatterySpec
-from cicm.ecovisor.errors import AuthError, ConflictError, ForbiddenError
+from cicm.ecovisor.errors import AuthError, ConflictError, NotFoundError
 from cicm.ecovisor.registry import AppRegistry, token_sha256
 from cicm.ecovisor.schemas import AppRegistration
 from cicm.ecovisor.solar import SolarModel
@@ -104,7 +104,7 @@ def test_registry_registers_authenticates_and_guards_containers(parts):
     assert registry.authenticate(token) is app
     with pytest.raises(AuthError):
         registry.authenticate("not-a-token")
-    with pytest.raises(ForbiddenError):
+    with pytest.raises(NotFoundError):
         registry.container_of(app, "b-batch")
     with pytest.raises(ConflictError):
         registry.register(AppRegistration(name="a", grid_kw=1.0))

@@ -11,6 +11,8 @@ import typer
 from cicm.clikit import fail
 from cicm.errors import InputError
 
+from .schemas import DEFAULT_TOKEN_TTL_DAYS, MAX_TOKEN_TTL_DAYS
+
 ecovisor_app = typer.Typer(help="The ecovisor: a virtual energy system per application (REST service).",
                            no_args_is_help=True)
 
@@ -91,9 +93,38 @@ def app_create(
     solar_fraction: float = typer.Option(0.0, "--solar-fraction"),
     battery_fraction: float = typer.Option(0.0, "--battery-fraction"),
     container: list[str] = typer.Option([], "--container", help="a container of the app (repeat)"),
+    token_ttl_days: int = typer.Option(DEFAULT_TOKEN_TTL_DAYS, "--token-ttl-days", min=1, max=MAX_TOKEN_TTL_DAYS,
+                                       help="the token expires after this many days"),
 ) -> None:
     """Register an application with a running ecovisor and print its bearer token (shown once): the agent reads it
     from CICM_ECOVISOR_TOKEN. Needs CICM_ECOVISOR_ADMIN_TOKEN."""
+    body: dict[str, Any] = {"name": name, "solar_fraction": solar_fraction, "battery_fraction": battery_fraction,
+                            "containers": container, "token_ttl_days": token_ttl_days}
+    body.update({k: v for k, v in (("grid_kw", grid_kw), ("grid_fraction", grid_fraction)) if v is not None})
+    made = _admin_post(ecovisor, "/v1/apps", body, 201, "the app")
+    typer.echo(f"export CICM_ECOVISOR_TOKEN={made['token']}")
+    typer.echo(f"# app {made['name']}: grid {made['grid_share_kw']:g} kW, solar {made['solar_fraction']:g}, "
+               f"battery {made['battery_fraction']:g}; the token is shown once and expires at "
+               f"{made['token_expires_at']}", err=True)
+
+
+@app_app.command("rotate")
+def app_rotate(
+    name: str = typer.Argument(..., help="the application's name"),
+    ecovisor: str = typer.Option("http://127.0.0.1:8700", "--ecovisor", help="the ecovisor's base URL"),
+    token_ttl_days: int = typer.Option(DEFAULT_TOKEN_TTL_DAYS, "--token-ttl-days", min=1, max=MAX_TOKEN_TTL_DAYS,
+                                       help="the new token expires after this many days"),
+) -> None:
+    """Issue a new bearer token for an application and print it (shown once); the old token stops working at
+    once. Needs CICM_ECOVISOR_ADMIN_TOKEN."""
+    made = _admin_post(ecovisor, f"/v1/apps/{name}/token", {"token_ttl_days": token_ttl_days}, 200, "the rotation")
+    typer.echo(f"export CICM_ECOVISOR_TOKEN={made['token']}")
+    typer.echo(f"# app {made['name']}: new token, shown once, expires at {made['token_expires_at']}; "
+               "the old token no longer works", err=True)
+
+
+def _admin_post(ecovisor: str, path: str, body: dict[str, Any], ok: int, what: str) -> dict[str, Any]:
+    """POST with the admin token; exits 1 when the ecovisor refuses (naming the field), 2 when unreachable."""
     import requests
 
     from cicm.clikit import ExitCode
@@ -102,25 +133,21 @@ def app_create(
     admin = os.environ.get(ADMIN_TOKEN_ENV)
     if not admin:
         fail(f"{ADMIN_TOKEN_ENV}: set it to the ecovisor's admin bearer token")
-    body: dict[str, Any] = {"name": name, "solar_fraction": solar_fraction, "battery_fraction": battery_fraction,
-            "containers": container}
-    body.update({k: v for k, v in (("grid_kw", grid_kw), ("grid_fraction", grid_fraction)) if v is not None})
-    url = ecovisor.rstrip("/") + "/v1/apps"
+    url = ecovisor.rstrip("/") + path
     try:
         with make_session(retries=2, backoff_s=0.2, timeout_s=10) as session:
             reply = session.post(url, json=body, headers={"Authorization": f"Bearer {admin}"})
     except requests.RequestException as exc:
         fail(f"ecovisor: {url}: {transport_problem(exc)}", ExitCode.DEGRADED)
-    if reply.status_code != 201:
+    if reply.status_code != ok:
         try:
-            detail = reply.json().get("detail", reply.text)
+            j = reply.json()
+            detail, field = j.get("detail", reply.text), j.get("field")
         except ValueError:
-            detail = reply.text
-        fail(f"{_refused_field(detail)}: the ecovisor refused the app ({reply.status_code}): {detail}")
-    made = reply.json()
-    typer.echo(f"export CICM_ECOVISOR_TOKEN={made['token']}")
-    typer.echo(f"# app {made['name']}: grid {made['grid_share_kw']:g} kW, solar {made['solar_fraction']:g}, "
-               f"battery {made['battery_fraction']:g}; the token is shown once", err=True)
+            detail, field = reply.text, None
+        fail(f"{field or _refused_field(detail)}: the ecovisor refused {what} ({reply.status_code}): {detail}")
+    made: dict[str, Any] = reply.json()
+    return made
 
 
 def _refused_field(detail: object) -> str:

@@ -4,7 +4,8 @@ This is the HTTP-free core, a facade over the parts: :mod:`.registry` (apps and 
 power-cap controller), :mod:`.accountant` (a tick's energy and carbon, pure), :mod:`.views` (the getters'
 answers) and :mod:`.clock`. ``app.py`` maps it to REST routes. Every method that changes state validates
 everything first and changes nothing when it raises (:class:`cicm.errors.InputError` -> 422,
-:class:`AuthError` -> 401, :class:`ForbiddenError` -> 403, :class:`ConflictError` -> 409,
+:class:`AuthError` -> 401, :class:`ForbiddenError` -> 403, :class:`NotFoundError` -> 404 (also for another
+app's container: no names leak), :class:`ConflictError` -> 409,
 :class:`BackendError` -> 503).
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .backends.base import ContainerBackend
 from .caps import CapController
 from .carbon import CarbonTrace, CarbonValue, load_carbon
 from .clock import Clock, as_utc, clock_mode, is_simulated
-from .errors import AuthError, ConflictError, ForbiddenError
+from .errors import AuthError, ConflictError, ForbiddenError, NotFoundError
 from .power import POWER_SOURCE
 from .registry import AppRegistry
 from .schemas import AppRegistration
@@ -87,6 +88,11 @@ class Ecovisor:
             for c in app.containers:
                 self.caps.release(c)
             self.store.delete_app(name)
+
+    def rotate_token(self, name: str, ttl_days: int) -> tuple[AppState, str]:
+        """A new token for app ``name`` (stored at once; the old one stops working); ``KeyError`` if unknown."""
+        with self._flush_lock, self._lock:
+            return self.registry.rotate(name, ttl_days)
 
     def authenticate(self, token: str | None) -> AppState:
         return self.registry.authenticate(token)  # a dict lookup: no lock needed
@@ -267,4 +273,4 @@ class Ecovisor:
         self.last_tick_end = interval.end
 
 
-__all__ = ["Ecovisor", "AppState", "ContainerState", "AuthError", "ForbiddenError", "ConflictError"]
+__all__ = ["Ecovisor", "AppState", "ContainerState", "AuthError", "ForbiddenError", "NotFoundError", "ConflictError"]

@@ -8,11 +8,20 @@ class AuthError(Exception):
 
 
 class ForbiddenError(Exception):
-    """The app asked for a container it does not own (403)."""
+    """A valid token without the right: an app's token on an admin route (403)."""
+
+
+class NotFoundError(Exception):
+    """No such thing for this caller (404). An app asking for another app's container gets the very answer it
+    gets for a container that does not exist, so no container name leaks across apps."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class ConflictError(Exception):
     """The request conflicts with the current state (409)."""
 
 
-__all__ = ["AuthError", "ForbiddenError", "ConflictError"]
+__all__ = ["AuthError", "ForbiddenError", "NotFoundError", "ConflictError"]

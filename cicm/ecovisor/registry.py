@@ -6,14 +6,15 @@ import hashlib
 import hmac
 import logging
 import secrets
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
+from typing import Callable
 
 from cicm.errors import InputError
 
 from . import energy
 from .clock import Clock
-from .errors import AuthError, ConflictError, ForbiddenError
-from .schemas import AppRegistration
+from .errors import AuthError, ConflictError, NotFoundError
+from .schemas import DEFAULT_TOKEN_TTL_DAYS, AppRegistration
 from .site import SiteConfig
 from .state import AppState, ContainerState
 from cicm.store.ecovisor import Telemetry
@@ -21,6 +22,11 @@ from cicm.store.ecovisor import Telemetry
 log = logging.getLogger("cicm.ecovisor")
 
 _TOL = 1e-9
+
+
+def wall_now() -> datetime:
+    """The wall clock (UTC): tokens expire in real time, whatever the ecovisor's (maybe simulated) clock says."""
+    return datetime.now(timezone.utc)
 
 
 def token_sha256(token: str) -> str:
@@ -32,11 +38,13 @@ class AppRegistry:
     """The registered apps (``apps``, by name) and their ownership of ``containers``. Callers hold the ecovisor
     lock."""
 
-    def __init__(self, site: SiteConfig, store: Telemetry, containers: dict[str, ContainerState], clock: Clock):
+    def __init__(self, site: SiteConfig, store: Telemetry, containers: dict[str, ContainerState], clock: Clock,
+                 wall: Callable[[], datetime] = wall_now):
         self.site = site
         self.store = store
         self.containers = containers
         self.clock = clock
+        self.wall = wall  # token expiry runs on the wall clock
         self.apps: dict[str, AppState] = {}
         self._by_token: dict[str, AppState] = {}  # token SHA-256 -> app
         self._dirty: set[str] = set()  # apps whose settings changed since the last flush
@@ -53,6 +61,7 @@ class AppRegistry:
         self._check_containers_free(reg.containers)
         token = secrets.token_urlsafe(32)
         spec = reg.model_dump(mode="json")
+        spec.pop("token_ttl_days", None)  # a property of the token, not of the app
         battery = self._battery_for(reg.battery_fraction)
         app = AppState(
             name=reg.name,
@@ -66,9 +75,27 @@ class AppRegistry:
             battery=battery,
             battery_energy_kwh=battery.capacity_kwh * self._initial_soc(),
             registered_at=self.clock.now(),
+            token_expires_at=self.wall() + timedelta(days=reg.token_ttl_days),
         )
         self.store.save_app(app.name, app.token_sha256, spec, self._state_doc(app), app.registered_at)
         self._add(app)
+        return app, token
+
+    def rotate(self, name: str, ttl_days: int) -> tuple[AppState, str]:
+        """A new token for app ``name`` (``KeyError`` if unknown), stored at once; the old token stops working."""
+        app = self.apps[name]
+        token = secrets.token_urlsafe(32)
+        new_sha, expires = token_sha256(token), self.wall() + timedelta(days=ttl_days)
+        old_sha, old_expires = app.token_sha256, app.token_expires_at
+        app.token_sha256, app.token_expires_at = new_sha, expires
+        try:
+            self.store.save_app(app.name, new_sha, app.spec, self._state_doc(app), app.registered_at)
+        except Exception:
+            app.token_sha256, app.token_expires_at = old_sha, old_expires
+            raise
+        self._by_token.pop(old_sha, None)
+        self._by_token[new_sha] = app
+        self._dirty.discard(name)  # just stored
         return app, token
 
     def pop(self, name: str) -> AppState:
@@ -99,15 +126,17 @@ class AppRegistry:
         app = self._by_token.get(h)
         if app is None or not hmac.compare_digest(app.token_sha256, h):
             raise AuthError("invalid token")
+        if app.token_expires_at is not None and self.wall() >= app.token_expires_at:
+            raise AuthError(f"the token of app {app.name!r} expired at {app.token_expires_at.isoformat()}; "
+                            f"an admin issues a new one with `cicm ecovisor app rotate {app.name}`")
         return app
 
     def container_of(self, app: AppState, name: str) -> ContainerState:
-        """The app's container ``name``: 422 if unknown, 403 if another app's or no app's."""
+        """The app's container ``name``; 404 when the app has none of that name, with the same answer whether the
+        container does not exist or belongs to another app (or to none): no name leaks across apps."""
         cs = self.containers.get(name)
-        if cs is None:
-            raise InputError("container", f"unknown container {name!r}")
-        if cs.app != app.name:
-            raise ForbiddenError(f"container {name!r} does not belong to app {app.name!r}")
+        if cs is None or cs.app != app.name:
+            raise NotFoundError(f"app {app.name!r} has no container {name!r}", field="container")
         return cs
 
     # ---------------------------------------------------------------- persistence
@@ -215,11 +244,20 @@ class AppRegistry:
             charge_rate_kw=float(st.get("charge_rate_kw") or 0.0),
             max_discharge_kw=st.get("max_discharge_kw"),
             carbon_rate_gco2_per_h=st.get("carbon_rate_gco2_per_h"),
+            token_expires_at=self._restored_expiry(reg.name, st.get("token_expires_at")),
         )
         b = st.get("carbon_budget")
         if b:
             app.carbon_budget = self._restored_budget(app.name, b, last_tick_end)
         return app
+
+    def _restored_expiry(self, name: str, stored: str | None) -> datetime:
+        """The stored expiry; an app stored before tokens expired gets the default lifetime from now."""
+        if stored:
+            return datetime.fromisoformat(stored)
+        log.warning("app %s: its token had no expiry; it expires in %d days", name, DEFAULT_TOKEN_TTL_DAYS)
+        self._dirty.add(name)
+        return self.wall() + timedelta(days=DEFAULT_TOKEN_TTL_DAYS)
 
     def _restored_budget(self, app: str, doc: dict, last_tick_end: datetime) -> dict:
         start = datetime.fromisoformat(doc["start"])

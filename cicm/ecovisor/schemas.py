@@ -1,14 +1,58 @@
-"""Request and response bodies of the ecovisor's REST API (pydantic models; they make the OpenAPI schema)."""
+"""Request and response bodies of the ecovisor's REST API (pydantic models; they make the OpenAPI schema).
+
+Bodies are **strict**: a number is a JSON number (``true`` and ``"0.2"`` are refused, an integer where a float is
+wanted is fine), an integer a JSON integer, and a timestamp an ISO-8601 string with a time zone
+(:data:`Timestamp`, also for query parameters: ``?start=0.5`` is refused, never read as Unix time). Every range
+rule that does not depend on the site is in the schema (``minimum``/``maximum``); the ones that do (a cap within
+the container's idle and max power, a rate within the battery's C-rate) are in the field's description.
+"""
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated
+import re
+from datetime import datetime, timezone
+from typing import Annotated, Any
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, field_validator
 
-_IN = ConfigDict(extra="forbid", allow_inf_nan=False)
+_IN = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+
+# ISO 8601 / RFC 3339 date-time with seconds and a zone (Z or +hh:mm), years 1900-2999
+TIMESTAMP_PATTERN = (r"^(19|2[0-9])[0-9]{2}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+                     r"([Zz]|[+-][0-9]{2}:[0-9]{2})$")
+_TIMESTAMP_RE = re.compile(TIMESTAMP_PATTERN)
+TIMESTAMP_HINT = "an ISO-8601 date-time string with a time zone, e.g. 2022-06-21T00:00:00Z"
+
+
+def parse_timestamp(v: Any) -> datetime:
+    """An ISO-8601 string with a zone -> an aware datetime in UTC; anything else (numbers, naive or date-only
+    strings, years outside 1900-2999) is refused with :data:`TIMESTAMP_HINT`."""
+    if isinstance(v, datetime) and v.tzinfo is not None:  # from Python callers (and the stored specs)
+        return v.astimezone(timezone.utc)
+    if not isinstance(v, str) or not _TIMESTAMP_RE.match(v):
+        raise ValueError(f"must be {TIMESTAMP_HINT}")
+    try:
+        return datetime.fromisoformat(v.upper().replace("Z", "+00:00")).astimezone(timezone.utc)
+    except (ValueError, OverflowError) as e:
+        raise ValueError(f"must be {TIMESTAMP_HINT} ({e})") from None
+
+
+Timestamp = Annotated[
+    datetime,
+    PlainValidator(parse_timestamp),
+    WithJsonSchema({"type": "string", "format": "date-time", "pattern": TIMESTAMP_PATTERN,
+                    "description": TIMESTAMP_HINT}),
+]
+
+MAX_TICKS_PER_REQUEST = 48
+TICK_CAP_WHY = (
+    f"at most {MAX_TICKS_PER_REQUEST} ticks per request (4 h of 5-minute ticks): each tick accounts and stores "
+    "every container (~25 ms), so one request stays near a second and cannot tie up the service; "
+    "call again to advance further"
+)
+DEFAULT_TOKEN_TTL_DAYS = 90
+MAX_TOKEN_TTL_DAYS = 3650
 
 
 class AppRegistration(BaseModel):
@@ -21,8 +65,11 @@ class AppRegistration(BaseModel):
     grid_fraction: float | None = Field(default=None, ge=0, le=1)
     solar_fraction: float = Field(default=0.0, ge=0, le=1)
     battery_fraction: float = Field(default=0.0, ge=0, le=1)
-    containers: list[Annotated[str, Field(pattern=NAME_PATTERN)]] = Field(default_factory=list)
+    containers: list[Annotated[str, Field(pattern=NAME_PATTERN)]] = Field(default_factory=list, max_length=100_000)
     callback_url: AnyHttpUrl | None = None
+    token_ttl_days: int = Field(default=DEFAULT_TOKEN_TTL_DAYS, ge=1, le=MAX_TOKEN_TTL_DAYS,
+                                description="the token expires this many days after it is issued (wall clock); "
+                                            "`cicm ecovisor app rotate` issues a new one")
 
     @field_validator("containers")
     @classmethod
@@ -35,23 +82,44 @@ class AppRegistration(BaseModel):
 class AppRegistered(BaseModel):
     name: str
     token: str = Field(description="bearer token of the app; shown once")
+    token_expires_at: str = Field(description="when the token stops working (ISO 8601, UTC, wall clock)")
     grid_share_kw: float
     solar_fraction: float
     battery_fraction: float
     containers: list[str]
 
 
-class PowerBody(BaseModel):
+class TokenRotation(BaseModel):
+    """A new token for an app; the old one stops working at once."""
+
     model_config = _IN
-    kw: float = Field(ge=0, description="power in kW")
+    token_ttl_days: int = Field(default=DEFAULT_TOKEN_TTL_DAYS, ge=1, le=MAX_TOKEN_TTL_DAYS,
+                                description="days until the new token expires")
+
+
+class TokenIssued(BaseModel):
+    name: str
+    token: str = Field(description="the app's new bearer token; shown once")
+    token_expires_at: str = Field(description="when the token stops working (ISO 8601, UTC, wall clock)")
+
+
+class PowerBody(BaseModel):
+    """A power in kW: a JSON number >= 0. A container cap must lie in [idle_kw, max_kw] of the container; a
+    charge rate within the battery's C-rate and the app's grid share; a max discharge within the C-rate."""
+
+    model_config = _IN
+    kw: float = Field(ge=0, description="power in kW (a number, never a string or a boolean)")
 
 
 class TickBody(BaseModel):
     model_config = _IN
-    n: int = Field(default=1, ge=1, le=100_000, description="number of ticks to advance the simulated clock")
+    n: int = Field(default=1, ge=1, le=MAX_TICKS_PER_REQUEST,
+                   description=f"number of ticks to advance the simulated clock; {TICK_CAP_WHY}")
 
 
 class DemandBody(BaseModel):
+    """Simulated backend: a container's CPU demand, in [0, the container's cores]."""
+
     model_config = _IN
     cores: float = Field(ge=0)
 
@@ -70,12 +138,25 @@ class CarbonBudgetBody(BaseModel):
 
     model_config = _IN
     kgco2: float | None = Field(ge=0)
-    start: datetime | None = None
-    end: datetime | None = None
+    start: Timestamp | None = None
+    end: Timestamp | None = None
 
-    @field_validator("start", "end")
-    @classmethod
-    def _tz(cls, v: datetime | None) -> datetime | None:
-        if v is not None and v.tzinfo is None:
-            raise ValueError("must carry a time zone (e.g. 2022-06-21T00:00:00Z)")
-        return v
+
+class ErrorBody(BaseModel):
+    """Every error but 422: a message (401 also sends ``WWW-Authenticate: Bearer``)."""
+
+    detail: str
+    field: str | None = Field(default=None, description="the field at fault, when one is")
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorBody(BaseModel):
+    """422: the request was refused and nothing changed; ``field`` names the first offending field."""
+
+    detail: list[ValidationIssue]
+    field: str

@@ -46,6 +46,7 @@ class AppState:
     battery: energy.BatterySpec
     battery_energy_kwh: float
     registered_at: datetime
+    token_expires_at: datetime | None = None  # wall clock, UTC
     charge_rate_kw: float = 0.0
     max_discharge_kw: float | None = None
     carbon_rate_gco2_per_h: float | None = None
@@ -66,6 +67,7 @@ class AppState:
             if b is None
             else {"kgco2": b["kgco2"], "start": b["start"].isoformat(), "end": b["end"].isoformat() if b["end"] else None},
             "powercaps_kw": caps,
+            "token_expires_at": self.token_expires_at.isoformat() if self.token_expires_at else None,
         }
 
 

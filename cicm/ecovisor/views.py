@@ -121,6 +121,7 @@ def app_view(app: AppState, now: datetime) -> dict:
         "battery_fraction": app.battery_fraction,
         "callback_url": app.callback_url,
         "registered_at": app.registered_at.isoformat(),
+        "token_expires_at": app.token_expires_at.isoformat() if app.token_expires_at else None,
         "battery": battery_view(app),
         "carbon_policy": policy_view(app, now),
     }
