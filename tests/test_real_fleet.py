@@ -298,3 +298,37 @@ def test_watttime_historical_actuals_in_grams(monkeypatch):
                 lbs_per_mwh_to_gco2_per_kwh(912.0 + np.arange(12)).mean()]
     assert rows["gco2_per_kwh"].tolist() == pytest.approx(expected, rel=1e-12)
     assert any("/v3/historical" in q and "signal_type=co2_moer" in q and "start=2026-10-14" in q for q in wt.queries)
+
+
+def test_a_provider_that_is_down_makes_its_campus_fall_back_visibly(demo_store, tmp_path, monkeypatch):
+    """ca-sj asks an Electricity Maps that is down (a closed loopback port): it falls back to full capacity
+    with the reason, the carbon-actuals stage is degraded naming the provider, and the other campuses (the
+    trace) are shaped."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends
+    monkeypatch.setenv("ELECTRICITYMAPS_TOKEN", "t")
+    fleet = _edited_demo(tmp_path, 'grid_zone = "CISO"', 'grid_zone = "US-CAL-CISO"')
+    text = (tmp_path / "fleet.toml").read_text().replace(
+        "  [[campuses.clusters]]", f'  [campuses.carbon]\n  provider = "electricitymaps"\n  base_url = '
+                                   f'"http://127.0.0.1:{port}"\n  [[campuses.clusters]]', 1)
+    (tmp_path / "fleet.toml").write_text(text)
+    fleet = load_fleet(tmp_path / "fleet.toml")
+    copy = tmp_path / "copy.duckdb"
+    copy.write_bytes(demo_store.read_bytes())
+    with Store(copy) as store:
+        outcome = plan_day(store, fleet, date(2022, 6, 15), PlanOptions(as_of="2022-06-15T01:00Z"))
+        runs = store.query("SELECT status, message FROM runs WHERE kind = 'carbon-actuals'")
+    stages = {s.name: s for s in outcome.stages}
+    assert stages["carbon-actuals"].status == "degraded" and "electricitymaps US-CAL-CISO" in stages[
+        "carbon-actuals"].detail
+    assert stages["carbon-forecast"].status == "degraded"
+    clusters = outcome.clusters.set_index("cluster")
+    sj = [c.name for c in fleet.campuses[0].clusters]
+    assert all(clusters.loc[n, "status"] == "fallback" and clusters.loc[n, "reason"].startswith(
+        "no-carbon-forecast") for n in sj)
+    others = clusters.drop(index=sj)
+    assert (others["status"] == "shaped").any()
+    assert runs["status"].tolist() == ["degraded"] and "electricitymaps" in runs["message"].iloc[0]
