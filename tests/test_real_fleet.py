@@ -332,3 +332,17 @@ def test_a_provider_that_is_down_makes_its_campus_fall_back_visibly(demo_store, 
     others = clusters.drop(index=sj)
     assert (others["status"] == "shaped").any()
     assert runs["status"].tolist() == ["degraded"] and "electricitymaps" in runs["message"].iloc[0]
+
+
+def test_a_plan_runs_duration_is_the_whole_plans(demo_store, tmp_path):
+    """The runs table times the plan from its first stage, not only its final write (issue 17)."""
+    copy = tmp_path / "copy.duckdb"
+    copy.write_bytes(demo_store.read_bytes())
+    with Store(copy) as store:
+        outcome = plan_day(store, load_fleet(), date(2022, 6, 15), PlanOptions())
+        run = store.query("SELECT started_at, finished_at FROM runs WHERE run_id = ?", [outcome.run_id]).iloc[0]
+    seconds = (pd.Timestamp(run["finished_at"]) - pd.Timestamp(run["started_at"])).total_seconds()
+    steps = ("telemetry", "carbon-actuals", "carbon-forecast", "slo-feedback", "models-and-programs", "store-write")
+    whole = sum(outcome.seconds[k] for k in steps)
+    assert whole > 2 * outcome.seconds["store-write"]  # the write is a small part of the plan
+    assert seconds == pytest.approx(whole, rel=0.2, abs=0.5)

@@ -295,6 +295,7 @@ def plan_day(store: Store, fleet: Fleet, plan_date: date, options: PlanOptions,
     check_fleet_zones(fleet, options.provider)
     slo = slo or check_slo
     clock = _Clock()
+    started_at = pd.Timestamp.now(tz="UTC")  # the plan run's start: its duration is the whole plan's
     reports = [telemetry(store, fleet, options.seed, options.telemetry_dir, now=options.now())]
     check_fleet_matches_store(store, fleet)
     clock.lap("telemetry")
@@ -326,12 +327,12 @@ def plan_day(store: Store, fleet: Fleet, plan_date: date, options: PlanOptions,
                                               n_partitions)
     except BaseException as exc:  # interrupts and cancellations too: the run log must show the attempt
         try:
-            store.failed_run("plan", params, plan_date, exc)
+            store.failed_run("plan", params, plan_date, exc, started_at=started_at)
         except Exception:  # noqa: BLE001 - an unreachable store must not hide the error that stopped the plan
             pass
         raise
     clock.lap("models-and-programs")
-    with store.run("plan", params, plan_date=plan_date) as run:
+    with store.run("plan", params, plan_date=plan_date, started_at=started_at) as run:
         if not carbon.forecasts.empty:
             store.write_carbon_forecast(carbon.forecasts, run.run_id)
         reports.extend(result.reports)

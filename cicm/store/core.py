@@ -346,15 +346,19 @@ class Store:
 
     # -- runs and transactions ----------------------------------------------------------------------------
     def begin_run(self, kind: str, params: dict | None = None, plan_date: date | None = None,
-                   status: str = "running", message: str | None = None) -> str:
-        """Record a run, with this process's pid and hostname (``abandon_dead_runs`` checks them)."""
+                   status: str = "running", message: str | None = None,
+                   started_at: pd.Timestamp | None = None) -> str:
+        """Record a run, with this process's pid and hostname (``abandon_dead_runs`` checks them).
+        ``started_at`` (default: now) is when the work began, so that the run's duration is the work's, not
+        only its final write's."""
         run_id = new_run_id(kind)
         self.con.execute(
             "INSERT INTO runs (run_id, kind, plan_date, started_at, finished_at, status, params, code_version,"
             " message, pid, hostname)"
-            " VALUES (?, ?, ?, now(), CASE WHEN ? = 'running' THEN NULL ELSE now() END, ?, ?, ?, ?, ?, ?)",
-            [run_id, kind, plan_date, status, status, json.dumps(params or {}, default=str), code_version(), message,
-             os.getpid(), socket.gethostname()],
+            " VALUES (?, ?, ?, COALESCE(?, now()), CASE WHEN ? = 'running' THEN NULL ELSE now() END, ?, ?, ?, ?, ?,"
+            " ?)",
+            [run_id, kind, plan_date, started_at, status, status, json.dumps(params or {}, default=str),
+             code_version(), message, os.getpid(), socket.gethostname()],
         )
         return run_id
 
@@ -376,12 +380,16 @@ class Store:
             raise
         self.con.execute("COMMIT")
 
-    def failed_run(self, kind: str, params: dict | None, plan_date: date | None, exc: BaseException) -> str:
-        """Record a run that failed before it could write anything (one statement: never left 'running')."""
-        return self.begin_run(kind, params, plan_date, status="failed", message=failure_message(exc))
+    def failed_run(self, kind: str, params: dict | None, plan_date: date | None, exc: BaseException,
+                   started_at: pd.Timestamp | None = None) -> str:
+        """Record a run that failed before it could write anything (one statement: never left 'running'), with
+        the error as its message."""
+        return self.begin_run(kind, params, plan_date, status="failed", message=failure_message(exc),
+                              started_at=started_at)
 
     @contextmanager
-    def run(self, kind: str, params: dict | None = None, plan_date: date | None = None) -> Iterator["RunRecord"]:
+    def run(self, kind: str, params: dict | None = None, plan_date: date | None = None,
+            started_at: pd.Timestamp | None = None) -> Iterator["RunRecord"]:
         """Record a run and make its writes one transaction. On error: writes rolled back, run 'failed'.
 
         The run is recorded 'running' first (committed, so that a run that dies is still seen: the next writer
@@ -389,7 +397,7 @@ class Store:
         under a run that is not finished. The caller may set `status` (e.g. 'degraded') and `summary` on the
         yielded record before the block ends.
         """
-        record = RunRecord(self.begin_run(kind, params, plan_date))
+        record = RunRecord(self.begin_run(kind, params, plan_date, started_at=started_at))
         try:
             with self.transaction():
                 yield record
