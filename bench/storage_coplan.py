@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                        "loss_coplan_mwh": t.loc["co-plan", "loss_mwh"], "loss_heuristic_mwh": t.loc["heuristic", "loss_mwh"],
                        "max_balance_error_kw": float(t["max_balance_error_kw"].max()), "wall_s": wall, "cpu_s": cpu}
                 rows.append(row)
-                print(f"== {zone} from {start}, {args.days} days, solar {solar:g} kWp/kW "
+                print(f"== {zone} from {start}, {args.days} days, solar {solar:g} kWp/kW, hurdle {hurdle:g} "
                       f"(mean load {bt.mean_load_kw:.0f} kW, battery {bt.battery.capacity_kwh:.0f} kWh / "
                       f"{bt.battery.max_charge_kw:.0f} kW, rte {bt.battery.round_trip_efficiency:.2f}); "
                       f"{wall:.1f} s wall, {cpu:.1f} s CPU ==")
