@@ -120,20 +120,16 @@ def check_fleet_matches_store(store: Store, fleet: Fleet) -> None:
     * a power domain with no declared curve (spec_row, power_points) and no power telemetry at all.
     """
     cluster_field, domain_field = _field_of(fleet)
-    owners = store.query(
-        "SELECT domain, min(cluster) AS cluster, count(DISTINCT cluster) AS n FROM power_telemetry"
-        " WHERE list_contains(?, domain) AND hour >= (SELECT max(hour) FROM power_telemetry) - to_days(?)"
-        " GROUP BY domain", [list(domain_field), MATCH_WINDOW_DAYS])
+    from cicm.store import plan as reads
+
+    owners = reads.power_domain_owners(store, list(domain_field), MATCH_WINDOW_DAYS)
     for domain, cluster, n in owners.itertuples(index=False):
         field, expected = domain_field[domain]
         if n > 1 or cluster != expected:
             raise InputError(f"{field}.name", f"the store holds power domain {domain!r}'s telemetry under cluster "
                                               f"{cluster!r}, the fleet file puts it in {expected!r}: the fleet "
                                               "file does not match the store's history")
-    peaks = store.query(
-        "SELECT cluster, max(inflexible_cpu_cores + flexible_cpu_cores) AS peak FROM usage_history"
-        " WHERE list_contains(?, cluster) AND hour >= (SELECT max(hour) FROM usage_history) - to_days(?)"
-        " GROUP BY cluster", [list(cluster_field), MATCH_WINDOW_DAYS])
+    peaks = reads.usage_peaks(store, list(cluster_field), MATCH_WINDOW_DAYS)
     for cluster, peak in peaks.itertuples(index=False):
         cores = fleet.cluster(cluster).capacity_cores
         if peak > cores * (1 + CAPACITY_TOLERANCE):
@@ -143,8 +139,7 @@ def check_fleet_matches_store(store: Store, fleet: Fleet) -> None:
                              "the fleet file does not match the store's history")
     bare = [d.name for c in fleet.clusters() for d in c.power_domains if d.declared_curve_kw() is None]
     if bare:
-        seen = set(store.query("SELECT DISTINCT domain FROM power_telemetry WHERE list_contains(?, domain)",
-                               [bare])["domain"])
+        seen = reads.domains_with_power(store, bare)
         for name in bare:
             if name not in seen:
                 raise InputError(domain_field[name][0], f"power domain {name!r} has no power curve (spec_row or "
@@ -241,6 +236,7 @@ def update_carbon_actuals(store: Store, fleet: Fleet, options: PlanOptions) -> s
     it: one ``carbon-actuals`` run, written after every fetch is in, in one short transaction (the store is let
     go during the network I/O). A provider that fails is a degraded stage naming it; the others are stored."""
     from cicm.carbon.actuals import fetch_actuals
+    from cicm.store import plan as reads
 
     sources = actuals_sources(fleet, options)
     if not sources:
@@ -249,9 +245,9 @@ def update_carbon_actuals(store: Store, fleet: Fleet, options: PlanOptions) -> s
     end = now.floor("h")
     starts = {}
     for key, (provider, fetch) in sources.items():
-        newest = store.query("SELECT max(hour) AS h FROM carbon_actuals WHERE zone = ?", [fetch["zone"]])["h"].iloc[0]
+        newest = reads.newest_actual_hour(store, fetch["zone"])
         earliest = end - pd.Timedelta(days=ACTUALS_LOOKBACK_DAYS)
-        starts[key] = earliest if pd.isna(newest) else max(earliest, pd.Timestamp(newest) + pd.Timedelta(hours=1))
+        starts[key] = earliest if newest is None else max(earliest, newest + pd.Timedelta(hours=1))
     frames, problems = [], []
     with store.released():  # no lock held while waiting on providers
         for key, (provider, fetch) in sources.items():

@@ -77,6 +77,36 @@ def carbon_actuals(store, zone: str, start: pd.Timestamp, end: pd.Timestamp) -> 
     return frame.set_index("hour")["gco2_per_kwh"]
 
 
+def newest_actual_hour(store, zone: str) -> pd.Timestamp | None:
+    """The newest hour of the zone's stored actuals, or None."""
+    newest = store.query("SELECT max(hour) AS h FROM carbon_actuals WHERE zone = ?", [zone])["h"].iloc[0]
+    return None if pd.isna(newest) else pd.Timestamp(newest)
+
+
+def power_domain_owners(store, domains: list[str], window_days: int) -> pd.DataFrame:
+    """Which cluster each named domain's power telemetry is stored under, in the last ``window_days`` before the
+    newest stored hour. Columns: domain, cluster (the smallest name), n (distinct clusters)."""
+    return store.query(
+        "SELECT domain, min(cluster) AS cluster, count(DISTINCT cluster) AS n FROM power_telemetry"
+        " WHERE list_contains(?, domain) AND hour >= (SELECT max(hour) FROM power_telemetry) - to_days(?)"
+        " GROUP BY domain", [list(domains), window_days])
+
+
+def usage_peaks(store, clusters: list[str], window_days: int) -> pd.DataFrame:
+    """The peak of inflexible + flexible usage of each named cluster in the last ``window_days`` before the newest
+    stored hour. Columns: cluster, peak (cores)."""
+    return store.query(
+        "SELECT cluster, max(inflexible_cpu_cores + flexible_cpu_cores) AS peak FROM usage_history"
+        " WHERE list_contains(?, cluster) AND hour >= (SELECT max(hour) FROM usage_history) - to_days(?)"
+        " GROUP BY cluster", [list(clusters), window_days])
+
+
+def domains_with_power(store, domains: list[str]) -> set[str]:
+    """The named domains with any power telemetry."""
+    return set(store.query("SELECT DISTINCT domain FROM power_telemetry WHERE list_contains(?, domain)",
+                           [list(domains)])["domain"])
+
+
 def plan_in_force(store, cluster: str, plan_date: date) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The plan in force for the cluster-day: (hours, status).
 
