@@ -202,3 +202,19 @@ def test_rotation_issues_a_new_token_and_the_old_one_stops_working(tmp_path):
     finally:
         store.close()
     assert new["Authorization"].split()[1] not in repr(row)  # stored hashed, never in clear
+
+
+def test_unknown_query_parameters_and_non_json_bodies_are_422(client):
+    tok, _ = _register(client)
+    r = client.get("/v1/energy", headers=tok, params={"strat": "2022-06-21T00:00:00Z"})  # a typo is not ignored
+    assert r.status_code == 422 and r.json()["field"] == "strat"
+    assert client.get("/v1/battery?x=1", headers=tok).json()["field"] == "x"
+    r = client.put("/v1/containers/a-batch/powercap", headers={**tok, "content-type": "application/json"},
+                   content=b"\xff\xfe")
+    assert r.status_code == 422 and r.json()["field"] == "body"
+
+
+def test_405_lists_the_methods_of_the_path(client):
+    r = client.request("OPTIONS", "/v1/apps")
+    assert r.status_code == 405 and r.headers["Allow"] == "GET, POST"
+    assert client.request("OPTIONS", "/v1/apps/me").headers["Allow"] == "GET"

@@ -23,7 +23,9 @@ import httpx
 from fastapi import Body, Depends, FastAPI, Path as PathParam, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cicm.errors import InputError
 from cicm.ops import ecovisor_metrics
@@ -257,6 +259,7 @@ def create_app(
             "through each container's power model (no RAPL)."
         ),
         lifespan=lifespan,
+        dependencies=[Depends(_no_unknown_query)],
     )
     api.state.ecovisor = core
     api.state.callbacks = callbacks
@@ -276,8 +279,20 @@ def create_app(
         errs = e.errors()
         loc = [str(p) for p in (errs[0]["loc"] if errs else [])]
         field = ".".join(p for p in loc if p not in ("body", "query", "path")) or (loc[-1] if loc else "body")
+        if errs and errs[0]["type"] == "json_invalid":  # the body as a whole (its loc is a character offset)
+            field = "body"
         detail = [{"loc": list(x["loc"]), "msg": _why(request, x), "type": x["type"]} for x in errs]
         return JSONResponse({"detail": detail, "field": field}, status_code=422)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        if e.status_code == 400:  # a body that is not JSON at all (e.g. not UTF-8): malformed, like the rest
+            return JSONResponse({"detail": [{"loc": ["body"], "msg": str(e.detail), "type": "json_invalid"}],
+                                 "field": "body"}, status_code=422)
+        headers = dict(e.headers or {})
+        if e.status_code == 405:
+            headers["Allow"] = _allowed_methods(api, request.url.path)
+        return JSONResponse({"detail": e.detail}, status_code=e.status_code, headers=headers or None)
 
     @api.exception_handler(NotFoundError)
     async def _not_found(_: Request, e: NotFoundError):
@@ -493,6 +508,44 @@ def create_app(
         return await anyio.to_thread.run_sync(read)
 
     return api
+
+
+def _allowed_methods(api: FastAPI, path: str) -> str:
+    """The methods of the path's route template (starlette's 405 names only the first route's method); a static
+    template (``/v1/apps/me``) wins over a parametrized one (``/v1/apps/{name}``)."""
+    routes = [r for r in api.routes if isinstance(r, APIRoute) and r.path_regex.match(path)]
+    static = [r for r in routes if "{" not in r.path]
+    template = (static or routes)[0].path if routes else None
+    return ", ".join(sorted({m for r in routes if r.path == template for m in (r.methods or ())}))
+
+
+_QUERY_NAMES: dict[int, frozenset[str]] = {}
+
+
+def _query_names(dependant: Any) -> set[str]:
+    """The query parameters a route takes, its dependencies' included."""
+    names = {f.alias for f in dependant.query_params}
+    for d in dependant.dependencies:
+        names |= _query_names(d)
+    return names
+
+
+async def _no_unknown_query(request: Request) -> None:
+    """Refuse query parameters the route does not take (422 naming it): a typo such as ``?strat=`` must not be
+    silently ignored."""
+    if not request.query_params:
+        return
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    known = _QUERY_NAMES.get(id(route))
+    if known is None:
+        known = frozenset(_query_names(route.dependant))
+        _QUERY_NAMES[id(route)] = known
+    unknown = [k for k in request.query_params if k not in known]
+    if unknown:
+        raise RequestValidationError([{"loc": ("query", unknown[0]), "msg": "unknown query parameter",
+                                       "type": "extra_forbidden", "input": request.query_params[unknown[0]]}])
 
 
 def _why(request: Request, err: dict) -> str:
