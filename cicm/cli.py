@@ -111,6 +111,9 @@ def plan(
                                               " look-ahead; docs/optimizer.md) or ceiling (CICM's, a baseline)"),
     horizon_hours: int = typer.Option(_D.horizon_hours, help="queue program: look-ahead from planning time, in hours (only the"
                                                " planning day is committed)"),
+    rewrite_history: bool = typer.Option(False, "--rewrite-history", help="let the night's telemetry replace "
+                                         "stored hours with other values (each rewrite is recorded in its run); "
+                                         "without it such a drop is refused"),
     as_of: Optional[str] = typer.Option(None, "--as-of", help="plan as if the clock read this time (ISO-8601 with"
                                         " offset), e.g. to re-run a missed night: telemetry is read up to it and "
                                         "live forecasts are judged against it"),
@@ -133,7 +136,7 @@ def plan(
                               delta_max=delta_max, solver=solver, min_forecast_value_pct=min_forecast_value_pct,
                               runner=runner, dask_address=dask_address, dask_workers=dask_workers,
                               telemetry_dir=str(telemetry) if telemetry else None, program=program,
-                              horizon_hours=horizon_hours, as_of=as_of)
+                              horizon_hours=horizon_hours, as_of=as_of, rewrite_history=rewrite_history)
         options.validate()
         from cicm.stdio import stdout_to_stderr
 

@@ -296,14 +296,10 @@ def _changed_history(store: Store, table: str, frame: pd.DataFrame, key: str,
 
     if frame.empty:
         return None
+    from cicm.store import plan as reads
+
     incoming = frame[[key, "hour", *values]]
-    store.con.register("_incoming_check", incoming)
-    try:
-        stored = store.query(
-            f"SELECT s.{key}, s.hour, {', '.join('s.' + v for v in values)} FROM {table} s "
-            f"JOIN (SELECT DISTINCT {key}, hour FROM _incoming_check) i USING ({key}, hour)")
-    finally:
-        store.con.unregister("_incoming_check")
+    stored = reads.stored_rows_at(store, table, incoming, key, values)
     if stored.empty:
         return None
     stored["hour"] = pd.to_datetime(stored["hour"], utc=True)

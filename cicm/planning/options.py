@@ -33,6 +33,7 @@ class PlanOptions:
     horizon_hours: int = 48  # queue program: look-ahead from planning time (only the planning day is committed)
     planning_margin_hours: float = 6.0  # queue program: deadlines planned this much early
     arrival_quantile: float = 0.9  # queue program: upper quantile of arrivals behind the VCC's margin
+    rewrite_history: bool = False  # let the night's telemetry replace stored hours with other values (audited)
     as_of: str | None = None  # ISO-8601 with offset: plan as if the clock read this (a missed night's re-run)
 
     def now(self) -> pd.Timestamp:

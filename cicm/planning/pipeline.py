@@ -38,15 +38,18 @@ class PlanOutcome:
 
 
 def ingest_new_telemetry(store: Store, folder: str, fleet: Fleet | None = None,
-                         now: pd.Timestamp | None = None) -> stages.StageReport:
+                         now: pd.Timestamp | None = None, *, not_after: pd.Timestamp | None = None,
+                         rewrite_history: bool = False) -> stages.StageReport:
     """The nightly ingestion of the telemetry the monitoring pipeline dropped in `folder` (one run). A refused
-    drop raises an InputError naming the field, and is recorded as a failed telemetry-ingest run."""
+    drop (bad rows, hours at or after ``not_after``, the plan's first hour, or different values for stored hours
+    without ``rewrite_history``) raises an InputError naming the field, and is recorded as a failed
+    telemetry-ingest run."""
     try:
-        usage, power = read_telemetry_dir(folder, fleet, now)
+        usage, power = read_telemetry_dir(folder, fleet, now, not_after=not_after)
     except InputError as exc:
         store.failed_run("telemetry-ingest", {"source": str(folder)}, None, exc)
         raise
-    info = ingest_telemetry(store, usage, power, source=str(folder))
+    info = ingest_telemetry(store, usage, power, source=str(folder), rewrite_history=rewrite_history)
     return stages.StageReport("telemetry", StageStatus.RAN, f"ingested {info['usage_rows']} usage and {info['power_rows']}"
                                                   f" power rows from {folder} (run {info['run_id']})")
 
@@ -57,13 +60,15 @@ NO_TELEMETRY_HELP = ("for the bundled demo fleet run `cicm demo seed` first (./s
 
 
 def ensure_telemetry(store: Store, fleet: Fleet, seed: int, telemetry_dir: str | None = None, *,
-                     now: pd.Timestamp | None = None) -> stages.StageReport:
+                     now: pd.Timestamp | None = None, not_after: pd.Timestamp | None = None,
+                     rewrite_history: bool = False) -> stages.StageReport:
     """Ingest the night's telemetry (the drop in ``telemetry_dir`` if given, else the fleet file's Prometheus if it
     names one) and check the store has history to plan on. It never invents data: a store without any usage
     history of the fleet's clusters is refused (InputError "telemetry"); clusters without history fall back one by
     one (insufficient-history). A refused drop or read is a degraded stage (and a failed telemetry-ingest run):
-    the plan goes on with the stored history. ``now`` (default: the clock) bounds the hours read. ``seed`` is
-    unused (kept for the flow's task)."""
+    the plan goes on with the stored history. ``now`` (default: the clock) and ``not_after`` (the plan's first
+    hour) bound the hours read; ``rewrite_history`` lets a drop replace stored hours with other values (audited
+    in its run). ``seed`` is unused (kept for the flow's task)."""
     from cicm.store import plan as plan_reads
 
     now = pd.Timestamp.now(tz="UTC") if now is None else now
@@ -71,9 +76,10 @@ def ensure_telemetry(store: Store, fleet: Fleet, seed: int, telemetry_dir: str |
     source = telemetry_dir or (fleet.telemetry.url if fleet.telemetry is not None else None)
     try:  # bad telemetry must not cost the fleet its plan: plan on the stored history, and say so
         if telemetry_dir:
-            report = ingest_new_telemetry(store, telemetry_dir, fleet, now)
+            report = ingest_new_telemetry(store, telemetry_dir, fleet, now, not_after=not_after,
+                                          rewrite_history=rewrite_history)
         elif fleet.telemetry is not None:
-            report = ingest_prometheus(store, fleet, now)
+            report = ingest_prometheus(store, fleet, now, not_after=not_after, rewrite_history=rewrite_history)
     except (InputError, ProviderError) as exc:
         if isinstance(exc, InputError) and exc.field.startswith("telemetry."):
             raise  # the fleet file's [telemetry] table is wrong: as any bad fleet file, nothing is planned
@@ -170,22 +176,28 @@ def prometheus_window(store: Store, fleet: Fleet, now: pd.Timestamp) -> tuple[pd
     return earliest, end
 
 
-def ingest_prometheus(store: Store, fleet: Fleet, now: pd.Timestamp) -> stages.StageReport:
-    """Read the hours the store lacks from the fleet's Prometheus, check them as a drop is checked, and store them
-    (one telemetry-ingest run). A refused read (InputError, ProviderError) is recorded as a failed run, stores
-    nothing and is raised; a bad ``[telemetry]`` table raises InputError ``telemetry.<field>`` before any read."""
+def ingest_prometheus(store: Store, fleet: Fleet, now: pd.Timestamp, *, not_after: pd.Timestamp | None = None,
+                      rewrite_history: bool = False) -> stages.StageReport:
+    """Read the hours the store lacks from the fleet's Prometheus (up to ``now``, and not past ``not_after``, the
+    plan's first hour), check them as a drop is checked, and store them (one telemetry-ingest run). The store is
+    let go while Prometheus answers. A refused read (InputError, ProviderError) is recorded as a failed run,
+    stores nothing and is raised; a bad ``[telemetry]`` table raises InputError ``telemetry.<field>`` before any
+    read."""
     assert fleet.telemetry is not None
     url, mapping = fleet.telemetry.url, prometheus_mapping(fleet)
     start, end = prometheus_window(store, fleet, now)
+    if not_after is not None:
+        end = min(end, not_after)
     if start >= end:
         return stages.StageReport("telemetry", StageStatus.RAN, f"store already holds every hour before {end} ({url})")
     try:
-        usage, power = read_prometheus_telemetry(url, mapping, fleet.power_domains_by_cluster(), start, end)
-        check_telemetry_rows(usage, power, fleet, now)
+        with store.released():  # no lock held while waiting on Prometheus
+            usage, power = read_prometheus_telemetry(url, mapping, fleet.power_domains_by_cluster(), start, end)
+        check_telemetry_rows(usage, power, fleet, now, not_after=not_after)
     except (InputError, ProviderError) as exc:
         store.failed_run("telemetry-ingest", {"source": url, "start": str(start), "end": str(end)}, None, exc)
         raise
-    info = ingest_telemetry(store, usage, power, source=url)
+    info = ingest_telemetry(store, usage, power, source=url, rewrite_history=rewrite_history)
     missing = sum(usage.attrs.get("missing_hours", {}).values())
     return stages.StageReport("telemetry", StageStatus.RAN, f"read {info['usage_rows']} usage and {info['power_rows']} power "
                                                   f"rows for [{start.isoformat()}, {end.isoformat()}) from {url} "
@@ -292,12 +304,14 @@ def plan_day(store: Store, fleet: Fleet, plan_date: date, options: PlanOptions,
     slo = slo or check_slo
     clock = _Clock()
     started_at = pd.Timestamp.now(tz="UTC")  # the plan run's start: its duration is the whole plan's
-    reports = [telemetry(store, fleet, options.seed, options.telemetry_dir, now=options.now())]
+    days = stages.campus_days(fleet, plan_date)
+    first_hour = min(day.hours[0] for day in days)  # no telemetry of the planned day itself is taken in
+    reports = [telemetry(store, fleet, options.seed, options.telemetry_dir, now=options.now(), not_after=first_hour,
+                         rewrite_history=options.rewrite_history)]
     check_fleet_matches_store(store, fleet)
     clock.lap("telemetry")
     reports.append(update_carbon_actuals(store, fleet, options))
     clock.lap("carbon-actuals")
-    days = stages.campus_days(fleet, plan_date)
     fetched, by_zone_day = {}, {}
     with store.released():  # no lock held while waiting on providers
         for day in days:  # campuses in one zone and time zone share their forecast: fetched once

@@ -107,6 +107,24 @@ def domains_with_power(store, domains: list[str]) -> set[str]:
                            [list(domains)])["domain"])
 
 
+#: Telemetry tables keyed by (key, hour), for :func:`stored_rows_at`.
+TELEMETRY_KEYS = {"usage_history": "cluster", "power_telemetry": "domain"}
+
+
+def stored_rows_at(store, table: str, incoming: pd.DataFrame, key: str, values: tuple[str, ...]) -> pd.DataFrame:
+    """The stored rows of a telemetry table at the (key, hour) pairs of ``incoming``. Columns: key, hour,
+    values."""
+    if TELEMETRY_KEYS.get(table) != key:
+        raise ValueError(f"{table} is not a telemetry table keyed by {key}")
+    store.con.register("_incoming_check", incoming)
+    try:
+        return store.query(
+            f"SELECT s.{key}, s.hour, {', '.join('s.' + v for v in values)} FROM {table} s "
+            f"JOIN (SELECT DISTINCT {key}, hour FROM _incoming_check) i USING ({key}, hour)")
+    finally:
+        store.con.unregister("_incoming_check")
+
+
 def plan_in_force(store, cluster: str, plan_date: date) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The plan in force for the cluster-day: (hours, status).
 
