@@ -346,3 +346,28 @@ def test_a_plan_runs_duration_is_the_whole_plans(demo_store, tmp_path):
     whole = sum(outcome.seconds[k] for k in steps)
     assert whole > 2 * outcome.seconds["store-write"]  # the write is a small part of the plan
     assert seconds == pytest.approx(whole, rel=0.2, abs=0.5)
+
+
+def test_a_csv_drop_reads_as_the_parquet_drop_and_naive_hours_are_refused(tmp_path):
+    from cicm.demo.telemetry import demo_power_telemetry, demo_usage_history
+    from cicm.planning.ingest import read_telemetry_dir
+
+    fleet = load_fleet()
+    usage = demo_usage_history(fleet)
+    usage = usage[usage["hour"] < usage["hour"].min() + pd.Timedelta(hours=6)].reset_index(drop=True)
+    power = demo_power_telemetry(fleet, usage)
+    parquet, csv = tmp_path / "parquet", tmp_path / "csv"
+    parquet.mkdir()
+    csv.mkdir()
+    usage.to_parquet(parquet / "usage.parquet")
+    power.to_parquet(parquet / "power.parquet")
+    usage.assign(hour=usage["hour"].map(lambda h: h.isoformat())).to_csv(csv / "usage-0.csv", index=False)
+    power.assign(hour=power["hour"].map(lambda h: h.tz_convert("Asia/Kolkata").isoformat())).to_csv(
+        csv / "power-0.csv", index=False)
+    from_parquet, from_csv = read_telemetry_dir(parquet, fleet), read_telemetry_dir(csv, fleet)
+    pd.testing.assert_frame_equal(from_csv[0], from_parquet[0], check_dtype=False)
+    pd.testing.assert_frame_equal(from_csv[1], from_parquet[1], check_dtype=False)
+    (csv / "usage-0.csv").write_text((csv / "usage-0.csv").read_text().replace("+00:00", "", 1))
+    with pytest.raises(InputError) as err:
+        read_telemetry_dir(csv, fleet)
+    assert err.value.field == "hour" and "no UTC offset" in err.value.message

@@ -106,8 +106,8 @@ POWER_VALUES = ("cpu_cores", "power_kw")
 
 def read_telemetry_dir(path: Path | str, fleet: Fleet | None = None, now: pd.Timestamp | None = None, *,
                        not_after: pd.Timestamp | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """New telemetry dropped by the monitoring pipeline: `usage*.parquet` and `power*.parquet` in one folder,
-    with the usage_history / power_telemetry columns (hour in UTC). Validated: a bad file raises an InputError
+    """New telemetry dropped by the monitoring pipeline: `usage*.parquet|csv` and `power*.parquet|csv` in one
+    folder, with the usage_history / power_telemetry columns (hour in UTC; in a CSV, ISO-8601 with its offset). Validated: a bad file raises an InputError
     naming the column, and nothing is stored. With a fleet, every cluster and power domain must be one of its own
     (and each domain in its own cluster) and every value within the physical bounds of its cluster
     (:func:`check_telemetry_rows`); with `now`, no hour may have started after it; with `not_after` (the plan's
@@ -115,9 +115,10 @@ def read_telemetry_dir(path: Path | str, fleet: Fleet | None = None, now: pd.Tim
     folder = Path(path)
     if not folder.is_dir():
         raise InputError("telemetry", f"{folder} is not a folder")
-    usage_files, power_files = sorted(folder.glob("usage*.parquet")), sorted(folder.glob("power*.parquet"))
+    usage_files = sorted([*folder.glob("usage*.parquet"), *folder.glob("usage*.csv")])
+    power_files = sorted([*folder.glob("power*.parquet"), *folder.glob("power*.csv")])
     if not usage_files and not power_files:
-        raise InputError("telemetry", f"no usage*.parquet or power*.parquet in {folder}")
+        raise InputError("telemetry", f"no usage*.parquet|csv or power*.parquet|csv in {folder}")
     usage = _read_parquet(usage_files, USAGE_FILE_COLUMNS, ("cluster", "hour"))
     power = _read_parquet(power_files, POWER_FILE_COLUMNS, ("domain", "hour"))
     if usage.empty and power.empty:
@@ -212,13 +213,37 @@ def check_physical_bounds(usage: pd.DataFrame, power: pd.DataFrame, fleet: Fleet
                      f"more than {MAX_KW_PER_CORE:g} kW per core of the power domain:", power["power_kw"], most, "kW")
 
 
+_OFFSET = r"(?:Z|[+-]\d\d:?\d\d)$"
+
+
+def _read_drop_file(path: Path) -> pd.DataFrame:
+    """One file of a drop: Parquet as it is; a CSV with its ``hour`` text (ISO-8601 with an offset) parsed to UTC
+    and names kept as text. Checks of the columns follow in :func:`_read_parquet`."""
+    if path.suffix != ".csv":
+        return pd.read_parquet(path)
+    frame = pd.read_csv(path, dtype={"cluster": str, "domain": str}, keep_default_na=True)
+    if "hour" in frame.columns:
+        text = frame["hour"].astype(str).str.strip()
+        naive = ~text.str.contains(_OFFSET, regex=True)
+        if naive.any():
+            raise InputError("hour", f"{path.name} row {int(naive.to_numpy().argmax()) + 2}: {text[naive].iloc[0]!r} "
+                                     "has no UTC offset (write e.g. 2026-10-14T00:00:00Z)")
+        try:
+            frame["hour"] = pd.to_datetime(text, format="ISO8601", utc=True)
+        except (ValueError, TypeError) as exc:
+            raise InputError("hour", f"{path.name}: not ISO-8601 times: {exc}") from exc
+    return frame
+
+
 def _read_parquet(files: list[Path], columns: tuple[str, ...], key: tuple[str, ...]) -> pd.DataFrame:
     import numpy as np
 
     if not files:
         return pd.DataFrame(columns=list(columns))
     try:
-        frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        frame = pd.concat([_read_drop_file(f) for f in files], ignore_index=True)
+    except InputError:
+        raise
     except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for a broken file
         raise InputError("telemetry", f"cannot read {', '.join(f.name for f in files)}: {exc}") from exc
     missing = [c for c in columns if c not in frame.columns]
