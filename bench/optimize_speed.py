@@ -35,8 +35,13 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import cvxpy as cp  # noqa: E402
+
 from cicm.optimize import plan_campus  # noqa: E402
-from cicm.optimize.synthetic import synthetic_campus  # noqa: E402
+from cicm.optimize import program as ceiling_program  # noqa: E402
+from cicm.optimize import queue as queue_program  # noqa: E402
+from cicm.optimize.queue import plan_queue  # noqa: E402
+from cicm.optimize.synthetic import synthetic_campus, synthetic_queue_campus  # noqa: E402
 from cicm.paths import bundled_data_dir  # noqa: E402
 
 ZONES = ("CISO", "MISO", "BPAT")
@@ -126,6 +131,111 @@ def quality(days, repeats: int) -> None:
         sys.stdout.flush()
 
 
+def captured_problems(call):
+    """Run ``call()`` once with cvxpy's Problem.solve wrapped, and return every problem it solved with its solve
+    keyword arguments (not timed)."""
+    seen = []
+    orig = cp.Problem.solve
+
+    def spy(self, *args, **kwargs):
+        seen.append((self, dict(kwargs)))
+        return orig(self, *args, **kwargs)
+
+    cp.Problem.solve = spy
+    try:
+        call()
+    finally:
+        cp.Problem.solve = orig
+    return seen
+
+
+def highs_model(prob: cp.Problem):
+    """The LP cvxpy hands HiGHS for ``prob`` (cvxpy's own problem data, as its HiGHS interface builds it)."""
+    import highspy as hp
+    from cvxpy.reductions.solvers.conic_solvers.conic_solver import dims_to_solver_dict
+
+    data, _, _ = prob.get_problem_data(cp.HIGHS)
+    inf = hp.Highs().inf
+    dims = dims_to_solver_dict(data["dims"])
+    a = data["A"].tocsc()
+    model = hp.HighsModel()
+    lp = model.lp_
+    lp.num_col_, lp.num_row_ = a.shape[1], a.shape[0]
+    lp.offset_ = 0
+    lp.col_cost_ = data["c"]
+    eq, leq = dims["f"], dims["l"]
+    lp.row_lower_ = np.concatenate([data["b"][:eq], np.full(leq, -inf)])
+    lp.row_upper_ = data["b"]
+    lp.a_matrix_.format_ = hp.MatrixFormat.kColwise
+    lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = a.indptr, a.indices, a.data
+    lb, ub = data.get("lower_bounds"), data.get("upper_bounds")
+    lp.col_lower_ = np.full(a.shape[1], -inf) if lb is None else lb.copy()
+    lp.col_upper_ = np.full(a.shape[1], inf) if ub is None else ub.copy()
+    return model, (a.shape[0], a.shape[1], a.nnz)
+
+
+def raw_highs_seconds(models, options: dict) -> float:
+    """Seconds for highspy to load and solve the models (one after another), with the program's options."""
+    import highspy as hp
+
+    t = time.perf_counter()
+    for model in models:
+        h = hp.Highs()
+        h.setOptionValue("output_flag", False)
+        for k, v in options.items():
+            h.setOptionValue(k, v)
+        h.passModel(model)
+        h.run()
+        assert h.getModelStatus() == hp.HighsModelStatus.kOptimal, h.modelStatusToString(h.getModelStatus())
+    return time.perf_counter() - t
+
+
+def ratio_rows(label: str, campus, call, options: dict, r: int) -> None:
+    """One campus: the optimiser's whole call against raw HiGHS on the identical LP(s), same run, interleaved."""
+    probs = captured_problems(lambda: call(campus))
+    built = [highs_model(p) for p, _ in probs]
+    models = [m for m, _ in built]
+    ours, raw, cvx = [], [], []
+    for _ in range(r):
+        t = time.perf_counter()
+        plan = call(campus)
+        ours.append(time.perf_counter() - t)
+        cvx.append(plan.solve_seconds)
+        raw.append(raw_highs_seconds(models, options))
+    o, w = statistics.median(ours), statistics.median(raw)
+    rows, cols, nnz = (sum(x[1][i] for x in built) for i in range(3))
+    n_clusters = len(campus.clusters)
+    print(f"{label:34s} {n_clusters:6d} {len(models):4d} {rows:8d} {cols:8d} {nnz:9d} {1e3 * o:10.1f} "
+          f"{1e3 * statistics.median(cvx):10.1f} {1e3 * w:9.1f} {o / w:7.2f}")
+    sys.stdout.flush()
+
+
+def ratios(days, r: int, sizes=(1, 10, 100, 300, 1_000)) -> None:
+    print("\n## against raw HiGHS (same run; ratio = median whole call / median highspy passModel+run on the "
+          "identical LP(s) from cvxpy's get_problem_data; ms)")
+    print(f"{'program, objective':34s} {'clust':>6s} {'LPs':>4s} {'rows':>8s} {'cols':>8s} {'nnz':>9s} "
+          f"{'call ms':>10s} {'solve ms':>10s} {'HiGHS ms':>9s} {'ratio':>7s}")
+    ceiling = [("ceiling: carbon+peak, contract 1.02", 1.02, 0.1), ("ceiling: carbon only, no contract", np.inf, 0.0),
+               ("ceiling: carbon only, contract cap", "cap", 0.0)]
+    for label, headroom, lam_p in ceiling:
+        for n in sizes:
+            campus = make_fleet(days, n, n, seed=7 * n, contract_headroom=1.02 if headroom == "cap" else headroom,
+                                lambda_p=lam_p)[0]
+            if headroom == "cap":  # a contract at the clusters' summed power at full capacity: never binds
+                limit = sum(float(c.power_curve(np.max(c.capacity_cores))) for c in campus.clusters)
+                campus = dataclasses.replace(campus, contract_limit_kw=limit)
+            ratio_rows(label, campus, plan_campus, ceiling_program.SOLVER_OPTIONS["HIGHS"], r)
+    rng = np.random.default_rng(11)
+    queue = [("queue: nightly (contract capacity)", "capacity", 0.0), ("queue: contract binding", "binding", 0.0),
+             ("queue: carbon+peak 0.1, no contract", "none", 0.1)]
+    for label, contract, lam_p in queue:
+        for n in sizes:
+            i = int(rng.integers(len(days) - 1))
+            eta = np.concatenate([days[i].to_numpy(), days[i + 1].to_numpy()])[:42]
+            campus = synthetic_queue_campus(eta, n, seed=13 * n, contract=contract, lambda_p=lam_p, curve=CURVE)
+            ratio_rows(label, campus, plan_queue, queue_program.SOLVER_OPTIONS["HIGHS"], r)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -134,7 +244,8 @@ def main(argv=None) -> None:
                     help="shape of the synthetic power curves (default concave)")
     ap.add_argument("--sections", default="single,fleets,growth",
                     help="comma-separated subset of single (one-cluster campuses), fleets, growth (one campus), "
-                         "quality (true carbon of curve vs single-slope plans; needs --curve specpower or concave)")
+                         "quality (true carbon of curve vs single-slope plans; needs --curve specpower or concave), "
+                         "ratio (both programs against raw HiGHS on the identical LP, per campus size)")
     args = ap.parse_args(argv)
     global CURVE
     CURVE = args.curve
@@ -201,6 +312,8 @@ def main(argv=None) -> None:
 
     if "quality" in sections:
         quality(days, r)
+    if "ratio" in sections:
+        ratios(days, max(r, 5))
 
     print("\n## fleet growth (ratios from this run; process CPU is less sensitive to other load than wall)")
     for g in groupings:

@@ -345,23 +345,50 @@ def _solve(campus: QueueCampus, clusters: list[QueueCluster], storage: CampusSto
         objective += unit * OVER_PRICE * cp.sum(cp.multiply(scale, ov))
     assert campus.committed is not None  # QueueCampus.__post_init__ fills the default
     com = np.flatnonzero(campus.committed)
-    if storage is None and (campus.lambda_p > 0 or np.isfinite(campus.contract_kw)):
-        y = cp.Variable(n_c)
-        cons.append(z[:, com] <= y[:, None] @ np.ones((1, com.size)))
-        if np.isfinite(campus.contract_kw):
-            cons.append(cp.sum(y) <= campus.contract_kw)
-        objective += campus.lambda_p * cp.sum(y)
-    prob = cp.Problem(cp.Minimize(objective), cons)
-    try:
-        prob.solve(solver=campus.solver, **SOLVER_OPTIONS.get(campus.solver, {}))
-    except cp.error.SolverError as exc:
-        raise _SolveFailed(f"{campus.solver}: {exc}") from None
-    if prob.status not in ("optimal", "optimal_inaccurate") or s_cum.value is None:
-        raise _SolveFailed(f"{campus.solver} returned {prob.status}")
-    s = np.clip(np.diff(s_cum.value, axis=1, prepend=0.0) * scale, 0.0, room)
+    # The contract rows (one per cluster and committed hour) are only added when they can bind: with no price on
+    # the peak and the summed peaks bounded below the contract whatever the plan, they cut nothing off. The bound:
+    # a cluster serves at most min(room, avail) in an hour, and its hull is convex, so its power in the hour is at
+    # most the hull at U_IF or at U_IF + that. The solution is checked against the contract afterwards, and the
+    # rows are added and the LP solved again if it fails (it cannot when the fills are in order).
+    peak_rows = storage is None and (campus.lambda_p > 0 or np.isfinite(campus.contract_kw))
+    if peak_rows and campus.lambda_p == 0 and _peak_bound(u, np.minimum(room, avail), a, b, com) \
+            <= campus.contract_kw * (1 - CHECK_RTOL):
+        peak_rows = False
+    base_objective, base_cons = objective, cons
+    for attempt in range(2):
+        objective, cons = base_objective, list(base_cons)
+        if peak_rows:
+            y = cp.Variable(n_c)
+            cons.append(z[:, com] <= y[:, None] @ np.ones((1, com.size)))
+            if np.isfinite(campus.contract_kw):
+                cons.append(cp.sum(y) <= campus.contract_kw)
+            objective += campus.lambda_p * cp.sum(y)
+        prob = cp.Problem(cp.Minimize(objective), cons)
+        try:
+            prob.solve(solver=campus.solver, ignore_dpp=True, **SOLVER_OPTIONS.get(campus.solver, {}))
+        except cp.error.SolverError as exc:
+            raise _SolveFailed(f"{campus.solver}: {exc}") from None
+        if prob.status not in ("optimal", "optimal_inaccurate") or s_cum.value is None:
+            raise _SolveFailed(f"{campus.solver} returned {prob.status}")
+        if peak_rows or storage is not None or not np.isfinite(campus.contract_kw):
+            break
+        peaks = float(np.max(np.asarray(z.value)[:, com], axis=1).sum())
+        if peaks <= campus.contract_kw * (1 + CHECK_RTOL):
+            break
+        peak_rows = True  # the bound was wrong (it cannot be with fills in order): plan again with the rows
+    s = np.clip(np.diff(np.asarray(s_cum.value), axis=1, prepend=0.0) * scale, 0.0, room)
     late_v = np.maximum(lat.value * scale, 0.0)
     over_v = np.zeros_like(s) if ov is None else np.maximum(ov.value * scale, 0.0)
     return s, late_v, over_v, terms
+
+
+def _peak_bound(u: np.ndarray, most: np.ndarray, a: np.ndarray, b: np.ndarray, com: np.ndarray) -> float:
+    """An upper bound of the clusters' summed peaks over the committed hours ``com`` whatever the plan: each
+    cluster's convex hull (padded intercepts ``a``, slopes ``b``, (C, K)) is largest at an end of the usage range
+    [U_IF, U_IF + most] of each hour."""
+    lo, hi = u[:, com], (u + most)[:, com]
+    hull = lambda x: (a[:, None, :] + b[:, None, :] * x[:, :, None]).max(axis=2)  # noqa: E731
+    return float(np.maximum(hull(lo), hull(hi)).max(axis=1).sum())
 
 
 # ------------------------------------------------------------------------------------------ queue bounds

@@ -89,3 +89,49 @@ def synthetic_campus(carbon_gco2_per_kwh, n_clusters: int, *, seed: int | np.ran
     return CampusInput(clusters=clusters, carbon_gco2_per_kwh=eta, contract_limit_kw=contract, lambda_e=lambda_e,
                        lambda_p=lambda_p, delta_min=delta_min, delta_max=delta_max, ramp_limit=ramp_limit,
                        solver=solver, hours=hours, name=name)
+
+
+def synthetic_queue_campus(carbon_gco2_per_kwh, n_clusters: int, *, seed: int | np.random.Generator = 0,
+                           name: str = "campus", committed_hours: int = 24, deadline_hours: float = 18.0,
+                           contract: str = "capacity", lambda_p: float = 0.0, curve: str = "specpower"):
+    """A :class:`~cicm.optimize.queue.QueueCampus` of ``n_clusters`` synthetic clusters over the N hours of
+    ``carbon_gco2_per_kwh`` (the nightly shape: N = 42-48, the first ``committed_hours`` committed): the clusters of
+    :func:`synthetic_cluster`, their flexible work arriving hour by hour (diurnal, noisy) and due
+    ``deadline_hours`` later (:func:`cicm.optimize.queue.arrival_bounds`), half a day's backlog at the start.
+
+    ``contract``: ``"capacity"`` (the campus contract sized to the clusters' summed power at full capacity, as a
+    real one is: it never binds), ``"binding"`` (the summed committed peaks of run-on-arrival: shifting work into
+    fewer clean hours would exceed it, so it binds), or ``"none"``.
+    """
+    from cicm.optimize.queue import QueueCampus, QueueCluster, arrival_bounds, greedy_service
+
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    eta = np.asarray(carbon_gco2_per_kwh, dtype=float)
+    n = eta.size
+    h = np.arange(n)
+    out = []
+    for i in range(n_clusters):
+        c = synthetic_cluster(f"{name}-q{i:05d}", 24, rng, curve=curve)  # a day, repeated over the horizon
+        assert c.power_curve is not None
+        usage_capacity = float(c.power_curve.cpu_cores[-1])
+        cap = min(usage_capacity, float(np.min(c.power_capped_capacity_cores)))
+        mean_rate = c.flexible_core_hours / 24
+        arrivals = mean_rate * (1 + 0.5 * np.sin(2 * np.pi * (h - rng.uniform(0, 24)) / 24)) \
+            * rng.uniform(0.5, 1.5, n)
+        must, avail = arrival_bounds(arrivals, deadline_hours)
+        backlog = 12 * mean_rate
+        avail = avail + backlog
+        must = must + backlog * np.clip((h + 1) / deadline_hours, 0, 1)
+        out.append(QueueCluster(c.name, np.resize(c.inflexible_cpu_cores, n), np.resize(c.inflexible_upper_cpu_cores, n),
+                                cap, must, avail, c.power_curve))
+    committed = h < committed_hours
+    limit = float("inf")
+    if contract == "capacity":
+        limit = float(sum(float(c.power_curve(np.max(c.capacity_cores))) for c in out))
+    elif contract == "binding":
+        s = greedy_service(np.stack([c.must_core_hours for c in out]), np.stack([c.avail_core_hours for c in out]),
+                           np.stack([c.room_cpu_cores for c in out]))
+        limit = float(sum(np.max(c.power_curve(c.inflexible_cpu_cores + s[i])[committed]) for i, c in enumerate(out)))
+    elif contract != "none":
+        raise ValueError(f"contract must be capacity, binding or none, got {contract!r}")
+    return QueueCampus(name, tuple(out), eta, committed=committed, contract_kw=limit, lambda_p=lambda_p)
