@@ -51,15 +51,19 @@ def site_dict(n_containers: int) -> dict:
 
 
 def serve(port: int, n_containers: int) -> None:
+    """The child: uvicorn with ``$ECOVISOR_BENCH_HTTP`` (auto: httptools and uvloop when installed, as
+    ``cicm ecovisor serve`` runs; h11: the pure-Python parser and asyncio's loop, for comparison)."""
     import uvicorn
 
     from cicm.ecovisor.site import parse_site
     from cicm.ecovisor.testing import simulated_app
 
     api = simulated_app(parse_site(site_dict(n_containers)), admin_token=ADMIN)
+    http = os.environ.get("ECOVISOR_BENCH_HTTP", "auto")
+    opts: dict = {"http": "h11", "loop": "asyncio"} if http == "h11" else {}
     prof_out = os.environ.get("ECOVISOR_BENCH_PROFILE")  # cProfile the server into this file (--profile)
     if not prof_out:
-        uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+        uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning", access_log=False, **opts)
         return
     import cProfile
     import pstats
@@ -78,7 +82,7 @@ def serve(port: int, n_containers: int) -> None:
     threading.setprofile(_boot)
     profiles[0].enable()
     try:
-        uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+        uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning", access_log=False, **opts)
     finally:
         profiles[0].disable()
         stats = pstats.Stats(profiles[0])
@@ -257,17 +261,20 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=None,
                     help="open loop: send this many requests per second in all (default: closed loop, flat out)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--http", choices=("auto", "h11"), default="auto",
+                    help="the server's HTTP stack: auto (httptools + uvloop when installed) or h11 + asyncio")
     args = ap.parse_args()
     if not (1 <= args.requests <= 1_000_000 and 1 <= args.connections <= 1000):
         ap.error("--requests in [1, 1e6], --connections in [1, 1000]")
     if args.rate is not None and not 1 <= args.rate <= 100_000:
         ap.error("--rate in [1, 1e5]")
 
+    os.environ["ECOVISOR_BENCH_HTTP"] = args.http  # read by the server child
     runs = [throughput(args) for _ in range(args.repeat)]
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     mode = f"open loop at {args.rate:g} req/s" if args.rate else "closed loop"
     print(f"throughput: {args.requests} x {args.route} over {args.connections} connections ({mode}), "
-          f"{args.containers} containers, median of {args.repeat}:")
+          f"{args.containers} containers, HTTP stack {args.http}, median of {args.repeat}:")
     print(f"  {med['req_s']:,.0f} req/s   p50 {med['p50_ms']:.1f} ms   p99 {med['p99_ms']:.1f} ms   "
           f"server CPU {med['server_cpu_ms_per_req']:.2f} ms/request")
     for r in runs:
