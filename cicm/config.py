@@ -312,12 +312,53 @@ class CarbonSource(_Strict):
         return self
 
 
+class BatterySpec(_Strict):
+    """A campus's ``[campuses.battery]``: the battery the day-ahead plan co-plans with the flexible schedule
+    (docs/storage_coplan.md). kW = kWh per hour; fractions of the capacity for the reserve and the state of charge
+    the plan assumes at the start of its horizon."""
+
+    capacity_kwh: float = Field(gt=0, le=MAX_CONTRACT_KW * 24, description="usable energy, kWh")
+    max_charge_kw: float = Field(gt=0, le=MAX_CONTRACT_KW, description="kW")
+    max_discharge_kw: float = Field(gt=0, le=MAX_CONTRACT_KW, description="kW")
+    round_trip_efficiency: float = Field(default=0.9, ge=0.5, le=1.0, description="split evenly over both legs")
+    reserve_soc: float = Field(default=0.1, ge=0, lt=1, description="never discharged below this share")
+    initial_soc: float = Field(default=0.5, ge=0, le=1, description="assumed at the start of the plan's horizon")
+
+    @model_validator(mode="after")
+    def _start_above_reserve(self) -> "BatterySpec":
+        if self.initial_soc < self.reserve_soc:
+            raise FieldProblem("initial_soc", f"{self.initial_soc:g} is below the reserve {self.reserve_soc:g}")
+        return self
+
+
+class SolarSpec(_Strict):
+    """A campus's ``[campuses.solar]``: a fixed-tilt array, forecast as pvlib's clear sky times a cloud factor
+    from ``cloud_csv`` (timestamp, cloud_cover in percent), or clear sky alone (an upper bound) without it."""
+
+    latitude: float = Field(ge=-90, le=90)
+    longitude: float = Field(ge=-180, le=180)
+    kwp: float = Field(gt=0, le=MAX_CONTRACT_KW, description="DC nameplate, kW")
+    tilt_deg: float = Field(default=20.0, ge=0, le=90)
+    azimuth_deg: float = Field(default=180.0, ge=0, le=360, description="180 faces south")
+    cloud_csv: Path | None = Field(default=None, description="cloud-cover forecast; relative to the fleet file")
+
+    @field_validator("cloud_csv", mode="after")
+    @classmethod
+    def _relative_to_fleet(cls, value: Path | None, info) -> Path | None:
+        base = (info.context or {}).get("fleet_dir") if info.context else None
+        if value is not None and not value.is_absolute() and base is not None:
+            return Path(base) / value
+        return value
+
+
 class Campus(_Strict):
     name: str
     grid_zone: str = Field(description="the grid zone as the campus's provider names it")
     timezone: str
     contract_limit_kw: float = Field(gt=0, le=MAX_CONTRACT_KW, description="kW, in (0, 10 GW]")
     carbon: CarbonSource | None = Field(default=None, description="the campus's own carbon source")
+    battery: BatterySpec | None = Field(default=None, description="on-site battery, co-planned (queue program)")
+    solar: SolarSpec | None = Field(default=None, description="on-site solar, forecast and co-planned")
     clusters: list[Cluster] = Field(min_length=1)
 
     @field_validator("grid_zone")

@@ -484,7 +484,7 @@ def plan_partition_from_file(db_path: str, job: PartitionJob) -> "PartitionResul
         return plan_partition(store, job)
 
 
-PART_FRAMES = ("vccs", "status", "power_models", "load_forecasts", "load_forecast_days")
+PART_FRAMES = ("vccs", "status", "power_models", "load_forecasts", "load_forecast_days", "storage_plans")
 STAGE_NOTES = ("forecast-value", "power-models", "load-forecast", "vcc-program")
 TIMED_STEPS = ("store-reads", "forecast-value", "power-models", "load-forecast", "vcc-program")
 
@@ -583,7 +583,8 @@ def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | 
         preset = disabled.get(cluster.name) or low_benefit
         inputs.append(cluster_input(cluster, ClusterModels(pd.DataFrame(), curve, None, load, None), preset))
     if inputs and getattr(options, "program", "ceiling") == "queue":
-        vccs, status, note = queue_plan_rows(day, plan_date, inputs, usage, ahead, options)
+        vccs, status, note, storage_rows = queue_plan_rows(day, plan_date, inputs, usage, ahead, options)
+        out.add("storage_plans", storage_rows)
         out.add("vccs", vccs)
         out.add("status", status)
         out.notes["vcc-program"].append(note)
@@ -712,12 +713,14 @@ def too_full_reason(late_core_hours: np.ndarray, room_cpu_cores: np.ndarray, rto
 
 
 def queue_plan_rows(day: CampusDay, plan_date: date, inputs: list, usage: pd.DataFrame, carbon: pd.Series,
-                    options) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+                    options) -> tuple[pd.DataFrame, pd.DataFrame, str, pd.DataFrame]:
     """The campus's plan from the queue-aware program, as vccs and vcc_status rows (the ceiling program's
-    columns). ``carbon`` covers the day and any look-ahead (planned, not committed). The plan of record
+    columns), a note, and the day's storage plan rows (empty without battery or solar: see
+    cicm.planning.storage). ``carbon`` covers the day and any look-ahead (planned, not committed). The plan of record
     (``flexible_cpu_cores``) is the planned service plus the risk margin; VCC = (inflexible upper quantile + plan
     of record) x R. A fallback cluster keeps the full machine capacity, with its reason."""
     from cicm.optimize.queue import QueueCampus, greedy_service, plan_queue, risk_margin
+    from cicm.planning.storage import campus_storage, storage_plan_rows
 
     n_day = len(day.hours)
     hours = pd.DatetimeIndex(carbon.index)
@@ -727,10 +730,15 @@ def queue_plan_rows(day: CampusDay, plan_date: date, inputs: list, usage: pd.Dat
     eta_all = carbon.to_numpy(float)
     eta = eta_all[:n_day]
     plan = None
+    storage, storage_note = None, ""
+    try:
+        storage = campus_storage(day.campus, hours)
+    except InputError as exc:  # the flexible plan goes ahead; the battery is not co-planned tonight, visibly
+        storage_note = f"; storage not planned: {exc}"
     if built:
         plan = plan_queue(QueueCampus(day.campus.name, tuple(built), eta_all, committed=np.arange(len(hours)) < n_day,
                                       contract_kw=day.campus.contract_limit_kw, lambda_e=options.lambda_e,
-                                      lambda_p=options.lambda_p, solver=options.solver))
+                                      lambda_p=options.lambda_p, solver=options.solver, storage=storage))
     built_names = {b.name: k for k, b in enumerate(built)}
     flat_all = greedy_service(np.stack([b.must_core_hours for b in built]), np.stack([b.avail_core_hours for b in built]),
                               np.stack([b.room_cpu_cores for b in built]))[:, :n_day] if built else None
@@ -801,7 +809,12 @@ def queue_plan_rows(day: CampusDay, plan_date: date, inputs: list, usage: pd.Dat
     note = (f"{day.campus.name}: queue program over {len(hours)} h ({n_day} committed), "
             f"{sum(r['status'] == 'shaped' for r in status_rows)}/{len(status_rows)} shaped"
             + (f" via {plan.solver} in {plan.solve_seconds:.2f} s" if plan else ""))
-    return vccs, pd.DataFrame(status_rows), note
+    storage_rows = pd.DataFrame()
+    if plan is not None and plan.storage is not None:
+        storage_rows = storage_plan_rows(plan_date, day.campus.name, day.hours, plan.storage)
+        note += f"; storage {plan.storage.status}: {float(np.sum(plan.storage.charge_kw[:n_day])):,.0f} kWh charged, " \
+                f"{float(np.sum(plan.storage.discharge_kw[:n_day])):,.0f} kWh discharged"
+    return vccs, pd.DataFrame(status_rows), note + storage_note, storage_rows
 
 
 def plan_clusters(store, fleet: Fleet, plan_date: date, days: list[CampusDay], carbon: CarbonResult,
@@ -824,7 +837,7 @@ def plan_clusters(store, fleet: Fleet, plan_date: date, days: list[CampusDay], c
     return PlanClustersResult(
         reports, cat("vccs"), status,
         {"power_models": cat("power_models"), "load_forecasts": cat("load_forecasts"),
-         "load_forecast_days": cat("load_forecast_days")},
+         "load_forecast_days": cat("load_forecast_days"), "storage_plans": cat("storage_plans")},
         merged.seconds,
     )
 

@@ -36,7 +36,7 @@ from cicm.errors import InputError
 from cicm.reasons import split_reason
 from cicm.paths import REPO_ROOT, default_db_path
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -110,6 +110,13 @@ CREATE TABLE IF NOT EXISTS backtest_results (
     slo_violations INTEGER, cluster_days INTEGER, late_work_pct DOUBLE, delay_mean_hours DOUBLE,
     delay_p95_hours DOUBLE, unfinished_core_hours DOUBLE, report_dir VARCHAR,
     PRIMARY KEY (zone, start_day, days, seed, policy));
+-- The day-ahead storage plan of a campus with a battery or solar (issue 16), one row per campus and hour of the
+-- planned day; kW = kWh in the hour. An additive table: files of earlier code gain it when a writer opens them.
+CREATE TABLE IF NOT EXISTS storage_plans (
+    run_id VARCHAR NOT NULL, plan_date DATE NOT NULL, campus VARCHAR NOT NULL, hour TIMESTAMPTZ NOT NULL,
+    hour_index INTEGER NOT NULL, load_kw DOUBLE, solar_kw DOUBLE, solar_used_kw DOUBLE, curtailed_kw DOUBLE,
+    charge_kw DOUBLE, discharge_kw DOUBLE, energy_kwh DOUBLE, grid_kw DOUBLE, status VARCHAR,
+    PRIMARY KEY (run_id, campus, hour));
 CREATE TABLE IF NOT EXISTS shaping_state (
     run_id VARCHAR NOT NULL, cluster VARCHAR NOT NULL, disabled_from DATE NOT NULL, disabled_until DATE NOT NULL,
     reason VARCHAR NOT NULL, PRIMARY KEY (cluster, disabled_from));
@@ -144,6 +151,12 @@ CREATE OR REPLACE VIEW current_vccs AS
 CREATE OR REPLACE VIEW current_vcc_status AS
     SELECT v.* FROM vcc_status v JOIN current_plans c USING (run_id, plan_date, cluster)
     WHERE c.run_id IN (SELECT run_id FROM runs WHERE status IN ('ok', 'degraded'));
+""",
+    # The writer's process start (``process_start``: the boot's id and the start time in clock ticks, from
+    # /proc), so that a pid the kernel reused for another process does not keep a dead run 'running'. Runs of
+    # earlier versions have none: their pid alone is checked.
+    4: """
+ALTER TABLE runs ADD COLUMN process_start VARCHAR;
 """,
 }
 
@@ -181,6 +194,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "agent_actions": ("cluster", "acted_at"),
     "intraday_deviations": ("cluster", "hour"),
     "backtest_results": ("zone", "start_day", "days", "seed", "policy"),
+    "storage_plans": ("run_id", "campus", "hour"),
 }
 
 
@@ -258,17 +272,46 @@ def failure_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (signal 0 checks without sending anything)."""
+def process_start(pid: int) -> str | None:
+    """When a process started, as ``<boot id>:<start time in clock ticks since boot>`` (Linux: /proc/<pid>/stat
+    field 22, and /proc/sys/kernel/random/boot_id), or None where /proc does not tell (another OS, no such
+    process). A pid and this identify one process: the kernel reuses pids, not their start times."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces: field 3 on
+    return f"{boot}:{fields[22 - 3]}"
+
+
+def _pid_alive(pid: int, started: str | None = None) -> bool:
+    """Whether the process with this pid exists on this host (signal 0 checks without sending anything) and, given
+    its recorded start (``process_start``), is still that process: a pid now used by a process that started at
+    another time is a dead writer's."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process: alive
-        return True
+    except PermissionError:  # another user's process: alive (its start is still checked below)
+        pass
     except OSError:
         return False
-    return True
+    if started is None:
+        return True
+    now = process_start(pid)
+    return now is None or now == started
+
+
+_STARTS: dict[int, str | None] = {}
+
+
+def _my_start() -> str | None:
+    """This process's ``process_start``, read once (per pid: a forked child reads its own)."""
+    pid = os.getpid()
+    if pid not in _STARTS:
+        _STARTS[pid] = process_start(pid)
+    return _STARTS[pid]
 
 
 @dataclass
@@ -348,17 +391,17 @@ class Store:
     def begin_run(self, kind: str, params: dict | None = None, plan_date: date | None = None,
                    status: str = "running", message: str | None = None,
                    started_at: pd.Timestamp | None = None) -> str:
-        """Record a run, with this process's pid and hostname (``abandon_dead_runs`` checks them).
+        """Record a run, with this process's pid, hostname and start (``abandon_dead_runs`` checks them).
         ``started_at`` (default: now) is when the work began, so that the run's duration is the work's, not
         only its final write's."""
         run_id = new_run_id(kind)
         self.con.execute(
             "INSERT INTO runs (run_id, kind, plan_date, started_at, finished_at, status, params, code_version,"
-            " message, pid, hostname)"
+            " message, pid, hostname, process_start)"
             " VALUES (?, ?, ?, COALESCE(?, now()), CASE WHEN ? = 'running' THEN NULL ELSE now() END, ?, ?, ?, ?, ?,"
-            " ?)",
+            " ?, ?)",
             [run_id, kind, plan_date, started_at, status, status, json.dumps(params or {}, default=str),
-             code_version(), message, os.getpid(), socket.gethostname()],
+             code_version(), message, os.getpid(), socket.gethostname(), _my_start()],
         )
         return run_id
 
@@ -409,18 +452,22 @@ class Store:
     def abandon_dead_runs(self) -> list[str]:
         """Mark as 'abandoned', with the reason, every run left 'running' by a process that is gone; point any
         plan in force that does not belong to a succeeded run back at the newest succeeded one. Called when the
-        store is opened for writing. A run of a live process (this host, pid alive) is not touched; runs without
+        store is opened for writing. A run of a live process (this host, pid alive and, where recorded, started
+        when the run's writer did: a reused pid is not the writer) is not touched; runs without
         a pid (the agent's long-lived run) neither. A run of another host is abandoned: this process holds the
         file's write lock, and a run's writer holds it from its begin to its end. Returns the abandoned runs."""
-        rows = self.con.execute(
-            "SELECT run_id, pid, hostname FROM runs WHERE status = 'running' AND pid IS NOT NULL").fetchall()
+        rows = self.con.execute("SELECT run_id, pid, hostname, process_start FROM runs"
+                                " WHERE status = 'running' AND pid IS NOT NULL").fetchall()
         here, me = socket.gethostname(), os.getpid()
         gone: list[tuple[str, str]] = []
-        for run_id, pid, host in rows:
+        for run_id, pid, host, started in rows:
             if host == here:
-                if pid == me or _pid_alive(pid):
+                if (pid == me and started in (None, _my_start())) or _pid_alive(pid, started):
                     continue
-                why = f"abandoned: its process {pid} on {host} is gone (found by process {me} opening the store)"
+                reused = "" if started is None or process_start(pid) is None else \
+                    f"; pid {pid} now belongs to a process started at another time"
+                why = (f"abandoned: its process {pid} on {host} is gone{reused} (found by process {me} opening the"
+                       " store)")
             else:
                 why = (f"abandoned: its process {pid} on {host} no longer holds the store (found by process {me} on"
                        f" {here} opening it for writing)")
@@ -500,7 +547,7 @@ class Store:
     # -- named reads (the SQL lives in the consumer modules; these delegate) ------------------------------
     def runs(self, limit: int = 50) -> pd.DataFrame:
         """The newest runs first. Columns: the runs table's (run_id, kind, plan_date, started_at, finished_at,
-        status, params, code_version, message, summary, pid, hostname)."""
+        status, params, code_version, message, summary, pid, hostname, process_start)."""
         return self.query("SELECT * FROM runs ORDER BY started_at DESC LIMIT ?", [limit])
 
     def has_table(self, name: str) -> bool:
