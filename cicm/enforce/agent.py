@@ -48,6 +48,7 @@ from cicm.enforce.policy import (
 )
 
 if TYPE_CHECKING:
+    from cicm.enforce.slurm import SlurmAdmission
     from cicm.ops.agent_metrics import AgentMetrics
     from cicm.optimize.inputs import PowerCurve
 
@@ -105,6 +106,8 @@ class PassOutcome:
     detail: str = ""
     audit_to: str = ""
     store_problem: str | None = None  # the plan store was missing, corrupt, locked or unreadable (storehealth)
+    release: Deviation | None = None  # Slurm: jobs whose deadline was at risk were released above the allowance
+    slurm: object | None = None  # Slurm: the pass's cicm.enforce.slurm.SlurmPass
 
     @property
     def ok(self) -> bool:
@@ -112,6 +115,8 @@ class PassOutcome:
 
     @property
     def deviation(self) -> Deviation | None:
+        if self.release is not None:  # a deadline released work above what the correction (or plan) allowed
+            return self.release
         return self.correction.deviation if self.correction is not None else None
 
     def line(self) -> str:
@@ -123,9 +128,11 @@ class PassOutcome:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, client: EcovisorClient, plans, audit, clock: Clock, backlog=None):
+    def __init__(self, config: AgentConfig, client: EcovisorClient | None, plans, audit, clock: Clock, backlog=None,
+                 slurm: SlurmAdmission | None = None):
         self.config = config
-        self.client = client
+        self.client = client  # None with --enforce slurm (no ecovisor)
+        self.slurm = slurm  # --enforce slurm: the flexible partition's admission limit instead of power caps
         self.plans = plans
         self.audit = audit
         self.clock = clock
@@ -139,6 +146,13 @@ class Agent:
         self.metrics: AgentMetrics | None = None  # Prometheus metrics of each pass (docs/metrics.md)
         self._store_problem: str | None = None  # this pass's plan store problem (cicm.enforce.storehealth kind)
         self._store_counter: Any = None  # cicm_agent_store_unreadable_passes, on the metrics' registry
+
+    @property
+    def eco(self) -> EcovisorClient:
+        """The ecovisor client (the ecovisor path); there is none with ``--enforce slurm``."""
+        if self.client is None:
+            raise AgentConfigError("no ecovisor: this agent enforces through Slurm")
+        return self.client
 
     # ------------------------------------------------------------------------------------------- plan
     def _safe(self, reason: str) -> tuple[str, str]:
@@ -285,7 +299,7 @@ class Agent:
         entry = {"target_cores": c.cores, "powercap_kw": c.max_kw, "cpu_limit_cores": c.cpu_limit_cores,
                  "flexible": c.flexible}
         if c.powercap_kw < c.max_kw - 1e-9:
-            resp = self.client.set_powercap(c.name, c.max_kw)
+            resp = self.eco.set_powercap(c.name, c.max_kw)
             entry["cpu_limit_cores"] = resp.get("cpu_limit_cores")
             changes.append(f"{c.name}: lifted {c.powercap_kw:.4g} -> {c.max_kw:.4g} kW ({why})")
         return entry
@@ -308,7 +322,7 @@ class Agent:
             new_kw = float(min(max(new_kw, c.idle_kw), c.max_kw))
             if puts and abs(new_kw - kw) < 1e-12:
                 break  # no progress: the model cannot do better
-            resp = self.client.set_powercap(c.name, new_kw)
+            resp = self.eco.set_powercap(c.name, new_kw)
             puts += 1
             kw, limit = new_kw, resp.get("cpu_limit_cores")
             if limit is None:
@@ -329,7 +343,7 @@ class Agent:
                 side = -1
         if limit is None or limit > target + tol:  # never exceed the plan: fall back to a cap known to be below
             kw = model.safe_kw(target + tol)
-            resp = self.client.set_powercap(c.name, kw)
+            resp = self.eco.set_powercap(c.name, kw)
             puts += 1
             limit = resp.get("cpu_limit_cores")
         changes.append(f"{c.name}: cap {c.powercap_kw:.4g} -> {kw:.4g} kW, CPU limit "
@@ -341,20 +355,20 @@ class Agent:
                  changes: list[str]) -> BatteryDecision | None:
         if not self.config.battery:
             return None
-        b = me.get("battery") or self.client.battery()
+        b = me.get("battery") or self.eco.battery()
         carbon = plan.carbon() if plan is not None else None
         dec = battery_decision(carbon, hour, b, float(me.get("grid_share_kw") or 0.0), self.config.battery_hours)
         if dec is None:
             return None
         if dec.charge_kw == 0.0 and dec.mode != "charge" and abs(float(b.get("charge_rate_kw") or 0.0)) > 1e-9:
-            self.client.set_battery_charge_rate(0.0)  # stop charging first, so the discharge setting takes
+            self.eco.set_battery_charge_rate(0.0)  # stop charging first, so the discharge setting takes
             changes.append("battery: grid charging stopped")
         current_md = b.get("max_discharge_setting_kw")
         if current_md is None or abs(float(current_md) - dec.max_discharge_kw) > 1e-6:
-            self.client.set_battery_max_discharge(dec.max_discharge_kw)
+            self.eco.set_battery_max_discharge(dec.max_discharge_kw)
             changes.append(f"battery: max discharge -> {dec.max_discharge_kw:.3g} kW ({dec.mode})")
         if dec.mode == "charge" and abs(float(b.get("charge_rate_kw") or 0.0) - dec.charge_kw) > 1e-6:
-            self.client.set_battery_charge_rate(dec.charge_kw)
+            self.eco.set_battery_charge_rate(dec.charge_kw)
             changes.append(f"battery: grid charge rate -> {dec.charge_kw:.3g} kW")
         return dec
 
@@ -375,15 +389,105 @@ class Agent:
             if corr_note:
                 details.append(corr_note)
         fatal: AgentConfigError | None = None
+        if self.slurm is not None:
+            fatal = self._enforce_slurm(out, mode, reason, plan, allowance, details)
+        else:
+            fatal = self._enforce_ecovisor(out, mode, reason, plan, allowance, hour, details)
+        if out.changes:
+            details.append("; ".join(out.changes))
+        out.detail = " | ".join(d for d in details if d)
+        out.acted_at = self._unique_acted_at(now)
+        out.audit_to = self._audit(out)
+        self.passes.append(out)
+        if self.metrics is not None:
+            self._count_store_problem(out)
+            self.metrics.observe(out)
+        (log.info if out.ok else log.warning)("%s", out.line())
+        if fatal is not None:
+            raise fatal
+        return out
+
+    # ------------------------------------------------------------------------------------------- slurm
+    def wall_seconds_to_next_pass(self) -> float:
+        """Wall seconds until the next pass (the next hour, or ``reconcile_every_s``), on a compressed clock too."""
+        now = self.clock.now()
+        wake = min(next_hour(now), now + pd.Timedelta(seconds=self.config.reconcile_every_s))
+        return max(0.0, (wake - now).total_seconds()) / float(getattr(self.clock, "rate", 1.0))
+
+    def _enforce_slurm(self, out: PassOutcome, mode: str, reason: str | None, plan: DayPlan | None,
+                       allowance: float | None, details: list[str]) -> AgentConfigError | None:
+        from cicm.enforce.slurm import SlurmConfigError, SlurmError, SlurmUnavailable
+
+        assert self.slurm is not None
+        capacity = plan.capacity_cores if plan is not None and plan.capacity_cores else self.config.capacity_cores
+        try:
+            sp = self.slurm.apply(mode=mode, allowance_cores=allowance, capacity_cores=capacity,
+                                  now=pd.Timestamp.now(tz="UTC"), horizon_s=self.wall_seconds_to_next_pass(),
+                                  reason=reason, round_up=out.deviation is not None
+                                  and out.deviation.reason == "deadline-release")
+        except SlurmConfigError as exc:
+            out.result = RESULT_ERROR
+            details.append(f"configuration: {exc}")
+            return AgentConfigError(str(exc))
+        except SlurmError as exc:
+            out.result = RESULT_FAILED
+            kind = "slurmctld unreachable" if isinstance(exc, SlurmUnavailable) else "slurm error"
+            details.append(f"{kind}: {exc}")
+            details.append(self.slurm.stuck_note(mode, allowance, capacity, self.config.retry_base_s,
+                                                 self.config.retry_max_s))
+            return None
+        out.slurm = sp
+        out.caps = sp.caps
+        out.changes = sp.changes
+        details.extend(sp.details)
+        if mode == MODE_SHAPED and sp.releases and sp.scale is not None and allowance is not None:
+            above = sp.released_above_plan_cpus * sp.scale
+            if above > 0:
+                applied = allowance + above
+                out.release = Deviation(out.hour, float(out.plan_allowance_cores or allowance), applied,
+                                        "deadline-release", next(d for d in sp.details
+                                                                 if d.startswith("deadline-release")))
+                out.allowance_cores = applied
+        out.result = RESULT_APPLIED if sp.changes or any(r.priority != r.priority_before for r in sp.releases) \
+            else RESULT_UNCHANGED
+        return None
+
+    def shutdown(self) -> PassOutcome | None:
+        """A stopping agent (loop mode) lifts the Slurm limit, so that no lower limit outlives it; audited as a
+        ``lift`` pass, reason ``agent-stopping``. None when there is nothing to lift (or no Slurm path)."""
+        if self.slurm is None or not self.slurm.config.lift_on_exit:
+            return None
+        now = self.clock.now()
+        out = PassOutcome(hour=hour_start(now), acted_at=now, mode=MODE_LIFT,
+                          reason="agent-stopping: no limit outlives its agent", result=RESULT_UNCHANGED)
+        try:
+            change = self.slurm.lift()
+        except Exception as exc:  # noqa: BLE001 - say so; the next agent reconciles
+            out.result, out.detail = RESULT_FAILED, f"could not lift the limit on exit: {exc}"
+        else:
+            if change is None:
+                return None
+            out.result, out.changes, out.detail = RESULT_APPLIED, [change], change
+        out.acted_at = self._unique_acted_at(now)
+        out.audit_to = self._audit(out)
+        self.passes.append(out)
+        (log.info if out.ok else log.warning)("%s", out.line())
+        return out
+
+    # ------------------------------------------------------------------------------------------- ecovisor path
+    def _enforce_ecovisor(self, out: PassOutcome, mode: str, reason: str | None, plan: DayPlan | None,
+                          allowance: float | None, hour: pd.Timestamp,
+                          details: list[str]) -> AgentConfigError | None:
+        fatal: AgentConfigError | None = None
         try:
             if not self._contract_ok:
-                missing = self.client.check_contract()
+                missing = self.eco.check_contract()
                 if missing:
-                    raise AgentConfigError(f"the ecovisor at {self.client.base_url} lacks routes: {', '.join(missing)}")
+                    raise AgentConfigError(f"the ecovisor at {self.eco.base_url} lacks routes: {', '.join(missing)}")
                 self._contract_ok = True
-            me = self.client.me()
+            me = self.eco.me()
             containers = [ContainerInfo.from_api(d, self._is_flexible(d["container"]))
-                          for d in self.client.containers()]
+                          for d in self.eco.containers()]
             flexible = [c for c in containers if c.flexible]
             if not flexible:
                 raise AgentConfigError(
@@ -431,19 +535,7 @@ class Agent:
             out.result = RESULT_ERROR
             details.append(f"configuration: {exc}")
             fatal = exc
-        if out.changes:
-            details.append("; ".join(out.changes))
-        out.detail = " | ".join(d for d in details if d)
-        out.acted_at = self._unique_acted_at(now)
-        out.audit_to = self._audit(out)
-        self.passes.append(out)
-        if self.metrics is not None:
-            self._count_store_problem(out)
-            self.metrics.observe(out)
-        (log.info if out.ok else log.warning)("%s", out.line())
-        if fatal is not None:
-            raise fatal
-        return out
+        return fatal
 
     def _count_store_problem(self, out: PassOutcome) -> None:
         """``cicm_agent_store_unreadable_passes_total{cluster, kind}``: passes whose plan store was missing,

@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
@@ -38,14 +38,18 @@ def _default_audit_file(db: Path | None, plan_file: Path | None, cluster: str) -
     return home_dir() / f"agent-{cluster}.audit.jsonl"
 
 
-def build_agent(*, cluster: str, ecovisor: str, token: str | None, db: Path | None, plan_file: Path | None,
+def build_agent(*, cluster: str, ecovisor: str | None, token: str | None, db: Path | None, plan_file: Path | None,
                 audit_file: Path | None, fleet: Path | None, flexible: list[str], flexible_pattern: str,
                 cluster_cores_per_core: float | None, on_missing_plan: str, max_plan_age_hours: float | None,
                 battery: bool, battery_hours: int, retry_base_s: float, retry_max_s: float,
                 reconcile_every_s: float, request_retries: int = 2, clock=None, correction: bool = True,
-                max_backlog_age_hours: float = 2.0):
+                max_backlog_age_hours: float = 2.0, enforce: str = "ecovisor", slurm_partition: str = "flex",
+                slurm_inflexible: tuple[str, ...] | list[str] = (), slurm_conf: Path | None = None,
+                slurm_deadline_slack_s: float = 600.0, slurm_lift_on_exit: bool = True, slurm_json: bool = True):
     """Wire an Agent from CLI-style options (also used by tests). With a store, queue plans are corrected every
-    hour from the usage history's backlog (``correction``); a plan file is applied as it is."""
+    hour from the usage history's backlog (``correction``); a plan file is applied as it is. ``enforce``:
+    ``ecovisor`` (power caps of flexible containers) or ``slurm`` (the flexible partition's MaxCPUsPerNode; the
+    backlog is then Slurm's queue, with the usage history's arrivals)."""
     from cicm.store import new_run_id
     from cicm.enforce.agent import Agent, AgentConfig
     from cicm.enforce.audit import JsonlAudit, StoreAudit
@@ -57,6 +61,10 @@ def build_agent(*, cluster: str, ecovisor: str, token: str | None, db: Path | No
 
     if db is not None and plan_file is not None:
         raise InputError("plan-file", "give either --db or --plan-file, not both")
+    if enforce not in ("ecovisor", "slurm"):
+        raise InputError("enforce", f"must be 'ecovisor' or 'slurm', not {enforce!r}")
+    if enforce == "ecovisor" and not ecovisor:
+        raise InputError("ecovisor", "the ecovisor's URL is needed with --enforce ecovisor")
     capacity = None
     cluster_config = None  # the fleet's entry: capacity, and the power domains the correction's curve needs
     zone = None  # its campus's grid zone: the correction's newest carbon forecast
@@ -78,10 +86,19 @@ def build_agent(*, cluster: str, ecovisor: str, token: str | None, db: Path | No
         battery_hours=battery_hours, retry_base_s=retry_base_s, retry_max_s=retry_max_s,
         reconcile_every_s=reconcile_every_s, correction=correction, max_backlog_age_hours=max_backlog_age_hours,
     )
+    slurm = None
+    if enforce == "slurm":
+        from cicm.enforce.slurm import SlurmAdmission, SlurmClient, SlurmConfig
+
+        inflexible = tuple(n for item in slurm_inflexible for n in item.split(",") if n)
+        slurm = SlurmAdmission(SlurmClient(slurm_conf, use_json=slurm_json), SlurmConfig(
+            partition=slurm_partition, inflexible_partitions=inflexible, cluster_cores_per_cpu=cluster_cores_per_core,
+            deadline_slack_s=slurm_deadline_slack_s, lift_on_exit=slurm_lift_on_exit))
     run_id = new_run_id("agent")
     params = {"cluster": cluster, "ecovisor": ecovisor, "plan_file": str(plan_file) if plan_file else None,
+              "enforce": enforce, **({"slurm": slurm.describe()} if slurm is not None else {}),
               **{k: v for k, v in config.__dict__.items() if k != "cluster"}}
-    backlog = None
+    backlog: Any = None  # a cicm.enforce.backlog.BacklogSource, or None: no hourly correction
     plans: FilePlanSource | StorePlanSource
     audit: JsonlAudit | StoreAudit
     if plan_file is not None:
@@ -92,14 +109,34 @@ def build_agent(*, cluster: str, ecovisor: str, token: str | None, db: Path | No
         plans = StorePlanSource(db, cluster, cluster_config, zone)
         audit = StoreAudit(db, audit_file or _default_audit_file(db, None, cluster), run_id, params)
         backlog = StoreBacklogSource(db, cluster) if correction else None
-    client = EcovisorClient(ecovisor, token, retries=request_retries)
-    return Agent(config, client, plans, audit, clock or RealClock(), backlog=backlog)
+    clock = clock or RealClock()
+    if slurm is not None and correction:  # the live queue; arrivals and served usage from the usage history
+        from cicm.enforce.slurm import SlurmBacklogSource
+
+        to_agent = getattr(clock, "to_agent", None)
+        backlog = SlurmBacklogSource(slurm.client, slurm_partition, cluster_cores_per_cpu=cluster_cores_per_core,
+                                     capacity_cores=capacity, history=backlog, wall_to_agent=to_agent,
+                                     agent_seconds_per_wall_second=float(getattr(clock, "rate", 1.0)))
+    client = EcovisorClient(ecovisor, token, retries=request_retries) if ecovisor else None
+    return Agent(config, client, plans, audit, clock, backlog=backlog, slurm=slurm)
 
 
 @agent_app.command("run")
 def run(
     cluster: str = typer.Option(..., "--cluster", help="the cluster this agent enforces"),
-    ecovisor: str = typer.Option(..., "--ecovisor", help="ecovisor base URL, e.g. http://127.0.0.1:8700"),
+    ecovisor: Optional[str] = typer.Option(None, "--ecovisor", help="ecovisor base URL, e.g. http://127.0.0.1:8700 "
+                                                                    "(needed with --enforce ecovisor)"),
+    enforce: str = typer.Option("ecovisor", "--enforce", help="ecovisor (power caps of flexible containers) | slurm "
+                                                              "(MaxCPUsPerNode of the flexible partition)"),
+    slurm_partition: str = typer.Option("flex", "--slurm-partition", help="the flexible work's Slurm partition"),
+    slurm_inflexible: List[str] = typer.Option([], "--slurm-inflexible",
+                                               help="inflexible partition(s), never limited; repeat or comma-separate"),
+    slurm_conf: Optional[Path] = typer.Option(None, "--slurm-conf", help="slurm.conf (default: $SLURM_CONF or "
+                                                                         "Slurm's own)"),
+    slurm_deadline_slack_s: float = typer.Option(600.0, "--slurm-deadline-slack-s",
+                                                 help="release a job whose latest start is before the next pass + this"),
+    slurm_lift_on_exit: bool = typer.Option(True, "--slurm-lift-on-exit/--slurm-keep-on-exit",
+                                            help="a stopping agent (not --once) lifts the limit"),
     once: bool = typer.Option(False, "--once", help="one pass (reconcile the current hour) and exit"),
     db: Optional[Path] = db_option("read VCCs from this store (default: var/cicm.duckdb, or $CICM_HOME/cicm.duckdb)"),
     plan_file: Optional[Path] = typer.Option(None, "--plan-file", help="read VCCs from a `cicm vcc show --json` file"),
@@ -142,7 +179,7 @@ def run(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = os.environ.get(TOKEN_ENV)
-    if not token:
+    if not token and (enforce != "slurm" or ecovisor):
         fail(f"{TOKEN_ENV}: set it to the app's ecovisor bearer token")
     stop = threading.Event()
     try:
@@ -153,8 +190,13 @@ def run(
             max_plan_age_hours=max_plan_age_hours or None, battery=battery, battery_hours=battery_hours,
             retry_base_s=retry_base_s, retry_max_s=retry_max_s, reconcile_every_s=reconcile_every_s,
             clock=RealClock(stop), correction=correction, max_backlog_age_hours=max_backlog_age_hours,
+            enforce=enforce, slurm_partition=slurm_partition, slurm_inflexible=slurm_inflexible,
+            slurm_conf=slurm_conf, slurm_deadline_slack_s=slurm_deadline_slack_s,
+            slurm_lift_on_exit=slurm_lift_on_exit,
         )
         if clock == "ecovisor":
+            if agent.client is None:
+                raise InputError("clock", "--clock ecovisor needs --ecovisor")
             agent.clock = EcovisorClock(agent.client, stop=stop)
         elif clock != "real":
             raise InputError("clock", f"must be 'real' or 'ecovisor', not {clock!r}")
@@ -169,8 +211,9 @@ def run(
                     raise InputError("metrics-port", f"cannot serve metrics on port {metrics_port}: {exc}") from exc
     except (InputError, ValueError) as exc:
         fail(exc)
+    target = agent.slurm.describe() if agent.slurm is not None else f"ecovisor {ecovisor}"
     console.print(f"agent for {cluster}: plans from {agent.plans.describe()}, audit to {agent.audit.describe()}, "
-                  f"ecovisor {ecovisor}, hourly correction "
+                  f"{target}, hourly correction "
                   + (f"from the {agent.backlog.describe()}" if agent.backlog is not None else "off"))
 
     def _stop(signum, _frame):
@@ -192,9 +235,12 @@ def run(
         status = "failed"
         fail(exc)
     finally:
+        if status == "stopped":
+            agent.shutdown()  # --enforce slurm: the limit does not outlive the agent (--slurm-keep-on-exit: it does)
         agent.audit.close(status, {"passes": len(agent.passes),
                                    "failed": sum(not p.ok for p in agent.passes)})
-        agent.client.close()
+        if agent.client is not None:
+            agent.client.close()
         if agent.metrics is not None:
             agent.metrics.close()
 

@@ -73,6 +73,47 @@ class SimulatedClock:
             self._now = t
 
 
+class CompressedClock:
+    """Agent time running ``rate`` times faster than wall time from ``start`` (e.g. ``seconds_per_hour=3``: an
+    hour every 3 wall seconds), for tests against real systems whose own clock is wall time (a real Slurm):
+    ``sleep_until`` really sleeps the wall equivalent. ``to_agent``/``to_wall`` map instants between the two."""
+
+    mode = "compressed"
+
+    def __init__(self, start, seconds_per_hour: float, stop: threading.Event | None = None):
+        import time
+
+        if not seconds_per_hour > 0:
+            raise InputError("seconds_per_hour", "must be > 0")
+        self.start = _utc(start)
+        self.rate = 3600.0 / float(seconds_per_hour)  # agent seconds per wall second
+        self._mono0 = time.monotonic()
+        self._wall0 = pd.Timestamp.now(tz="UTC")
+        self.stop = stop or threading.Event()
+
+    def _elapsed_wall(self) -> float:
+        import time
+
+        return time.monotonic() - self._mono0
+
+    def now(self) -> pd.Timestamp:
+        return self.start + pd.Timedelta(seconds=self._elapsed_wall() * self.rate)
+
+    def to_agent(self, wall: pd.Timestamp) -> pd.Timestamp:
+        return self.start + (_utc(wall) - self._wall0) * self.rate
+
+    def to_wall(self, t: pd.Timestamp) -> pd.Timestamp:
+        return self._wall0 + (_utc(t) - self.start) / self.rate
+
+    def sleep_until(self, t: pd.Timestamp) -> None:
+        t = _utc(t)
+        while not self.stop.is_set():
+            left = (t - self.now()).total_seconds() / self.rate
+            if left <= 0:
+                return
+            self.stop.wait(min(left, 0.2))
+
+
 def hour_start(t: pd.Timestamp) -> pd.Timestamp:
     return _utc(t).floor("h")
 
@@ -110,4 +151,4 @@ class EcovisorClock:
             self.stop.wait(self.poll_s)
 
 
-__all__ = ["Clock", "RealClock", "SimulatedClock", "EcovisorClock", "hour_start", "next_hour"]
+__all__ = ["Clock", "CompressedClock", "RealClock", "SimulatedClock", "EcovisorClock", "hour_start", "next_hour"]
