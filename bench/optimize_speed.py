@@ -149,42 +149,39 @@ def captured_problems(call):
     return seen
 
 
-def highs_model(prob: cp.Problem):
-    """The LP cvxpy hands HiGHS for ``prob`` (cvxpy's own problem data, as its HiGHS interface builds it)."""
+def highs_arrays(prob: cp.Problem) -> tuple:
+    """The LP cvxpy hands HiGHS for ``prob`` (cvxpy's own problem data for its HiGHS interface), as the arguments
+    of highspy's array ``passModel``, and (rows, columns, nonzeros)."""
     import highspy as hp
     from cvxpy.reductions.solvers.conic_solvers.conic_solver import dims_to_solver_dict
 
     data, _, _ = prob.get_problem_data(cp.HIGHS)
-    inf = hp.Highs().inf
     dims = dims_to_solver_dict(data["dims"])
     a = data["A"].tocsc()
-    model = hp.HighsModel()
-    lp = model.lp_
-    lp.num_col_, lp.num_row_ = a.shape[1], a.shape[0]
-    lp.offset_ = 0
-    lp.col_cost_ = data["c"]
-    eq, leq = dims["f"], dims["l"]
-    lp.row_lower_ = np.concatenate([data["b"][:eq], np.full(leq, -inf)])
-    lp.row_upper_ = data["b"]
-    lp.a_matrix_.format_ = hp.MatrixFormat.kColwise
-    lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = a.indptr, a.indices, a.data
+    n_row, n_col = a.shape
+    b = np.asarray(data["b"], float)
     lb, ub = data.get("lower_bounds"), data.get("upper_bounds")
-    lp.col_lower_ = np.full(a.shape[1], -inf) if lb is None else lb.copy()
-    lp.col_upper_ = np.full(a.shape[1], inf) if ub is None else ub.copy()
-    return model, (a.shape[0], a.shape[1], a.nnz)
+    args = (n_col, n_row, int(a.nnz), int(hp.MatrixFormat.kColwise), int(hp.ObjSense.kMinimize), 0.0,
+            np.asarray(data["c"], float),
+            np.full(n_col, -hp.kHighsInf) if lb is None else np.asarray(lb, float),
+            np.full(n_col, hp.kHighsInf) if ub is None else np.asarray(ub, float),
+            np.concatenate([b[:dims["f"]], np.full(dims["l"], -hp.kHighsInf)]), b,
+            a.indptr[:-1].astype(np.int32), a.indices.astype(np.int32), np.asarray(a.data, float),
+            np.zeros(n_col, dtype=np.int32))
+    return args, (n_row, n_col, int(a.nnz))
 
 
 def raw_highs_seconds(models, options: dict) -> float:
-    """Seconds for highspy to load and solve the models (one after another), with the program's options."""
+    """Seconds for highspy to load the arrays and solve (one LP after another), with the program's options."""
     import highspy as hp
 
     t = time.perf_counter()
-    for model in models:
+    for args in models:
         h = hp.Highs()
         h.setOptionValue("output_flag", False)
         for k, v in options.items():
             h.setOptionValue(k, v)
-        h.passModel(model)
+        h.passModel(*args)
         h.run()
         assert h.getModelStatus() == hp.HighsModelStatus.kOptimal, h.modelStatusToString(h.getModelStatus())
     return time.perf_counter() - t
@@ -193,7 +190,7 @@ def raw_highs_seconds(models, options: dict) -> float:
 def ratio_rows(label: str, campus, call, options: dict, r: int) -> None:
     """One campus: the optimiser's whole call against raw HiGHS on the identical LP(s), same run, interleaved."""
     probs = captured_problems(lambda: call(campus))
-    built = [highs_model(p) for p, _ in probs]
+    built = [highs_arrays(p) for p, _ in probs]
     models = [m for m, _ in built]
     ours, raw, cvx = [], [], []
     for _ in range(r):
@@ -202,19 +199,21 @@ def ratio_rows(label: str, campus, call, options: dict, r: int) -> None:
         ours.append(time.perf_counter() - t)
         cvx.append(plan.solve_seconds)
         raw.append(raw_highs_seconds(models, options))
-    o, w = statistics.median(ours), statistics.median(raw)
+    o, w, c = statistics.median(ours), statistics.median(raw), statistics.median(cvx)
     rows, cols, nnz = (sum(x[1][i] for x in built) for i in range(3))
     n_clusters = len(campus.clusters)
-    print(f"{label:34s} {n_clusters:6d} {len(models):4d} {rows:8d} {cols:8d} {nnz:9d} {1e3 * o:10.1f} "
-          f"{1e3 * statistics.median(cvx):10.1f} {1e3 * w:9.1f} {o / w:7.2f}")
+    print(f"{label:36s} {n_clusters:5d} {len(models):3d} {rows:7d} {cols:7d} {nnz:8d} {1e3 * o:9.1f} "
+          f"{1e3 * c:9.1f} {1e3 * w:9.1f} {c / w:7.2f} {o / w:7.2f}")
     sys.stdout.flush()
 
 
 def ratios(days, r: int, sizes=(1, 10, 100, 300, 1_000)) -> None:
-    print("\n## against raw HiGHS (same run; ratio = median whole call / median highspy passModel+run on the "
-          "identical LP(s) from cvxpy's get_problem_data; ms)")
-    print(f"{'program, objective':34s} {'clust':>6s} {'LPs':>4s} {'rows':>8s} {'cols':>8s} {'nnz':>9s} "
-          f"{'call ms':>10s} {'solve ms':>10s} {'HiGHS ms':>9s} {'ratio':>7s}")
+    print("\n## against raw HiGHS on the identical LP (same run, interleaved; medians; ms)\n"
+          "# call: the whole plan_campus / plan_queue call; cvxpy: the program's solve_seconds (build, compile, "
+          "solve; for the queue program the whole call);\n# HiGHS: highspy passModel (arrays) + run on the LP(s) cvxpy "
+          "hands HiGHS (get_problem_data), with the program's options; ratio = cvxpy / HiGHS, call/HiGHS")
+    print(f"{'program, objective':36s} {'clust':>5s} {'LPs':>3s} {'rows':>7s} {'cols':>7s} {'nnz':>8s} "
+          f"{'call':>9s} {'cvxpy':>9s} {'HiGHS':>9s} {'ratio':>7s} {'call/H':>7s}")
     ceiling = [("ceiling: carbon+peak, contract 1.02", 1.02, 0.1), ("ceiling: carbon only, no contract", np.inf, 0.0),
                ("ceiling: carbon only, contract cap", "cap", 0.0)]
     for label, headroom, lam_p in ceiling:

@@ -58,6 +58,7 @@ from cicm.optimize.fallback import (
     too_full_reasons,
 )
 from cicm.optimize.curves import CurveTable, lower_hulls
+from cicm.optimize.highs import solver_for
 from cicm.optimize.inputs import CampusInput
 
 #: Relative size of the L1 tie-break on delta, as a fraction of each cluster's objective change per unit delta.
@@ -427,7 +428,8 @@ def _run(prob: cp.Problem, solver: str) -> str | None:
     try:
         with warnings.catch_warnings():  # "solution may be inaccurate": the status says it, and we check
             warnings.simplefilter("ignore", UserWarning)
-            prob.solve(solver=solver, **SOLVER_OPTIONS.get(solver, {}))
+            # No cvxpy Parameters: skipping the DPP analysis saves a third of the compilation.
+            prob.solve(solver=solver_for(solver), ignore_dpp=True, **SOLVER_OPTIONS.get(solver, {}))
     except Exception as exc:  # noqa: BLE001 - any solver failure becomes a visible fallback
         return f"{solver}: {type(exc).__name__}: {exc}"
     return None
@@ -500,7 +502,13 @@ def _solve_lp(prep: _Prep, idx: np.ndarray, campus: CampusInput, *, contract_rhs
     # clusters, b_s*tau/H on hull segment s for curve clusters.
     eta_w = campus.lambda_e * prep.eta / 1000.0 if mode == "plan" else np.zeros(n_h)
     lam_p = campus.lambda_p if mode == "plan" else 1.0
-    need_y = mode == "peak" or (mode == "plan" and (lam_p > 0 or contract_rhs is not None))
+    # The peak rows (one per cluster and hour) and the contract row are only built when they can matter: with no
+    # price on the peaks they serve the contract alone, and when even the highest power each cluster can reach
+    # (its LP power is linear in delta, or a convex hull, in each hour: largest at delta_min or at the upper bound)
+    # sums to within the contract, they cut nothing off. The scaling below still treats the LP as coupled, so the
+    # LP is the same up to rows that are never active; the post-solve checks verify the contract either way.
+    need_y = mode == "peak" or (mode == "plan" and (lam_p > 0 or (
+        contract_rhs is not None and _peak_bound(prep, idx, dmin, margin) > contract_rhs * (1 - CHECK_RTOL))))
     y_scale = np.maximum(np.maximum(nom.max(axis=1), k), 1.0)  # y = y_scale * ys keeps ys ~ 1
     tangent = prep.pi_h[idx] * f[:, None]  # kW per unit delta at U_nom(h), (n, H)
     w = eta_w[None, :] * tangent  # objective per unit delta near the flat plan
@@ -573,6 +581,14 @@ def _solve_lp(prep: _Prep, idx: np.ndarray, campus: CampusInput, *, contract_rhs
         return _LPResult("infeasible", None, f"{campus.solver}: {status}", time.perf_counter() - t0)
     return _LPResult("error", None, f"{campus.solver}: status {status!r}, no usable solution",
                      time.perf_counter() - t0)
+
+
+def _peak_bound(prep: _Prep, idx: np.ndarray, dmin: float, margin: bool) -> float:
+    """An upper bound of the summed peaks (as the LP sees them, with the hull gaps if ``margin``) of the clusters
+    ``idx`` over every delta within their bounds."""
+    lo = _model_power(prep, idx, np.full((len(idx), prep.n_hours), dmin))
+    hi = _model_power(prep, idx, prep.hi[idx])
+    return float((np.maximum(lo, hi).max(axis=1) + (prep.gap[idx] if margin else 0.0)).sum())
 
 
 def _violations(prep: _Prep, idx: np.ndarray, delta: np.ndarray, campus: CampusInput,

@@ -35,6 +35,7 @@ import numpy as np
 
 from cicm.errors import InputError
 from cicm.optimize.curves import CurveTable, lower_hulls
+from cicm.optimize.highs import solver_for
 from cicm.optimize.inputs import PowerCurve, SOLVERS
 from cicm.optimize.storage import CampusStorage, StoragePlan, StorageTerms, plan_storage, read_plan, storage_terms
 
@@ -365,7 +366,8 @@ def _solve(campus: QueueCampus, clusters: list[QueueCluster], storage: CampusSto
             objective += campus.lambda_p * cp.sum(y)
         prob = cp.Problem(cp.Minimize(objective), cons)
         try:
-            prob.solve(solver=campus.solver, ignore_dpp=True, **SOLVER_OPTIONS.get(campus.solver, {}))
+            prob.solve(solver=solver_for(campus.solver), ignore_dpp=True,
+                       **SOLVER_OPTIONS.get(campus.solver, {}))
         except cp.error.SolverError as exc:
             raise _SolveFailed(f"{campus.solver}: {exc}") from None
         if prob.status not in ("optimal", "optimal_inaccurate") or s_cum.value is None:

@@ -32,6 +32,7 @@ import cvxpy as cp
 import numpy as np
 
 from cicm.errors import InputError
+from cicm.optimize.highs import solver_for
 
 #: Price of one kWh through the battery (charged plus discharged), in units of the dearest kWh of grid carbon
 #: (lambda_e * max eta / 1000): breaks ties against cycling; far too small to change a plan that saves carbon.
@@ -296,7 +297,7 @@ def plan_storage(load_kw: np.ndarray, carbon_gco2_per_kwh: np.ndarray, storage: 
     terms = storage_terms(storage, load, eta, com, contract_kw, lambda_e, lambda_p)
     prob = cp.Problem(cp.Minimize(terms.objective), terms.constraints)
     try:
-        prob.solve(solver=solver)
+        prob.solve(solver=solver_for(solver), ignore_dpp=True)
         ok = prob.status in ("optimal", "optimal_inaccurate")
     except cp.error.SolverError:
         ok = False

@@ -122,8 +122,8 @@ def synthetic_queue_campus(carbon_gco2_per_kwh, n_clusters: int, *, seed: int | 
         backlog = 12 * mean_rate
         avail = avail + backlog
         must = must + backlog * np.clip((h + 1) / deadline_hours, 0, 1)
-        out.append(QueueCluster(c.name, np.resize(c.inflexible_cpu_cores, n), np.resize(c.inflexible_upper_cpu_cores, n),
-                                cap, must, avail, c.power_curve))
+        out.append(QueueCluster(c.name, np.resize(c.inflexible_cpu_cores, n),
+                                np.resize(c.inflexible_upper_cpu_cores, n), cap, must, avail, c.power_curve))
     committed = h < committed_hours
     limit = float("inf")
     if contract == "capacity":
