@@ -126,21 +126,22 @@ def cluster(slurm):
 
 
 def write_plan(db: Path, flex_cpus: list[float], status: str = "shaped", reason: str | None = None,
-               program: str = "ceiling") -> None:
+               program: str = "ceiling", start: pd.Timestamp = START) -> None:
     """A day's plan for sj-a whose flexible allowance is ``flex_cpus`` Slurm CPUs per hour (× 1,600 cluster cores)."""
-    hours = pd.date_range(START, periods=24, freq="h", name="hour")
+    plan_date = start.date() if start != START else PLAN_DATE
+    hours = pd.date_range(start, periods=24, freq="h", name="hour")
     flex = np.array((flex_cpus + [flex_cpus[-1]] * 24)[:24], float) * PER_CPU
     infl = np.full(24, 40000.0)
     vccs = pd.DataFrame({
-        "plan_date": PLAN_DATE, "cluster": CLUSTER, "hour": hours, "hour_index": np.arange(24),
+        "plan_date": plan_date, "cluster": CLUSTER, "hour": hours, "hour_index": np.arange(24),
         "vcc_cores": (infl * 1.1 + flex) * 1.35, "flexible_cpu_cores": flex, "inflexible_cpu_cores": infl,
         "power_kw": 150.0, "carbon_kgco2": 40.0, "gco2_per_kwh": 300.0})
     st = pd.DataFrame([{
-        "plan_date": PLAN_DATE, "cluster": CLUSTER, "campus": "ca-sj", "status": status, "reason": reason,
+        "plan_date": plan_date, "cluster": CLUSTER, "campus": "ca-sj", "status": status, "reason": reason,
         "capacity_cores": CAPACITY, "theta_core_hours": 2.5e6, "tau_core_hours": float(flex.sum()),
         "expected_kgco2": 900.0, "flat_kgco2": 950.0, "saving_pct": 5.0, "peak_kw": 190.0}])
-    with Store(db) as store, store.run("plan", {"program": program}, plan_date=PLAN_DATE) as run:
-        store.replace_plan(PLAN_DATE, vccs, st, run.run_id)
+    with Store(db) as store, store.run("plan", {"program": program}, plan_date=plan_date) as run:
+        store.replace_plan(plan_date, vccs, st, run.run_id)
 
 
 def make_agent(slurm: Slurm, db: Path, clock, **overrides):
@@ -416,7 +417,37 @@ def test_the_hourly_correction_reads_slurms_queue(cluster, db_path):
     wait_for(lambda: cluster.states()[job][0] == "RUNNING", 10, "the job the correction released")
 
 
-def test_squeue_text_and_partition_parsing_units():
+def test_the_command_line_agent_enforces_through_slurm_and_lifts_when_stopped(cluster, db_path):
+    """``cicm agent run --enforce slurm`` (the console script, wall clock, no ecovisor and no token): one pass
+    applies the hour's limit; the looping agent, stopped by SIGTERM, lifts it and audits why."""
+    import signal
+    import sys
+
+    now = pd.Timestamp.now(tz="UTC").floor("h")
+    write_plan(db_path, [4], start=now)
+    cicm = str(Path(sys.executable).with_name("cicm"))
+    env = {k: v for k, v in os.environ.items() if k != "CICM_ECOVISOR_TOKEN"}
+    args = [cicm, "agent", "run", "--cluster", CLUSTER, "--enforce", "slurm", "--slurm-conf", str(cluster.conf),
+            "--slurm-inflexible", "prod", "--db", str(db_path), "--no-correction"]
+    once = subprocess.run([*args, "--once"], capture_output=True, text=True, env=env, timeout=120)
+    assert once.returncode == 0, once.stderr
+    assert "shaped allowance 6,400 cores: applied" in once.stdout
+    assert cluster.limit("flex") == 4
+    loop = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for(lambda: len(actions(db_path)) >= 2, 60, "the looping agent's first pass")
+    finally:
+        loop.send_signal(signal.SIGTERM)
+        out, err = loop.communicate(timeout=60)
+    assert loop.returncode == 0, err
+    assert cluster.limit("flex") is None
+    rows = actions(db_path)
+    assert list(rows["result"]) == ["applied", "unchanged", "applied"]
+    assert rows["reason"].iloc[-1] == "agent-stopping: no limit outlives its agent"
+    assert "flex: MaxCPUsPerNode 4 -> UNLIMITED (agent stopping)" in rows["detail"].iloc[-1]
+
+
+def test_squeue_text_and_partition_parsing_units(monkeypatch):
     p = parse_partition_line("PartitionName=flex AllowGroups=ALL MaxCPUsPerNode=12 Nodes=n[1-4] PriorityTier=1 "
                              "State=UP TotalCPUs=256 TotalNodes=4")
     assert (p.max_cpus_per_node, p.total_cpus, p.total_nodes, p.cpus_per_node) == (12, 256, 4, 64.0)
@@ -424,7 +455,7 @@ def test_squeue_text_and_partition_parsing_units():
     assert jobs[0].time_limit_s == 93784.0 and jobs[0].cpus == 8 and jobs[0].pending
     with pytest.raises(SlurmError):
         parse_squeue_text("7|flex|PENDING\n")
-    client = SlurmClient(Path("/nonexistent/slurm.conf"))
-    with pytest.raises(SlurmError):
-        client.partitions()
+    monkeypatch.setenv("PATH", "/nonexistent")  # no client commands: unavailable (retried), not a crash
+    with pytest.raises(SlurmUnavailable, match="scontrol: not installed"):
+        SlurmClient().partitions()
     assert issubclass(SlurmUnavailable, SlurmError)
