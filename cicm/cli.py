@@ -121,7 +121,8 @@ def plan(
 ) -> None:
     """Run the nightly plan: forecasts, models, VCCs for every cluster; store them; print a summary."""
     from cicm.config import load_fleet
-    from flows.nightly import PlanOptions, run_nightly_plan
+    from cicm.planning.options import PlanOptions
+    from cicm.planning.runner import plan_in_process, uses_prefect
 
     try:
         fleet_cfg = load_fleet(fleet)
@@ -141,7 +142,12 @@ def plan(
         from cicm.stdio import stdout_to_stderr
 
         with interruptible(), stdout_to_stderr(as_json):  # SIGTERM/SIGINT: rolled back, recorded, exit 2
-            outcome = run_nightly_plan(plan_date, db or default_db_path(), fleet, options)
+            if uses_prefect(options, len(fleet_cfg.clusters())):  # a Prefect server, or Dask workers
+                from flows.nightly import run_nightly_plan
+
+                outcome = run_nightly_plan(plan_date, db or default_db_path(), fleet, options)
+            else:  # the same stages here, recorded in the store as ever, without starting a Prefect server
+                outcome = plan_in_process(plan_date, db or default_db_path(), fleet, options)
     except (InputError, ProviderError) as exc:
         fail(exc)
     if as_json:

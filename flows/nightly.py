@@ -76,30 +76,9 @@ def load_provider_secrets(fleet: Fleet, options: PlanOptions) -> list[str]:
 
 partition_task = task(stages.plan_partition_from_file, name="plan-partition", cache_policy=NO_CACHE)
 
-# "auto" and a local Dask cluster (docs/scale.md): on 2 cores a local cluster never paid (10,000 clusters: 63.6 s
-# against 62.7 s in-process; it costs ~10-15 s to start and its workers share the flow's 2 cores). It is chosen
-# only for big fleets on machines with cores to spare; a given --dask-address always means Dask.
-DASK_AUTO_MIN_CLUSTERS = 20_000
-DASK_AUTO_MIN_CORES = 8
-PARTITIONS_PER_WORKER = 4
-
-
-def choose_runner(options: PlanOptions, n_clusters: int) -> str:
-    """'dask' or 'local'. auto: Dask when a scheduler address is given or the fleet is large."""
-    if options.runner not in ("auto", "local", "dask"):
-        from cicm.errors import InputError
-
-        raise InputError("runner", f"must be auto, local or dask, got {options.runner!r}")
-    if isinstance(options.dask_workers, bool) or not isinstance(options.dask_workers, int) or options.dask_workers < 1:
-        from cicm.errors import InputError
-
-        raise InputError("dask_workers", f"must be a positive integer, got {options.dask_workers!r}")
-    if options.runner != "auto":
-        return options.runner
-    if options.dask_address:
-        return "dask"
-    big = n_clusters >= DASK_AUTO_MIN_CLUSTERS and (os.cpu_count() or 1) >= DASK_AUTO_MIN_CORES
-    return "dask" if big else "local"
+# Where the plan runs (in process, or this flow on Dask) is decided in cicm.planning.runner; re-exported here.
+from cicm.planning.runner import DASK_AUTO_MIN_CLUSTERS, DASK_AUTO_MIN_CORES, PARTITIONS_PER_WORKER  # noqa: E402,F401
+from cicm.planning.runner import choose_runner  # noqa: E402
 
 
 def _submit_partitions(db_path: str):

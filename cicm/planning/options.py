@@ -3,10 +3,12 @@ backtests (``cicm.backtest.runner.BacktestOptions`` extends it). Light on purpos
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from cicm.errors import InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -36,9 +38,11 @@ class PlanOptions:
     rewrite_history: bool = False  # let the night's telemetry replace stored hours with other values (audited)
     as_of: str | None = None  # ISO-8601 with offset: plan as if the clock read this (a missed night's re-run)
 
-    def now(self) -> pd.Timestamp:
+    def now(self) -> "pd.Timestamp":
         """The planning clock: ``as_of`` if given, else the wall clock (UTC). Telemetry is read up to it, live
         forecasts and actuals are judged against it."""
+        import pandas as pd
+
         if self.as_of is None:
             return pd.Timestamp.now(tz="UTC")
         return pd.Timestamp(self.as_of).tz_convert("UTC")
@@ -57,6 +61,8 @@ class PlanOptions:
         if not 0 < self.gamma < 0.5:
             raise InputError("gamma", f"must be in (0, 0.5), got {self.gamma}")
         if self.as_of is not None:
+            import pandas as pd
+
             try:
                 stamp = pd.Timestamp(self.as_of)
             except (ValueError, TypeError) as exc:
