@@ -171,11 +171,12 @@ def highs_arrays(prob: cp.Problem) -> tuple:
     return args, (n_row, n_col, int(a.nnz))
 
 
-def raw_highs_seconds(models, options: dict) -> float:
-    """Seconds for highspy to load the arrays and solve (one LP after another), with the program's options."""
+def raw_highs_seconds(models, options: dict) -> tuple[float, float]:
+    """(wall, process CPU) seconds for highspy to load the arrays and solve (one LP after another), with the
+    program's options."""
     import highspy as hp
 
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     for args in models:
         h = hp.Highs()
         h.setOptionValue("output_flag", False)
@@ -184,36 +185,46 @@ def raw_highs_seconds(models, options: dict) -> float:
         h.passModel(*args)
         h.run()
         assert h.getModelStatus() == hp.HighsModelStatus.kOptimal, h.modelStatusToString(h.getModelStatus())
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - cpu
 
 
-def ratio_rows(label: str, campus, call, options: dict, r: int) -> None:
-    """One campus: the optimiser's whole call against raw HiGHS on the identical LP(s), same run, interleaved."""
+def ratio_rows(label: str, campus, call, options: dict, r: int) -> dict:
+    """One campus: the program's call against raw HiGHS on the identical LP(s), same run, interleaved."""
     probs = captured_problems(lambda: call(campus))
     built = [highs_arrays(p) for p, _ in probs]
     models = [m for m, _ in built]
-    ours, raw, cvx = [], [], []
+    wall, cpu, cvx, raw_wall, raw_cpu = [], [], [], [], []
     for _ in range(r):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         plan = call(campus)
-        ours.append(time.perf_counter() - t)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
         cvx.append(plan.solve_seconds)
-        raw.append(raw_highs_seconds(models, options))
-    o, w, c = statistics.median(ours), statistics.median(raw), statistics.median(cvx)
+        w, c = raw_highs_seconds(models, options)
+        raw_wall.append(w)
+        raw_cpu.append(c)
+    med = statistics.median
     rows, cols, nnz = (sum(x[1][i] for x in built) for i in range(3))
-    n_clusters = len(campus.clusters)
-    print(f"{label:36s} {n_clusters:5d} {len(models):3d} {rows:7d} {cols:7d} {nnz:8d} {1e3 * o:9.1f} "
-          f"{1e3 * c:9.1f} {1e3 * w:9.1f} {c / w:7.2f} {o / w:7.2f}")
+    out = {"label": label, "clusters": len(campus.clusters), "lps": len(models), "rows": rows, "cols": cols,
+           "nnz": nnz, "call_ms": 1e3 * med(wall), "call_cpu_ms": 1e3 * med(cpu), "cvxpy_ms": 1e3 * med(cvx),
+           "highs_ms": 1e3 * med(raw_wall), "highs_cpu_ms": 1e3 * med(raw_cpu)}
+    out["ratio"] = out["cvxpy_ms"] / out["highs_ms"]
+    out["ratio_cpu"] = out["call_cpu_ms"] / max(out["highs_cpu_ms"], 1e-6)
+    print(f"{label:36s} {out['clusters']:5d} {out['lps']:3d} {rows:7d} {cols:7d} {nnz:8d} {out['call_ms']:9.1f} "
+          f"{out['cvxpy_ms']:9.1f} {out['highs_ms']:9.1f} {out['ratio']:7.2f} {out['call_cpu_ms']:9.1f} "
+          f"{out['highs_cpu_ms']:9.1f} {out['ratio_cpu']:7.2f}")
     sys.stdout.flush()
+    return out
 
 
 def ratios(days, r: int, sizes=(1, 10, 100, 300, 1_000)) -> None:
     print("\n## against raw HiGHS on the identical LP (same run, interleaved; medians; ms)\n"
-          "# call: the whole plan_campus / plan_queue call; cvxpy: the program's solve_seconds (build, compile, "
-          "solve; for the queue program the whole call);\n# HiGHS: highspy passModel (arrays) + run on the LP(s) cvxpy "
-          "hands HiGHS (get_problem_data), with the program's options; ratio = cvxpy / HiGHS, call/HiGHS")
+          "# cvxpy: the program's solve_seconds (build, compile, solve; for the queue program its whole call); "
+          "HiGHS: highspy passModel (arrays) + run\n# on the LP(s) cvxpy hands HiGHS (get_problem_data), with the "
+          "program's options; ratio = cvxpy / HiGHS (wall);\n# call cpu: process CPU of the whole plan_campus / "
+          "plan_queue call, against HiGHS' process CPU (less sensitive to other load than wall)")
     print(f"{'program, objective':36s} {'clust':>5s} {'LPs':>3s} {'rows':>7s} {'cols':>7s} {'nnz':>8s} "
-          f"{'call':>9s} {'cvxpy':>9s} {'HiGHS':>9s} {'ratio':>7s} {'call/H':>7s}")
+          f"{'call':>9s} {'cvxpy':>9s} {'HiGHS':>9s} {'ratio':>7s} {'call cpu':>9s} {'HiGHS cpu':>9s} {'ratio':>7s}")
     ceiling = [("ceiling: carbon+peak, contract 1.02", 1.02, 0.1), ("ceiling: carbon only, no contract", np.inf, 0.0),
                ("ceiling: carbon only, contract cap", "cap", 0.0)]
     for label, headroom, lam_p in ceiling:
@@ -241,6 +252,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="skip the 10,000-cluster fleets")
     ap.add_argument("--curve", choices=("concave", "specpower"), default="concave",
                     help="shape of the synthetic power curves (default concave)")
+    ap.add_argument("--sizes", default="1,10,100,300,1000", help="campus sizes of the ratio section")
     ap.add_argument("--sections", default="single,fleets,growth",
                     help="comma-separated subset of single (one-cluster campuses), fleets, growth (one campus), "
                          "quality (true carbon of curve vs single-slope plans; needs --curve specpower or concave), "
@@ -312,7 +324,7 @@ def main(argv=None) -> None:
     if "quality" in sections:
         quality(days, r)
     if "ratio" in sections:
-        ratios(days, max(r, 5))
+        ratios(days, max(r, 5), tuple(int(x) for x in args.sizes.split(",")))
 
     print("\n## fleet growth (ratios from this run; process CPU is less sensitive to other load than wall)")
     for g in groupings:

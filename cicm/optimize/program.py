@@ -423,6 +423,119 @@ def _delta_block(prep: _Prep, idx: np.ndarray, campus: CampusInput) -> _Delta:
     return out
 
 
+@dataclass
+class _DeltaMatrix:
+    """delta of the clusters ``idx`` of one LP as a sparse matrix on the stacked columns of one variable:
+    delta (row-major, row c * H + h) = D @ x[:n_x]. The columns are, in order: for linear clusters with HiGHS,
+    p then q (delta = p - q, |delta| = p + q, both >= 0; ``lin_split``), with Clarabel v (delta = v, |delta| =
+    abs(v)), one per (linear row, hour), row-major (``lin_cols``, ``lin_cols2``); then the fills of the curve
+    clusters (``fill_cols``; see :class:`_Delta` for what a fill is). ``lower``/``upper``: the columns' bounds;
+    ``col_rows``: the delta entry each column adds to. ``x`` is set by the LP that uses it."""
+
+    D: sp.csr_matrix
+    lin: np.ndarray
+    cur: np.ndarray
+    lin_split: bool
+    lin_cols: np.ndarray
+    lin_cols2: np.ndarray
+    fill_cols: np.ndarray
+    fill_row: np.ndarray
+    fill_h: np.ndarray
+    fill_seg: np.ndarray
+    fill_sign: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    col_rows: np.ndarray
+    col_ids: np.ndarray
+    n: int
+    n_h: int
+    x: cp.Variable | None = None
+
+    def value(self) -> np.ndarray | None:
+        if self.x is None or self.x.value is None:
+            return None
+        v = np.asarray(self.x.value)[: self.D.shape[1]]
+        return np.asarray(self.D @ v).reshape(self.n, self.n_h)
+
+
+def _fills(prep: _Prep, idx: np.ndarray, hi: np.ndarray, dmin: float):
+    """The fill columns of the curve clusters among ``idx`` (see :class:`_Delta`): (row, hour, segment, sign,
+    lower, upper) per fill, only for the (segment, hour, direction) triples whose bound is not 0."""
+    rows, seg = _segments_of(prep, idx)
+    owner = idx[rows]
+    f = prep.f[owner][:, None]
+    x0 = prep.seg_x0[seg][:, None]
+    width = (prep.seg_x1[seg] - prep.seg_x0[seg])[:, None]
+    fill_at = lambda uu: np.clip(uu - x0, 0.0, width)  # noqa: E731  core-hours held by each segment at uu
+    at_nom = fill_at(prep.unom[owner])
+    to_hi = (fill_at(prep.u[owner] + (1.0 + hi[rows]) * f) - at_nom) / f  # (n_seg, H)
+    to_lo = (fill_at(prep.u[owner] + (1.0 + dmin) * f) - at_nom) / f  # <= 0 (delta_min <= 0)
+    # An hour whose upper bound is below 0 (a power cap forcing a dip) must empty the segments between its
+    # upper bound and U_nom: there dn <= to_hi < 0.
+    tiny = 1e-12
+    ui, uh = np.nonzero(to_hi > tiny)
+    di, dh = np.nonzero(to_lo < -tiny)
+    lower = np.concatenate([np.zeros(ui.size), to_lo[di, dh]])
+    upper = np.concatenate([to_hi[ui, uh], np.minimum(to_hi[di, dh], 0.0)])
+    return (rows[np.r_[ui, di]], np.r_[uh, dh], seg[np.r_[ui, di]],
+            np.r_[np.ones(ui.size), -np.ones(di.size)], lower, upper)
+
+
+def _delta_matrix(prep: _Prep, idx: np.ndarray, campus: CampusInput) -> _DeltaMatrix:
+    """delta for clusters ``idx`` as a sparse matrix on stacked columns with their bounds (see
+    :class:`_DeltaMatrix`); vectorised, no loop over clusters."""
+    n, n_h = len(idx), prep.n_hours
+    hi, dmin = prep.hi[idx], campus.delta_min
+    curve = prep.curve[idx]
+    lin, cur = np.flatnonzero(~curve), np.flatnonzero(curve)
+    split = campus.solver == "HIGHS"
+    m = lin.size * n_h
+    lin_rows = (lin[:, None] * n_h + np.arange(n_h)).ravel()
+    h_lin = hi[lin].ravel()
+    if split:
+        lin_cols, lin_cols2 = np.arange(m), m + np.arange(m)
+        lower = [np.zeros(m), np.maximum(-h_lin, 0.0)]
+        upper = [np.maximum(h_lin, 0.0), np.full(m, -dmin)]
+        col_rows, signs = [lin_rows, lin_rows], [np.ones(m), -np.ones(m)]
+    else:
+        lin_cols, lin_cols2 = np.arange(m), np.arange(0)
+        lower, upper = [np.full(m, dmin)], [h_lin]
+        col_rows, signs = [lin_rows], [np.ones(m)]
+    start = (2 if split else 1) * m
+    if cur.size:
+        f_row, f_h, f_seg, f_sign, f_lo, f_hi = _fills(prep, idx, hi, dmin)
+    else:
+        f_row = f_h = f_seg = np.zeros(0, dtype=int)
+        f_sign = f_lo = f_hi = np.zeros(0)
+    fill_cols = start + np.arange(f_row.size)
+    lower.append(f_lo)
+    upper.append(f_hi)
+    col_rows.append(f_row * n_h + f_h)
+    signs.append(np.ones(f_row.size))
+    rows_all = np.concatenate(col_rows).astype(int)
+    n_x = start + f_row.size
+    ids = np.arange(n_x)
+    d_mat = sp.csr_matrix((np.concatenate(signs), (rows_all, ids)), shape=(n * n_h, n_x))
+    return _DeltaMatrix(D=d_mat, lin=lin, cur=cur, lin_split=split, lin_cols=lin_cols, lin_cols2=lin_cols2,
+                        fill_cols=fill_cols, fill_row=f_row, fill_h=f_h, fill_seg=f_seg, fill_sign=f_sign,
+                        lower=np.concatenate(lower), upper=np.concatenate(upper), col_rows=rows_all, col_ids=ids,
+                        n=n, n_h=n_h)
+
+
+def _sum_rows(n: int, n_h: int) -> sp.csr_matrix:
+    """(n, n * H): the sum over the hours of each row of a row-major (n, H) array."""
+    return sp.csr_matrix((np.ones(n * n_h), (np.repeat(np.arange(n), n_h), np.arange(n * n_h))),
+                         shape=(n, n * n_h))
+
+
+def _diff_rows(n: int, n_h: int) -> sp.csr_matrix:
+    """(n * (H-1), n * H): x[c, h+1] - x[c, h] of a row-major (n, H) array, row-major."""
+    r = np.arange(n * (n_h - 1))
+    c0 = (r // (n_h - 1)) * n_h + r % (n_h - 1)
+    return sp.csr_matrix((np.r_[np.ones(r.size), -np.ones(r.size)], (np.r_[r, r], np.r_[c0 + 1, c0])),
+                         shape=(r.size, n * n_h))
+
+
 def _run(prob: cp.Problem, solver: str) -> str | None:
     """Solve; return None, or the error text if the solver raised."""
     try:
@@ -487,16 +600,19 @@ def _solve_lp(prep: _Prep, idx: np.ndarray, campus: CampusInput, *, contract_rhs
     need = prep.need[idx]
     dmin = campus.delta_min
 
-    blk = _delta_block(prep, idx, campus)
-    d, cons, lin, cur = blk.d, blk.cons, blk.lin, blk.cur
-    cons.append(cp.sum(d, axis=1) == 0)
+    # The LP as sparse matrices on one stacked variable (docs/optimizer.md, Speed): delta = D @ x, and every row
+    # block a matrix built here in numpy/scipy, so cvxpy compiles a handful of matrix products, not a tree of atoms.
+    blk = _delta_matrix(prep, idx, campus)
+    D, lin, cur = blk.D, blk.lin, blk.cur
+    cons = []
+    n_x = D.shape[1]
+    rows_of = lambda m: sp.csr_matrix(m)  # noqa: E731
+    cons_eq = _sum_rows(n, n_h) @ D  # sum_h delta = 0
 
     rk = r * f[:, None]
     # Coverage is implied by sum(delta)=0 when R is flat over the day and need <= 0; keep only the other rows.
     flat_r = np.ptp(r, axis=1) <= 1e-12 * r.max(axis=1)
     cov_rows = np.flatnonzero(~(flat_r & (need <= 0)))
-    if cov_rows.size:
-        cons.append(cp.sum(cp.multiply(rk[cov_rows], d[cov_rows, :]), axis=1) >= need[cov_rows])
 
     # Power relative to the LP's flat power P_hull(U_nom), per unit of delta or of fill: pi*tau/H for linear
     # clusters, b_s*tau/H on hull segment s for curve clusters.
@@ -512,8 +628,7 @@ def _solve_lp(prep: _Prep, idx: np.ndarray, campus: CampusInput, *, contract_rhs
     y_scale = np.maximum(np.maximum(nom.max(axis=1), k), 1.0)  # y = y_scale * ys keeps ys ~ 1
     tangent = prep.pi_h[idx] * f[:, None]  # kW per unit delta at U_nom(h), (n, H)
     w = eta_w[None, :] * tangent  # objective per unit delta near the flat plan
-    if cur.size:
-        fill_kw = prep.seg_b[blk.fill_seg] * f[blk.fill_row]  # kW per unit fill
+    fill_kw = prep.seg_b[blk.fill_seg] * f[blk.fill_row]  # kW per unit fill
 
     # Scaling: the objective is divided by its largest coefficient. Without a contract the clusters are
     # independent LPs solved in one batch, so each cluster's terms are divided by its own objective change per
@@ -541,32 +656,57 @@ def _solve_lp(prep: _Prep, idx: np.ndarray, campus: CampusInput, *, contract_rhs
     # they are exactly 0 under flat carbon (and a flat slope), and the tie-break alone then pins delta = 0 (also
     # for interior-point solvers, whose residual in sum_h delta = 0 would otherwise trade against the tie-break).
     centre = w.mean(axis=1)
-    obj = 0
+    n_y = n if need_y else 0
+    c = np.zeros(n_x + n_y)
+    abs_term: cp.Expression | None = None
     if lin.size:
-        wl = (w[lin] - centre[lin, None]) / row_scale[lin, None]
-        obj = cp.sum(cp.multiply(wl, d[lin, :] if cur.size else d)) \
-            + cp.sum(cp.multiply(tie[lin, None], blk.abs_lin))
+        wl = ((w[lin] - centre[lin, None]) / row_scale[lin, None]).ravel()
+        tl = np.repeat(tie[lin], n_h)
+        if blk.lin_split:  # delta = p - q, |delta| = p + q
+            c[blk.lin_cols] = wl + tl
+            c[blk.lin_cols2] = -wl + tl
+        else:  # delta = v, |delta| = abs(v)
+            c[blk.lin_cols] = wl
     if cur.size:
         # The fills' own costs, centred, plus the tie-break on |delta| = sum_s |fill|.
         row = blk.fill_row
-        cost = (eta_w[blk.fill_h] * fill_kw - centre[row]) / row_scale[row] + blk.fill_sign * tie[row]
-        obj = obj + cp.sum(cp.multiply(cost, blk.fill))
+        c[blk.fill_cols] = (eta_w[blk.fill_h] * fill_kw - centre[row]) / row_scale[row] + blk.fill_sign * tie[row]
+    x = cp.Variable(n_x + n_y, name="lp", bounds=[np.r_[blk.lower, np.full(n_y, -np.inf)],
+                                                  np.r_[blk.upper, np.full(n_y, np.inf)]])
+    pad = (lambda m: sp.hstack([m, sp.csr_matrix((m.shape[0], n_y))], format="csr")) if n_y else rows_of  # noqa: E731
+    cons.append(pad(cons_eq) @ x == 0)
+    if cov_rows.size:
+        cov = sp.csr_matrix((rk[cov_rows].ravel(), (np.repeat(np.arange(cov_rows.size), n_h),
+                                                    (cov_rows[:, None] * n_h + np.arange(n_h)).ravel())),
+                            shape=(cov_rows.size, n * n_h))
+        cons.append(pad(cov @ D) @ x >= need[cov_rows])
+    if campus.ramp_limit is not None and n_h > 1:
+        ramp = pad(_diff_rows(n, n_h) @ D)
+        cons += [ramp @ x <= campus.ramp_limit, ramp @ x >= -campus.ramp_limit]
+    if lin.size and not blk.lin_split:
+        abs_term = cp.sum(cp.multiply(np.repeat(tie[lin], n_h), cp.abs(x[blk.lin_cols])))
     if need_y:
-        ys = cp.Variable(n, name="peak_scaled")
         base = nom / y_scale[:, None]
         if margin:
             base = base + (prep.gap[idx] / y_scale)[:, None]
-        if not cur.size:
-            dev = cp.multiply(tangent / y_scale[:, None], d)
-        else:
-            dev = blk.fill_expr(fill_kw / y_scale[blk.fill_row], n, n_h)
-            if lin.size:
-                dev = dev + cp.multiply(np.where(prep.curve[idx][:, None], 0.0, tangent / y_scale[:, None]), d)
-        cons.append(cp.reshape(ys, (n, 1), order="C") >= base + dev)
+        # Per unit of each column, the LP power / y_scale: tangent on linear rows, the fill's kW on curve rows.
+        per_col = np.zeros(n_x)
+        slope_lin = (tangent / y_scale[:, None])[lin].ravel()
+        if lin.size:
+            per_col[blk.lin_cols] = slope_lin
+            if blk.lin_split:
+                per_col[blk.lin_cols2] = -slope_lin
+        per_col[blk.fill_cols] = fill_kw / y_scale[blk.fill_row]
+        dev = sp.csr_matrix((per_col[blk.col_ids], (blk.col_rows, blk.col_ids)), shape=(n * n_h, n_x))
+        ys_rep = sp.csr_matrix((np.ones(n * n_h), (np.arange(n * n_h), np.repeat(np.arange(n), n_h))),
+                               shape=(n * n_h, n))
+        cons.append(sp.hstack([-dev, ys_rep], format="csr") @ x >= base.ravel())  # ys >= base + dev
         if coupled:
-            cons.append(y_scale @ ys <= contract_rhs)
+            cons.append(np.r_[np.zeros(n_x), y_scale] @ x <= contract_rhs)
         if lam_p > 0:
-            obj = obj + cp.sum(cp.multiply(lam_p * y_scale / row_scale, ys))
+            c[n_x:] = lam_p * y_scale / row_scale
+    obj = c @ x if abs_term is None else c @ x + abs_term
+    blk.x = x
     prob = cp.Problem(cp.Minimize(obj), cons)
     err = _run(prob, campus.solver)
     if err is not None:
