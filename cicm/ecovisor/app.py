@@ -22,7 +22,7 @@ import anyio
 import httpx
 from fastapi import Body, Depends, FastAPI, Path as PathParam, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -35,6 +35,7 @@ from .backends.simulated import SimulatedBackend
 from .clock import Clock, clock_mode, is_simulated
 from .core import Ecovisor
 from .errors import AuthError, ConflictError, ForbiddenError, NotFoundError
+from .events import TYPES_PATTERN, EventHub, Subscriber, TooManySubscribers, event_key, parse_types, sse, sse_resync
 from .power import POWER_SOURCE
 from .schemas import (
     NAME_PATTERN,
@@ -82,6 +83,7 @@ R409 = _resp(409, "conflicts with the current state")
 R422 = _resp(422, "a malformed or out-of-range value (strict types: no strings for numbers, no booleans, "
                   "timestamps as ISO-8601 strings with a zone); nothing changed")
 R503 = _resp(503, "the container backend failed (a cgroup that cannot be written, an LXD error); the old value stays")
+R429_STREAMS = _resp(429, "the app has as many event streams open as it may (events.max_subscribers_per_app)")
 APP = R401
 ADMIN = R401_ADMIN | R403
 
@@ -171,6 +173,22 @@ def _err(status: int, msg: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"detail": msg, **extra}, status_code=status, headers=headers)
 
 
+class _EventStream(StreamingResponse):
+    """An event stream whose subscriber slot is released however the response ends (finished, cancelled by a
+    disconnect, or never started)."""
+
+    def __init__(self, content: Any, hub: EventHub, sub: Subscriber):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        self._hub, self._sub = hub, sub
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._hub.release(self._sub)
+
+
 def create_app(
     site: SiteConfig,
     clock: Clock,
@@ -190,6 +208,7 @@ def create_app(
     store = Telemetry(db_path)
     core = Ecovisor(site, clock, backend, store, carbon=carbon, solar=solar)
     callbacks = CallbackDispatcher(timeout_s=callback_timeout_s)
+    hub = EventHub(site.events, core.tick_id)
     inline_ok = backend.kind in INLINE_BACKENDS
 
     async def run(fn: Callable[..., T], *args: Any) -> T:
@@ -213,6 +232,7 @@ def create_app(
                 log.exception("storing the apps' settings failed; retrying in %s s", flush_every_s)
 
     async def dispatch(summary: dict) -> None:
+        hub.publish(summary.get("events", ()))
         for name, s in summary["apps"].items():
             app_ = core.apps.get(name)
             if app_ is not None and app_.callback_url:
@@ -233,6 +253,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
+        hub.loop = asyncio.get_running_loop()
         await callbacks.start()
         tasks = [asyncio.create_task(flusher())]
         if clock_mode(clock) == "real" and run_ticker:
@@ -244,6 +265,7 @@ def create_app(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            hub.close()
             await callbacks.stop()
             try:
                 core.flush()
@@ -263,6 +285,7 @@ def create_app(
     )
     api.state.ecovisor = core
     api.state.callbacks = callbacks
+    api.state.events = hub
     api.state.admin_token = admin
     ecovisor_metrics.install(api, core)  # GET /metrics (docs/metrics.md)
 
@@ -353,6 +376,7 @@ def create_app(
             app_, token = await anyio.to_thread.run_sync(core.rotate_token, name, ttl)
         except KeyError:
             raise NotFoundError(f"no app {name!r}", field="name") from None
+        hub.drop_app(name, "the app's token was rotated; reconnect with the new token")
         assert app_.token_expires_at is not None
         return TokenIssued(name=app_.name, token=token, token_expires_at=app_.token_expires_at.isoformat())
 
@@ -368,6 +392,7 @@ def create_app(
             await anyio.to_thread.run_sync(core.delete_app, name)
         except KeyError:
             return _err(404, f"no app {name!r}", field="name")
+        hub.forget(name)
         return Response(status_code=204)
 
     @api.post("/v1/tick", tags=["admin"], responses=ADMIN | R409 | R422)
@@ -463,6 +488,63 @@ def create_app(
     @api.get("/v1/grid/carbon", tags=["energy"], responses=APP)
     async def get_grid_carbon(app_: App) -> dict:
         return core.carbon_view()
+
+    @api.get("/v1/power", tags=["energy"], responses=APP)
+    async def get_app_power(app_: App) -> dict:
+        """``get_app_power``: the app's power over the last tick: each container's, the total, how it was
+        supplied (solar, battery discharge, grid: they add up to ``load_kw``), charging, curtailment, and the
+        battery's charge."""
+        return await run(core.app_power_view, app_)
+
+    # ---------------------------------------------------------------- app: Table 2 notifications
+    @api.get("/v1/apps/{name}/events", tags=["notifications"],
+             responses=APP | _resp(404, "no app of that name, or another app's (the same answer)") | R422
+             | R429_STREAMS | {200: {"description": "text/event-stream: one event per notification, keep-alive "
+                                                    "comments while idle",
+                                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+    async def events(
+        name: Name, app_: App, request: Request,
+        types: Annotated[str | None, Query(pattern=TYPES_PATTERN, max_length=200, description=(
+            "comma-separated: solar (solar_change), carbon (carbon_change), battery (battery_full, battery_empty), "
+            "tick, or single event types; default solar,carbon,battery"))] = None,
+    ) -> Response:
+        """Notifications as server-sent events (Table 2: ``notify_solar_change``, ``notify_carbon_change``,
+        ``notify_battery_full``/``_empty``; and ``tick``). ``name`` is the app's own name (or ``me``). Each event
+        has ``id: <tick>-<k>``, ``event: <type>`` and ``data:`` JSON with ``type``, ``app``, ``time`` (the
+        ecovisor's clock), ``tick_id`` and the new values. Send ``Last-Event-ID`` to replay what was missed; a
+        stream starts with ``event: resync`` when that is no longer possible (read the getters). When each event
+        fires: docs/ecovisor.md."""
+        if name not in ("me", app_.name):
+            raise NotFoundError(f"no app {name!r}", field="name")
+        wanted = parse_types(types)
+        last_id = request.headers.get("last-event-id")
+        if last_id is not None:
+            try:
+                event_key(last_id)
+            except ValueError:
+                raise InputError("last-event-id", "must be an event id as sent (\"<tick>-<k>\")") from None
+        try:
+            sub = hub.subscribe(app_.name, wanted, last_id)
+        except TooManySubscribers as e:
+            return JSONResponse({"detail": str(e), "field": "name"}, status_code=429,
+                                headers={"Retry-After": str(max(1, round(site.events.keepalive_s)))})
+        keepalive = site.events.keepalive_s
+
+        async def stream():
+            yield f"retry: {max(1000, int(keepalive * 1000) // 5)}\n: {app_.name} events {','.join(sorted(wanted))}\n\n".encode()
+            if sub.resync is not None and not sub.closed:
+                yield sse_resync(sub.resync, clock.now())
+                sub.resync = None
+            while True:
+                try:
+                    ev = await hub.next(sub, keepalive)
+                except StopAsyncIteration:
+                    if sub.resync is not None:
+                        yield sse_resync(sub.resync, clock.now())
+                    return
+                yield b": keep-alive\n\n" if ev is None else sse(ev)
+
+        return _EventStream(stream(), hub, sub)
 
     # ---------------------------------------------------------------- app: Table 2
     @api.get("/v1/energy", tags=["library"], responses=APP | R404_CONTAINER | R422)

@@ -62,7 +62,8 @@ def serve(
     except (InputError, BackendError, ValueError) as e:
         fail(e)
     api = create_app(cfg, clk, be, db)
-    uvicorn.run(api, host=host, port=port, log_level=log_level)
+    # open event streams never end by themselves: a stop waits this long for them, then closes them
+    uvicorn.run(api, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)
 
 
 @ecovisor_app.command("check-site")

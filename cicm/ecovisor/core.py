@@ -21,6 +21,7 @@ from .backends.base import ContainerBackend
 from .caps import CapController
 from .carbon import CarbonTrace, CarbonValue, load_carbon
 from .clock import Clock, as_utc, clock_mode, is_simulated
+from .events import EventDetector
 from .errors import AuthError, ConflictError, ForbiddenError, NotFoundError
 from .power import POWER_SOURCE
 from .registry import AppRegistry
@@ -59,6 +60,7 @@ class Ecovisor:
         self.apps: dict[str, AppState] = self.registry.apps
         self.caps = CapController(backend, self.containers, self.apps, self.carbon, self.solar, self.dt_s, clock)
         self.tick_id, self.last_tick_end = self._resume()
+        self.events = EventDetector(site.events, site.solar.array_kwp)
         self.registry.restore(self.last_tick_end)
         for name in self.containers:
             self.caps.apply_container(name)
@@ -85,6 +87,7 @@ class Ecovisor:
     def delete_app(self, name: str) -> None:
         with self._flush_lock, self._lock:
             app = self.registry.pop(name)
+            self.events.forget(name)
             for c in app.containers:
                 self.caps.release(c)
             self.store.delete_app(name)
@@ -165,6 +168,10 @@ class Ecovisor:
     def grid_view(self, app: AppState) -> dict:
         return views.grid_view(app)
 
+    def app_power_view(self, app: AppState) -> dict:
+        with self._lock:
+            return views.app_power_view(app, [self.containers[c] for c in app.containers], None)
+
     def carbon_view(self) -> dict:
         return views.carbon_view(self.carbon, self.clock.now())
 
@@ -228,7 +235,10 @@ class Ecovisor:
             tick, app_rows, cont_rows = self._rows(self.tick_id + 1, interval, accounts, site_solar_kw, grid)
             self._record(tick, app_rows, cont_rows, interval)
             errors += self.caps.apply_all()  # caps for the next interval (carbon policies look at "now")
-            return accountant.tick_summary(tick, app_rows, cont_rows, accounts, errors)
+            summary = accountant.tick_summary(tick, app_rows, cont_rows, accounts, errors)
+            summary["events"] = self.events.detect(self.tick_id, interval.end, interval.start,
+                                                   {n: self.apps[n] for n in accounts}, self.carbon.at(interval.end))
+            return summary
 
     def _next_interval(self) -> Interval:
         """[end of the previous tick, now); 409 when no time has passed."""

@@ -173,6 +173,30 @@ class Backend(BaseModel):
     lxd_image: str | None = Field(default=None, description="image alias to create missing containers from")
 
 
+class Events(BaseModel):
+    """When the notifications of the event streams (``GET /v1/apps/{app}/events``) fire, and the streams' bounds.
+
+    ``solar_change``: the app's solar share (the tick's mean) moved from the last notified value by more than
+    ``max(solar_threshold_kw, solar_threshold_fraction x array_kwp x the app's solar_fraction)``.
+    ``carbon_change``: the grid intensity at the tick's end
+    differs from the last notified one by more than ``carbon_threshold_gco2_per_kwh`` (0: any change, i.e. every
+    new hourly value that differs). ``battery_full`` / ``battery_empty``: the app's battery entered
+    ``soc >= 1 - battery_epsilon_soc`` / ``soc <= reserve_soc + battery_epsilon_soc``; once per crossing."""
+
+    model_config = _STRICT
+    solar_threshold_fraction: Fraction = 0.05
+    solar_threshold_kw: NonNeg = 0.0
+    carbon_threshold_gco2_per_kwh: NonNeg = 0.0
+    battery_epsilon_soc: float = Field(default=1e-6, ge=0, le=0.1)
+    max_subscribers_per_app: int = Field(default=4, ge=1, le=64)
+    keepalive_s: float = Field(default=15.0, gt=0, le=300)
+    replay_events: int = Field(default=1000, ge=0, le=100_000,
+                               description="recent events kept per app for reconnects with Last-Event-ID")
+    queue_events: int = Field(default=256, ge=1, le=100_000,
+                              description="events waiting per stream; a stream that falls further behind is "
+                                          "sent `resync` and closed")
+
+
 class SiteConfig(BaseModel):
     model_config = _STRICT
     name: str = "site"
@@ -183,6 +207,7 @@ class SiteConfig(BaseModel):
     battery: Battery
     solar: Solar
     backend: Backend = Backend()
+    events: Events = Events()
     containers: list[Container] = Field(default_factory=list)
     _base_dir: str = PrivateAttr(default=".")
 

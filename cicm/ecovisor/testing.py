@@ -61,6 +61,7 @@ class ServerThread:
     def __init__(self, app, port: int | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
         cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -75,6 +76,9 @@ class ServerThread:
         return self
 
     def __exit__(self, *exc) -> None:
+        hub = getattr(getattr(self.app, "state", None), "events", None)
+        if hub is not None:  # open event streams would hold uvicorn's graceful shutdown
+            hub.close_threadsafe()
         self.server.should_exit = True
         self.thread.join(timeout=15)
 

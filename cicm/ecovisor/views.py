@@ -80,6 +80,48 @@ def grid_view(app: AppState) -> dict:
     }
 
 
+def app_power_view(app: AppState, containers: list[ContainerState], grid_gco2_per_kwh: float | None) -> dict:
+    """``get_app_power``: the app's power over its last tick, by container and by source, and its battery.
+
+    ``load_kw`` is the sum of ``containers``; ``supply`` splits it by source (solar to load, battery discharge,
+    grid to load: they add up to ``load_kw``). Charging and curtailment come on top; ``carbon_gco2_per_h`` is the
+    rate of the tick's grid draw (load and charging) at the tick's intensity."""
+    last = app.last
+    z = 0.0
+    grid_kw = last.grid_kw if last else z
+    intensity = last.grid_gco2_per_kwh if last else grid_gco2_per_kwh
+    return {
+        "app": app.name,
+        "as_of": as_of(app),
+        "interval_start": app.last_interval[0].isoformat() if app.last_interval else None,
+        "load_kw": last.load_kw if last else z,
+        "containers": {cs.name: {"power_kw": cs.power_kw, "cpu_usage_cores": cs.usage_cores,
+                                 "powercap_kw": cs.powercap_kw, "effective_powercap_kw": cs.effective_powercap_kw}
+                       for cs in containers},
+        "supply": {
+            "solar_kw": last.solar_to_load_kw if last else z,
+            "battery_kw": last.battery_discharge_kw if last else z,
+            "grid_kw": last.grid_to_load_kw if last else z,
+        },
+        "solar": {"power_kw": last.solar_kw if last else z, "to_load_kw": last.solar_to_load_kw if last else z,
+                  "to_battery_kw": last.solar_to_battery_kw if last else z,
+                  "curtailed_kw": last.curtailed_kw if last else z},
+        "grid": {"power_kw": grid_kw, "to_load_kw": last.grid_to_load_kw if last else z,
+                 "to_battery_kw": last.grid_to_battery_kw if last else z,
+                 "over_share_kw": last.grid_over_share_kw if last else z, "grid_share_kw": app.grid_share_kw},
+        "battery": {
+            "discharge_kw": last.battery_discharge_kw if last else z,
+            "charging_kw": last.charging_kw if last else z,
+            "charge_level_kwh": app.battery_energy_kwh,
+            "soc": (app.battery_energy_kwh / app.battery.capacity_kwh) if app.battery.capacity_kwh > 0 else 0.0,
+            "capacity_kwh": app.battery.capacity_kwh,
+        },
+        "grid_gco2_per_kwh": intensity,
+        "carbon_gco2_per_h": grid_kw * intensity if intensity is not None else None,
+        "power_source": POWER_SOURCE,
+    }
+
+
 def carbon_view(carbon: CarbonTrace, now: datetime) -> dict:
     """The grid's carbon intensity at ``now``."""
     v = carbon.at(now)
@@ -128,5 +170,5 @@ def app_view(app: AppState, now: datetime) -> dict:
 
 
 __all__ = [
-    "container_view", "battery_view", "solar_view", "grid_view", "carbon_view", "policy_view", "app_view", "as_of",
+    "container_view", "app_power_view", "battery_view", "solar_view", "grid_view", "carbon_view", "policy_view", "app_view", "as_of",
 ]
