@@ -13,7 +13,7 @@ import pytest
 
 from cicm.errors import InputError
 from cicm.store import Store
-from cicm.store.core import LOCK_WAIT_ENV, StoreLocked, lock_wait_s
+from cicm.store.core import LOCK_WAIT_ENV, SCHEMA_VERSION, StoreLocked, lock_wait_s
 
 try:
     from tests.fakeproviders import EM_TOKEN, NOW, fake, fake_server  # noqa: F401
@@ -73,7 +73,7 @@ def test_a_store_released_during_the_wait_is_opened(tmp_path, monkeypatch):
     monkeypatch.setenv(LOCK_WAIT_ENV, "10")
     t0 = time.monotonic()
     with Store(db) as st:
-        assert st.schema_version() == 3
+        assert st.schema_version() == SCHEMA_VERSION
     assert 0.5 <= time.monotonic() - t0 < 5.0
     holder.wait()
 
@@ -109,9 +109,13 @@ def test_carbon_fetch_does_not_hold_the_store_while_it_fetches(tmp_path, fake):
     assert proc.returncode == 0, err
     assert len([line for line in out.splitlines() if line.startswith("  2026-11-23T")]) == 24
     with Store(db, read_only=True) as st:
-        runs = st.runs().sort_values("started_at")
+        runs = st.runs().sort_values("finished_at")
         rows = st.query("SELECT count(*) AS n FROM carbon_forecasts")["n"][0]
+    # the other writer finished while the fetch was still waiting on its provider; the fetch's run is timed from
+    # the fetch's start, so it started first and finished last
     assert list(runs["kind"]) == ["other-writer", "carbon-fetch"] and set(runs["status"]) == {"ok"}
+    fetch_run = runs.set_index("kind").loc["carbon-fetch"]
+    assert (fetch_run["finished_at"] - fetch_run["started_at"]).total_seconds() >= 2.5  # the provider's 3 s
     assert rows == 24
 
 

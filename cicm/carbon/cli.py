@@ -87,13 +87,14 @@ def store_forecast(db: Path, fetch, params: dict) -> tuple[pd.DataFrame, str]:
     from cicm.store import Store
     from cicm.store.core import StoreLocked
 
+    started_at = pd.Timestamp.now(tz="UTC")  # the run's duration is the fetch's and the write's
     try:
         frame = fetch()
     except (InputError, ProviderError, Interrupted) as exc:
-        record_failed_fetch(db, params, exc)
+        record_failed_fetch(db, params, exc, started_at)
         raise
     try:
-        with Store(db) as st, st.run("carbon-fetch", params) as run:  # the status commits with the rows
+        with Store(db) as st, st.run("carbon-fetch", params, started_at=started_at) as run:  # status with the rows
             st.write_carbon_forecast(frame, run.run_id)  # one INSERT: all rows or none
             run_id = run.run_id
     except StoreLocked as exc:
@@ -102,7 +103,7 @@ def store_forecast(db: Path, fetch, params: dict) -> tuple[pd.DataFrame, str]:
     return frame, run_id
 
 
-def record_failed_fetch(db: Path, params: dict, exc: BaseException) -> None:
+def record_failed_fetch(db: Path, params: dict, exc: BaseException, started_at: pd.Timestamp | None = None) -> None:
     """Record a failed fetch as a failed carbon-fetch run. A locked store cannot take it: say so on stderr (the
     fetch's own error is the command's)."""
     import sys
@@ -112,7 +113,7 @@ def record_failed_fetch(db: Path, params: dict, exc: BaseException) -> None:
 
     try:
         with Store(db) as st:
-            st.failed_run("carbon-fetch", params, None, exc)
+            st.failed_run("carbon-fetch", params, None, exc, started_at=started_at)
     except StoreLocked as locked:
         print(f"warning: the failed carbon-fetch run was not recorded: {locked}", file=sys.stderr, flush=True)
 

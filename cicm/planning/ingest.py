@@ -281,7 +281,7 @@ def _read_parquet(files: list[Path], columns: tuple[str, ...], key: tuple[str, .
 
 
 def ingest_telemetry(store: Store, usage: pd.DataFrame, power: pd.DataFrame, source: str, *,
-                     rewrite_history: bool = False) -> dict:
+                     rewrite_history: bool = False, started_at: pd.Timestamp | None = None) -> dict:
     """The nightly ingestion: new usage and power rows (the usage_history / power_telemetry columns) in one run.
 
     Rows are keyed by (cluster|domain, hour). Re-ingesting hours with the values already stored changes nothing.
@@ -292,7 +292,7 @@ def ingest_telemetry(store: Store, usage: pd.DataFrame, power: pd.DataFrame, sou
     last hour and the clusters or domains, and its message says so)."""
     params = {"source": source, "usage_rows": len(usage), "power_rows": len(power),
               "rewrite_history": bool(rewrite_history)}
-    with store.run("telemetry-ingest", params) as run:
+    with store.run("telemetry-ingest", params, started_at=started_at) as run:  # timed from the read
         rewrites = {}
         for table, frame, key, values in (("usage_history", usage, "cluster", USAGE_VALUES),
                                           ("power_telemetry", power, "domain", POWER_VALUES)):

@@ -44,12 +44,14 @@ def ingest_new_telemetry(store: Store, folder: str, fleet: Fleet | None = None,
     drop (bad rows, hours at or after ``not_after``, the plan's first hour, or different values for stored hours
     without ``rewrite_history``) raises an InputError naming the field, and is recorded as a failed
     telemetry-ingest run."""
+    started_at = pd.Timestamp.now(tz="UTC")
     try:
         usage, power = read_telemetry_dir(folder, fleet, now, not_after=not_after)
     except InputError as exc:
-        store.failed_run("telemetry-ingest", {"source": str(folder)}, None, exc)
+        store.failed_run("telemetry-ingest", {"source": str(folder)}, None, exc, started_at=started_at)
         raise
-    info = ingest_telemetry(store, usage, power, source=str(folder), rewrite_history=rewrite_history)
+    info = ingest_telemetry(store, usage, power, source=str(folder), rewrite_history=rewrite_history,
+                            started_at=started_at)
     return stages.StageReport("telemetry", StageStatus.RAN, f"ingested {info['usage_rows']} usage and {info['power_rows']}"
                                                   f" power rows from {folder} (run {info['run_id']})")
 
@@ -190,14 +192,16 @@ def ingest_prometheus(store: Store, fleet: Fleet, now: pd.Timestamp, *, not_afte
         end = min(end, not_after)
     if start >= end:
         return stages.StageReport("telemetry", StageStatus.RAN, f"store already holds every hour before {end} ({url})")
+    started_at = pd.Timestamp.now(tz="UTC")
     try:
         with store.released():  # no lock held while waiting on Prometheus
             usage, power = read_prometheus_telemetry(url, mapping, fleet.power_domains_by_cluster(), start, end)
         check_telemetry_rows(usage, power, fleet, now, not_after=not_after)
     except (InputError, ProviderError) as exc:
-        store.failed_run("telemetry-ingest", {"source": url, "start": str(start), "end": str(end)}, None, exc)
+        store.failed_run("telemetry-ingest", {"source": url, "start": str(start), "end": str(end)}, None, exc,
+                         started_at=started_at)
         raise
-    info = ingest_telemetry(store, usage, power, source=url, rewrite_history=rewrite_history)
+    info = ingest_telemetry(store, usage, power, source=url, rewrite_history=rewrite_history, started_at=started_at)
     missing = sum(usage.attrs.get("missing_hours", {}).values())
     return stages.StageReport("telemetry", StageStatus.RAN, f"read {info['usage_rows']} usage and {info['power_rows']} power "
                                                   f"rows for [{start.isoformat()}, {end.isoformat()}) from {url} "
@@ -254,6 +258,7 @@ def update_carbon_actuals(store: Store, fleet: Fleet, options: PlanOptions) -> s
     if not sources:
         return stages.StageReport("carbon-actuals", StageStatus.RAN, "no live zones (the trace's are bundled)")
     now = options.now()
+    started_at = pd.Timestamp.now(tz="UTC")
     end = now.floor("h")
     starts = {}
     for key, (provider, fetch) in sources.items():
@@ -272,7 +277,7 @@ def update_carbon_actuals(store: Store, fleet: Fleet, options: PlanOptions) -> s
                 problems.append(f"{provider} {fetch['zone']}: {exc}")
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     zones = sorted({fetch["zone"] for _, fetch in sources.values()})
-    with store.run("carbon-actuals", {"zones": zones, "end": str(end)}) as run:
+    with store.run("carbon-actuals", {"zones": zones, "end": str(end)}, started_at=started_at) as run:
         if len(rows):
             store.upsert("carbon_actuals", rows, run.run_id)
         run.status = RunStatus.DEGRADED if problems else RunStatus.OK
