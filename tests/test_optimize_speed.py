@@ -125,3 +125,50 @@ def test_ceiling_plans_are_those_of_the_program_before(program_before, headroom,
     vcc_new, vcc_old = new.hourly["vcc_cores"].to_numpy(), old.hourly["vcc_cores"].to_numpy()
     np.testing.assert_allclose(vcc_new, vcc_old, rtol=RTOL, atol=RTOL * float(np.max(vcc_old)))
     assert new.contract_ok == old.contract_ok
+
+
+def _lp_data(plan, campus):
+    import cvxpy as cp
+
+    seen = []
+    orig = cp.Problem.solve
+
+    def spy(self, *args, **kwargs):
+        seen.append(self)
+        return orig(self, *args, **kwargs)
+
+    cp.Problem.solve = spy
+    try:
+        plan(campus)
+    finally:
+        cp.Problem.solve = orig
+    return [p.get_problem_data(cp.HIGHS)[0] for p in seen]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_queue_program_hands_highs_the_same_lp_as_before(queue_before, seed):
+    """The matrix build of the queue program gives HiGHS the LP the expression build gave it, bit for bit (same
+    columns, rows and coefficients), so its plans are the same bit for bit too."""
+    import dataclasses
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(6, 48))
+    campus = synthetic_queue_campus(rng.uniform(50, 500, n), int(rng.integers(1, 4)), seed=seed,
+                                    contract=("binding", "none")[seed % 2], lambda_p=(0.0, 0.05)[seed // 2],
+                                    committed_hours=min(24, n))
+    if seed == 3:  # with a plan of record (the intraday correction)
+        campus = dataclasses.replace(campus, clusters=tuple(dataclasses.replace(
+            c, limit_cpu_cores=0.5 * c.room_cpu_cores, carry_core_hours=10.0) for c in campus.clusters))
+    old_campus = queue_before.QueueCampus(
+        campus.name, tuple(queue_before.QueueCluster(
+            c.name, c.inflexible_cpu_cores, c.inflexible_upper_cpu_cores, c.capacity_cores, c.must_core_hours,
+            c.avail_core_hours, c.power_curve, c.limit_cpu_cores, c.carry_core_hours) for c in campus.clusters),
+        campus.carbon_gco2_per_kwh, committed=campus.committed, contract_kw=campus.contract_kw,
+        lambda_p=campus.lambda_p)
+    new, old = _lp_data(queue.plan_queue, campus), _lp_data(queue_before.plan_queue, old_campus)
+    assert len(new) == len(old) == 1
+    for key in ("c", "b", "lower_bounds", "upper_bounds"):
+        np.testing.assert_array_equal(new[0][key], old[0][key])
+    assert (new[0]["A"] != old[0]["A"]).nnz == 0
+    np.testing.assert_array_equal(queue.plan_queue(campus).service_cpu_cores,
+                                  queue_before.plan_queue(old_campus).service_cpu_cores)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 
 import cvxpy as cp
 import numpy as np
+import scipy.sparse as sp
 
 from cicm.errors import InputError
 from cicm.optimize.curves import CurveTable, lower_hulls
@@ -313,37 +314,72 @@ def _solve(campus: QueueCampus, clusters: list[QueueCluster], storage: CampusSto
     slope = np.where(real, hulls.b[seg], 0.0)
     x_first = hulls.x0[hulls.start[:-1]]
     p_first = hulls.a[hulls.start[:-1]] + hulls.b[hulls.start[:-1]] * x_first
-    s_cum = cp.Variable((n_c, n), bounds=[np.zeros((n_c, n)), avail / scale])  # cumulative service / scale
-    lat = cp.Variable((n_c, n), nonneg=True)
-    caps = np.repeat(width / scale, n, axis=0)  # row c * n + h
-    fill = cp.Variable((n_c * n, k_max), bounds=[np.zeros_like(caps), caps])
-    x = cp.hstack([s_cum[:, :1], s_cum[:, 1:] - s_cum[:, :-1]])  # service / scale
-    cons = [x >= 0, x <= room / scale, s_cum + lat >= must / scale,
-            cp.reshape(cp.sum(fill, axis=1), (n_c, n), order="C") == (u - x_first[:, None]) / scale + x]
-    z = p_first[:, None] + cp.reshape(cp.sum(cp.multiply(np.repeat(slope * scale, n, axis=0), fill), axis=1),
-                                      (n_c, n), order="C")  # power (kW)
+    # One stacked variable X, every row block a sparse matrix built here (docs/optimizer.md, Speed): cvxpy then
+    # compiles a few matrix products instead of a tree of atoms. The columns and rows are those the expression
+    # form (fill, S, late[, over][, y] as matrix variables, flattened column-major) compiled to, in the same order
+    # and with the same coefficients, so HiGHS gets the same LP.
+    lim_list = [c.limit_cpu_cores for c in clusters]
+    has_ov = any(lim is not None for lim in lim_list)
+    nch = n_c * n  # cluster-hours; (c, h) is column-major index c + n_c * h
+    n_fill = nch * k_max  # fill (c * n + h, k) is index (c * n + h) + nch * k
+    o_s, o_lat = n_fill, n_fill + nch
+    o_ov = o_lat + nch
+    n_x = o_ov + (nch if has_ov else 0)
+    peak_possible = storage is None and (campus.lambda_p > 0 or np.isfinite(campus.contract_kw))
+    cf = (np.arange(n_c)[:, None] + n_c * np.arange(n)[None, :])  # (C, N) -> column-major index
+    ch_rows = (np.arange(n_c)[:, None] * n + np.arange(n)[None, :])  # (C, N) -> fill row c * n + h
+    fill_idx = ch_rows[:, :, None] + nch * np.arange(k_max)[None, None, :]  # (C, N, K)
+    caps = np.repeat(width / scale, n, axis=0)  # (C * n, K), row c * n + h
+    s_hi = (avail / scale).ravel(order="F")
+    lower = np.zeros(n_x)
+    upper = np.concatenate([caps.ravel(order="F"), s_hi, np.full(n_x - o_lat, np.inf)])
+    X = cp.Variable(n_x, bounds=[lower, upper])
+    csr = lambda data, r, c, m: sp.csr_matrix((data, (r, c)), shape=(m, n_x))  # noqa: E731
+    # service / scale: x(c, h) = S(c, h) - S(c, h - 1)
+    later = cf[:, 1:].ravel()
+    d_rows = np.r_[cf.ravel(), later]
+    d_cols = np.r_[o_s + cf.ravel(), o_s + cf[:, :-1].ravel()]
+    d_vals = np.r_[np.ones(nch), -np.ones(later.size)]
+    service = csr(d_vals, d_rows, d_cols, nch)
+    cum_late = csr(np.ones(2 * nch), np.r_[cf.ravel(), cf.ravel()], np.r_[o_s + cf.ravel(), o_lat + cf.ravel()], nch)
+    f_rows = np.repeat(cf[:, :, None], k_max, axis=2).ravel()
+    fill_sum = csr(np.ones(n_fill), f_rows, fill_idx.ravel(), nch)
+    cons = [service @ X >= 0, service @ X <= (room / scale).ravel(order="F"),
+            cum_late @ X >= (must / scale).ravel(order="F"),
+            (fill_sum - service) @ X == ((u - x_first[:, None]) / scale).ravel(order="F")]
+    s_rep = np.repeat(slope * scale, n, axis=0)  # (C * n, K): kW per unit fill
+    kw = s_rep[ch_rows]  # (C, N, K)
+    c_obj = np.zeros(n_x)
     terms = None
     if storage is None:
-        objective = campus.lambda_e * cp.sum(z @ (eta / 1000.0))
+        c_obj[fill_idx.ravel()] = campus.lambda_e * ((eta / 1000.0)[None, :, None] * kw).ravel()
     else:  # the campus meter: grid = load - solar - discharge + charge, charged at the carbon forecast
-        terms = storage_terms(storage, cp.sum(z, axis=0), eta, np.asarray(campus.committed), campus.contract_kw,
+        load_rows = np.broadcast_to(np.arange(n)[None, :, None], (n_c, n, k_max)).ravel()
+        load = sp.csr_matrix((kw.ravel(), (load_rows, fill_idx.ravel())), shape=(n, n_x)) @ X + float(p_first.sum())
+        terms = storage_terms(storage, load, eta, np.asarray(campus.committed), campus.contract_kw,
                               campus.lambda_e, campus.lambda_p)
         objective, cons = terms.objective, cons + terms.constraints
     eta_term = float(eta.mean())
     slope_term = table.slope_at(u.mean(axis=1, keepdims=True))[:, 0]
-    leftover = avail[:, -1] / scale[:, 0] - s_cum[:, n - 1]
-    objective += campus.lambda_e * eta_term / 1000.0 * cp.sum(cp.multiply(slope_term * scale[:, 0], leftover))
-    objective += unit * LATE_PRICE * cp.sum(cp.multiply(scale, lat))
-    objective += unit * WAIT_PRICE * cp.sum(cp.multiply(scale, avail / scale - s_cum))
-    ov = None
-    limits = [c.limit_cpu_cores for c in clusters]
-    if any(lim is not None for lim in limits):
-        lim = np.stack([room[i] if cap is None else np.minimum(cap, room[i]) for i, cap in enumerate(limits)])
+    k_left = campus.lambda_e * eta_term / 1000.0
+    k_wait, k_late = unit * WAIT_PRICE, unit * LATE_PRICE
+    c_s = np.broadcast_to(-(k_wait * scale), (n_c, n)).copy()
+    c_s[:, n - 1] = -(k_left * (slope_term * scale[:, 0])) + c_s[:, n - 1]  # leftover (work queued at the end)
+    c_lat = np.broadcast_to(k_late * scale, (n_c, n))
+    c_obj[o_s:o_lat] = c_s.ravel(order="F")
+    c_obj[o_lat:o_lat + nch] = c_lat.ravel(order="F")
+    if has_ov:
+        lim = np.stack([room[i] if cap is None else np.minimum(cap, room[i]) for i, cap in enumerate(lim_list)])
         carry = np.array([c.carry_core_hours for c in clusters])[:, None]
-        ov = cp.Variable((n_c, n), nonneg=True)
-        tri = np.tril(np.ones((n, n)))  # cumulative sums as a matrix product (N <= ~72)
-        cons.append(s_cum <= (carry + np.cumsum(lim, axis=1)) / scale + ov @ tri.T)
-        objective += unit * OVER_PRICE * cp.sum(cp.multiply(scale, ov))
+        # S(c, h) <= (carry + cumulative plan of record) / scale + sum_{j <= h} over(c, j)
+        hh, jj = np.tril_indices(n)
+        rows_ov = (np.arange(n_c)[:, None] + n_c * hh[None, :]).ravel()
+        cols_ov = (o_ov + np.arange(n_c)[:, None] + n_c * jj[None, :]).ravel()
+        plan_rec = csr(np.r_[np.ones(nch), -np.ones(rows_ov.size)], np.r_[cf.ravel(), rows_ov],
+                       np.r_[o_s + cf.ravel(), cols_ov], nch)
+        cons.append(plan_rec @ X <= ((carry + np.cumsum(lim, axis=1)) / scale).ravel(order="F"))
+        c_obj[o_ov:o_ov + nch] = np.broadcast_to(unit * OVER_PRICE * scale, (n_c, n)).ravel(order="F")
+    objective = c_obj @ X if terms is None else terms.objective + c_obj @ X
     assert campus.committed is not None  # QueueCampus.__post_init__ fills the default
     com = np.flatnonzero(campus.committed)
     # The contract rows (one per cluster and committed hour) are only added when they can bind: with no price on
@@ -351,36 +387,49 @@ def _solve(campus: QueueCampus, clusters: list[QueueCluster], storage: CampusSto
     # a cluster serves at most min(room, avail) in an hour, and its hull is convex, so its power in the hour is at
     # most the hull at U_IF or at U_IF + that. The solution is checked against the contract afterwards, and the
     # rows are added and the LP solved again if it fails (it cannot when the fills are in order).
-    peak_rows = storage is None and (campus.lambda_p > 0 or np.isfinite(campus.contract_kw))
+    peak_rows = peak_possible
     if peak_rows and campus.lambda_p == 0 and _peak_bound(u, np.minimum(room, avail), a, b, com) \
             <= campus.contract_kw * (1 - CHECK_RTOL):
         peak_rows = False
-    base_objective, base_cons = objective, cons
+    z_com = None  # power (kW) in the committed hours minus its constant, (C, len(com)) column-major rows
+    if peak_possible:
+        pc = (np.arange(n_c)[:, None] + n_c * np.arange(com.size)[None, :])  # (C, ncom) column-major
+        z_com = sp.csr_matrix((kw[:, com, :].ravel(), (np.repeat(pc[:, :, None], k_max, axis=2).ravel(),
+                                                        fill_idx[:, com, :].ravel())), shape=(n_c * com.size, n_x))
+    base_cons = cons
     for attempt in range(2):
-        objective, cons = base_objective, list(base_cons)
-        if peak_rows:
+        cons = list(base_cons)
+        obj = objective
+        if peak_rows:  # y(c) >= z(c, h) over the committed hours; sum_c y(c) <= the contract
+            assert z_com is not None
             y = cp.Variable(n_c)
-            cons.append(z[:, com] <= y[:, None] @ np.ones((1, com.size)))
+            rep = sp.csr_matrix((np.ones(n_c * com.size), (np.arange(n_c * com.size),
+                                                          np.tile(np.arange(n_c), com.size))))
+            cons.append(z_com @ X - rep @ y <= -np.repeat(p_first[:, None], com.size, axis=1).ravel(order="F"))
             if np.isfinite(campus.contract_kw):
                 cons.append(cp.sum(y) <= campus.contract_kw)
-            objective += campus.lambda_p * cp.sum(y)
-        prob = cp.Problem(cp.Minimize(objective), cons)
+            obj = obj + campus.lambda_p * cp.sum(y)
+        prob = cp.Problem(cp.Minimize(obj), cons)
         try:
             prob.solve(solver=solver_for(campus.solver), ignore_dpp=True,
                        **SOLVER_OPTIONS.get(campus.solver, {}))
         except cp.error.SolverError as exc:
             raise _SolveFailed(f"{campus.solver}: {exc}") from None
-        if prob.status not in ("optimal", "optimal_inaccurate") or s_cum.value is None:
+        if prob.status not in ("optimal", "optimal_inaccurate") or X.value is None:
             raise _SolveFailed(f"{campus.solver} returned {prob.status}")
         if peak_rows or storage is not None or not np.isfinite(campus.contract_kw):
             break
-        peaks = float(np.max(np.asarray(z.value)[:, com], axis=1).sum())
-        if peaks <= campus.contract_kw * (1 + CHECK_RTOL):
+        assert z_com is not None
+        z_val = (z_com @ np.asarray(X.value)).reshape((n_c, com.size), order="F") + p_first[:, None]
+        if float(z_val.max(axis=1).sum()) <= campus.contract_kw * (1 + CHECK_RTOL):
             break
         peak_rows = True  # the bound was wrong (it cannot be with fills in order): plan again with the rows
-    s = np.clip(np.diff(np.asarray(s_cum.value), axis=1, prepend=0.0) * scale, 0.0, room)
-    late_v = np.maximum(lat.value * scale, 0.0)
-    over_v = np.zeros_like(s) if ov is None else np.maximum(ov.value * scale, 0.0)
+    xv = np.asarray(X.value)
+    s_val = xv[o_s:o_lat].reshape((n_c, n), order="F")
+    s = np.clip(np.diff(s_val, axis=1, prepend=0.0) * scale, 0.0, room)
+    late_v = np.maximum(xv[o_lat:o_lat + nch].reshape((n_c, n), order="F") * scale, 0.0)
+    over_v = np.zeros_like(s) if not has_ov else np.maximum(xv[o_ov:o_ov + nch].reshape((n_c, n), order="F")
+                                                            * scale, 0.0)
     return s, late_v, over_v, terms
 
 
