@@ -325,3 +325,111 @@ def test_the_openapi_publishes_the_event_stream_and_get_app_power(eco):
     assert {"401", "404", "422", "429"} <= set(op["responses"])
     assert any(p["name"] == "types" for p in op["parameters"])
     assert "get" in spec["paths"]["/v1/power"]
+
+
+# ------------------------------------------------------------------------------------------ more lifecycle
+
+
+def test_the_real_clocks_ticker_fires_the_notifications(tmp_path):
+    from cicm.ecovisor.app import create_app
+    from cicm.ecovisor.backends import make_backend
+    from cicm.ecovisor.clock import RealClock
+
+    site = test_site(tick_seconds=1, events={"keepalive_s": 0.5})
+    api = create_app(site, RealClock(), make_backend(site), None, admin_token="admin-token")
+    with ServerThread(api) as srv:
+        tok = register(srv.url)
+        t0 = datetime.now(timezone.utc)
+        got, t, _ = collect(srv.url, tok, ("tick",), 2, timeout=10)
+        t.join(timeout=12)
+    assert [e.type for e in got] == ["tick", "tick"]
+    assert abs((datetime.fromisoformat(got[0].time) - t0).total_seconds()) < 5
+
+
+def test_rotating_the_token_ends_the_streams_of_the_old_one(eco):
+    tok = register(eco.url)
+    got, t, sub = collect(eco.url, tok, ("tick",), 5, timeout=5)
+    wait_streams(eco.api, "app-a", 1)
+    r = requests.post(f"{eco.url}/v1/apps/app-a/token", headers=ADMIN, json={})
+    assert r.status_code == 200
+    t.join(timeout=10)
+    assert [e.type for e in got] == ["resync"] and "rotated" in got[0].data["reason"]
+    assert sub.error.status_code == 401
+
+
+def _hub(**cfg):
+    from cicm.ecovisor.events import EventHub
+    from cicm.ecovisor.site import Events
+
+    return EventHub(Events(**cfg), boot_tick_id=0)
+
+
+def _ev(tick_id: int, k: int = 0, type_: str = "tick") -> dict:
+    return {"id": f"{tick_id}-{k}", "type": type_, "app": "a"}
+
+
+def test_a_stream_that_falls_behind_is_told_to_resync_and_closed():
+    import asyncio
+
+    async def run():
+        hub = _hub(queue_events=2)
+        sub = hub.subscribe("a", frozenset({"tick"}), None)
+        hub.publish([_ev(1), _ev(2), _ev(3)])
+        got = [await hub.next(sub, 1), await hub.next(sub, 1)]
+        with pytest.raises(StopAsyncIteration):
+            await hub.next(sub, 1)
+        return got, sub
+
+    got, sub = asyncio.run(run())
+    assert [e["id"] for e in got] == ["1-0", "2-0"] and "fell more than 2 events behind" in sub.resync
+
+
+def test_a_replay_beyond_the_buffer_starts_with_resync():
+    import asyncio
+
+    async def run():
+        hub = _hub(replay_events=2)
+        hub.publish([_ev(1), _ev(2), _ev(3)])
+        kept = hub.subscribe("a", frozenset({"tick"}), "1-0")  # 2-0 and 3-0 are still kept
+        lost = hub.subscribe("a", frozenset({"tick"}), "0-0")  # 1-0 fell out
+        return kept, lost, [await hub.next(kept, 1), await hub.next(kept, 1)]
+
+    kept, lost, replay = asyncio.run(run())
+    assert kept.resync is None and [e["id"] for e in replay] == ["2-0", "3-0"]
+    assert lost.resync is not None and "lost" in lost.resync
+
+
+def test_cli_serve_stops_with_a_stream_open(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    port = free_port()
+    env = {**os.environ, "CICM_ECOVISOR_ADMIN_TOKEN": "admin-token"}
+    cmd = [sys.executable, "-m", "cicm.ecovisor.cli", "serve", "--site", str(repo / "cicm/ecovisor/examples/site.toml"),
+           "--port", str(port), "--clock", "simulated", "--log-level", "warning"]
+    p = subprocess.Popen(cmd, env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(f"{url}/v1/health", timeout=1)
+                break
+            except requests.ConnectionError:
+                assert p.poll() is None and time.monotonic() < end, p.stdout.read().decode()
+                time.sleep(0.2)
+        tok = register(url, containers=())
+        stream = requests.get(f"{url}/v1/apps/me/events", headers=bearer(tok), stream=True, timeout=30)
+        assert stream.status_code == 200
+        t0 = time.monotonic()
+        p.terminate()
+        p.wait(timeout=15)  # without a bound on the graceful shutdown, it waits for the stream forever
+        assert time.monotonic() - t0 < 10
+        stream.close()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

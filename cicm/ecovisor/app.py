@@ -177,8 +177,10 @@ class _EventStream(StreamingResponse):
     """An event stream whose subscriber slot is released however the response ends (finished, cancelled by a
     disconnect, or never started)."""
 
-    def __init__(self, content: Any, hub: EventHub, sub: Subscriber):
-        super().__init__(content, media_type="text/event-stream",
+    media_type = "text/event-stream"
+
+    def __init__(self, content: Any, hub: EventHub, sub: Subscriber, status_code: int = 200):
+        super().__init__(content, status_code=status_code, media_type="text/event-stream",
                          headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
         self._hub, self._sub = hub, sub
 
@@ -497,7 +499,7 @@ def create_app(
         return await run(core.app_power_view, app_)
 
     # ---------------------------------------------------------------- app: Table 2 notifications
-    @api.get("/v1/apps/{name}/events", tags=["notifications"],
+    @api.get("/v1/apps/{name}/events", tags=["notifications"], response_class=_EventStream,
              responses=APP | _resp(404, "no app of that name, or another app's (the same answer)") | R422
              | R429_STREAMS | {200: {"description": "text/event-stream: one event per notification, keep-alive "
                                                     "comments while idle",
