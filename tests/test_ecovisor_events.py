@@ -433,3 +433,20 @@ def test_cli_serve_stops_with_a_stream_open(tmp_path):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_the_client_needs_neither_the_server_nor_the_rest_of_the_ecovisor():
+    """subscribe.py can be copied next to a client that may not import cicm.ecovisor (the agent)."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "cicm" / "ecovisor" / "subscribe.py"
+    cicm_imports = {n.module for n in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(n, ast.ImportFrom) and (n.level > 0 or (n.module or "").startswith("cicm"))}
+    assert cicm_imports == {"cicm.httpclient"}
+    code = ("import sys, cicm.ecovisor.subscribe; "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'duckdb', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
