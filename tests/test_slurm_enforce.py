@@ -407,13 +407,17 @@ def test_the_hourly_correction_reads_slurms_queue(cluster, db_path):
     clock = CompressedClock(START, seconds_per_hour=3600.0)  # agent time = wall time, from the plan's day
     agent = make_agent(cluster, db_path, clock, correction=True)
     agent.slurm.config.release_deadlines = False  # the correction alone decides here
+    cluster.run("scontrol", "update", "PartitionName=flex", "MaxCPUsPerNode=0")  # held, as the plan's 0 says
     job = cluster.sbatch("flex", 16, 60, limit_min=60, deadline="now+90minutes")
+    time.sleep(0.5)
+    assert cluster.states()[job] == ("PENDING", "PartitionConfig")
     out = agent.step()
     assert out.ok and out.plan.program == "queue" and out.plan_allowance_cores == 0.0
     assert out.correction is not None and out.deviation.reason == "deadline-release"
     assert out.allowance_cores == pytest.approx(16 * PER_CPU, rel=1e-3)  # the job's 25,600 core-hours, this hour
     assert "hourly correction deadline-release: 0 -> 25,6" in out.detail
     assert cluster.limit("flex") == 16  # rounded up, not down to 15: the release is for a 16-CPU job
+    assert "flex: MaxCPUsPerNode 0 -> 16 (hourly correction deadline-release)" in out.detail
     wait_for(lambda: cluster.states()[job][0] == "RUNNING", 10, "the job the correction released")
 
 

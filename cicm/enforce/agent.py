@@ -423,7 +423,9 @@ class Agent:
         try:
             sp = self.slurm.apply(mode=mode, allowance_cores=allowance, capacity_cores=capacity,
                                   now=pd.Timestamp.now(tz="UTC"), horizon_s=self.wall_seconds_to_next_pass(),
-                                  reason=reason, round_up=out.deviation is not None
+                                  reason=reason or (f"hourly correction {out.deviation.reason}"
+                                                    if out.deviation is not None else None),
+                                  round_up=out.deviation is not None
                                   and out.deviation.reason == "deadline-release")
         except SlurmConfigError as exc:
             out.result = RESULT_ERROR
