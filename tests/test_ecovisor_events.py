@@ -324,7 +324,9 @@ def test_the_openapi_publishes_the_event_stream_and_get_app_power(eco):
     assert "text/event-stream" in op["responses"]["200"]["content"]
     assert {"401", "404", "422", "429"} <= set(op["responses"])
     assert any(p["name"] == "types" for p in op["parameters"])
-    assert "get" in spec["paths"]["/v1/power"]
+    power = spec["paths"]["/v1/power"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert power["$ref"].endswith("/AppPower")
+    assert set(spec["components"]["schemas"]["PowerSupply"]["properties"]) == {"solar_kw", "battery_kw", "grid_kw"}
 
 
 # ------------------------------------------------------------------------------------------ more lifecycle

@@ -40,6 +40,7 @@ from .power import POWER_SOURCE
 from .schemas import (
     NAME_PATTERN,
     TICK_CAP_WHY,
+    AppPower,
     AppRegistered,
     AppRegistration,
     CarbonBudgetBody,
@@ -491,7 +492,7 @@ def create_app(
     async def get_grid_carbon(app_: App) -> dict:
         return core.carbon_view()
 
-    @api.get("/v1/power", tags=["energy"], responses=APP)
+    @api.get("/v1/power", tags=["energy"], responses=APP, response_model=AppPower)
     async def get_app_power(app_: App) -> dict:
         """``get_app_power``: the app's power over the last tick: each container's, the total, how it was
         supplied (solar, battery discharge, grid: they add up to ``load_kw``), charging, curtailment, and the

@@ -142,6 +142,61 @@ class CarbonBudgetBody(BaseModel):
     end: Timestamp | None = None
 
 
+class ContainerPower(BaseModel):
+    power_kw: float = Field(description="modelled from CPU usage, mean over the last tick")
+    cpu_usage_cores: float
+    powercap_kw: float
+    effective_powercap_kw: float
+
+
+class PowerSupply(BaseModel):
+    """What served the load; the three add up to ``load_kw``."""
+
+    solar_kw: float
+    battery_kw: float
+    grid_kw: float
+
+
+class SolarFlows(BaseModel):
+    power_kw: float
+    to_load_kw: float
+    to_battery_kw: float
+    curtailed_kw: float
+
+
+class GridFlows(BaseModel):
+    power_kw: float
+    to_load_kw: float
+    to_battery_kw: float
+    over_share_kw: float
+    grid_share_kw: float
+
+
+class BatteryPower(BaseModel):
+    discharge_kw: float
+    charging_kw: float
+    charge_level_kwh: float
+    soc: float
+    capacity_kwh: float
+
+
+class AppPower(BaseModel):
+    """``get_app_power``: the app's power over its last tick (all 0 and ``as_of`` null before its first)."""
+
+    app: str
+    as_of: str | None
+    interval_start: str | None
+    load_kw: float = Field(description="the sum of the containers' power")
+    containers: dict[str, ContainerPower]
+    supply: PowerSupply
+    solar: SolarFlows
+    grid: GridFlows
+    battery: BatteryPower
+    grid_gco2_per_kwh: float | None
+    carbon_gco2_per_h: float | None = Field(description="the tick's grid draw (load and charging) x its intensity")
+    power_source: str
+
+
 class ErrorBody(BaseModel):
     """Every error but 422: a message (401 also sends ``WWW-Authenticate: Bearer``)."""
 
