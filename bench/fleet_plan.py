@@ -5,8 +5,8 @@
 
 For each size: `prepare_scale_run` builds the fleet, a store with its history and the next night's telemetry
 (cached under --workdir; --fresh rebuilds). Each measured run starts from a copy of that store, in its own
-process (`cicm plan`'s code path: the Prefect flow with the ingestion of the night's telemetry), so peak RSS is
-the plan's own. Prints seconds per stage, peak RSS, and the scaling exponent b of time ≈ a·N^b.
+process (`cicm plan`'s code path: in process, or the Prefect flow on Dask or with PREFECT_API_URL; with the
+ingestion of the night's telemetry), so peak RSS is the plan's own. Prints seconds per stage, peak RSS, and the scaling exponent b of time ≈ a·N^b.
 """
 from __future__ import annotations
 
@@ -27,14 +27,20 @@ STAGES = ("telemetry", "carbon-forecast", "slo-feedback", "store-reads", "foreca
 
 def one_run(folder: Path, runner: str, workers: int, program: str) -> dict:
     from cicm.config import load_fleet
-    from flows.nightly import PlanOptions, run_nightly_plan
+    from cicm.planning.options import PlanOptions
+    from cicm.planning.runner import plan_in_process, uses_prefect
 
     started = time.perf_counter()
     fleet_path = folder / "fleet.toml"
     fleet = load_fleet(fleet_path)
     options = PlanOptions(runner=runner, dask_workers=workers, telemetry_dir=str(folder / "telemetry"),
                           program=program)
-    outcome = run_nightly_plan(fleet.default_plan_date, folder / "run.duckdb", fleet_path, options)
+    if uses_prefect(options, len(fleet.clusters())):  # as `cicm plan` decides: Dask workers or a Prefect server
+        from flows.nightly import run_nightly_plan
+
+        outcome = run_nightly_plan(fleet.default_plan_date, folder / "run.duckdb", fleet_path, options)
+    else:
+        outcome = plan_in_process(fleet.default_plan_date, folder / "run.duckdb", fleet_path, options)
     wall = time.perf_counter() - started
     seconds = dict(outcome.seconds)
     shaped = int((outcome.clusters["status"] == "shaped").sum())

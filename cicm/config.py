@@ -71,6 +71,13 @@ def specpower_models() -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=None)
+def spec_watts(spec_row: int) -> tuple[float, ...]:
+    """Watts of one server of the SPECpower row at active idle, 10%, ..., 100% load."""
+    row = specpower_table().iloc[spec_row]
+    return tuple(float(row[c]) for c in SPEC_WATT_COLUMNS)
+
+
+@lru_cache(maxsize=None)
 def threads_per_machine(spec_row: int) -> int:
     """Logical CPUs (hardware threads) of a SPECpower server: the 'cores' a scheduler hands out."""
     text = str(specpower_table().iloc[spec_row]["hardware_threads"])
@@ -197,6 +204,10 @@ class PowerDomain(_Strict):
         return threads_per_machine(self.spec_row)
 
     @property
+    def has_declared_curve(self) -> bool:
+        return self.spec_row is not None or self.power_points is not None
+
+    @property
     def capacity_cores(self) -> int:
         if self.spec_row is None:
             assert self.cores is not None
@@ -212,8 +223,7 @@ class PowerDomain(_Strict):
         if self.spec_row is None:
             return None
         assert self.machines is not None
-        row = specpower_table().iloc[self.spec_row]
-        watts = [float(row[c]) for c in SPEC_WATT_COLUMNS]
+        watts = spec_watts(self.spec_row)
         cores = self.capacity_cores
         return ([cores * i / 10 for i in range(11)], [w * self.machines / 1000.0 for w in watts])
 

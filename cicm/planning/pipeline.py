@@ -106,7 +106,7 @@ def ensure_telemetry(store: Store, fleet: Fleet, seed: int, telemetry_dir: str |
 #: exported gauges).
 CAPACITY_TOLERANCE = 0.01
 #: Days back from the newest stored hour that the fleet-against-store check reads.
-MATCH_WINDOW_DAYS = 8
+MATCH_WINDOW_DAYS = 2
 
 
 def _field_of(fleet: Fleet) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
@@ -124,28 +124,31 @@ def check_fleet_matches_store(store: Store, fleet: Fleet) -> None:
     """Refuse a fleet file the store's history does not match, before anything is planned, naming the field:
 
     * a power domain whose stored telemetry belongs to another cluster than the file says;
-    * a cluster whose stored usage (inflexible + flexible) in the last 8 stored days peaks above its cores;
+    * a cluster whose stored usage (inflexible + flexible) in the last 2 stored days peaks above its cores;
     * a power domain with no declared curve (spec_row, power_points) and no power telemetry at all.
     """
     cluster_field, domain_field = _field_of(fleet)
     from cicm.store import plan as reads
 
-    owners = reads.power_domain_owners(store, list(domain_field), MATCH_WINDOW_DAYS)
-    for domain, cluster, n in owners.itertuples(index=False):
+    owners = reads.power_domain_owners(store, MATCH_WINDOW_DAYS)
+    owners = owners[owners["domain"].isin(domain_field)]
+    for domain, cluster, other in owners.itertuples(index=False):
         field, expected = domain_field[domain]
-        if n > 1 or cluster != expected:
+        if other != cluster or cluster != expected:
             raise InputError(f"{field}.name", f"the store holds power domain {domain!r}'s telemetry under cluster "
                                               f"{cluster!r}, the fleet file puts it in {expected!r}: the fleet "
                                               "file does not match the store's history")
-    peaks = reads.usage_peaks(store, list(cluster_field), MATCH_WINDOW_DAYS)
+    peaks = reads.usage_peaks(store, MATCH_WINDOW_DAYS)
+    peaks = peaks[peaks["cluster"].isin(cluster_field)]
+    capacity = {c.name: c.capacity_cores for c in fleet.clusters()}
     for cluster, peak in peaks.itertuples(index=False):
-        cores = fleet.cluster(cluster).capacity_cores
+        cores = capacity[cluster]
         if peak > cores * (1 + CAPACITY_TOLERANCE):
             raise InputError(f"{cluster_field[cluster]}.power_domains",
                              f"cluster {cluster!r}'s stored usage peaks at {peak:,.0f} cores in the last "
                              f"{MATCH_WINDOW_DAYS} stored days, above the {cores:,} cores the fleet file gives it: "
                              "the fleet file does not match the store's history")
-    bare = [d.name for c in fleet.clusters() for d in c.power_domains if d.declared_curve_kw() is None]
+    bare = [d.name for c in fleet.clusters() for d in c.power_domains if not d.has_declared_curve]
     if bare:
         seen = reads.domains_with_power(store, bare)
         for name in bare:

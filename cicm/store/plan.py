@@ -83,26 +83,25 @@ def newest_actual_hour(store, zone: str) -> pd.Timestamp | None:
     return None if pd.isna(newest) else pd.Timestamp(newest)
 
 
-def power_domain_owners(store, domains: list[str], window_days: int) -> pd.DataFrame:
-    """Which cluster each named domain's power telemetry is stored under, in the last ``window_days`` before the
-    newest stored hour. Columns: domain, cluster (the smallest name), n (distinct clusters)."""
+def power_domain_owners(store, window_days: int) -> pd.DataFrame:
+    """Which cluster each domain's power telemetry is stored under, in the last ``window_days`` before the newest
+    stored hour, for every domain there. Columns: domain, cluster (the smallest name), other (the largest: another
+    cluster when it differs). (No list filter: ``list_contains`` with a whole fleet's names is quadratic.)"""
     return store.query(
-        "SELECT domain, min(cluster) AS cluster, count(DISTINCT cluster) AS n FROM power_telemetry"
-        " WHERE list_contains(?, domain) AND hour >= (SELECT max(hour) FROM power_telemetry) - to_days(?)"
-        " GROUP BY domain", [list(domains), window_days])
+        "SELECT domain, min(cluster) AS cluster, max(cluster) AS other FROM power_telemetry"
+        " WHERE hour >= (SELECT max(hour) FROM power_telemetry) - to_days(?) GROUP BY domain", [window_days])
 
 
-def usage_peaks(store, clusters: list[str], window_days: int) -> pd.DataFrame:
-    """The peak of inflexible + flexible usage of each named cluster in the last ``window_days`` before the newest
+def usage_peaks(store, window_days: int) -> pd.DataFrame:
+    """The peak of inflexible + flexible usage of every cluster in the last ``window_days`` before the newest
     stored hour. Columns: cluster, peak (cores)."""
     return store.query(
         "SELECT cluster, max(inflexible_cpu_cores + flexible_cpu_cores) AS peak FROM usage_history"
-        " WHERE list_contains(?, cluster) AND hour >= (SELECT max(hour) FROM usage_history) - to_days(?)"
-        " GROUP BY cluster", [list(clusters), window_days])
+        " WHERE hour >= (SELECT max(hour) FROM usage_history) - to_days(?) GROUP BY cluster", [window_days])
 
 
 def domains_with_power(store, domains: list[str]) -> set[str]:
-    """The named domains with any power telemetry."""
+    """The named domains (a few: those without a declared curve) with any power telemetry."""
     return set(store.query("SELECT DISTINCT domain FROM power_telemetry WHERE list_contains(?, domain)",
                            [list(domains)])["domain"])
 
