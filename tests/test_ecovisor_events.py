@@ -452,3 +452,58 @@ def test_the_client_needs_neither_the_server_nor_the_rest_of_the_ecovisor():
             "print(sorted(m for m in ('fastapi', 'uvicorn', 'duckdb', 'pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------ webhooks
+
+
+class _Receiver:
+    """A loopback HTTP server that keeps the JSON bodies POSTed to it."""
+
+    def __init__(self):
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.bodies: list[dict] = []
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self):
+                outer.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/cb"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_webhooks_carry_the_notifications_the_app_asked_for(eco):
+    rx = _Receiver()
+    try:
+        register(eco.url, callback_url=rx.url, callback_events="battery")
+        plain = _Receiver()
+        register(eco.url, "app-b", ("b-batch",), grid_kw=4, callback_url=plain.url)
+        tick(eco.url, 4)  # app-a's battery is empty at tick 3
+        end = time.monotonic() + 10
+        while (len(rx.bodies) < 5 or len(plain.bodies) < 4) and time.monotonic() < end:
+            time.sleep(0.02)
+        notes = [b for b in rx.bodies if b["event"] != "tick"]
+        assert [(b["event"], b["id"], b["time"]) for b in notes] == [
+            ("battery_empty", "3-0", "2022-06-21T07:15:00+00:00")]
+        assert notes[0]["soc"] == pytest.approx(0.3)
+        assert sum(b["event"] == "tick" for b in rx.bodies) == 4
+        assert {b["event"] for b in plain.bodies} == {"tick"}  # without callback_events: the tick only
+        plain.close()
+    finally:
+        rx.close()
+    r = requests.post(f"{eco.url}/v1/apps", headers=ADMIN, timeout=5, json={
+        "name": "app-c", "grid_kw": 1, "containers": ["spare"], "callback_url": rx.url, "callback_events": "wind"})
+    assert r.status_code == 422 and r.json()["field"] == "callback_events"

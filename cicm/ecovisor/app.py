@@ -235,7 +235,14 @@ def create_app(
                 log.exception("storing the apps' settings failed; retrying in %s s", flush_every_s)
 
     async def dispatch(summary: dict) -> None:
-        hub.publish(summary.get("events", ()))
+        events = summary.get("events", ())
+        hub.publish(events)
+        for ev in events:  # the notifications an app asked to get by webhook too (the tick is below)
+            app_ = core.apps.get(ev["app"])
+            wanted = app_.spec.get("callback_events") if app_ is not None and app_.callback_url else None
+            if wanted and ev["type"] != "tick" and ev["type"] in parse_types(wanted):
+                assert app_ is not None and app_.callback_url is not None
+                callbacks.fire(app_.name, app_.callback_url, {"event": ev["type"], **ev})
         for name, s in summary["apps"].items():
             app_ = core.apps.get(name)
             if app_ is not None and app_.callback_url:

@@ -67,9 +67,27 @@ class AppRegistration(BaseModel):
     battery_fraction: float = Field(default=0.0, ge=0, le=1)
     containers: list[Annotated[str, Field(pattern=NAME_PATTERN)]] = Field(default_factory=list, max_length=100_000)
     callback_url: AnyHttpUrl | None = None
+    callback_events: str | None = Field(
+        default=None, pattern=r"^[a-z_]+(,[a-z_]+)*$", max_length=200,
+        description="notifications also POSTed to callback_url, as the event stream's types (e.g. "
+                    "`solar,carbon,battery`); the tick callback is always sent. Default: only the tick callback")
     token_ttl_days: int = Field(default=DEFAULT_TOKEN_TTL_DAYS, ge=1, le=MAX_TOKEN_TTL_DAYS,
                                 description="the token expires this many days after it is issued (wall clock); "
                                             "`cicm ecovisor app rotate` issues a new one")
+
+    @field_validator("callback_events")
+    @classmethod
+    def _known_events(cls, v: str | None) -> str | None:
+        if v is not None:
+            from cicm.errors import InputError
+
+            from .events import parse_types
+
+            try:
+                parse_types(v)
+            except InputError as e:
+                raise ValueError(e.message) from None
+        return v
 
     @field_validator("containers")
     @classmethod
