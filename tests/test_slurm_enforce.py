@@ -262,7 +262,6 @@ def test_a_deadline_at_risk_job_is_released_whatever_the_plan_says(cluster, db_p
 
 def test_a_compressed_day_holds_and_releases_by_the_hour_and_the_limit_dies_with_the_agent(cluster, db_path):
     write_plan(db_path, [0, 0, 8, 16])  # hold, hold, 8 CPUs, 16
-    jobs = [cluster.sbatch("flex", 4, 60) for _ in range(4)]
     clock = CompressedClock(START, seconds_per_hour=2.5)
     stop = threading.Event()
     clock.stop = stop
@@ -271,7 +270,9 @@ def test_a_compressed_day_holds_and_releases_by_the_hour_and_the_limit_dies_with
     worker = threading.Thread(target=agent.run, kwargs={"stop": stop})
     worker.start()
     try:
-        while clock.now() < START + 3.6 * H:
+        wait_for(lambda: len(agent.passes) >= 1, 10, "hour 0's pass")  # then the work arrives
+        jobs = [cluster.sbatch("flex", 4, 60) for _ in range(4)]
+        while clock.now() < START + 3.9 * H:
             h = int((clock.now() - START) / H)
             seen[h] = max(seen.get(h, 0), cluster.running_cpus("flex"))
             time.sleep(0.1)
