@@ -464,3 +464,65 @@ def test_squeue_text_and_partition_parsing_units(monkeypatch):
     with pytest.raises(SlurmUnavailable, match="scontrol: not installed"):
         SlurmClient().partitions()
     assert issubclass(SlurmUnavailable, SlurmError)
+
+
+class FakeSlurm(SlurmClient):
+    """Slurm's answers without Slurm: a 4-node flexible partition (256 CPUs) and a given queue."""
+
+    def __init__(self, jobs, limit=None):
+        super().__init__(None)
+        self._jobs = jobs
+        self._limit = limit
+        self.down = False
+
+    def partitions(self):
+        if self.down:
+            raise SlurmUnavailable("slurmctld unreachable (test)")
+        line = (f"PartitionName=flex MaxCPUsPerNode={self._limit if self._limit is not None else 'UNLIMITED'} "
+                "Nodes=n[1-4] PriorityTier=1 State=UP TotalCPUs=256 TotalNodes=4")
+        return {"flex": parse_partition_line(line)}
+
+    def set_max_cpus_per_node(self, name, value):
+        self._limit = value
+        self.writes.append(f"{name}.MaxCPUsPerNode={value}")
+
+    def jobs(self, partition=None):
+        return list(self._jobs)
+
+    def set_priority(self, job_id, priority):
+        self.writes.append(f"job {job_id}.Priority={priority}")
+
+
+def _job(jid, state, cpus, *, limit_s=3600.0, deadline=None, priority=100):
+    from cicm.enforce.slurm import SlurmJob
+
+    now = pd.Timestamp("2026-12-05T12:00:00Z")
+    return SlurmJob(jid, "flex", state, cpus, now - pd.Timedelta(minutes=5), None, None, limit_s, deadline,
+                    priority, "Resources")
+
+
+def test_multi_node_limits_round_down_and_deadline_releases_count_per_node():
+    from cicm.enforce.slurm import SlurmAdmission, SlurmConfig
+
+    now = pd.Timestamp("2026-12-05T12:00:00Z")
+    urgent = _job(9, "PENDING", 8, limit_s=1800.0, deadline=now + pd.Timedelta(minutes=35), priority=50)
+    queue = [_job(1, "RUNNING", 20), _job(2, "RUNNING", 20), _job(3, "PENDING", 4, priority=120), urgent]
+    client = FakeSlurm(queue)
+    adm = SlurmAdmission(client, SlurmConfig(deadline_slack_s=60.0))
+    # 20,000 cluster cores at 400 per CPU (102,400 / 256) = 50 CPUs over 4 nodes: 12 per node (48 <= 50)
+    out = adm.apply(mode="shaped", allowance_cores=20000.0, capacity_cores=CAPACITY, now=now, horizon_s=0.0,
+                    reason=None)
+    assert out.scale == 400.0 and out.plan_limit_per_node == 12
+    assert out.limit_per_node == 12 and out.releases == []  # latest start 12:05, after the next pass + 60 s
+    # the urgent job must start by 12:05; with the next pass 10 minutes away it is at risk
+    out = adm.apply(mode="shaped", allowance_cores=20000.0, capacity_cores=CAPACITY, now=now, horizon_s=600.0,
+                    reason=None)
+    assert [r.job_id for r in out.releases] == [9]
+    assert out.limit_per_node == 10 + 8 > 12  # ceil(40 running / 4 nodes) + the job's 8 CPUs
+    assert client.writes[-2:] == ["job 9.Priority=121", "flex.MaxCPUsPerNode=18"]  # above job 3's 120
+    assert out.released_above_plan_cpus == (18 - 12) * 4
+    # slurmctld gone: the audit says the lower limit stays, and what the plan allows now
+    client.down = True
+    note = adm.stuck_note("lift", None, CAPACITY, 5.0, 300.0)
+    assert "18 per node" in note and "allows UNLIMITED" in note and "LOWER LIMIT STAYS IN PLACE" in note
+    assert "LOWER LIMIT" not in adm.stuck_note("shaped", 4000.0, CAPACITY, 5.0, 300.0)  # the plan wants less
