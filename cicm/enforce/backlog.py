@@ -14,7 +14,8 @@ why in the audit).
   (it may run within one hour). Forecast arrivals: :func:`cicm.models.arrivals.forecast_arrivals` on the same
   history. The backlog is only as fresh as the newest usage row (``as_of``).
 - :class:`StaticBacklogSource`: a fixed snapshot (tests, replays).
-- **Seam for a scheduler queue** (Slurm and others, later): a class with the same ``describe()`` and
+- :class:`cicm.enforce.slurm.SlurmBacklogSource`: Slurm's queue (``--enforce slurm``), built on this seam:
+  a class with the same ``describe()`` and
   ``snapshot()`` that lists the scheduler's pending and running jobs as ``WorkItem`` (remaining core-hours =
   cores × the time left of its limit, width = its cores, deadline = its submit time + 24 h or its own), with
   ``as_of`` = the time of the query, and takes its arrival forecast and served usage from a
