@@ -433,15 +433,47 @@ def test_the_client_matches_the_running_ecovisors_openapi(eco):
     assert err.value.status_code == 401
 
 
-def test_enforce_never_imports_the_ecovisor():
+# The ecovisor modules the agent may import, each with its reason. Keep this short.
+ECOVISOR_CLIENT_MODULES = {
+    # the notifications' SSE client: it needs only requests and cicm.httpclient (not the server), so the agent
+    # waits for the next hour on `tick` events and re-applies the storage plan on battery/solar events with the
+    # same client as every other app, instead of a copy of it
+    "cicm.ecovisor.subscribe": "the server-sent events client (requests + cicm.httpclient only)",
+}
+
+
+def _imported(path: Path) -> list[str]:
     import ast
 
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names.append(node.module or "")
+    return names
+
+
+def test_enforce_never_imports_the_ecovisor():
+    """The agent reaches the ecovisor over HTTP only; the one exception is its HTTP client of the event streams."""
     for path in Path(__file__).resolve().parent.parent.joinpath("cicm", "enforce").rglob("*.py"):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            assert not any(n.startswith("cicm.ecovisor") for n in names), path
+        names = _imported(path)
+        assert not any(n.startswith("cicm.ecovisor") and n not in ECOVISOR_CLIENT_MODULES for n in names), path
+
+
+def test_the_allowed_ecovisor_client_modules_need_no_server():
+    """Each allowed module imports only the standard library, requests and cicm's HTTP client (so importing it
+    loads no FastAPI, uvicorn or ecovisor state), and the package's __init__ imports nothing."""
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    init = _imported(root / "cicm" / "ecovisor" / "__init__.py")
+    assert init == [], init
+    for module in ECOVISOR_CLIENT_MODULES:
+        for name in _imported(root.joinpath(*module.split(".")).with_suffix(".py")):
+            top = name.split(".")[0]
+            assert top in sys.stdlib_module_names or top == "requests" or name in ("__future__", "cicm.httpclient"), \
+                f"{module} imports {name}"
 
 
 # ------------------------------------------------------------------------------------- hourly correction
