@@ -308,3 +308,41 @@ def test_dask_plan_equals_the_in_process_plan(scale_run, tmp_path, prefect_api):
     n_campuses = info["campuses"]  # 3 local workers, then 2 workers behind the address: 4 partitions per worker
     assert len(runs) == min(PARTITIONS_PER_WORKER * 3, n_campuses) + min(PARTITIONS_PER_WORKER * 2, n_campuses)
     assert all(r.state.is_completed() for r in runs)
+
+
+# ------------------------------------------------------------------------------------------ same plans
+
+
+def test_plan_equals_the_recorded_plan(scale_run):
+    """The in-process plan of the 24-cluster scale run equals the one recorded before the partition reads and the
+    load forecasts were batched (tests/golden/make_fleet_plan_golden.py): every number to 1e-9 relative, every
+    text (statuses, reasons, JSON parameters as text only where they are not numbers) the same."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "golden"))
+    from make_fleet_plan_golden import GOLDEN, long_form, plan_tables
+
+    folder, _ = scale_run
+    want = pd.read_parquet(GOLDEN)
+    got = long_form(plan_tables(folder))
+    assert list(got[["table", "row", "column"]].itertuples(index=False)) == \
+        list(want[["table", "row", "column"]].itertuples(index=False))
+    numeric = want["number"].notna() | got["number"].notna()
+    np.testing.assert_allclose(got.loc[numeric, "number"], want.loc[numeric, "number"], rtol=1e-9, atol=1e-12)
+    text = ~numeric & (want["column"] != "params")
+    bad = got.loc[text, "value"] != want.loc[text, "value"]
+    assert not bad.any(), want.loc[text][bad.to_numpy()].head()
+
+    def close(a, b):
+        if isinstance(a, dict):
+            return isinstance(b, dict) and a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+        if isinstance(a, list):
+            return isinstance(b, list) and len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
+        if isinstance(a, float) and isinstance(b, float):
+            return bool(np.isclose(a, b, rtol=1e-9, atol=1e-12, equal_nan=True))
+        return a == b
+
+    params = want["column"] == "params"
+    for g, w in zip(got.loc[params, "value"], want.loc[params, "value"]):
+        assert close(json.loads(g), json.loads(w)), (g, w)
