@@ -492,7 +492,9 @@ class Pages:
         if runs.empty:
             return html.Div([html.H1("Plan history"), html.P("No runs recorded yet.")], id="runs-page")
         wanted = params.get("run")
-        run_id = wanted if wanted is not None and wanted in set(runs["run_id"]) else runs.iloc[0]["run_id"]
+        plans = runs[runs["kind"] == "plan"]  # by default the newest plan's log (a plan run encloses its SLO run)
+        newest = plans.iloc[0]["run_id"] if len(plans) else runs.iloc[0]["run_id"]
+        run_id = wanted if wanted is not None and wanted in set(runs["run_id"]) else newest
         table = grid(runs, [
             ("run_id", "run", lambda v, _r: dcc.Link(v, href=f"/runs?run={v}")),
             ("kind", "kind", None),
