@@ -270,6 +270,15 @@ def forecast_campus_load(usage: pd.DataFrame, day: CampusDay, gamma: float, clus
     return {name: out[name] for name in clusters}
 
 
+def forecast_campus_load_arrays(reads: "CampusReads", day: CampusDay, gamma: float) -> dict:
+    """:func:`forecast_campus_load` on a campus's rows as the partition read them (numpy columns, no frame): each
+    cluster's LoadForecast or InputError, in the campus's order."""
+    from cicm.models.load import forecast_load_arrays
+
+    return forecast_load_arrays(reads.usage_codes, reads.names, reads.usage_hour_ns, reads.usage_values, day.hours,
+                                day.campus.timezone, gamma, day.planned_at)
+
+
 def load_problem(load) -> str | None:
     if isinstance(load, InputError):
         return f"bad-history: {load}"
@@ -305,10 +314,10 @@ def load_hour_rows(plan_date: date, loads: dict) -> pd.DataFrame:
     n = [len(load.target_hours) for _, load in ok]
     return pd.DataFrame({
         "plan_date": plan_date, "cluster": np.repeat([name for name, _ in ok], n),
-        "hour": np.concatenate([load.target_hours.to_numpy() for _, load in ok]),
-        "inflexible_cpu_cores": np.concatenate([load.inflexible_cpu_cores.to_numpy() for _, load in ok]),
-        "inflexible_upper_cpu_cores": np.concatenate([load.inflexible_upper_cpu_cores.to_numpy() for _, load in ok]),
-        "reservation_ratio": np.concatenate([load.reservation_ratio.to_numpy() for _, load in ok]),
+        "hour": np.concatenate([load.target_hours.as_unit("ns").asi8 for _, load in ok]).view("datetime64[ns]"),
+        "inflexible_cpu_cores": np.concatenate([load.inflexible_values for _, load in ok]),
+        "inflexible_upper_cpu_cores": np.concatenate([load.inflexible_upper_values for _, load in ok]),
+        "reservation_ratio": np.concatenate([load.ratio_values for _, load in ok]),
     }).assign(hour=lambda f: pd.to_datetime(f["hour"], utc=True))
 
 
@@ -388,13 +397,13 @@ def cluster_input(cluster, models: ClusterModels, preset: str | None):
     code, detail = split_reason(preset)
     return ClusterInput(
         name=cluster.name,
-        inflexible_cpu_cores=load.inflexible_cpu_cores.to_numpy(),
-        inflexible_upper_cpu_cores=load.inflexible_upper_cpu_cores.to_numpy(),
+        inflexible_cpu_cores=load.inflexible_values,
+        inflexible_upper_cpu_cores=load.inflexible_upper_values,
         flexible_core_hours=flexible,
         reservations_core_hours=reservations,
-        reservation_ratio=load.reservation_ratio.to_numpy(),
+        reservation_ratio=load.ratio_values,
         reservations_rel_error_q97=q97,
-        capacity_cores=float(cluster.capacity_cores) * float(load.reservation_ratio.max()),
+        capacity_cores=float(cluster.capacity_cores) * float(load.ratio_values.max()),
         power_capped_capacity_cores=float(cluster.capacity_cores),
         power_curve=models.power_curve,
         fallback_reason=code,
@@ -468,11 +477,148 @@ def partition_jobs(days: list[CampusDay], carbon: CarbonResult, plan_date: date,
     ]
 
 
+#: A partition reads the usage history and power telemetry of this many clusters (whole campuses) per query: all of
+#: it when it is smaller (a Dask partition of a 10,000-cluster fleet on 2 workers: 1,250); 1,000 clusters' history
+#: is ~4.4 M rows (~190 MB as numpy columns). Reading 10,000 at once took 4.6 GiB.
+READ_BLOCK_CLUSTERS = 1250
+
+
+@dataclass
+class CampusReads:
+    """A campus's rows, cut from its partition's reads: usage ordered by cluster name and hour, power telemetry by
+    domain name and hour (the orders of the per-campus queries before), as numpy columns and as the frames the
+    power fits and the queue program take."""
+
+    names: list[str]  # the campus's clusters, in the fleet's order
+    usage_codes: np.ndarray  # (N,) index into names
+    usage_hour_ns: np.ndarray  # (N,) UTC hour start, ns
+    usage_values: np.ndarray  # (3, N): HISTORY_COLUMNS (inflexible, flexible, reserved)
+    usage: pd.DataFrame  # cluster (categorical), hour, the four usage_history values
+    telemetry: pd.DataFrame  # cluster, domain, hour, cpu_cores, power_kw
+    disabled: dict[str, str]  # cluster -> why the SLO loop switched its shaping off (shaping_disabled_many)
+
+
+def _read_blocks(days: list[CampusDay], limit: int = READ_BLOCK_CLUSTERS) -> list[list[CampusDay]]:
+    """Consecutive campuses in groups of at most ``limit`` clusters (a bigger campus alone)."""
+    blocks: list[list[CampusDay]] = []
+    size = 0
+    for day in days:
+        n = len(day.campus.clusters)
+        if blocks and size + n <= limit:
+            blocks[-1].append(day)
+            size += n
+        else:
+            blocks.append([day])
+            size = n
+    return blocks
+
+
+def _filled(column) -> np.ndarray:
+    """A fetched float column as float64 with NaN for NULL."""
+    return np.ma.filled(np.ma.asarray(column, dtype=float), np.nan) if np.ma.isMaskedArray(column) \
+        else np.asarray(column, dtype=float)
+
+
+def _sorted_rows(key: np.ndarray) -> np.ndarray | None:
+    """The permutation that sorts ``key`` (stable), or None when it is sorted already."""
+    return None if len(key) < 2 or bool((key[1:] >= key[:-1]).all()) else np.argsort(key, kind="stable")
+
+
+def read_campuses(store, days: list[CampusDay], plan_date: date) -> dict[str, CampusReads]:
+    """One usage-history query, one power-telemetry query and one shaping-state query for these campuses (``cicm.store.plan``'s array
+    reads), cut per campus by index ranges: each campus gets the rows of its clusters in ITS windows
+    ([planned_at - LOAD_HISTORY_DAYS, planned_at) and [planned_at - POWER_WINDOW_DAYS - 1, planned_at)), in the
+    order the per-campus queries gave (cluster name, hour; domain name, hour)."""
+    from cicm.store.plan import power_telemetry_arrays, usage_history_arrays
+
+    ns_per_us, ns_per_h = 1000, 3_600_000_000_000
+    # clusters campus by campus, by name within a campus: the order of the rows
+    by_name = [sorted(c.name for c in day.campus.clusters) for day in days]
+    clusters = [n for names in by_name for n in names]
+    campus_of = np.repeat(np.arange(len(days)), [len(n) for n in by_name])
+    starts = np.r_[0, np.cumsum([len(n) for n in by_name])]
+    domains_by = [sorted(d.name for c in day.campus.clusters for d in c.power_domains) for day in days]
+    domains = [d for names in domains_by for d in names]
+    latest = max(day.planned_at for day in days)
+    earliest = min(day.planned_at for day in days)
+    out: dict[str, CampusReads] = {}
+
+    usage = usage_history_arrays(store, clusters, latest, LOAD_HISTORY_DAYS + int(np.ceil(
+        (latest - earliest) / pd.Timedelta(days=1))))
+    hour_ns = np.asarray(usage["hour_us"], dtype=np.int64) * ns_per_us
+    pos = np.asarray(usage["pos"], dtype=np.int64)
+    h0 = int(hour_ns.min()) if len(hour_ns) else 0
+    order = _sorted_rows(pos * (1 << 32) + (hour_ns - h0) // ns_per_h)
+    columns = ("inflexible_cpu_cores", "flexible_cpu_cores", "reserved_cpu_cores", "flexible_arrived_core_hours")
+    if order is not None:
+        pos, hour_ns = pos[order], hour_ns[order]
+    values = np.stack([_filled(usage[c]) if order is None else _filled(usage[c])[order] for c in columns])
+    del usage
+    bounds = np.asarray(np.searchsorted(pos, starts))
+
+    power = power_telemetry_arrays(store, clusters, domains, latest, POWER_WINDOW_DAYS + 1 + int(np.ceil(
+        (latest - earliest) / pd.Timedelta(days=1))))
+    p_hour = np.asarray(power["hour_us"], dtype=np.int64) * ns_per_us
+    p_campus = campus_of[np.asarray(power["cluster_pos"], dtype=np.int64)]
+    p_cluster = np.asarray(power["cluster_pos"], dtype=np.int64)
+    p_domain = np.asarray(power["domain_pos"], dtype=np.int64)
+    ph0 = int(p_hour.min()) if len(p_hour) else 0
+    p_order = _sorted_rows((p_campus * len(domains) + p_domain) * (1 << 24) + (p_hour - ph0) // ns_per_h)
+    p_cols = [p_campus, p_cluster, p_domain, p_hour, _filled(power["cpu_cores"]), _filled(power["power_kw"])]
+    if p_order is not None:
+        p_cols = [c[p_order] for c in p_cols]
+    p_campus, p_cluster, p_domain, p_hour, p_cpu, p_kw = p_cols
+    del power
+    p_bounds = np.searchsorted(p_campus, np.arange(len(days) + 1))
+    cluster_names = np.array(clusters, dtype=object)
+    domain_names = np.array(domains, dtype=object)
+    off = shaping_disabled_many(store, clusters, plan_date)
+
+    for k, day in enumerate(days):
+        fleet_order = [c.name for c in day.campus.clusters]
+        lo, hi = bounds[k], bounds[k + 1]
+        mine = slice(lo, hi)
+        h = hour_ns[mine]
+        start = (day.planned_at - pd.Timedelta(days=LOAD_HISTORY_DAYS)).value
+        inside = (h >= start) & (h < day.planned_at.value)
+        local = pos[mine] - starts[k]  # index into by_name[k]
+        if not inside.all():
+            h, local = h[inside], local[inside]
+            v = values[:, mine][:, inside]
+        else:
+            v = values[:, mine]
+        to_fleet = pd.Index(fleet_order).get_indexer(by_name[k])
+        hours = pd.DatetimeIndex(h.view("datetime64[ns]")).tz_localize("UTC")
+        usage_frame = pd.DataFrame({
+            "cluster": pd.Categorical.from_codes(local, categories=by_name[k]), "hour": hours,
+            **{c: v[i] for i, c in enumerate(columns)}})
+        plo, phi = p_bounds[k], p_bounds[k + 1]
+        ph = p_hour[plo:phi]
+        p_in = (ph >= (day.planned_at - pd.Timedelta(days=POWER_WINDOW_DAYS + 1)).value) & (ph < day.planned_at.value)
+        rows = np.arange(plo, phi)[p_in]
+        telemetry = pd.DataFrame({
+            "cluster": cluster_names[p_cluster[rows]], "domain": domain_names[p_domain[rows]],
+            "hour": pd.DatetimeIndex(p_hour[rows].view("datetime64[ns]")).tz_localize("UTC"),
+            "cpu_cores": p_cpu[rows], "power_kw": p_kw[rows]})
+        out[day.campus.name] = CampusReads(fleet_order, to_fleet[local], h, v[:3], usage_frame, telemetry,
+                                           {n: off[n] for n in fleet_order if n in off})
+    return out
+
+
 def plan_partition(store, job: PartitionJob) -> "PartitionResult":
-    """Models and programs of a partition's campuses, merged in campus order."""
+    """Models and programs of a partition's campuses, merged in campus order. Its usage history and power
+    telemetry are read once (in blocks of READ_BLOCK_CLUSTERS clusters), then cut per campus."""
     values: dict = {}  # zone_day_key -> forecast value, shared by the campuses of a zone and time zone
-    parts = [plan_campus_day(store, day, job.plan_date, job.carbon.get(day.campus.name), job.options,
-                             job.problems.get(day.campus.name), values) for day in job.days]
+    parts = []
+    for block in _read_blocks(job.days):
+        read = PartitionResult()
+        started = time.perf_counter()
+        reads = read_campuses(store, block, job.plan_date)
+        read.seconds["store-reads"] += time.perf_counter() - started
+        parts.append(read)
+        parts += [plan_campus_day(store, day, job.plan_date, job.carbon.get(day.campus.name), job.options,
+                                  job.problems.get(day.campus.name), values, reads.pop(day.campus.name))
+                  for day in block]
     return merge_parts(parts)
 
 
@@ -529,9 +675,11 @@ class _Timer:
 
 
 def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | None, options,
-                    problem: str | None, values: dict | None = None) -> PartitionResult:
-    """Models and program for one campus: a constant number of store reads, whatever its size. ``carbon``
-    covers the day and any look-ahead. Returns frames for the store and per-stage notes."""
+                    problem: str | None, values: dict | None = None,
+                    reads: CampusReads | None = None) -> PartitionResult:
+    """Models and program for one campus: a constant number of store reads, whatever its size (none for its
+    history when its partition read it: ``reads``). ``carbon`` covers the day and any look-ahead. Returns frames
+    for the store and per-stage notes."""
     from cicm.optimize.program import plan_campus
 
     ahead, carbon = carbon, (None if carbon is None else carbon.iloc[:len(day.hours)])
@@ -550,15 +698,16 @@ def plan_campus_day(store, day: CampusDay, plan_date: date, carbon: pd.Series | 
     timer.lap("forecast-value")
     clusters = day.campus.clusters
     names = [c.name for c in clusters]
-    telemetry = store.power_telemetries(names, before=day.planned_at, days=POWER_WINDOW_DAYS + 1)
-    usage = store.usage_histories(names, before=day.planned_at, days=LOAD_HISTORY_DAYS)
-    disabled = shaping_disabled_many(store, names, plan_date)
+    if reads is None:
+        reads = read_campuses(store, [day], plan_date)[day.campus.name]
+    telemetry, usage = reads.telemetry, reads.usage
+    disabled = reads.disabled
     timer.lap("store-reads")
     fits = with_declared_curves(clusters, fit_domain_power_models(telemetry, day.planned_at), day.planned_at)
     counts = telemetry.groupby("domain").size().to_dict() if len(telemetry) else {}
     curves = {c.name: cluster_power_curve(c, fits) for c in clusters}
     timer.lap("power-models")
-    loads = forecast_campus_load(usage, day, options.gamma, names)
+    loads = forecast_campus_load_arrays(reads, day, options.gamma)
     timer.lap("load-forecast")
     out.add("power_models", pd.DataFrame(
         [row for c in clusters for row in power_model_rows(c, fits, counts, day.planned_at)]))

@@ -51,7 +51,7 @@ from cicm.models.load.baselines import (
     seasonal_naive_core_hours,
     seasonal_naive_forecast,
 )
-from cicm.models.load.engine import CHUNK_CLUSTERS, forecast_load, forecast_load_batch
+from cicm.models.load.engine import CHUNK_CLUSTERS, forecast_load, forecast_load_arrays, forecast_load_batch
 from cicm.models.load.history import HISTORY_COLUMNS, local_day_hours
 from cicm.models.load.result import LoadForecast
 from cicm.models.load.series import (
@@ -80,6 +80,7 @@ __all__ = [
     "SELECT_RESERVATIONS_MODEL",
     "LoadForecast",
     "forecast_load",
+    "forecast_load_arrays",
     "forecast_load_batch",
     "holt_winters_core_hours",
     "holt_winters_forecast",

@@ -195,6 +195,11 @@ def _forecast_chunk(hourly: np.ndarray, daily: np.ndarray, lag: int, req: Reques
     usage_by_hod = (hourly[0][:, recent] + hourly[1][:, recent]).sum(axis=1)
     q_uppers = quantiles(inflexible.rel_errors, 1 - gamma)
     q97s = quantiles(reserved.rel_errors, RESERVATIONS_QUANTILE)
+    # the target day's hourly figures of every cluster at once (rows are views: no per-cluster pandas objects)
+    inflexible_cores = inflexible.target[:, target_hod]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio_by_hod = reserved_by_hod / usage_by_hod
+    ratios = ratio_by_hod[:, target_hod]
     out = []
     for c in range(C):
         p = dict(params, inflexible=inflexible.params[c], flexible=flexible.params[c],
@@ -221,8 +226,6 @@ def _forecast_chunk(hourly: np.ndarray, daily: np.ndarray, lag: int, req: Reques
                 hours, now, gamma, p,
             ))
             continue
-        ratio_by_hod = reserved_by_hod[c] / usage_by_hod[c]
-        inflexible_cores = inflexible.target[c][target_hod]
         flexible_core_hours = float(flexible.target[c, 0] * n_hours)
         reservations_core_hours = float(reserved.target[c, 0] * n_hours)
         out.append(LoadForecast(
@@ -231,13 +234,11 @@ def _forecast_chunk(hourly: np.ndarray, daily: np.ndarray, lag: int, req: Reques
             target_hours=hours,
             issued_at=now,
             gamma=gamma,
-            inflexible_cpu_cores=pd.Series(inflexible_cores, index=hours, name="inflexible_cpu_cores"),
-            inflexible_upper_cpu_cores=pd.Series(
-                inflexible_cores * (1 + q_upper), index=hours, name="inflexible_upper_cpu_cores"
-            ),
+            inflexible_values=inflexible_cores[c],
+            inflexible_upper_values=inflexible_cores[c] * (1 + q_upper),
             flexible_core_hours=flexible_core_hours,
             reservations_core_hours=reservations_core_hours,
-            reservation_ratio=pd.Series(ratio_by_hod[target_hod], index=hours, name="reservation_ratio"),
+            ratio_values=ratios[c],
             reservations_rel_error_q97=q97,
             theta_core_hours=reservations_core_hours * (1 + q97),
             inflexible_rel_error_upper=q_upper,
@@ -331,3 +332,41 @@ def forecast_load_batch(
     results = _forecast_rows(codes.astype(np.intp, copy=False), len(names), hour_ns, numeric_values(history),
                              rows_of, req)
     return dict(zip(names.tolist(), results))
+
+
+def forecast_load_arrays(
+    codes: np.ndarray,
+    names: list[str],
+    hour_ns: np.ndarray,
+    values: np.ndarray,
+    target_hours: pd.DatetimeIndex,
+    tz: str,
+    gamma: float,
+    now: pd.Timestamp,
+    **options,
+) -> dict[str, LoadForecast | InputError]:
+    """`forecast_load_batch` on columns instead of a frame (what the nightly plan's partition reads give):
+    codes (N,) each row's cluster as an index into `names`, hour_ns (N,) its UTC hour start in ns, values (3, N)
+    its HISTORY_COLUMNS. Rows may come in any order (ordered by cluster and hour is the fast path). Returns, for
+    every name (in order), its LoadForecast or the InputError `forecast_load` would raise on its rows alone (a
+    name without rows: its insufficient-history forecast). The options are `forecast_load_batch`'s."""
+    opts = {"min_history_days": 28, "max_history_days": 182, "error_window_days": 90, "adjust_window_days": 90,
+            "ratio_days": 28, "alpha_grid": ALPHA_GRID, "beta_grid": BETA_GRID, **options}
+    req = check_request(target_hours, tz, gamma, now, opts["min_history_days"], opts["max_history_days"],
+                        opts["error_window_days"], opts["adjust_window_days"], opts["ratio_days"], opts["alpha_grid"],
+                        opts["beta_grid"])
+    codes = np.asarray(codes, dtype=np.intp)
+    values = np.asarray(values, dtype=float)
+    if values.shape != (3, len(codes)) or len(hour_ns) != len(codes):
+        raise InputError("history", f"need values (3, {len(codes)}) and {len(codes)} hours, got {values.shape} "
+                                    f"and {len(hour_ns)}")
+    if len(codes) and (codes.min() < 0 or codes.max() >= len(names)):
+        raise InputError("cluster", "row codes outside the names")
+
+    def rows_of(c: int) -> pd.DataFrame:  # only to word the error of a cluster that fails a check
+        rows = np.flatnonzero(codes == c)
+        return pd.DataFrame({"hour": pd.DatetimeIndex(np.asarray(hour_ns)[rows].astype("datetime64[ns]"), tz="UTC"),
+                             **{col: values[i, rows] for i, col in enumerate(HISTORY_COLUMNS)}})
+
+    results = _forecast_rows(codes, len(names), np.asarray(hour_ns, dtype=np.int64), values, rows_of, req)
+    return dict(zip(names, results))
