@@ -22,6 +22,7 @@ tests drive the agent on a simulated clock.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -44,6 +45,7 @@ from cicm.enforce.policy import (
     ContainerInfo,
     battery_decision,
     flexible_targets,
+    storage_decision,
     tolerance_cores,
 )
 
@@ -79,6 +81,7 @@ class AgentConfig:
     max_cap_steps: int = 12
     correction: bool = True  # queue plans: re-plan every hour from the live backlog (needs a backlog source)
     max_backlog_age_hours: float = 2.0  # an older backlog is not live: the plan of record applies as it is
+    campus_battery_kwh: float | None = None  # the fleet's campus battery: storage plans scale to the app's battery
 
     def __post_init__(self):
         if self.on_missing_plan not in (MODE_LIFT, MODE_KEEP):
@@ -108,6 +111,7 @@ class PassOutcome:
     store_problem: str | None = None  # the plan store was missing, corrupt, locked or unreadable (storehealth)
     release: Deviation | None = None  # Slurm: jobs whose deadline was at risk were released above the allowance
     slurm: object | None = None  # Slurm: the pass's cicm.enforce.slurm.SlurmPass
+    trigger: list[str] = field(default_factory=list)  # the ecovisor events that triggered this pass (early)
 
     @property
     def ok(self) -> bool:
@@ -352,28 +356,71 @@ class Agent:
         return entry | {"powercap_kw": round(kw, 9), "cpu_limit_cores": limit, "puts": puts}
 
     def _battery(self, plan: DayPlan | None, hour: pd.Timestamp, me: dict,
-                 changes: list[str]) -> BatteryDecision | None:
+                 changes: list[str], stale: bool = False) -> BatteryDecision | None:
+        """Set the app's battery for the hour: from the campus's storage plan when one is in force for the hour
+        (:func:`cicm.enforce.policy.storage_decision`: the plan's charge and discharge, corrected for the solar
+        and clipped to the state of charge read back), else the heuristic (``battery_decision``). The settings
+        are read back after they are set."""
         if not self.config.battery:
             return None
-        b = me.get("battery") or self.eco.battery()
-        carbon = plan.carbon() if plan is not None else None
-        dec = battery_decision(carbon, hour, b, float(me.get("grid_share_kw") or 0.0), self.config.battery_hours)
-        if dec is None:
+        b = self.eco.battery()  # GET /v1/battery: the state of charge now (me's copy is the registration's view)
+        if float(b.get("capacity_kwh") or 0.0) <= 0:
             return None
-        if dec.charge_kw == 0.0 and dec.mode != "charge" and abs(float(b.get("charge_rate_kw") or 0.0)) > 1e-9:
+        grid_share = float(me.get("grid_share_kw") or 0.0)
+        row = plan.storage_row(hour) if plan is not None and not stale else None
+        if row is not None:
+            assert plan is not None
+            solar = self.eco.solar()  # GET /v1/solar/power: the share's power now (current_kw)
+            now_kw = solar.get("current_kw", solar.get("power_kw"))
+            scale, how = self._storage_scale(b)
+            label = (f"of campus {plan.campus or '?'} for {hour:%Y-%m-%d %H:%M}Z (run {plan.run_id}, {how})")
+            dec = storage_decision(row, b, None if now_kw is None else float(now_kw), scale, grid_share, label)
+        else:
+            carbon = plan.carbon() if plan is not None else None
+            heuristic = battery_decision(carbon, hour, b, grid_share, self.config.battery_hours)
+            if heuristic is None:
+                return None
+            where = (f"campus {plan.campus}" if plan is not None and plan.campus else
+                     f"cluster {self.config.cluster}'s campus")
+            src = "" if plan is None else (" (a plan file carries none)" if plan.source.startswith("plan file") else
+                                           " (the plan is stale)" if stale and plan.storage is not None else "")
+            dec = dataclasses.replace(heuristic, why=f"no storage plan in force for {where} at {hour:%H:%M}Z{src}: "
+                                                     f"heuristic: {heuristic.why}")
+        charging = float(b.get("charge_rate_kw") or 0.0)
+        if dec.charge_kw <= 1e-9 and charging > 1e-9:
             self.eco.set_battery_charge_rate(0.0)  # stop charging first, so the discharge setting takes
-            changes.append("battery: grid charging stopped")
+            changes.append(f"battery: grid charging stopped ({charging:.3g} -> 0 kW, {dec.source})")
+            charging = 0.0
         current_md = b.get("max_discharge_setting_kw")
         if current_md is None or abs(float(current_md) - dec.max_discharge_kw) > 1e-6:
             self.eco.set_battery_max_discharge(dec.max_discharge_kw)
-            changes.append(f"battery: max discharge -> {dec.max_discharge_kw:.3g} kW ({dec.mode})")
-        if dec.mode == "charge" and abs(float(b.get("charge_rate_kw") or 0.0) - dec.charge_kw) > 1e-6:
+            changes.append(f"battery: max discharge -> {dec.max_discharge_kw:.3g} kW ({dec.mode}, {dec.source})")
+        if abs(charging - dec.charge_kw) > 1e-6:
             self.eco.set_battery_charge_rate(dec.charge_kw)
-            changes.append(f"battery: grid charge rate -> {dec.charge_kw:.3g} kW")
+            changes.append(f"battery: grid charge rate -> {dec.charge_kw:.3g} kW ({dec.source})")
+        if changes and any(c.startswith("battery:") for c in changes):
+            back = self.eco.battery()  # read back what the ecovisor holds now
+            rate, md = float(back.get("charge_rate_kw") or 0.0), back.get("max_discharge_setting_kw")
+            ok = abs(rate - dec.charge_kw) <= 1e-6 and md is not None and abs(float(md) - dec.max_discharge_kw) <= 1e-6
+            note = (f"read back after setting: charge rate {rate:.3g} kW, max discharge "
+                    f"{float(md) if md is not None else float('nan'):.3g} kW, SoC {float(back.get('soc') or 0):.3f}"
+                    + ("" if ok else " (NOT WHAT WAS SET)"))
+            dec = dataclasses.replace(dec, why=f"{dec.why}; {note}", audit={**dec.audit, "read_back": back})
         return dec
 
+    def _storage_scale(self, battery: dict) -> tuple[float, str]:
+        """App kW per plan kW: the app's battery capacity over the campus's (fleet file), or 1 without a fleet
+        entry (the campus's battery is the app's battery)."""
+        campus_kwh = self.config.campus_battery_kwh
+        app_kwh = float(battery.get("capacity_kwh") or 0.0)
+        if campus_kwh and campus_kwh > 0 and app_kwh > 0:
+            return app_kwh / campus_kwh, f"app battery {app_kwh:.4g} of the campus's {campus_kwh:.4g} kWh"
+        return 1.0, "the campus's battery is the app's"
+
     # ------------------------------------------------------------------------------------------- one pass
-    def step(self) -> PassOutcome:
+    def step(self, trigger: list | None = None) -> PassOutcome:
+        """One pass. ``trigger``: the ecovisor events (``cicm.ecovisor.subscribe.Event``) that made this an early
+        re-application within the hour (battery_full, battery_empty, solar_change); named in the audit."""
         now = self.clock.now()
         hour = hour_start(now)
         mode, reason, plan, allowance, note = self.plan_for(hour)
@@ -382,6 +429,10 @@ class Agent:
         if plan is not None and plan.covers(hour):
             out.vcc_cores = float(plan.row(hour)["vcc_cores"])
         details = [note] if note else []
+        if trigger:
+            out.trigger = [f"{e.type} {e.id}" for e in trigger]
+            details.insert(0, "early re-application on " + ", ".join(
+                f"{e.type} {e.id} ({_event_values(e)})" for e in trigger))
         if mode == MODE_SHAPED:
             assert plan is not None and allowance is not None  # plan_for gives both with MODE_SHAPED
             out.allowance_cores, out.correction, corr_note = self.corrected(hour, plan, allowance)
@@ -522,7 +573,8 @@ class Agent:
             if mode == MODE_KEEP and plan is None:
                 details.append("battery settings kept")
             else:
-                out.battery = self._battery(plan, hour, me, changes)
+                out.battery = self._battery(plan, hour, me, changes,
+                                            stale=(reason or "").startswith("stale-plan"))
             if out.battery is not None:
                 details.append(f"battery {out.battery.mode}: {out.battery.why}")
             out.changes = changes
@@ -603,11 +655,16 @@ class Agent:
     def run(self, once: bool = False, max_passes: int | None = None,
             stop: threading.Event | None = None) -> PassOutcome:
         """Pass now, then at every hour boundary (and every ``reconcile_every_s``); after a failed pass retry
-        with back-off (``retry_base_s`` doubling up to ``retry_max_s``), never later than the next hour."""
+        with back-off (``retry_base_s`` doubling up to ``retry_max_s``), never later than the next hour.
+
+        With a clock that listens to the ecovisor's events (``clock.wait_for``: :mod:`cicm.enforce.events`), the
+        wait ends at the ``tick`` that reaches the wake time, and a battery_full, battery_empty or solar_change
+        event within the hour triggers one early pass (at most one per event; events of one tick share a pass),
+        while the battery follows a storage plan. Early passes count towards ``max_passes``."""
         failures = 0
         passes = 0
+        out = self.step()
         while True:
-            out = self.step()
             passes += 1
             if once or (max_passes is not None and passes >= max_passes) or (stop is not None and stop.is_set()):
                 return out
@@ -615,10 +672,33 @@ class Agent:
             wake = min(next_hour(now), now + pd.Timedelta(seconds=self.config.reconcile_every_s))
             if out.ok:
                 failures = 0
-            else:
+            elif not out.trigger:
                 failures += 1
-                delay = min(self.config.retry_max_s, self.config.retry_base_s * 2 ** (failures - 1))
+            if not out.ok:
+                delay = min(self.config.retry_max_s, self.config.retry_base_s * 2 ** (max(failures, 1) - 1))
                 wake = min(wake, now + pd.Timedelta(seconds=delay))
-            self.clock.sleep_until(wake)
+            wait_for = getattr(self.clock, "wait_for", None)
+            if wait_for is None:
+                self.clock.sleep_until(wake)
+                triggers: list = []
+            else:
+                triggers = [e for e in wait_for(wake, since=out.acted_at) if self._on_storage_plan()]
             if stop is not None and stop.is_set():
                 return out
+            out = self.step(trigger=triggers or None)
+
+    def _on_storage_plan(self) -> bool:
+        """Whether the last pass set the battery from a storage plan (events then re-apply its hour)."""
+        last = self.passes[-1] if self.passes else None
+        return last is not None and last.battery is not None and last.battery.source == "plan"
+
+
+def _event_values(e) -> str:
+    d = getattr(e, "data", {}) or {}
+    t = str(d.get("time") or "")[11:16]
+    if e.type in ("battery_full", "battery_empty"):
+        return f"SoC {float(d.get('soc', float('nan'))):.3f} at {t}Z"
+    if e.type == "solar_change":
+        return (f"solar {float(d.get('previous_kw', float('nan'))):.3g} -> {float(d.get('solar_kw', float('nan'))):.3g}"
+                f" kW at {t}Z")
+    return t

@@ -68,12 +68,16 @@ def build_agent(*, cluster: str, ecovisor: str | None, token: str | None, db: Pa
     capacity = None
     cluster_config = None  # the fleet's entry: capacity, and the power domains the correction's curve needs
     zone = None  # its campus's grid zone: the correction's newest carbon forecast
+    campus_battery_kwh = None  # its campus's battery (fleet file): the storage plan's scale to the app's battery
     try:
         from cicm.config import load_fleet
 
         known = load_fleet(fleet)
         cluster_config = known.cluster(cluster)
-        zone = known.campus_of(cluster).grid_zone
+        campus_of = known.campus_of(cluster)
+        zone = campus_of.grid_zone
+        if campus_of.battery is not None:  # storage plans are in campus kW: scale them to the app's battery
+            campus_battery_kwh = float(campus_of.battery.capacity_kwh)
     except InputError:
         if fleet is not None:
             raise
@@ -85,6 +89,7 @@ def build_agent(*, cluster: str, ecovisor: str | None, token: str | None, db: Pa
         on_missing_plan=on_missing_plan, max_plan_age_hours=max_plan_age_hours, battery=battery,
         battery_hours=battery_hours, retry_base_s=retry_base_s, retry_max_s=retry_max_s,
         reconcile_every_s=reconcile_every_s, correction=correction, max_backlog_age_hours=max_backlog_age_hours,
+        campus_battery_kwh=campus_battery_kwh,
     )
     slurm = None
     if enforce == "slurm":
@@ -165,6 +170,10 @@ def run(
                                                 help="an older backlog is not live: apply the plan as it is"),
     clock: str = typer.Option("real", "--clock", help="real (wall time) | ecovisor (follow the ecovisor's clock, "
                                                       "e.g. a simulated one)"),
+    events: bool = typer.Option(True, "--events/--no-events",
+                                help="subscribe to the ecovisor's events: wait for the hour on tick events (--clock "
+                                     "ecovisor) and re-apply the storage plan's hour on battery_full/empty and "
+                                     "solar_change"),
     log_level: str = typer.Option("info", "--log-level"),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=1, max=65535,
                                                help="serve Prometheus metrics on this port (all interfaces; "
@@ -194,12 +203,21 @@ def run(
             slurm_conf=slurm_conf, slurm_deadline_slack_s=slurm_deadline_slack_s,
             slurm_lift_on_exit=slurm_lift_on_exit,
         )
+        stream = None
+        if events and not once and agent.client is not None and ecovisor and token:
+            from cicm.enforce.events import EcovisorEvents
+
+            stream = EcovisorEvents(ecovisor, token)
         if clock == "ecovisor":
             if agent.client is None:
                 raise InputError("clock", "--clock ecovisor needs --ecovisor")
-            agent.clock = EcovisorClock(agent.client, stop=stop)
+            agent.clock = EcovisorClock(agent.client, stop=stop, events=stream)
         elif clock != "real":
             raise InputError("clock", f"must be 'real' or 'ecovisor', not {clock!r}")
+        else:
+            agent.clock = RealClock(stop, events=stream)
+        if stream is not None:
+            stream.start()
         if metrics_port is not None or metrics_textfile is not None:
             from cicm.ops.agent_metrics import AgentMetrics
 
@@ -241,6 +259,9 @@ def run(
                                    "failed": sum(not p.ok for p in agent.passes)})
         if agent.client is not None:
             agent.client.close()
+        events_stream = getattr(agent.clock, "events", None)
+        if events_stream is not None:
+            events_stream.close()
         if agent.metrics is not None:
             agent.metrics.close()
 

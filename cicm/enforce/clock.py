@@ -24,12 +24,27 @@ class Clock(Protocol):
 
 
 class RealClock:
-    """Wall time (UTC). ``sleep_until`` sleeps in slices so a signal is handled within a second."""
+    """Wall time (UTC). ``sleep_until`` sleeps in slices so a signal is handled within a second. With ``events``
+    (:class:`cicm.enforce.events.EcovisorEvents`), ``wait_for`` also ends early on a battery or solar event."""
 
     mode = "real"
 
-    def __init__(self, stop: threading.Event | None = None):
+    def __init__(self, stop: threading.Event | None = None, events=None):
         self.stop = stop or threading.Event()
+        self.events = events
+
+    def wait_for(self, t: pd.Timestamp, since: pd.Timestamp | None = None) -> list:
+        """Sleep until ``t``; return earlier with the trigger events (newer than ``since``) when there are any."""
+        t = _utc(t)
+        if self.events is None:
+            self.sleep_until(t)
+            return []
+        from cicm.enforce.events import wait_for_events
+
+        triggers, ok = wait_for_events(self.events, lambda _ev: self.now() >= t, self.stop, since)
+        if not ok:
+            self.sleep_until(t)
+        return triggers
 
     def now(self) -> pd.Timestamp:
         return pd.Timestamp.now(tz="UTC")
@@ -126,16 +141,23 @@ def next_hour(t: pd.Timestamp) -> pd.Timestamp:
 
 class EcovisorClock:
     """Follow the ecovisor's clock (``GET /v1/clock``), e.g. a simulated one advanced by ``POST /v1/tick``:
-    for demos and backtests of a whole agent process. ``sleep_until`` polls every ``poll_s`` wall seconds.
-    While the ecovisor cannot be reached, time stands at the last value read (wall time before the first)."""
+    for demos and backtests of a whole agent process. While the ecovisor cannot be reached, time stands at the
+    last value read (wall time before the first).
+
+    With ``events`` (:class:`cicm.enforce.events.EcovisorEvents`, subscribed to ``tick``), ``sleep_until`` and
+    ``wait_for`` wait for the ``tick`` event whose time reaches the wake time instead of polling ``/v1/clock``
+    (a ``resync`` reads the clock once); ``wait_for`` also ends early on battery and solar events. Without
+    events, or while the stream is down, ``sleep_until`` polls every ``poll_s`` wall seconds."""
 
     mode = "ecovisor"
 
-    def __init__(self, client, poll_s: float = 1.0, stop: threading.Event | None = None):
+    def __init__(self, client, poll_s: float = 1.0, stop: threading.Event | None = None, events=None):
         self.client = client
         self.poll_s = poll_s
         self.stop = stop or threading.Event()
+        self.events = events
         self._last: pd.Timestamp | None = None
+        self.polls = 0  # GET /v1/clock calls made while waiting (0 while the tick events carry the time)
 
     def now(self) -> pd.Timestamp:
         try:
@@ -145,10 +167,45 @@ class EcovisorClock:
                 return pd.Timestamp.now(tz="UTC")
         return self._last
 
+    def _poll_until(self, t: pd.Timestamp) -> None:
+        while not self.stop.is_set():
+            self.polls += 1
+            if self.now() >= t:
+                return
+            self.stop.wait(self.poll_s)
+
+    def wait_for(self, t: pd.Timestamp, since: pd.Timestamp | None = None) -> list:
+        """Wait until the ecovisor's clock reaches ``t``; return earlier with the trigger events newer than
+        ``since`` (battery_full, battery_empty, solar_change), once their tick has arrived."""
+        t = _utc(t)
+        if self.events is None:
+            self._poll_until(t)
+            return []
+        from cicm.enforce.events import event_time, wait_for_events
+
+        def reached(ev) -> bool:
+            if ev is None:
+                return self._last is not None and self._last >= t
+            if ev.type == "resync":
+                self.polls += 1
+                return self.now() >= t
+            when = event_time(ev)
+            if when is not None and (self._last is None or when > self._last):
+                self._last = when
+            return when is not None and when >= t
+
+        if self._last is not None and self._last >= t:
+            return []
+        triggers, ok = wait_for_events(self.events, reached, self.stop, since)
+        if not ok:
+            self._poll_until(t)
+        return triggers
+
     def sleep_until(self, t: pd.Timestamp) -> None:
         t = _utc(t)
-        while not self.stop.is_set() and self.now() < t:
-            self.stop.wait(self.poll_s)
+        while not self.stop.is_set() and (self._last is None or self._last < t):
+            if not self.wait_for(t):  # triggers are not this caller's business: keep waiting for t
+                return
 
 
 __all__ = ["Clock", "CompressedClock", "RealClock", "SimulatedClock", "EcovisorClock", "hour_start", "next_hour"]

@@ -67,6 +67,17 @@ class DayPlan:
     source: str
     program: str = "ceiling"  # "queue": flexible_cpu_cores is planned service, the plan of record to correct
     queue: QueueContext | None = None  # queue plans read from the store
+    # the campus's storage plan of the same run (store only; issue 16): index hour (UTC); columns load_kw,
+    # solar_kw, solar_used_kw, curtailed_kw, charge_kw, discharge_kw, energy_kwh, energy_before_kwh, grid_kw;
+    # None without one (the battery then follows the heuristic)
+    storage: pd.DataFrame | None = None
+    campus: str | None = None
+
+    def storage_row(self, hour: pd.Timestamp) -> pd.Series | None:
+        """The storage plan's hour, or None when the plan has no storage plan or it does not cover the hour."""
+        if self.storage is None or hour not in self.storage.index:
+            return None
+        return self.storage.loc[hour]
 
     def covers(self, hour: pd.Timestamp) -> bool:
         return hour in self.hours.index
@@ -219,6 +230,8 @@ class StorePlanSource:
             reason=info["reason"] if isinstance(info["reason"], str) else None,
             capacity_cores=_float(info["capacity_cores"]), planned_at=planned_at, hours=frame,
             source=f"store {self.path}", program=program, queue=queue,
+            storage=_storage_frame(agent.storage_plan_in_force(store, self.cluster, plan_date)),
+            campus=str(info["campus"]) if isinstance(info.get("campus"), str) else None,
         )
         self._cache[plan_date] = plan
         for old in sorted(self._cache)[:-3]:  # keep a few days
@@ -244,6 +257,21 @@ class StorePlanSource:
         except InputError as exc:
             return QueueContext(capacity_cores=float(cfg.capacity_cores), problem=f"no power curve: {exc}", **knobs)
         return QueueContext(capacity_cores=float(cfg.capacity_cores), power_curve=curve, **knobs)
+
+
+STORAGE_FRAME_COLUMNS = ("load_kw", "solar_kw", "solar_used_kw", "curtailed_kw", "charge_kw", "discharge_kw",
+                         "energy_kwh", "energy_before_kwh", "grid_kw")
+
+
+def _storage_frame(rows: pd.DataFrame) -> pd.DataFrame | None:
+    """The storage plan's rows indexed by UTC hour (floats), or None without rows."""
+    if rows is None or rows.empty:
+        return None
+    index = pd.DatetimeIndex(rows["hour"]).tz_convert("UTC").rename("hour")
+    frame = pd.DataFrame({c: pd.to_numeric(rows[c], errors="coerce").astype(float).to_numpy()
+                          for c in STORAGE_FRAME_COLUMNS}, index=index)
+    frame["status"] = rows["status"].astype(str).to_numpy()
+    return frame
 
 
 def _params(text) -> dict:

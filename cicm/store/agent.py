@@ -32,6 +32,23 @@ def plan_run_in_force(store, cluster: str, plan_date: date) -> pd.DataFrame:
     return store.query("SELECT run_id FROM current_plans WHERE cluster = ? AND plan_date = ?", [cluster, plan_date])
 
 
+def storage_plan_in_force(store, cluster: str, plan_date: date) -> pd.DataFrame:
+    """The storage plan of the cluster's campus on ``plan_date``, from the run whose plan is in force for the
+    cluster-day (only succeeded runs: ``current_vcc_status``); no row when that run stored none (a campus without a
+    battery or solar, a ceiling plan, a run before issue 16). One row per hour, ordered by hour.
+
+    Columns: run_id, plan_date, campus, hour, hour_index, load_kw, solar_kw, solar_used_kw, curtailed_kw,
+    charge_kw, discharge_kw, energy_kwh (at the hour's end), energy_before_kwh (at its start: the previous hour's
+    energy_kwh; NULL for the first hour), grid_kw, status."""
+    return store.query(
+        "SELECT s.run_id, s.plan_date, s.campus, s.hour, s.hour_index, s.load_kw, s.solar_kw, s.solar_used_kw,"
+        " s.curtailed_kw, s.charge_kw, s.discharge_kw, s.energy_kwh,"
+        " lag(s.energy_kwh) OVER (ORDER BY s.hour_index) AS energy_before_kwh, s.grid_kw, s.status"
+        " FROM storage_plans s JOIN current_vcc_status v"
+        " ON v.run_id = s.run_id AND v.campus = s.campus AND v.plan_date = s.plan_date"
+        " WHERE v.cluster = ? AND v.plan_date = ? ORDER BY s.hour_index", [cluster, plan_date])
+
+
 def run_started_and_params(store, run_id: str) -> pd.DataFrame:
     """When the run started and its parameters (JSON text); no row for an unknown run.
 
