@@ -73,28 +73,100 @@ class Interrupted(BaseException):
     Exception`` fallback swallows it: it unwinds to the store's run, which rolls back and records the run as
     failed with "Interrupted: interrupted by SIGTERM"."""
 
+    signal_name = "a signal"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or f"interrupted by {self.signal_name}")
+
+
+def _interrupted_by(name: str) -> type[Interrupted]:
+    """Interrupted for one signal, as a class (an asynchronous exception is raised from its class), named
+    Interrupted so that a run's message reads "Interrupted: interrupted by SIGTERM"."""
+    return type("Interrupted", (Interrupted,), {"signal_name": name, "__module__": __name__})
+
+
+def _raise_in_this_thread_soon(exc_type: type[BaseException]) -> None:
+    """Raise ``exc_type`` in this (the main) thread at its next Python bytecode, not here. A signal handler runs
+    either between bytecodes or inside C code that checks for signals (PyErr_CheckSignals): DuckDB does so while
+    it runs a query, and turns an exception raised there into ``RuntimeError: Query interrupted``, an ordinary
+    Exception that fallbacks (the SLO stage's) swallowed, and the plan went on to commit as 'degraded'. Raised as
+    an asynchronous exception, the query finishes and the exception comes out of the Python code that called it."""
+    import ctypes
+    import threading
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), ctypes.py_object(exc_type))
+
+
+def _cancel_pending_raise() -> None:
+    import ctypes
+    import threading
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), None)
+
+
+#: The handler of the ``interruptible`` block in force, if any (``reinstate_interrupt_handler`` puts it back).
+_ACTIVE_HANDLER: list[Any] = []
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 
 @contextmanager
 def interruptible() -> Iterator[None]:
     """The one place that handles SIGTERM and SIGINT for the commands that write runs (`cicm plan`, `cicm carbon
-    fetch`): the first signal raises ``Interrupted`` in the main thread; the transaction open at that point rolls
-    back and the run is recorded with the reason; the command then exits 2 (degraded) with one error line. Further
-    signals are ignored while that cleanup runs (SIGKILL still ends the process; the next writer then marks the
-    run abandoned)."""
-    signals = (signal.SIGTERM, signal.SIGINT)
+    fetch`): the first signal raises ``Interrupted`` in the main thread (at its next Python bytecode, so that no C
+    extension converts it into an ordinary error, see ``_raise_in_this_thread_soon``); the transaction open at that
+    point rolls back and the run is recorded with the reason; the command then exits 2 (degraded) with one error
+    line. Should the exception be lost all the same (swallowed by C code or a fallback), no store transaction
+    commits after the signal (``cicm.store.core.COMMIT_CHECKS``). Further signals are ignored while that cleanup runs (SIGKILL still ends the process; the next writer
+    then marks the run abandoned). During a Prefect flow run Prefect installs its own SIGTERM handler; the flow
+    puts this one back (``reinstate_interrupt_handler``)."""
     received: list[str] = []
 
     def handler(signum: int, _frame: Any) -> None:
         if received:
             return
         received.append(signal.Signals(signum).name)
-        raise Interrupted(f"interrupted by {received[0]}")
+        _raise_in_this_thread_soon(_interrupted_by(received[0]))
 
-    previous = {s: signal.signal(s, handler) for s in signals}
+    def no_commit_after_a_signal() -> None:
+        if received:
+            raise _interrupted_by(received[0])()
+
+    from cicm.store.core import COMMIT_CHECKS
+
+    previous = {s: signal.signal(s, handler) for s in _SIGNALS}
+    _ACTIVE_HANDLER.append(handler)
+    COMMIT_CHECKS.append(no_commit_after_a_signal)
     try:
-        yield
+        try:
+            yield
+        finally:  # a signal that came as the block ended must not be raised after it
+            if received:
+                _cancel_pending_raise()
+        if received:
+            raise _interrupted_by(received[0])()
     except Interrupted as exc:
         fail(str(exc), ExitCode.DEGRADED)
+    finally:
+        _ACTIVE_HANDLER.remove(handler)
+        COMMIT_CHECKS.remove(no_commit_after_a_signal)
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+@contextmanager
+def reinstate_interrupt_handler() -> Iterator[None]:
+    """Put ``interruptible``'s handler back for this block, if a command is in one (else do nothing). For the
+    Prefect flow body: Prefect replaces SIGTERM's handler during a flow run with one that raises its
+    ``TerminationSignal`` at once, which DuckDB turns into ``RuntimeError: Query interrupted`` when it lands
+    during a query: the SIGTERM was then lost and the plan committed. Not in the main thread: nothing to do."""
+    import threading
+
+    if not _ACTIVE_HANDLER or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _ACTIVE_HANDLER[-1]) for s in _SIGNALS}
+    try:
+        yield
     finally:
         for s, old in previous.items():
             signal.signal(s, old)

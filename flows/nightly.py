@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from cicm.clikit import reinstate_interrupt_handler
 from cicm.config import Fleet, load_fleet
 from cicm.data.store import Store
 from cicm.ops.metrics import write_plan_metrics
@@ -108,7 +109,9 @@ def nightly_plan(plan_date: date, db_path: str, fleet_path: str | None = None,
     filled = load_provider_secrets(fleet, options)
     if filled:
         get_run_logger().info("credentials %s read from Prefect Secret blocks", ", ".join(filled))
-    with Store(db_path) as store:
+    # Prefect's SIGTERM handler (its TerminationSignal) is swapped back for `cicm plan`'s own while the plan runs:
+    # raised inside a DuckDB query, Prefect's became 'RuntimeError: Query interrupted' and the signal was lost.
+    with reinstate_interrupt_handler(), Store(db_path) as store:
         outcome = plan_day(store, fleet, plan_date, options, fetch=fetch, telemetry=telemetry_task, slo=slo_task,
                            run_partitions=_submit_partitions(db_path) if on_dask else None,
                            n_partitions=n_partitions)

@@ -86,3 +86,211 @@ def test_process_start_reads_proc_and_names_no_process_that_is_gone():
     assert process_start(int(gone.stdout)) is None
     me = process_start(os.getpid())
     assert me is not None and me == process_start(os.getpid())
+
+
+# ------------------------------------------------------------------------- `cicm plan` in real processes (slow)
+import random  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+CICM = Path(sys.executable).with_name("cicm")
+
+# `cicm plan --telemetry DROP` with hooks: KILL_AT=method:what SIGKILLs the process itself at that store call (the
+# run's 'running' row committed, its data written in its open transaction, or its final status about to be
+# written); HOOK_SLOW_QUERY=function makes that function's first store query wait in a long DuckDB query after
+# saying so on stderr (the test then sends SIGTERM from outside, while DuckDB runs).
+HOOKED_PLAN = """
+import os, signal, sys
+from cicm.store import core
+where = os.environ.get("KILL_AT", "")
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+def wrap(name, before=None, after=None):
+    orig = getattr(core.Store, name)
+    def hooked(self, *args, **kwargs):
+        if before and before(*args, **kwargs):
+            die()
+        out = orig(self, *args, **kwargs)
+        if after and after(*args, **kwargs):
+            die()
+        return out
+    setattr(core.Store, name, hooked)
+kind = lambda run_id: run_id.split("-20")[0]
+if where.startswith("begin_run:"):
+    wrap("begin_run", after=lambda k, *a, **kw: k == where.split(":")[1])
+elif where.startswith("upsert:"):
+    wrap("upsert", after=lambda table, *a, **kw: table == where.split(":")[1])
+elif where == "replace_plan":
+    wrap("replace_plan", after=lambda *a, **kw: True)
+elif where == "finish_run:plan":
+    wrap("finish_run", before=lambda run_id, status, *a, **kw: kind(run_id) == "plan" and status in ("ok", "degraded"))
+slow = os.environ.get("HOOK_SLOW_QUERY")
+if slow:
+    query, said = core.Store.query, []
+    def slow_query(self, sql, params=None):
+        if not said and sys._getframe(1).f_code.co_name == slow:
+            said.append(1)
+            print("HOOK: in a DuckDB query of " + slow, file=sys.stderr, flush=True)
+            self.con.execute("SELECT sum(i) FROM range(20000000000) t(i)").fetchall()
+        return query(self, sql, params)
+    core.Store.query = slow_query
+from cicm.cli import app
+sys.argv = ["cicm", "plan", *sys.argv[1:]]
+app()
+"""
+
+SUCCEEDED = ("ok", "degraded")
+DATA_TABLES = ("usage_history", "power_telemetry", "vccs", "vcc_status", "carbon_forecasts", "load_forecasts",
+               "load_forecast_days", "power_models", "current_plans", "slo_events")
+
+
+def _env(home: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    return {**env, "CICM_HOME": str(home), **extra}
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory) -> tuple[Path, Path]:
+    """A demo store with one succeeded plan in force, and a telemetry drop of stored hours (the same values: its
+    ingest is a real telemetry-ingest run that changes nothing)."""
+    base = tmp_path_factory.mktemp("kill")
+    home = base / "home"
+    for args in (["demo", "seed"], ["plan"]):
+        out = subprocess.run([str(CICM), *args], capture_output=True, text=True, timeout=300, env=_env(home),
+                             cwd=base)
+        assert out.returncode == 0, out.stderr[-2000:]
+    drop = base / "drop"
+    drop.mkdir()
+    with Store(home / "cicm.duckdb", read_only=True) as store:
+        window = "hour >= TIMESTAMPTZ '2022-06-12 00:00:00+00' AND hour < TIMESTAMPTZ '2022-06-14 00:00:00+00'"
+        store.query(f"SELECT * EXCLUDE (run_id) FROM usage_history WHERE {window}").to_parquet(drop / "usage.parquet")
+        store.query(f"SELECT * EXCLUDE (run_id) FROM power_telemetry WHERE {window}").to_parquet(
+            drop / "power.parquet")
+    return home / "cicm.duckdb", drop
+
+
+def _copy(db: Path, tmp_path: Path) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(db, home / "cicm.duckdb")
+    return home
+
+
+def _plan_process(home: Path, args: list[str], **env: str) -> tuple[subprocess.Popen, Path]:
+    """HOOKED_PLAN in its own process group; stderr to a file (a killed process's children would keep a pipe)."""
+    err = home.parent / "stderr.txt"
+    proc = subprocess.Popen([sys.executable, "-c", HOOKED_PLAN, *args], stdout=subprocess.DEVNULL,
+                            stderr=open(err, "w"), env=_env(home, **env), cwd=home.parent, start_new_session=True)
+    return proc, err
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _in_force(db: Path):
+    with Store(db, read_only=True) as store:
+        return (store.query("SELECT * FROM current_plans ORDER BY plan_date, cluster"),
+                store.query("SELECT * FROM current_vcc_status ORDER BY plan_date, cluster"))
+
+
+def _check_invariants(db: Path, pid: int, before) -> dict:
+    """The store after a killed `cicm plan` (process `pid`): it opens; its next writer abandons the dead runs with
+    the reason; nothing of a run that did not succeed is stored or in force; the previous plan stays in force
+    unless the new plan run succeeded. Returns the killed process's runs {kind: status}."""
+    with Store(db) as store:  # the next writer
+        runs = store.query("SELECT run_id, kind, status, message FROM runs WHERE pid = ? ORDER BY started_at", [pid])
+        assert store.query("SELECT count(*) AS n FROM runs WHERE status = 'running'")["n"].iloc[0] == 0
+        assert store.plans_of_unsucceeded_runs().empty
+        for table in DATA_TABLES:  # a run's rows commit with its final status, so only succeeded runs have rows
+            bad = store.query(f"SELECT count(*) AS n FROM {table} t JOIN runs r USING (run_id)"
+                              " WHERE r.status NOT IN ('ok', 'degraded')")["n"].iloc[0]
+            assert bad == 0, (table, runs)
+        for view in ("current_vccs", "current_vcc_status"):
+            assert store.query(f"SELECT count(*) AS n FROM {view} v JOIN runs r USING (run_id)"
+                               " WHERE r.status NOT IN ('ok', 'degraded')")["n"].iloc[0] == 0
+    for row in runs.itertuples():
+        assert row.status in (*SUCCEEDED, "abandoned", "failed"), runs
+        if row.status == "abandoned":
+            assert f"its process {pid} on {socket.gethostname()} is gone" in row.message, runs
+    current, status = _in_force(db)
+    new_plans = runs[(runs["kind"] == "plan") & runs["status"].isin(SUCCEEDED)]
+    if new_plans.empty:  # the previous plan, intact
+        assert current.equals(before[0]) and status.equals(before[1]), runs
+    else:
+        assert set(current["run_id"]) == set(new_plans["run_id"])
+    return dict(zip(runs["kind"], runs["status"]))
+
+
+# Where `cicm plan --telemetry DROP` dies: at store calls (hooks), then at seeded-random times (SIGKILL of its
+# process group from here; 1-5 s after start covers imports, the ingest, the SLO stage and the programs).
+_RANDOM = random.Random(20)
+KILL_POINTS = ["begin_run:telemetry-ingest", "upsert:usage_history", "replace_plan", "finish_run:plan",
+               *(f"time:{_RANDOM.uniform(1.5, 5.0):.2f}" for _ in range(2))]
+
+
+@pytest.mark.slow(reason="the cicm console script in subprocesses")
+@pytest.mark.parametrize("kill_at", KILL_POINTS)
+def test_a_plan_killed_anywhere_leaves_a_consistent_store_and_the_next_plan_succeeds(seeded, tmp_path, kill_at):
+    db0, drop = seeded
+    home = _copy(db0, tmp_path)
+    db = home / "cicm.duckdb"
+    before = _in_force(db)
+    proc, err = _plan_process(home, ["--telemetry", str(drop)], KILL_AT=kill_at)
+    try:
+        if kill_at.startswith("time:"):
+            time.sleep(float(kill_at.split(":")[1]))
+            _end_group(proc)
+        code = proc.wait(timeout=120)
+    finally:
+        _end_group(proc)
+    assert code == -signal.SIGKILL, err.read_text()[-2000:]
+    kinds = _check_invariants(db, proc.pid, before)
+    expected = {"begin_run:telemetry-ingest": {"telemetry-ingest": "abandoned"},
+                "upsert:usage_history": {"telemetry-ingest": "abandoned"},
+                "replace_plan": {"telemetry-ingest": "ok", "slo": "ok", "plan": "abandoned"},
+                "finish_run:plan": {"telemetry-ingest": "ok", "slo": "ok", "plan": "abandoned"}}.get(kill_at)
+    if expected is not None:
+        assert kinds == expected, kinds
+    again = subprocess.run([str(CICM), "plan"], capture_output=True, text=True, timeout=300, env=_env(home),
+                           cwd=home.parent)
+    assert again.returncode == 0, again.stderr[-2000:]
+    with Store(db, read_only=True) as store:
+        last = store.query("SELECT run_id, status FROM runs WHERE kind = 'plan' ORDER BY started_at DESC LIMIT 1")
+        assert store.plans_of_unsucceeded_runs().empty
+    assert last["status"].iloc[0] == "ok" and set(_in_force(db)[0]["run_id"]) == {last["run_id"].iloc[0]}
+
+
+@pytest.mark.slow(reason="the cicm console script in a subprocess")
+def test_an_external_sigterm_during_a_duckdb_query_rolls_back_is_recorded_and_exits_2(seeded, tmp_path):
+    """SIGTERM from another process while the SLO stage waits in a DuckDB query. DuckDB turned the handler's
+    exception into `RuntimeError: Query interrupted`, the SLO stage's fallback swallowed it and the plan was
+    committed 'degraded' (exit 2 for the wrong reason). Now: nothing commits after the signal, the plan run is
+    failed 'Interrupted: interrupted by SIGTERM', the previous plan stays, exit 2 with the error line."""
+    home = _copy(seeded[0], tmp_path)
+    db = home / "cicm.duckdb"
+    before = _in_force(db)
+    proc, err = _plan_process(home, [], HOOK_SLOW_QUERY="last_switch_offs")
+    try:
+        deadline = time.monotonic() + 120
+        while "HOOK: in a DuckDB query" not in err.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, err.read_text()[-2000:]
+            time.sleep(0.05)
+        time.sleep(0.3)
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    finally:
+        _end_group(proc)
+    text = err.read_text()
+    assert code == 2 and "error: interrupted by SIGTERM" in text, text[-3000:]
+    kinds = _check_invariants(db, proc.pid, before)
+    with Store(db, read_only=True) as store:
+        runs = store.query("SELECT kind, status, message FROM runs WHERE pid = ? ORDER BY started_at", [proc.pid])
+    assert "plan" not in kinds or kinds["plan"] == "failed", runs
+    assert (runs["status"] == "failed").any() and not runs["status"].isin(SUCCEEDED).any() or \
+        set(runs.loc[runs["status"].isin(SUCCEEDED), "kind"]) <= {"telemetry-ingest"}, runs
+    interrupted = runs[runs["message"] == "Interrupted: interrupted by SIGTERM"]
+    assert len(interrupted) >= 1, runs

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import duckdb
 import pandas as pd
@@ -303,6 +303,11 @@ def _pid_alive(pid: int, started: str | None = None) -> bool:
     return now is None or now == started
 
 
+#: Called before every ``Store.transaction`` commits; one that raises rolls it back. ``cicm.clikit.interruptible``
+#: registers one: after SIGTERM/SIGINT nothing commits, even when a C extension (DuckDB, mid-query) turned the
+#: signal's exception into an ordinary error that a fallback swallowed.
+COMMIT_CHECKS: list[Callable[[], None]] = []
+
 _STARTS: dict[int, str | None] = {}
 
 
@@ -418,6 +423,8 @@ class Store:
         self.con.execute("BEGIN TRANSACTION")
         try:
             yield
+            for check in COMMIT_CHECKS:  # one that raises rolls the transaction back
+                check()
         except BaseException:
             self.con.execute("ROLLBACK")
             raise
