@@ -13,7 +13,9 @@ One pass (``Agent.step``):
 2. Reconcile: read the containers' current caps and CPU limits; set only what differs (a restarted agent,
    mid-hour, changes nothing that is already right). Inflexible containers are never capped: any cap found on
    one is lifted. Flexible CPU limits never add up to more than the plan allows.
-3. Drive the battery from the day's carbon in the plan (charge in clean hours, discharge in dirty ones).
+3. Drive the battery: from the campus's storage plan for the hour when one is in force (its grid charge and max
+   discharge, corrected for the actual solar and clipped to the state of charge read back), else from the day's
+   carbon in the plan (charge in clean hours, discharge in dirty ones); the settings are read back.
 4. Audit the pass (``agent_actions`` or a JSONL file): mode, reason, allowance, caps, battery, result.
 
 If the ecovisor cannot be reached the pass is audited as ``failed`` and retried with exponential back-off

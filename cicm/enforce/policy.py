@@ -8,7 +8,10 @@ capacity over all the app's container cores, i.e. the site is the cluster in min
 their cores; each target is a CPU limit, turned into a power cap through the container's power model by
 :class:`CapModel`. Inflexible containers are never capped.
 
-Battery. From the day's carbon in the plan: in the ``n`` dirtiest hours the battery may discharge (spreading
+Battery, with a storage plan in force for the campus and hour (:func:`storage_decision`): the plan's grid charge
+and max discharge, corrected for the actual solar, clipped to the state of charge read back (docs/enforcement.md).
+
+Battery, without one (:func:`battery_decision`, the heuristic). From the day's carbon in the plan: in the ``n`` dirtiest hours the battery may discharge (spreading
 its usable energy, capacity x (1 - reserve SoC), over them; the ecovisor never goes below the reserve); in the
 ``n`` cleanest hours it charges from the grid, but only if that hour's intensity is below the round-trip
 efficiency x the mean of the dirty hours (else the losses eat the gain); in every other hour it holds (no grid
