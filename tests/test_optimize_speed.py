@@ -172,3 +172,18 @@ def test_the_queue_program_hands_highs_the_same_lp_as_before(queue_before, seed)
     assert (new[0]["A"] != old[0]["A"]).nnz == 0
     np.testing.assert_array_equal(queue.plan_queue(campus).service_cpu_cores,
                                   queue_before.plan_queue(old_campus).service_cpu_cores)
+
+
+def test_the_ceiling_peak_rows_are_left_out_only_when_they_cannot_bind():
+    import dataclasses
+
+    campus = synthetic_campus(_eta(7, 24), 5, seed=7, lambda_p=0.0, curve="specpower")  # contract 1.02x flat
+    roomy = dataclasses.replace(campus, contract_limit_kw=sum(
+        float(c.power_curve(np.max(c.capacity_cores))) for c in campus.clusters))
+    rows = []
+    for c in (roomy, campus):
+        seen = _lp_data(program.plan_campus, c)
+        rows.append(sum(d["A"].shape[0] for d in seen))
+        plan = program.plan_campus(c)
+        assert plan.lp_status == "optimal" and plan.contract_ok
+    assert rows[0] < rows[1]  # the tight contract keeps its peak rows (one per cluster and hour)
