@@ -15,6 +15,10 @@ from cicm.store import Store
 
 CICM = Path(sys.executable).with_name("cicm")
 
+# Every test here runs `cicm` in subprocesses through the `planned` fixture (the conftest's source check does not
+# see that in the test bodies): out of the fast loop.
+pytestmark = pytest.mark.slow(reason="the cicm console script in subprocesses")
+
 # `cicm plan` in a real process that kills itself at the worst point: its data written in the run's transaction,
 # the final status about to be written (the place where version-2 code lost the status).
 KILL_AT_STATUS = """
