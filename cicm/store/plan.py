@@ -153,17 +153,20 @@ def shaping_switched_off(store, clusters: list[str], plan_date: date) -> pd.Data
     )
 
 
-def _registered(store, name: str, frame: pd.DataFrame):
-    """``frame`` registered on the store's connection as ``name`` for the ``with`` block."""
+def _registered(store, frames: dict[str, pd.DataFrame]):
+    """A cursor of the store's database (its own connection: registering on ``store.con`` is refused while a
+    result of it is unfinished) with ``frames`` registered by name, for the ``with`` block."""
     from contextlib import contextmanager
 
     @contextmanager
     def block():
-        store.con.register(name, frame)
+        cursor = store.con.cursor()
         try:
-            yield
+            for name, frame in frames.items():
+                cursor.register(name, frame)
+            yield cursor
         finally:
-            store.con.unregister(name)
+            cursor.close()
 
     return block()
 
@@ -175,9 +178,9 @@ def usage_history_arrays(store, clusters: list[str], before: pd.Timestamp, days:
     ``inflexible_cpu_cores``, ``flexible_cpu_cores``, ``reserved_cpu_cores``, ``flexible_arrived_core_hours``
     (float64). No text column is built: a night's read is ~40 M rows for 10,000 clusters."""
     names = pd.DataFrame({"cluster": list(clusters), "pos": np.arange(len(clusters), dtype=np.int32)})
-    with _registered(store, "_read_clusters", names):
+    with _registered(store, {"_read_clusters": names}) as cursor:
         # the range test lets DuckDB skip row groups by their min/max (a store written cluster by cluster)
-        return store.con.execute(
+        return cursor.execute(
             "SELECT n.pos, epoch_us(u.hour) AS hour_us, u.inflexible_cpu_cores, u.flexible_cpu_cores,"
             " u.reserved_cpu_cores, u.flexible_arrived_core_hours FROM usage_history u JOIN _read_clusters n"
             " USING (cluster) WHERE u.hour >= ? AND u.hour < ? AND u.cluster BETWEEN ? AND ?",
@@ -190,8 +193,8 @@ def power_telemetry_arrays(store, clusters: list[str], domains: list[str], befor
     ``domains``), ``hour_us`` (int64: UTC microseconds), ``cpu_cores``, ``power_kw`` (float64)."""
     c = pd.DataFrame({"cluster": list(clusters), "cluster_pos": np.arange(len(clusters), dtype=np.int32)})
     d = pd.DataFrame({"domain": list(domains), "domain_pos": np.arange(len(domains), dtype=np.int32)})
-    with _registered(store, "_read_clusters", c), _registered(store, "_read_domains", d):
-        return store.con.execute(
+    with _registered(store, {"_read_clusters": c, "_read_domains": d}) as cursor:
+        return cursor.execute(
             "SELECT c.cluster_pos, d.domain_pos, epoch_us(p.hour) AS hour_us, p.cpu_cores, p.power_kw"
             " FROM power_telemetry p JOIN _read_clusters c USING (cluster) JOIN _read_domains d USING (domain)"
             " WHERE p.hour >= ? AND p.hour < ? AND p.cluster BETWEEN ? AND ?",
