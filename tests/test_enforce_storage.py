@@ -399,6 +399,30 @@ def test_events_wait_for_the_hour_and_re_apply_the_storage_plan_within_it(tmp_pa
         eco.close()
 
 
+@pytest.mark.parametrize("with_storage", [True, False])
+def test_battery_and_solar_events_trigger_a_pass_only_on_a_storage_plan(tmp_path, db_path, with_storage):
+    """A scripted event stream (solar_change, then the tick that ends the hour): on a storage plan one early pass
+    re-applies the hour; under the heuristic the event ends no wait, and the next pass is the hour's."""
+    from cicm.ecovisor.subscribe import Event
+
+    write_plan(db_path, storage_frame([0.0] * 24, [0.5] * 24, [0.0] * 24) if with_storage else None)
+    eco = Ecovisor(tmp_path, site(tmp_path, [(START, 0.0), (START + pd.Timedelta(days=2), 0.0)]))
+    script = [Event("solar_change", "1-0", {"time": "2022-06-14T07:15:00+00:00", "solar_kw": 1.0, "previous_kw": 0}),
+              Event("tick", "1-1", {"time": "2022-06-14T07:15:00+00:00"}),
+              Event("tick", "4-0", {"time": "2022-06-14T08:00:00+00:00"})]
+    try:
+        agent = make_agent(eco.url, eco.register(), None, db_path)
+        stream = EcovisorEvents(eco.url, "unused", subscribe_fn=lambda *a, **k: iter(script))
+        clock = agent.clock = EcovisorClock(agent.client, events=stream.start())
+        passes = 3 if with_storage else 2
+        agent.run(max_passes=passes)
+        triggers = [p.trigger for p in agent.passes]
+        assert triggers == ([[], ["solar_change 1-0"], []] if with_storage else [[], []])
+        assert clock.polls == 0 or not with_storage  # the stream ended after the script: the clock may poll then
+    finally:
+        eco.close()
+
+
 def until(condition, why, seconds: float = 20.0) -> None:
     deadline = pd.Timestamp.now() + pd.Timedelta(seconds=seconds)
     while not condition():

@@ -684,7 +684,11 @@ class Agent:
                 self.clock.sleep_until(wake)
                 triggers: list = []
             else:
-                triggers = [e for e in wait_for(wake, since=out.acted_at) if self._on_storage_plan()]
+                while True:  # events while the battery does not follow a storage plan do not end the wait
+                    got = wait_for(wake, since=out.acted_at)
+                    triggers = got if self._on_storage_plan() else []
+                    if triggers or not got or (stop is not None and stop.is_set()):
+                        break
             if stop is not None and stop.is_set():
                 return out
             out = self.step(trigger=triggers or None)
