@@ -12,6 +12,11 @@ Every figure is the median of --repeats runs (default 3) measured in this proces
     .venv/bin/python bench/optimize_speed.py --quick      # skip the 10,000-cluster fleets
     .venv/bin/python bench/optimize_speed.py --quick --curve specpower --sections fleets,growth
     .venv/bin/python bench/optimize_speed.py --curve specpower --sections quality   # true carbon, not speed
+    .venv/bin/python bench/optimize_speed.py --curve specpower --sections ratio     # both programs vs raw HiGHS
+
+The "ratio" section (issue 19) plans one campus per size (--sizes) with each program and case, captures the LPs
+the call solved, and times highspy's passModel + run on the identical LP (cvxpy's get_problem_data for HiGHS),
+interleaved with the call, in the same run: wall and process-CPU medians, and their ratios.
 
 The "quality" section is not about speed: on the same synthetic campuses (lambda_p = 0, no contract) it plans
 every cluster once with its power curve and once with the single-slope model the program used before curves
