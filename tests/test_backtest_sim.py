@@ -197,13 +197,13 @@ def test_slo_feedback_uses_the_project_rule_on_complete_days_only():
     from datetime import date, timedelta
     from types import SimpleNamespace
 
-    from cicm.backtest.closed_loop import slo_feedback
+    from cicm.backtest.closed_loop import day_number, slo_feedback
 
     days = [date(2022, 6, 1) + timedelta(days=i) for i in range(10)]
     n_h = 24 * len(days)
     seg = SimpleNamespace(days=days, day_of_hour=np.repeat(np.arange(len(days)), 24),
                           inflexible={"c": np.full(n_h, 10.0)}, ratio={"c": np.full(n_h, 1.0)})
-    task_days = np.array(days, dtype=object)  # one task per day
+    task_days = np.array([day_number(d) for d in days])  # one task per day (day numbers, as task_local_days)
     deadline = np.arange(len(days)) * 24.0 + 30.0
 
     def sim(late_days):

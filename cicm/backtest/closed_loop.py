@@ -26,6 +26,13 @@ _H = pd.Timedelta(hours=1)
 def forecast_value_at(seg: Segment, cd: CampusDay, options: BacktestOptions) -> ForecastValue | None:
     """As the nightly plan measures it: following the zone's day-ahead forecasts over the 28 days before
     planning, scored on the actual intensity (the vintages a running planner would have stored)."""
+    key = ("forecast_value", cd.planned_at, options.seed, options.delta_max)
+    if key not in seg.memo:  # the same for every policy that plans this day
+        seg.memo[key] = _forecast_value_at(seg, cd, options)
+    return seg.memo[key]
+
+
+def _forecast_value_at(seg: Segment, cd: CampusDay, options: BacktestOptions) -> ForecastValue | None:
     from cicm.planning.stages import FORECAST_VALUE_WINDOW_DAYS
     from cicm.models.carbon_skill import forecast_value
 
@@ -39,10 +46,28 @@ def forecast_value_at(seg: Segment, cd: CampusDay, options: BacktestOptions) -> 
     return forecast_value(forecasts, actual, seg.campus.timezone, options.delta_max)
 
 
+_EPOCH = date(1970, 1, 1)
+
+
+def local_day_numbers(arrival: pd.Series | pd.DatetimeIndex, tz: str) -> np.ndarray:
+    """The local calendar day of each UTC moment, as int64 days since 1970-01-01 (no Timestamp objects)."""
+    local = pd.DatetimeIndex(arrival).tz_convert(tz).tz_localize(None)
+    return local.to_numpy().astype("datetime64[D]").astype(np.int64)
+
+
+def day_number(d: date) -> int:
+    """``d`` as days since 1970-01-01 (the numbering of :func:`local_day_numbers`)."""
+    return (d - _EPOCH).days
+
+
+def day_from_number(k: int) -> date:
+    return _EPOCH + timedelta(days=int(k))
+
+
 def task_local_days(tasks: Tasks, tz: str) -> np.ndarray:
-    """The local calendar day each task's job arrived on (the cluster-day it belongs to)."""
-    local = pd.DatetimeIndex(tasks.jobs["arrival"]).tz_convert(tz).tz_localize(None).normalize()
-    return np.asarray([ts.date() for ts in local], dtype=object)[tasks.job] if len(local) else np.zeros(0, object)
+    """The local calendar day each task's job arrived on (the cluster-day it belongs to), as day numbers
+    (:func:`day_number`)."""
+    return local_day_numbers(tasks.jobs["arrival"], tz)[tasks.job]
 
 
 def slo_feedback(seg: Segment, sim: ClusterSim, name: str, task_days: np.ndarray, plan_day: date, since: date,
@@ -63,7 +88,7 @@ def slo_feedback(seg: Segment, sim: ClusterSim, name: str, task_days: np.ndarray
     rows = []
     for x in days:
         k = seg.days.index(x)
-        mine = np.flatnonzero(task_days == x)
+        mine = np.flatnonzero(task_days == day_number(x))
         fin = sim.finish[mine]
         violated = bool((np.isnan(fin) | (fin > sim.deadline[mine] + 1e-6)).any())
         idx = np.flatnonzero(seg.day_of_hour == k)

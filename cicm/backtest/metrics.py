@@ -29,6 +29,7 @@ import scipy.sparse as sp
 from scipy.optimize import linprog
 
 from cicm.backtest.accounting import DESIGN_CEILING_PCT, ClusterPower, window_ceiling_pct
+from cicm.backtest.closed_loop import local_day_numbers
 from cicm.backtest.policies import BASELINE
 from cicm.backtest.runner import Backtest
 from cicm.backtest.segment import PolicyRun, Segment
@@ -145,6 +146,7 @@ class ClusterOutcome:
     unfinished_core_hours: float
     peak_series_kw: np.ndarray  # window hours
     jobs: pd.DataFrame
+    day: np.ndarray  # per job: local day of arrival (day number, closed_loop.day_number)
 
 
 def _cluster_outcome(seg: Segment, run: PolicyRun, power: ClusterPower) -> ClusterOutcome:
@@ -153,9 +155,7 @@ def _cluster_outcome(seg: Segment, run: PolicyRun, power: ClusterPower) -> Clust
     p_tot = power(infl + u)
     flex_kw = p_tot - power(infl)
     win = seg.day_of_hour >= 0
-    jobs = run.jobs.copy()
-    tz = seg.campus.timezone
-    jobs["day"] = pd.DatetimeIndex(jobs["arrival"]).tz_convert(tz).tz_localize(None).normalize().date
+    jobs = run.jobs
     return ClusterOutcome(
         policy=run.policy, cluster=run.cluster,
         flexible_kgco2=float((flex_kw * seg.carbon).sum() / 1000.0),
@@ -166,6 +166,7 @@ def _cluster_outcome(seg: Segment, run: PolicyRun, power: ClusterPower) -> Clust
         unfinished_core_hours=run.result.remaining_core_hours,
         peak_series_kw=p_tot[win],
         jobs=jobs,
+        day=local_day_numbers(jobs["arrival"], seg.campus.timezone),
     )
 
 
@@ -207,10 +208,15 @@ def policy_table(bt: Backtest, with_bound: bool = True) -> pd.DataFrame:
         outs = outcomes[p]
         unfinished = sum(o.unfinished_core_hours for o in outs)
         charge = unfinished * kg_per_core_hour
-        jobs = pd.concat([o.jobs.assign(cluster=o.cluster) for o in outs], ignore_index=True)
-        days = jobs.groupby(["cluster", "day"])
-        late_days = int(days["late"].any().sum())
-        finite = jobs["delay_hours"].replace(np.inf, np.nan)
+        # per job, every cluster's jobs in turn (numpy, no per-row pandas)
+        late = np.concatenate([o.jobs["late"].to_numpy(bool) for o in outs])
+        job_core_hours = np.concatenate([o.jobs["core_hours"].to_numpy(float) for o in outs])
+        delay = np.concatenate([o.jobs["delay_hours"].to_numpy(float) for o in outs])
+        names = {name: i for i, name in enumerate(dict.fromkeys(o.cluster for o in outs))}
+        cluster_day = np.concatenate([names[o.cluster] * (1 << 32) + o.day for o in outs])
+        cluster_days = int(np.unique(cluster_day).size)
+        late_days = int(np.unique(cluster_day[late]).size)
+        finite = pd.Series(np.where(np.isinf(delay), np.nan, delay))
         core_hours = sum(o.core_hours for o in outs)
         rows.append({
             "policy": p,
@@ -222,10 +228,10 @@ def policy_table(bt: Backtest, with_bound: bool = True) -> pd.DataFrame:
             if core_hours else np.nan,
             "peak_kw": max(peaks[p]),
             "slo_violations": late_days,
-            "cluster_days": int(days.ngroups),
-            "late_work_pct": 100 * float(jobs.loc[jobs["late"], "core_hours"].sum() / jobs["core_hours"].sum()),
+            "cluster_days": cluster_days,
+            "late_work_pct": 100 * float(job_core_hours[late].sum() / job_core_hours.sum()),
             "delay_mean_hours": float(finite.mean()),
-            "delay_p95_hours": float(jobs["delay_hours"].quantile(0.95)),
+            "delay_p95_hours": float(pd.Series(delay).quantile(0.95)),
             "unfinished_core_hours": unfinished,
             "unfinished_charge_kgco2": charge,
             "bound_kgco2": bounds[p] if with_bound else np.nan,
@@ -369,23 +375,21 @@ def experiment_effect(frame: pd.DataFrame, n_boot: int = 2000, seed: int = 0) ->
                 "ci_high_pct": np.nan, "ols_ci_low_pct": np.nan, "ols_ci_high_pct": np.nan,
                 "true_effect_pct": np.nan}
     clusters = sorted(f["cluster"].unique())
-
-    def design(g: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        x = [g["treated"].astype(float).to_numpy(), np.log(g["top_inflexible_power_kw"].to_numpy())]
-        x += [(g["cluster"] == c).astype(float).to_numpy() for c in clusters]  # fixed effects, no constant
-        return np.log(g["top_power_kw"].to_numpy()), np.column_stack(x)
-
-    y, x = design(f)
+    cluster = f["cluster"].to_numpy()
+    cols = [f["treated"].astype(float).to_numpy(), np.log(f["top_inflexible_power_kw"].to_numpy())]
+    cols += [(cluster == c).astype(float) for c in clusters]  # fixed effects, no constant
+    y, x = np.log(f["top_power_kw"].to_numpy()), np.column_stack(cols)
+    treated = f["treated"].to_numpy(bool)
     fit = sm.OLS(y, x).fit(cov_type="HC1")
     beta, se = float(fit.params[0]), float(fit.bse[0])
     rng = np.random.default_rng(seed)
     boot = []
-    for _ in range(n_boot):
-        g = f.iloc[rng.integers(0, len(f), len(f))]
-        if g["treated"].nunique() < 2:
+    for _ in range(n_boot):  # a resample's rows of the same design matrix (no per-resample pandas)
+        rows = rng.integers(0, len(f), len(f))
+        tb = treated[rows]
+        if tb.all() or not tb.any():
             continue
-        yb, xb = design(g)
-        coef, *_ = np.linalg.lstsq(xb, yb, rcond=None)
+        coef, *_ = np.linalg.lstsq(x[rows], y[rows], rcond=None)
         boot.append(coef[0])
     lo, hi = np.percentile(boot, [2.5, 97.5]) if boot else (np.nan, np.nan)
     t = f[f["treated"]]
@@ -399,18 +403,17 @@ def experiment_effect(frame: pd.DataFrame, n_boot: int = 2000, seed: int = 0) ->
 def hourly_profiles(frame_days: pd.DataFrame, bt: Backtest) -> pd.DataFrame:
     """Mean power by local hour of day, treated vs untreated cluster-days, each cluster-day normalised by its
     cluster's mean power over the backtest (for the report's power-curve plot)."""
-    rows = []
+    parts = []
     for seg in bt.segments:
-        treated = seg.treated.set_index(["cluster", "day"])
-        local_hour = seg.hours.tz_convert(bt.campus.timezone).hour
+        treated = seg.treated.set_index(["cluster", "day"])["treated"]
+        local_hour = np.asarray(seg.hours.tz_convert(bt.campus.timezone).hour, dtype=int)
+        win = np.flatnonzero(seg.day_of_hour >= 0)  # the window's hours, day by day (days are consecutive)
         for c in bt.campus.clusters:
             power = ClusterPower(c)
             p = power(seg.inflexible[c.name] + seg.runs[("experiment", c.name)].result.flexible_cpu_cores)
             mean = p[seg.day_of_hour >= 0].mean()
-            for k, d in enumerate(seg.days):
-                idx = np.flatnonzero(seg.day_of_hour == k)
-                for i in idx:
-                    rows.append({"treated": bool(treated.loc[(c.name, d), "treated"]), "hour": int(local_hour[i]),
-                                 "power_rel": p[i] / mean, "carbon": seg.carbon[i]})
-    f = pd.DataFrame(rows)
+            day_treated = np.array([bool(treated.loc[(c.name, d)]) for d in seg.days])
+            parts.append(pd.DataFrame({"treated": day_treated[seg.day_of_hour[win]], "hour": local_hour[win],
+                                       "power_rel": p[win] / mean, "carbon": seg.carbon[win]}))
+    f = pd.concat(parts, ignore_index=True)
     return f.groupby(["treated", "hour"]).agg(power_rel=("power_rel", "mean"), carbon=("carbon", "mean")).reset_index()

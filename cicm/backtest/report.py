@@ -24,6 +24,7 @@ import pandas as pd
 from cicm.reasons import split_reason
 from cicm.backtest import metrics as M
 from cicm.backtest.accounting import ClusterPower
+from cicm.backtest.closed_loop import day_from_number, local_day_numbers
 from cicm.backtest.policies import BASELINE
 from cicm.backtest.runner import Backtest
 
@@ -70,14 +71,19 @@ def cluster_days(bt: Backtest) -> pd.DataFrame:
              "cluster": [c.name for _ in seg.days for c in bt.campus.clusters]})
         if not seg.treated.empty:
             f = f.merge(seg.treated, on=["cluster", "day"], how="left")
+        # every policy runs the same jobs: each cluster's job days once, as day numbers (no per-row pandas)
+        days = {}
+        for c in bt.campus.clusters:
+            number = local_day_numbers(seg.tasks[c.name].jobs["arrival"], bt.campus.timezone)
+            uniq, pos = np.unique(number, return_inverse=True)
+            days[c.name] = ([day_from_number(k) for k in uniq], pos.reshape(-1))
         for policy in bt.options.policies:
             late = []
             for c in bt.campus.clusters:
                 jobs = seg.runs[(policy, c.name)].jobs
-                day = pd.DatetimeIndex(jobs["arrival"]).tz_convert(bt.campus.timezone).tz_localize(None) \
-                    .normalize().date
-                late.append(pd.DataFrame({"cluster": c.name, "day": day, "late": jobs["late"].to_numpy()})
-                            .groupby(["cluster", "day"])["late"].any().reset_index())
+                uniq_days, pos = days[c.name]
+                any_late = np.bincount(pos, weights=jobs["late"].to_numpy(float), minlength=len(uniq_days)) > 0
+                late.append(pd.DataFrame({"cluster": c.name, "day": uniq_days, "late": any_late}))
             f = f.merge(pd.concat(late).rename(columns={"late": f"late_{policy}"}), on=["cluster", "day"],
                         how="left")
         frames.append(f)

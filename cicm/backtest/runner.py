@@ -178,11 +178,15 @@ def run_segment(fleet: Fleet, campus: Campus, days: list[date], options: Backtes
             progress(label, 1)
 
     for policy in selected_policies(options.policies):
+        cpu = time.process_time()
         rows = policy.run(seg, campus_days, options, data, tick)
         if rows is not None:
             seg.plans = rows if seg.plans.empty else seg.plans.merge(rows, on=["day", "cluster"], how="outer")
+        seg.cpu_seconds[policy.name] = time.process_time() - cpu
     if options.experiment:
+        cpu = time.process_time()
         _run_experiment(seg, options)
+        seg.cpu_seconds["experiment"] = time.process_time() - cpu
         tick("experiment")
     return seg
 

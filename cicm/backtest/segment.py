@@ -59,6 +59,8 @@ class Segment:
     runs: dict[tuple[str, str], PolicyRun] = field(default_factory=dict)
     plans: pd.DataFrame = field(default_factory=pd.DataFrame)  # per cluster-day: planner/oracle status etc.
     treated: pd.DataFrame = field(default_factory=pd.DataFrame)  # experiment assignment
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # CPU time of each policy's run (the bench's split)
+    memo: dict = field(default_factory=dict)  # what several policies compute alike (the forecast-value gate)
 
 
 def hour_slots(hours: pd.DatetimeIndex, sub: pd.DatetimeIndex) -> np.ndarray:
