@@ -116,3 +116,43 @@ def test_bad_storage_specs_name_the_field(tmp_path):
     with pytest.raises(InputError) as err:
         load_fleet(tmp_path / "fleet.toml")
     assert err.value.field == "campuses.0.battery.initial_soc"
+
+
+def test_the_dashboard_shows_the_storage_plan_against_what_the_agent_applied(demo_store, tmp_path):
+    from cicm.dashboards import data, figures
+    from cicm.dashboards.app import Pages
+    from cicm.dashboards.reader import StoreReader
+
+    fleet = fleet_with_storage(tmp_path)
+    copy = tmp_path / "copy.duckdb"
+    copy.write_bytes(demo_store.read_bytes())
+    with Store(copy) as store:
+        plan_day(store, fleet, DAY, PlanOptions())
+        planned = store.query("SELECT hour, charge_kw, discharge_kw FROM storage_plans ORDER BY hour")
+        hour = pd.Timestamp(planned["hour"].iloc[3]).tz_convert("UTC")
+        with store.run("agent") as run:  # the agent's pass of the 4th hour: it clipped the planned charge
+            store.upsert("agent_actions", pd.DataFrame([{
+                "cluster": "sj-a", "acted_at": hour + pd.Timedelta(minutes=1), "hour": hour, "plan_date": DAY,
+                "mode": "shaped", "reason": None, "vcc_cores": 1.0, "flexible_allowance_cores": 1.0, "caps": "{}",
+                "battery_charge_kw": 12.5, "battery_max_discharge_kw": 0.0, "result": "applied",
+                "detail": "storage plan: charge clipped to the state of charge"}]), run.run_id)
+    reader = StoreReader(copy)
+    with reader.read() as r:
+        day = data.storage_day(r, "sj-a", DAY)
+        other = data.storage_day(r, "dl-a", DAY)  # or-dalles has no storage
+    assert len(day) == 24 and other.empty
+    assert day["charge_kw"].tolist() == pytest.approx(planned["charge_kw"].tolist())
+    assert day["battery_charge_kw"].iloc[3] == 12.5 and day["battery_charge_kw"].drop(index=3).isna().all()
+    chart = figures.storage_chart(day, "America/Los_Angeles", "t")
+    traces = {t.name: t for t in chart.data}
+    assert list(traces["planned charge (kW)"].y) == pytest.approx(planned["charge_kw"].tolist())
+    assert list(traces["planned discharge (kW)"].y) == pytest.approx((-planned["discharge_kw"]).tolist())
+    assert traces["applied charge rate (kW)"].y[3] == 12.5
+
+    pages = Pages(reader, fleet)
+    page, _, _ = pages.render("/cluster", "?cluster=sj-a&date=2022-06-15")
+    from tests.test_dashboard import _ids, _text
+
+    assert "storage-chart" in _ids(page) and "Battery and solar of ca-sj" in _text(page)
+    page, _, _ = pages.render("/cluster", "?cluster=dl-a&date=2022-06-15")
+    assert "storage-chart" not in _ids(page)

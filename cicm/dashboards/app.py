@@ -396,6 +396,7 @@ class Pages:
         history = data.cluster_plan_history(r, cluster)
         backtest = data.backtest_results(r, cluster)
         deviations = data.intraday_deviations(r, cluster, plan_date)
+        storage = data.storage_day(r, cluster, plan_date)
 
         summary: html.P | html.Div
         if status is None:
@@ -445,6 +446,10 @@ class Pages:
                 config={"displaylogo": False}),
             html.H2("Intraday deviations from the plan of record (the agent's hourly correction)"),
             self._deviations(deviations, tz, cluster, plan_date),
+            *([html.H2(f"Battery and solar of {campus}: the storage plan against what the agent applied"),
+               dcc.Graph(id="storage-chart", figure=figures.storage_chart(
+                   storage, tz, f"{campus} on {plan_date}: planned charge and discharge, solar forecast, applied "
+                                "settings"), config={"displaylogo": False})] if len(storage) else []),
             dcc.Graph(id="power-fit", figure=figures.power_fit_chart(
                 fits, f"Power models of the plan in force: telemetry and fitted piecewise-linear curves"),
                 config={"displaylogo": False}),

@@ -195,6 +195,24 @@ def cluster_day(r: Reading, cluster: str, plan_date: date, zone: str | None) -> 
     return frame
 
 
+def storage_day(r: Reading, cluster: str, plan_date: date) -> pd.DataFrame:
+    """The campus's storage plan for the cluster-day (hourly: solar forecast, planned charge and discharge, planned
+    energy at the hour's end, grid) beside what the agent applied on the battery that hour (charge rate, max
+    discharge; NaN where it applied nothing). Empty when the plan in force has no storage."""
+    if not r.has_table("storage_plans"):
+        return pd.DataFrame()
+    plan = reads.storage_plan(r, cluster, plan_date)
+    if plan.empty:
+        return plan
+    plan["hour"] = pd.to_datetime(plan["hour"], utc=True)
+    start, end = plan["hour"].min(), plan["hour"].max() + pd.Timedelta(hours=1)
+    applied = reads.battery_applied(r, cluster, start, end) if r.has_table("agent_actions") else pd.DataFrame()
+    if applied.empty:
+        applied = pd.DataFrame(columns=["hour", "battery_charge_kw", "battery_max_discharge_kw", "detail"])
+    applied["hour"] = pd.to_datetime(applied["hour"], utc=True)
+    return plan.merge(applied, on="hour", how="left")
+
+
 DEVIATION_COLUMNS = ["hour", "reason", "plan_cores", "applied_cores", "difference_cores", "vcc_cores", "detail",
                      "acted_at", "recorded_at", "run_id"]
 

@@ -98,6 +98,35 @@ def day_chart(day: pd.DataFrame, tz: str | None, capacity_cores: float | None, t
     return fig
 
 
+def storage_chart(day: pd.DataFrame, tz: str | None, title: str) -> go.Figure:
+    """The campus battery's plan against what the agent applied: planned charge (up) and discharge (down) as bars,
+    the solar forecast, the agent's charge rate and max discharge as markers, and (right axis) the planned energy
+    at each hour's end."""
+    if day.empty:
+        return _empty(title, "no storage plan in force")
+    local = to_local(day["hour"], tz) + pd.Timedelta(minutes=30)  # the middle of each hour
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Bar(x=list(local), y=_values(day["charge_kw"]), name="planned charge (kW)",
+                         marker_color="#2e7d32"))
+    fig.add_trace(go.Bar(x=list(local), y=_values(-day["discharge_kw"]), name="planned discharge (kW)",
+                         marker_color="#c62828"))
+    fig.add_trace(go.Scatter(x=list(local), y=_values(day["solar_kw"]), name="solar forecast (kW)", mode="lines",
+                             line=dict(color="#f9a825", width=2)))
+    fig.add_trace(go.Scatter(x=list(local), y=_values(day["battery_charge_kw"]), name="applied charge rate (kW)",
+                             mode="markers", marker=dict(symbol="triangle-up", size=10, color="#1b5e20")))
+    fig.add_trace(go.Scatter(x=list(local), y=_values(-day["battery_max_discharge_kw"]),
+                             name="applied max discharge (kW)", mode="markers",
+                             marker=dict(symbol="triangle-down", size=10, color="#b71c1c")))
+    fig.add_trace(go.Scatter(x=list(local), y=_values(day["energy_kwh"]), name="planned energy (kWh, right)",
+                             mode="lines", line=dict(color="#37474f", dash="dot")), secondary_y=True)
+    fig.update_layout(template=TEMPLATE, title=title, height=380, barmode="relative", hovermode="x unified",
+                      margin=dict(l=60, r=60, t=60, b=40))
+    fig.update_xaxes(title_text=f"local time ({tz or 'UTC'})")
+    fig.update_yaxes(title_text="kW (charge up, discharge down)", secondary_y=False)
+    fig.update_yaxes(title_text="kWh", rangemode="tozero", secondary_y=True)
+    return fig
+
+
 def power_fit_chart(fits: list[DomainFit], title: str) -> go.Figure:
     """Per power domain: the telemetry the model was fitted on (scatter) and the fitted piecewise line."""
     if not fits:

@@ -132,6 +132,26 @@ def carbon_actuals(src, zone: str, start: pd.Timestamp, end: pd.Timestamp) -> pd
                      [zone, start, end])
 
 
+def storage_plan(src, cluster: str, plan_date: date) -> pd.DataFrame:
+    """The storage plan of the cluster's campus in the run in force for the cluster-day (succeeded runs only),
+    ordered by hour; empty without one. Columns: hour, solar_kw, charge_kw, discharge_kw, energy_kwh, grid_kw."""
+    return src.query(
+        "SELECT s.hour, s.solar_kw, s.charge_kw, s.discharge_kw, s.energy_kwh, s.grid_kw FROM storage_plans s"
+        " JOIN current_vcc_status v ON v.run_id = s.run_id AND v.campus = s.campus AND v.plan_date = s.plan_date"
+        " WHERE v.cluster = ? AND v.plan_date = ? ORDER BY s.hour", [cluster, plan_date])
+
+
+def battery_applied(src, cluster: str, start: pd.Timestamp, end: pd.Timestamp) -> pd.DataFrame:
+    """What the cluster's agent set on the battery, per hour in [start, end): its last applied pass of the hour.
+    Columns: hour, battery_charge_kw, battery_max_discharge_kw, detail."""
+    return src.query(
+        "SELECT hour, battery_charge_kw, battery_max_discharge_kw, detail FROM agent_actions"
+        " WHERE cluster = ? AND hour >= ? AND hour < ? AND result = 'applied'"
+        " AND (battery_charge_kw IS NOT NULL OR battery_max_discharge_kw IS NOT NULL)"
+        " QUALIFY row_number() OVER (PARTITION BY hour ORDER BY acted_at DESC) = 1 ORDER BY hour",
+        [cluster, start, end])
+
+
 def intraday_deviations(src, cluster: str, plan_date: date) -> pd.DataFrame:
     """The agent's stored deviations from the plan of record for the cluster-day (rows without a plan date count
     when their hour is one of the plan in force), ordered by hour. Call only when the store has the table.
