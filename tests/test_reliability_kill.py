@@ -229,10 +229,11 @@ def _check_invariants(db: Path, pid: int, before) -> dict:
 
 # Where `cicm plan --telemetry DROP` dies: at store calls (hooks), then at seeded-random times (SIGKILL of its
 # process group from here), as fractions of a whole plan's wall time on this machine (measured by the fixture):
-# 30-95% of it covers imports, the ingest, the SLO stage, the programs and the write.
+# 25-75% of it (the hooked plan also ingests a drop, so it takes longer than the measured one; a loaded machine
+# varies): imports, the ingest, the SLO stage, the programs.
 _RANDOM = random.Random(20)
 KILL_POINTS = ["begin_run:telemetry-ingest", "upsert:usage_history", "replace_plan", "finish_run:plan",
-               *(f"time:{_RANDOM.uniform(0.3, 0.95):.2f}" for _ in range(2))]
+               *(f"time:{_RANDOM.uniform(0.25, 0.75):.2f}" for _ in range(2))]
 PLAN_SECONDS: list[float] = []  # the fixture fills it
 
 
