@@ -116,7 +116,7 @@ def interruptible() -> Iterator[None]:
     extension converts it into an ordinary error, see ``_raise_in_this_thread_soon``); the transaction open at that
     point rolls back and the run is recorded with the reason; the command then exits 2 (degraded) with one error
     line. Should the exception be lost all the same (swallowed by C code or a fallback), no store transaction
-    commits after the signal (``cicm.store.core.COMMIT_CHECKS``). Further signals are ignored while that cleanup runs (SIGKILL still ends the process; the next writer
+    commits after the signal (``cicm.commitguard.COMMIT_CHECKS``). Further signals are ignored while that cleanup runs (SIGKILL still ends the process; the next writer
     then marks the run abandoned). During a Prefect flow run Prefect installs its own SIGTERM handler; the flow
     puts this one back (``reinstate_interrupt_handler``)."""
     received: list[str] = []
@@ -131,7 +131,7 @@ def interruptible() -> Iterator[None]:
         if received:
             raise _interrupted_by(received[0])()
 
-    from cicm.store.core import COMMIT_CHECKS
+    from cicm.commitguard import COMMIT_CHECKS
 
     previous = {s: signal.signal(s, handler) for s in _SIGNALS}
     _ACTIVE_HANDLER.append(handler)

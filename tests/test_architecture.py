@@ -139,8 +139,8 @@ def test_consumer_modules_import_without_duckdb():
 
 # Each cicm sub-package (or top-level module) and its layer: it may import only from lower layers.
 LAYERS = {
-    "errors": 0, "paths": 0, "clikit": 0, "reasons": 0, "ops": 1, "timeutil": 1, "stdio": 0, "httpclient": 1,
-    "jsonsafe": 0,
+    "errors": 0, "paths": 0, "clikit": 1, "reasons": 0, "ops": 1, "timeutil": 1, "stdio": 0, "httpclient": 1,
+    "jsonsafe": 0, "commitguard": 0,
     "config": 2, "store": 2, "optimize": 2, "models": 2,
     "carbon": 3, "data": 3, "demo": 3, "telemetry_sources": 3, "ecovisor": 3,
     "planning": 4, "enforce": 4, "dashboards": 4,

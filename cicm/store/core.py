@@ -303,10 +303,7 @@ def _pid_alive(pid: int, started: str | None = None) -> bool:
     return now is None or now == started
 
 
-#: Called before every ``Store.transaction`` commits; one that raises rolls it back. ``cicm.clikit.interruptible``
-#: registers one: after SIGTERM/SIGINT nothing commits, even when a C extension (DuckDB, mid-query) turned the
-#: signal's exception into an ordinary error that a fallback swallowed.
-COMMIT_CHECKS: list[Callable[[], None]] = []
+from cicm.commitguard import COMMIT_CHECKS  # noqa: E402  (called before every transaction commits)
 
 _STARTS: dict[int, str | None] = {}
 
