@@ -371,3 +371,21 @@ def test_a_csv_drop_reads_as_the_parquet_drop_and_naive_hours_are_refused(tmp_pa
     with pytest.raises(InputError) as err:
         read_telemetry_dir(csv, fleet)
     assert err.value.field == "hour" and "no UTC offset" in err.value.message
+
+
+def test_an_interruption_before_the_models_is_recorded_as_a_failed_plan_run(demo_store, tmp_path):
+    """A signal (or a bug) in any stage after the checks leaves a failed 'plan' run with its reason; bad input
+    refused by the checks leaves none (test_a_cluster_smaller_than_its_stored_usage_...)."""
+    from cicm.clikit import Interrupted
+
+    copy = tmp_path / "copy.duckdb"
+    copy.write_bytes(demo_store.read_bytes())
+
+    def slo(store, fleet, plan_date):
+        raise Interrupted("interrupted by SIGTERM")
+
+    with Store(copy) as store:
+        with pytest.raises(Interrupted):
+            plan_day(store, load_fleet(), date(2022, 6, 15), PlanOptions(), slo=slo)
+        runs = store.query("SELECT status, message FROM runs WHERE kind = 'plan'")
+    assert runs.to_dict("records") == [{"status": "failed", "message": "Interrupted: interrupted by SIGTERM"}]

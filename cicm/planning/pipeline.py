@@ -314,29 +314,31 @@ def plan_day(store: Store, fleet: Fleet, plan_date: date, options: PlanOptions,
     started_at = pd.Timestamp.now(tz="UTC")  # the plan run's start: its duration is the whole plan's
     days = stages.campus_days(fleet, plan_date)
     first_hour = min(day.hours[0] for day in days)  # no telemetry of the planned day itself is taken in
-    reports = [telemetry(store, fleet, options.seed, options.telemetry_dir, now=options.now(), not_after=first_hour,
-                         rewrite_history=options.rewrite_history)]
-    check_fleet_matches_store(store, fleet)
-    clock.lap("telemetry")
-    reports.append(update_carbon_actuals(store, fleet, options))
-    clock.lap("carbon-actuals")
-    fetched, by_zone_day = {}, {}
-    with store.released():  # no lock held while waiting on providers
-        for day in days:  # campuses in one zone and time zone share their forecast: fetched once
-            key = stages.zone_day_key(day)
-            if key not in by_zone_day:
-                try:
-                    by_zone_day[key] = fetch(day, options)
-                except Exception as exc:  # noqa: BLE001 - collect_carbon decides what is a fallback and what a bug
-                    by_zone_day[key] = exc
-            fetched[day.campus.name] = by_zone_day[key]
-    carbon = stages.collect_carbon(days, fetched)
-    reports.append(stages.carbon_report(carbon, days))
-    clock.lap("carbon-forecast")
-    reports.append(slo(store, fleet, plan_date))
-    clock.lap("slo-feedback")
     params = {"fleet": fleet.name, **options.__dict__}
+    checked = False  # bad input refused by the checks before planning is not a plan run; anything after is
     try:
+        reports = [telemetry(store, fleet, options.seed, options.telemetry_dir, now=options.now(),
+                             not_after=first_hour, rewrite_history=options.rewrite_history)]
+        check_fleet_matches_store(store, fleet)
+        checked = True
+        clock.lap("telemetry")
+        reports.append(update_carbon_actuals(store, fleet, options))
+        clock.lap("carbon-actuals")
+        fetched, by_zone_day = {}, {}
+        with store.released():  # no lock held while waiting on providers
+            for day in days:  # campuses in one zone and time zone share their forecast: fetched once
+                key = stages.zone_day_key(day)
+                if key not in by_zone_day:
+                    try:
+                        by_zone_day[key] = fetch(day, options)
+                    except Exception as exc:  # noqa: BLE001 - collect_carbon decides what is a fallback and what a bug
+                        by_zone_day[key] = exc
+                fetched[day.campus.name] = by_zone_day[key]
+        carbon = stages.collect_carbon(days, fetched)
+        reports.append(stages.carbon_report(carbon, days))
+        clock.lap("carbon-forecast")
+        reports.append(slo(store, fleet, plan_date))
+        clock.lap("slo-feedback")
         if run_partitions is None:
             result = stages.plan_clusters(store, fleet, plan_date, days, carbon, options, None, n_partitions)
         else:
@@ -344,10 +346,11 @@ def plan_day(store: Store, fleet: Fleet, plan_date: date, options: PlanOptions,
                 result = stages.plan_clusters(None, fleet, plan_date, days, carbon, options, run_partitions,
                                               n_partitions)
     except BaseException as exc:  # interrupts and cancellations too: the run log must show the attempt
-        try:
-            store.failed_run("plan", params, plan_date, exc, started_at=started_at)
-        except Exception:  # noqa: BLE001 - an unreachable store must not hide the error that stopped the plan
-            pass
+        if checked or not isinstance(exc, InputError):
+            try:
+                store.failed_run("plan", params, plan_date, exc, started_at=started_at)
+            except BaseException:  # noqa: BLE001 - an unreachable store must not hide what stopped the plan
+                pass
         raise
     clock.lap("models-and-programs")
     with store.run("plan", params, plan_date=plan_date, started_at=started_at) as run:
