@@ -7,6 +7,7 @@ import pandas as pd
 
 from cicm.config import Fleet
 from cicm.store import Store
+from cicm.store import plan as reads
 from cicm.demo.telemetry import demo_power_telemetry, demo_usage_history
 from cicm.errors import InputError
 from cicm.telemetry_sources.schema import POWER_FILE_COLUMNS, USAGE_FILE_COLUMNS
@@ -157,7 +158,8 @@ def check_telemetry_rows(usage: pd.DataFrame, power: pd.DataFrame, fleet: Fleet 
     if fleet is None:
         return
     clusters = {c.name: {d.name for d in c.power_domains} for c in fleet.clusters()}
-    unknown = sorted(set(usage["cluster"]) - clusters.keys()) + sorted(set(power["cluster"]) - clusters.keys())
+    unknown = sorted(set(usage["cluster"].unique().tolist()) - clusters.keys()) + \
+        sorted(set(power["cluster"].unique().tolist()) - clusters.keys())
     if unknown:
         raise InputError("cluster", f"not in fleet {fleet.name!r}: {', '.join(unknown[:5])}")
     pairs = power[["cluster", "domain"]].drop_duplicates()
@@ -258,8 +260,12 @@ def _read_parquet(files: list[Path], columns: tuple[str, ...], key: tuple[str, .
         raise InputError("hour", "must start on a whole hour")
     for column in columns:
         if column in ("cluster", "domain"):
-            if not (pd.api.types.is_string_dtype(frame[column]) or pd.api.types.is_object_dtype(frame[column])) \
-                    or not frame[column].map(lambda v: isinstance(v, str) and v != "").all():
+            names = frame[column]
+            # every value a str (no None, NaN or number), none empty: vectorised (720 k rows a night at 10,000
+            # clusters; a Python check per row took 0.6 s)
+            if not (pd.api.types.is_string_dtype(names) or pd.api.types.is_object_dtype(names)) \
+                    or bool(names.isna().any()) or pd.api.types.infer_dtype(names, skipna=False) != "string" \
+                    or bool((names == "").any()):
                 raise InputError(column, "must be non-empty text")
             continue
         if column == "hour":
@@ -293,10 +299,10 @@ def ingest_telemetry(store: Store, usage: pd.DataFrame, power: pd.DataFrame, sou
     params = {"source": source, "usage_rows": len(usage), "power_rows": len(power),
               "rewrite_history": bool(rewrite_history)}
     with store.run("telemetry-ingest", params, started_at=started_at) as run:  # timed from the read
-        rewrites = {}
+        rewrites, overlaps = {}, {}
         for table, frame, key, values in (("usage_history", usage, "cluster", USAGE_VALUES),
                                           ("power_telemetry", power, "domain", POWER_VALUES)):
-            changed = _changed_history(store, table, frame, key, values)
+            changed, overlaps[table] = _history_overlap(store, table, frame, key, values)
             if changed is None:
                 continue
             if not rewrite_history:
@@ -304,8 +310,11 @@ def ingest_telemetry(store: Store, usage: pd.DataFrame, power: pd.DataFrame, sou
                                  f"for {changed['first_hour']}..{changed['last_hour']} would change); rewriting "
                                  "history needs the explicit option (rewrite_history=True)")
             rewrites[table] = {k: v for k, v in changed.items() if k not in ("field", "example")}
-        store.upsert("usage_history", usage, run.run_id)
-        store.upsert("power_telemetry", power, run.run_id)
+        for table, frame in (("usage_history", usage), ("power_telemetry", power)):
+            if overlaps[table]:
+                store.upsert(table, frame, run.run_id)
+            else:  # no stored row at these (key, hour)s: a plain INSERT, half the work of INSERT OR REPLACE
+                reads.append_new_telemetry(store, table, frame, run.run_id)
         run.summary = {"usage_rows": len(usage), "power_rows": len(power), "rewrites": rewrites}
         if rewrites:
             run.message = "rewrote stored history: " + "; ".join(
@@ -317,16 +326,20 @@ def _changed_history(store: Store, table: str, frame: pd.DataFrame, key: str,
                      values: tuple[str, ...]) -> dict | None:
     """The stored rows of ``table`` that ``frame`` would overwrite with different values (None when none): their
     count, first and last hour, keys, and the first difference (field, and a sentence naming both values)."""
+    return _history_overlap(store, table, frame, key, values)[0]
+
+
+def _history_overlap(store: Store, table: str, frame: pd.DataFrame, key: str,
+                     values: tuple[str, ...]) -> tuple[dict | None, int]:
+    """(:func:`_changed_history`, the number of stored rows at the (key, hour)s of ``frame``)."""
     import numpy as np
 
     if frame.empty:
-        return None
-    from cicm.store import plan as reads
-
+        return None, 0
     incoming = frame[[key, "hour", *values]]
     stored = reads.stored_rows_at(store, table, incoming, key, values)
     if stored.empty:
-        return None
+        return None, 0
     stored["hour"] = pd.to_datetime(stored["hour"], utc=True)
     both = incoming.assign(hour=pd.to_datetime(incoming["hour"], utc=True)).merge(
         stored, on=[key, "hour"], suffixes=("", "_stored"))
@@ -339,7 +352,7 @@ def _changed_history(store: Store, table: str, frame: pd.DataFrame, key: str,
             first_field.setdefault(int(j), v)
         differs |= diff
     if not differs.any():
-        return None
+        return None, len(stored)
     changed = both.loc[differs].sort_values("hour")
     i = int(changed.index[0])
     field = first_field[i]
@@ -348,4 +361,4 @@ def _changed_history(store: Store, table: str, frame: pd.DataFrame, key: str,
                f"stored {row[field + '_stored']:,.6g}")
     return {"field": field, "example": example, "rows": int(len(changed)),
             "first_hour": changed["hour"].min().isoformat(), "last_hour": changed["hour"].max().isoformat(),
-            key + "s": sorted(changed[key].unique().tolist())[:20]}
+            key + "s": sorted(changed[key].unique().tolist())[:20]}, len(stored)
