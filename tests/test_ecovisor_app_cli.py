@@ -107,3 +107,36 @@ def test_app_rotate_prints_a_new_token_and_the_old_one_stops_working(ecovisor):
     assert missing.returncode == 1 and missing.stderr.startswith("error: name: the ecovisor refused the rotation (404)")
     wrong = rotate(["sj-a", "--ecovisor", ecovisor], admin=new)  # an app's token is not the admin's
     assert wrong.returncode == 1 and "(403)" in wrong.stderr, wrong.stderr
+
+
+@pytest.mark.parametrize("body, words", [
+    (b"[" * 200_000, "deeper than"),
+    (b"1" + b"0" * 400, "digits"),
+    (b"[1, 2]", "expected a JSON object"),
+])
+def test_app_create_refuses_a_hostile_answer_with_a_clear_error(body, words):
+    """An answer that is not an app (too deep, a huge number, not an object) exits 2 with one error line."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(201)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        done = create(["sj-a", "--grid-kw", "1", "--container", "c", "--ecovisor",
+                       f"http://127.0.0.1:{server.server_address[1]}"])
+    finally:
+        server.shutdown()
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and words in done.stderr

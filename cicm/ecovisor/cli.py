@@ -140,14 +140,21 @@ def _admin_post(ecovisor: str, path: str, body: dict[str, Any], ok: int, what: s
             reply = session.post(url, json=body, headers={"Authorization": f"Bearer {admin}"})
     except requests.RequestException as exc:
         fail(f"ecovisor: {url}: {transport_problem(exc)}", ExitCode.DEGRADED)
+    from cicm.jsonsafe import JSONRejected, loads_bounded
+
     if reply.status_code != ok:
         try:
-            j = reply.json()
-            detail, field = j.get("detail", reply.text), j.get("field")
-        except ValueError:
-            detail, field = reply.text, None
+            j = loads_bounded(reply.content, "response body")
+            detail, field = (j.get("detail", reply.text), j.get("field")) if isinstance(j, dict) else (j, None)
+        except JSONRejected:
+            detail, field = reply.text[:500], None
         fail(f"{field or _refused_field(detail)}: the ecovisor refused {what} ({reply.status_code}): {detail}")
-    made: dict[str, Any] = reply.json()
+    try:
+        made = loads_bounded(reply.content, "response body")
+    except JSONRejected as exc:
+        fail(f"ecovisor: {url}: {exc}", ExitCode.DEGRADED)
+    if not isinstance(made, dict):
+        fail(f"ecovisor: {url}: expected a JSON object, got {type(made).__name__}", ExitCode.DEGRADED)
     return made
 
 
