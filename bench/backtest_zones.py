@@ -8,13 +8,16 @@ share of the perfect-foresight bound, the bound's smoothing-only part (no carbon
 violations; then the issue-13 targets, each marked met or not.
 
 Each zone runs `cicm backtest`'s code path (run_backtest, evaluate, write_report) in its own process and reports
-its wall time and CPU time (the machine may be shared, so CPU time is the figure to compare). Writes
+its wall time and CPU time (the machine may be shared, so CPU time is the figure to compare), then the CPU split
+by stage: each policy's simulation and planning, the experiment arm, the inputs, the metrics (evaluate) and the
+report files. Writes
 <out>/<zone>/ (the same report as the CLI) and <out>/bench.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -26,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 ZONES = ("CISO", "BPAT", "MISO", "ERCO", "AZPS", "NYIS", "PJM", "SOCO")
 
 
+#: The zones by CPU cost of a 60-day backtest, most expensive first (bench runs of 2026-12-05).
+COST_RANK = ("AZPS", "CISO", "ERCO", "MISO", "SOCO", "PJM", "NYIS", "BPAT")
 POLICIES = ("carbon-agnostic", "threshold", "threshold-guard", "cicm-ceiling", "planner", "oracle")
 
 
@@ -39,12 +44,34 @@ def one_zone(zone: str, start: str, days: int, seed: int, out: str) -> dict:
     wall, cpu = time.perf_counter(), time.process_time()
     bt = run_backtest(zone, date.fromisoformat(start), days, BacktestOptions(seed=seed))
     run_wall, run_cpu = time.perf_counter() - wall, time.process_time() - cpu
+    cpu1 = time.process_time()
     ev = R.evaluate(bt)
+    cpu2 = time.process_time()
     R.write_report(bt, ev, Path(out) / f"{zone}_{start}")
+    cpu3 = time.process_time()
     doc = R.summary(bt, ev)
+    stages: dict[str, float] = {}
+    for seg in bt.segments:  # CPU seconds per policy (and the experiment arm), then the metrics and the report
+        for name, sec in getattr(seg, "cpu_seconds", {}).items():
+            stages[name] = stages.get(name, 0.0) + sec
+    stages["inputs"] = run_cpu - sum(stages.values())
+    stages.update({"evaluate": cpu2 - cpu1, "report": cpu3 - cpu2})
     doc["bench"] = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
-                    "run_wall_s": run_wall, "run_cpu_s": run_cpu}
+                    "run_wall_s": run_wall, "run_cpu_s": run_cpu, "stages_cpu_s": stages}
     return doc
+
+
+def stage_table(docs: list[dict]) -> str:
+    """CPU seconds per stage, summed over the zone-windows (the stages of one zone run one after the other)."""
+    total: dict[str, float] = {}
+    for d in docs:
+        for name, sec in d["bench"].get("stages_cpu_s", {}).items():
+            total[name] = total.get(name, 0.0) + sec
+    cpu = sum(d["bench"]["cpu_s"] for d in docs)
+    lines = ["| stage | CPU s | share |", "|---|---:|---:|"]
+    lines += [f"| {name} | {sec:.1f} | {100 * sec / cpu:.0f}% |" for name, sec in total.items()]
+    lines.append(f"| all (per-zone CPU, summed) | {cpu:.1f} | 100% |")
+    return "\n".join(lines)
 
 
 def fmt(v, digits=1):
@@ -131,8 +158,11 @@ def main() -> None:
         docs = [json.loads((Path(args.out) / f"{z}_{s}" / "summary.json").read_text()) for z, s in runs]
         print(table(docs) + "\n\n" + experiment_table(docs) + "\n\n" + "\n".join(targets(docs)))
         return
+    # Longest first (measured CPU, shaped campuses with more clusters cost more), so that the last worker to finish
+    # does not start a long zone while the other idles.
+    order = sorted(runs, key=lambda r: COST_RANK.index(r[0]) if r[0] in COST_RANK else -1)
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        futures = {pool.submit(one_zone, z, s, args.days, args.seed, args.out): (z, s) for z, s in runs}
+        futures = {pool.submit(one_zone, z, s, args.days, args.seed, args.out): (z, s) for z, s in order}
         for fut in as_completed(futures):
             doc = fut.result()
             b = doc["bench"]
@@ -142,7 +172,11 @@ def main() -> None:
             docs.append(doc)
     docs.sort(key=lambda d: (d["start"], zones.index(d["zone"])))
     total = time.perf_counter() - t0
-    print(f"\n{len(runs)} zone-windows x {args.days} days in {total:.0f} s wall with {args.workers} workers\n")
+    load = os.getloadavg()
+    print(f"\n{len(runs)} zone-windows x {args.days} days in {total:.0f} s wall with {args.workers} workers "
+          f"(load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; {os.cpu_count()} cores)\n")
+    print(stage_table(docs))
+    print()
     print(table(docs))
     print()
     print(experiment_table(docs))
