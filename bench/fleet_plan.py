@@ -6,13 +6,16 @@
 For each size: `prepare_scale_run` builds the fleet, a store with its history and the next night's telemetry
 (cached under --workdir; --fresh rebuilds). Each measured run starts from a copy of that store, in its own
 process (`cicm plan`'s code path: in process, or the Prefect flow on Dask or with PREFECT_API_URL; with the
-ingestion of the night's telemetry), so peak RSS is the plan's own. Prints seconds per stage, peak RSS, and the scaling exponent b of time ≈ a·N^b.
+ingestion of the night's telemetry), so peak RSS is the plan's own. Prints seconds per stage, the process's CPU-seconds
+(user + system: comparable on a shared machine, where wall seconds are not), the load average, peak RSS, and the
+scaling exponent b of time ≈ a·N^b.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import resource
 import shutil
 import statistics
@@ -44,8 +47,10 @@ def one_run(folder: Path, runner: str, workers: int, program: str) -> dict:
     wall = time.perf_counter() - started
     seconds = dict(outcome.seconds)
     shaped = int((outcome.clusters["status"] == "shaped").sum())
+    own = resource.getrusage(resource.RUSAGE_SELF)
     return {"wall": wall, "seconds": seconds, "status": outcome.status, "shaped": shaped,
-            "clusters": len(outcome.clusters),
+            "clusters": len(outcome.clusters), "cpu_seconds": own.ru_utime + own.ru_stime,
+            "load_average": os.getloadavg()[0],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "children_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
@@ -108,6 +113,8 @@ def main() -> None:
     print(f"{'plan (sum of stages)':<22}" + "".join(f"{t:>12.2f}" for t in in_plan))
     print(f"{'prefect and startup':<22}" + "".join(f"{r['wall'] - t:>12.2f}" for (_, _, r), t in zip(rows, in_plan)))
     print(f"{'wall':<22}" + "".join(f"{w:>12.2f}" for _, w, _ in rows))
+    print(f"{'CPU-seconds (process)':<22}" + "".join(f"{r.get('cpu_seconds', float('nan')):>12.2f}" for _, _, r in rows))
+    print(f"{'load average at end':<22}" + "".join(f"{r.get('load_average', float('nan')):>12.2f}" for _, _, r in rows))
     print(f"{'peak RSS MiB':<22}" + "".join(
         f"{max(r['peak_rss_mb'], r['children_peak_rss_mb']):>12.0f}" for _, _, r in rows))
     if len(rows) >= 2:
