@@ -313,12 +313,18 @@ def test_dask_plan_equals_the_in_process_plan(scale_run, tmp_path, prefect_api):
 # ------------------------------------------------------------------------------------------ same plans
 
 
-def test_plan_equals_the_recorded_plan(scale_run):
+@pytest.mark.parametrize("block", [300, 5])
+def test_plan_equals_the_recorded_plan(scale_run, monkeypatch, block):
     """The in-process plan of the 24-cluster scale run equals the one recorded before the partition reads and the
     load forecasts were batched (tests/golden/make_fleet_plan_golden.py): every number to 1e-9 relative, every
-    text (statuses, reasons, JSON parameters as text only where they are not numbers) the same."""
+    text (statuses, reasons, JSON parameters as text only where they are not numbers) the same; whether the
+    partition reads its 6 campuses in one query or campus by campus (``READ_BLOCK_CLUSTERS``)."""
     import json
     import sys
+
+    from cicm.planning import stages
+
+    monkeypatch.setattr(stages, "READ_BLOCK_CLUSTERS", block)
 
     sys.path.insert(0, str(Path(__file__).parent / "golden"))
     from make_fleet_plan_golden import GOLDEN, long_form, plan_tables

@@ -302,3 +302,31 @@ def test_rolling_adjustment_equals_a_least_squares_fit_per_origin(periods):
         want = naive_adjust_fits(X[c], WA[c], lag, days, window)
         np.testing.assert_array_equal(np.isnan(coef[c]).any(axis=1), np.isnan(want).any(axis=1))
         np.testing.assert_allclose(coef[c], want, rtol=1e-6, atol=1e-9 * np.abs(X[c]).max(), equal_nan=True)
+
+
+def test_arrays_entry_equals_the_batch_in_any_row_order(fleet, singles):
+    """`forecast_load_arrays` (the nightly plan's partition reads: codes, ns hours, a (3, N) value matrix) gives
+    what `forecast_load` gives per cluster, whatever the row order; a name without rows gets the insufficient
+    forecast of an empty history; a bad cluster its own error, worded as alone."""
+    from cicm.models.load import HISTORY_COLUMNS, forecast_load_arrays
+
+    frames = dict(fleet)
+    bad = frames["sj-03"].copy()
+    bad.iloc[40, 0] = -1.0  # a negative inflexible value
+    frames["sj-03"] = bad
+    long = long_frame(frames).sample(frac=1.0, random_state=2)
+    names = [*frames, "no-rows"]
+    codes = pd.Index(names).get_indexer(long["cluster"])
+    hour_ns = pd.DatetimeIndex(long["hour"]).tz_convert("UTC").as_unit("ns").asi8
+    values = long[list(HISTORY_COLUMNS)].to_numpy().T
+    out = forecast_load_arrays(codes, names, hour_ns, values, HOURS, TZ, 0.05, NOW)
+    assert list(out) == names
+    for name, want in singles.items():
+        if name != "sj-03":
+            assert_same_forecast(out[name], want)
+    assert_same_error(out["sj-03"], bad)
+    empty = forecast_load(long_frame(fleet).iloc[:0].set_index("hour")[list(HISTORY_COLUMNS)], HOURS, TZ, 0.05, NOW)
+    assert not out["no-rows"].ok
+    assert_same_forecast(out["no-rows"], empty)
+    with pytest.raises(InputError):
+        forecast_load_arrays(codes, names[:2], hour_ns, values, HOURS, TZ, 0.05, NOW)

@@ -500,8 +500,10 @@ class CampusReads:
     disabled: dict[str, str]  # cluster -> why the SLO loop switched its shaping off (shaping_disabled_many)
 
 
-def _read_blocks(days: list[CampusDay], limit: int = READ_BLOCK_CLUSTERS) -> list[list[CampusDay]]:
-    """Consecutive campuses in groups of at most ``limit`` clusters (a bigger campus alone)."""
+def _read_blocks(days: list[CampusDay], limit: int | None = None) -> list[list[CampusDay]]:
+    """Consecutive campuses in groups of at most ``limit`` (default READ_BLOCK_CLUSTERS) clusters (a bigger campus
+    alone)."""
+    limit = READ_BLOCK_CLUSTERS if limit is None else limit
     blocks: list[list[CampusDay]] = []
     size = 0
     for day in days:
