@@ -367,7 +367,7 @@ def experiment_effect(frame: pd.DataFrame, n_boot: int = 2000, seed: int = 0) ->
     (percentiles). ``true_effect_pct`` is what the simulator knows and an experiment cannot: the mean over treated
     cluster-days of the log ratio to the carbon-agnostic counterfactual, so the estimator can be checked.
     """
-    import statsmodels.api as sm
+    from statsmodels.regression.linear_model import OLS  # not statsmodels.api: its import alone is ~0.6 s
 
     f = frame.reset_index(drop=True)
     if f["treated"].nunique() < 2 or len(f) < 6:
@@ -380,7 +380,7 @@ def experiment_effect(frame: pd.DataFrame, n_boot: int = 2000, seed: int = 0) ->
     cols += [(cluster == c).astype(float) for c in clusters]  # fixed effects, no constant
     y, x = np.log(f["top_power_kw"].to_numpy()), np.column_stack(cols)
     treated = f["treated"].to_numpy(bool)
-    fit = sm.OLS(y, x).fit(cov_type="HC1")
+    fit = OLS(y, x).fit(cov_type="HC1")
     beta, se = float(fit.params[0]), float(fit.bse[0])
     rng = np.random.default_rng(seed)
     boot = []
