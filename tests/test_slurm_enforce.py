@@ -526,3 +526,70 @@ def test_multi_node_limits_round_down_and_deadline_releases_count_per_node():
     note = adm.stuck_note("lift", None, CAPACITY, 5.0, 300.0)
     assert "18 per node" in note and "allows UNLIMITED" in note and "LOWER LIMIT STAYS IN PLACE" in note
     assert "LOWER LIMIT" not in adm.stuck_note("shaped", 4000.0, CAPACITY, 5.0, 300.0)  # the plan wants less
+
+
+def _job_record(cluster: Slurm, job: int) -> dict[str, str]:
+    """``scontrol show job`` as key=value pairs (kept by slurmctld for MinJobAge after the job ends; no
+    accounting database needed)."""
+    out = cluster.run("scontrol", "show", "job", str(job), "-o")
+    return dict(part.split("=", 1) for part in out.split() if "=" in part)
+
+
+def test_done_when_a_compressed_day_keeps_the_dirty_block_under_the_plan_and_every_deadline(cluster, db_path):
+    """Issue 15's "done when": a stream of flexible jobs arrives over a compressed day whose VCC has a dirty
+    midday block (hours 2-4: 4 of 64 CPUs); the CPU-hours started in the block stay within the plan's limit for
+    it, every job finishes before its deadline, and the audit holds every change of the limit."""
+    limits = [16, 16, 4, 4, 4, 16]  # Slurm CPUs per hour; the plan keeps the last value for the rest of the day
+    write_plan(db_path, limits)
+    seconds_per_hour, job_seconds, cpus = 5.0, 5, 4  # a job runs one compressed hour
+    clock = CompressedClock(START, seconds_per_hour=seconds_per_hour)
+    stop = threading.Event()
+    clock.stop = stop
+    agent = make_agent(cluster, db_path, clock)
+    worker = threading.Thread(target=agent.run, kwargs={"stop": stop})
+    worker.start()
+    jobs: list[int] = []
+    first_running: dict[int, float] = {}  # job -> the agent hour (fractional) it was first seen running
+    try:
+        wait_for(lambda: len(agent.passes) >= 1, 10, "hour 0's pass")
+        submitted_hours: set[int] = set()
+        while True:
+            now_h = (clock.now() - START) / H
+            h = int(now_h)
+            if h <= 5 and h not in submitted_hours:  # the stream: two jobs at the start of hours 0-5
+                submitted_hours.add(h)
+                jobs += [cluster.sbatch("flex", cpus, job_seconds, limit_min=1, deadline="now+180seconds")
+                         for _ in range(2)]
+            states = cluster.states()
+            for j in jobs:
+                if j not in first_running and states.get(j, ("",))[0] == "RUNNING":
+                    first_running[j] = now_h
+            if h >= 6 and all(j not in states for j in jobs):
+                break
+            assert now_h < 11, f"the jobs did not all finish in the compressed day: {states}"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        worker.join(30)
+    agent.shutdown()
+
+    assert len(jobs) == 12 and set(first_running) == set(jobs), first_running
+    # the dirty block: CPU-hours of the jobs started in it within the plan's 4 CPUs x 3 hours
+    block = [j for j, at in first_running.items() if 2.0 <= at < 5.0]
+    started_cpu_hours = len(block) * cpus * job_seconds / seconds_per_hour
+    assert started_cpu_hours <= sum(limits[2:5]), (started_cpu_hours, first_running)
+    assert any(at >= 5.0 for at in first_running.values())  # the work the block held back ran after it
+    # every job finished, before its deadline
+    for j in jobs:
+        record = _job_record(cluster, j)
+        assert record["JobState"] == "COMPLETED", record
+        assert pd.Timestamp(record["EndTime"]) <= pd.Timestamp(record["Deadline"]), record
+    # the audit trail: every hour's pass applied the plan's limit, and each change is a row
+    rows = actions(db_path)
+    shaped = rows[rows["mode"] == "shaped"]  # applied, or found already right (result "unchanged")
+    per_hour = shaped.groupby("hour")["caps"].last()
+    limit = [json.loads(c)["slurm:flex"]["max_cpus_per_node"] for c in per_hour.iloc[:7]]
+    found = [json.loads(c)["slurm:flex"]["found"] for c in per_hour.iloc[:7]]
+    assert limit == [16, 16, 4, 4, 4, 16, 16], limit
+    assert found[1:] == limit[:-1]  # each pass read back the limit the one before set: every change is audited
+    assert rows["reason"].iloc[-1].startswith("agent-stopping") and cluster.limit("flex") is None
