@@ -40,16 +40,15 @@ def power_telemetries(store, clusters: list[str], before: pd.Timestamp, days: in
 
 def has_usage(store, clusters: list[str]) -> bool:
     """Whether every named cluster has at least one usage row."""
-    found = store.con.execute(
-        "SELECT count(DISTINCT cluster) FROM usage_history WHERE list_contains(?, cluster)", [clusters]
-    ).fetchone()[0]
-    return found == len(set(clusters))
+    return len(clusters_with_usage(store, clusters)) == len(set(clusters))
 
 
 def clusters_with_usage(store, clusters: list[str]) -> set[str]:
     """The named clusters that have at least one usage row."""
-    rows = store.con.execute(
-        "SELECT DISTINCT cluster FROM usage_history WHERE list_contains(?, cluster)", [clusters]).fetchall()
+    # an IN-subquery on a registered frame (a hash semi-join), not list_contains: that is quadratic in the names
+    with _registered(store, {"_named_clusters": pd.DataFrame({"cluster": list(clusters)}, dtype=object)}) as cursor:
+        rows = cursor.execute("SELECT DISTINCT cluster FROM usage_history"
+                              " WHERE cluster IN (SELECT cluster FROM _named_clusters)").fetchall()
     return {r[0] for r in rows}
 
 
@@ -103,8 +102,10 @@ def usage_peaks(store, window_days: int) -> pd.DataFrame:
 
 def domains_with_power(store, domains: list[str]) -> set[str]:
     """The named domains (a few: those without a declared curve) with any power telemetry."""
-    return set(store.query("SELECT DISTINCT domain FROM power_telemetry WHERE list_contains(?, domain)",
-                           [list(domains)])["domain"])
+    with _registered(store, {"_named_domains": pd.DataFrame({"domain": list(domains)}, dtype=object)}) as cursor:
+        rows = cursor.execute("SELECT DISTINCT domain FROM power_telemetry"
+                              " WHERE domain IN (SELECT domain FROM _named_domains)").fetchall()
+    return {r[0] for r in rows}
 
 
 #: Telemetry tables keyed by (key, hour), for :func:`stored_rows_at`.
@@ -169,12 +170,12 @@ def shaping_switched_off(store, clusters: list[str], plan_date: date) -> pd.Data
     """The SLO loop's switch-offs in force on ``plan_date`` for the named clusters: the newest per cluster.
 
     Columns: cluster, reason, disabled_until."""
-    return store.query(
-        "SELECT cluster, reason, disabled_until FROM shaping_state WHERE list_contains(?, cluster)"
-        " AND disabled_from <= ? AND disabled_until >= ?"
-        " QUALIFY row_number() OVER (PARTITION BY cluster ORDER BY disabled_from DESC) = 1",
-        [list(clusters), plan_date, plan_date],
-    )
+    with _registered(store, {"_named_clusters": pd.DataFrame({"cluster": list(clusters)}, dtype=object)}) as cursor:
+        return cursor.execute(
+            "SELECT cluster, reason, disabled_until FROM shaping_state"
+            " WHERE cluster IN (SELECT cluster FROM _named_clusters) AND disabled_from <= ? AND disabled_until >= ?"
+            " QUALIFY row_number() OVER (PARTITION BY cluster ORDER BY disabled_from DESC) = 1",
+            [plan_date, plan_date]).df()
 
 
 def _registered(store, frames: dict[str, pd.DataFrame]):
