@@ -352,3 +352,23 @@ def test_plan_equals_the_recorded_plan(scale_run, monkeypatch, block):
     params = want["column"] == "params"
     for g, w in zip(got.loc[params, "value"], want.loc[params, "value"]):
         assert close(json.loads(g), json.loads(w)), (g, w)
+
+
+def test_seeding_in_several_runs_stores_the_same_history(tmp_path):
+    """`seed_scale_store` writes the history in runs of at most ``clusters_per_run`` clusters (bounded memory); the
+    stored rows are those of one run, and every run is recorded as succeeded."""
+    from cicm.planning.scale import seed_scale_store
+
+    fleet = scale_fleet(12, seed=2, clusters_per_campus=4)
+    tables = {}
+    for per_run in (4, 100):
+        with Store(tmp_path / f"s{per_run}.duckdb") as store:
+            info = seed_scale_store(store, fleet, seed=2, clusters_per_run=per_run)
+            assert len(info["runs"]) == (3 if per_run == 4 else 1)
+            runs = store.runs()
+            assert set(runs.loc[runs["run_id"].isin(info["runs"]), "status"]) == {"ok"}
+            tables[per_run] = {t: store.query(f"SELECT * EXCLUDE (run_id) FROM {t} ORDER BY ALL")
+                               for t in ("usage_history", "power_telemetry", "carbon_actuals")}
+    assert info["usage_rows"] == len(tables[100]["usage_history"]) > 0
+    for table, frame in tables[100].items():
+        pd.testing.assert_frame_equal(tables[4][table], frame, obj=table)
