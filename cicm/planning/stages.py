@@ -478,11 +478,11 @@ def partition_jobs(days: list[CampusDay], carbon: CarbonResult, plan_date: date,
 
 
 #: A partition reads the usage history and power telemetry of this many clusters (whole campuses) per query (all of
-#: it when it is smaller). 300 clusters' history is ~1.3 M rows, ~10 MB per column. Measured on 3,000 clusters
-#: of the 10,000-cluster store: per-campus queries 2.84 CPU-s; blocks of 200-300 clusters 1.5-1.75; of 1,000,
-#: 3.6 (fresh 35 MB arrays cost a page fault per 4 KiB; smaller ones reuse the allocator's memory); the whole
-#: fleet in one query took 4.6 GiB.
-READ_BLOCK_CLUSTERS = 300
+#: it when it is smaller). 200 clusters' history is ~0.9 M rows, ~7 MB per column. Measured on 3,000 clusters of
+#: the 10,000-cluster store: per-campus queries 2.84 CPU-s; blocks of 200-300 clusters 1.5-1.75; of 1,000, 3.6
+#: (fresh 35 MB arrays cost a page fault per 4 KiB; smaller ones reuse the allocator's memory); the whole fleet in
+#: one query took 4.6 GiB. Two blocks are held at once (the next is read while one is planned).
+READ_BLOCK_CLUSTERS = 200
 
 
 @dataclass
@@ -614,20 +614,45 @@ def read_campuses(store, days: list[CampusDay], plan_date: date) -> dict[str, Ca
     return out
 
 
+@dataclass
+class _ReaderStore:
+    """What the named reads of :func:`read_campuses` use of a Store (its ``con``), on a cursor of the store's database
+    of its own, so that a reader thread never shares a connection with the thread that plans."""
+
+    con: object
+
+
 def plan_partition(store, job: PartitionJob) -> "PartitionResult":
-    """Models and programs of a partition's campuses, merged in campus order. Its usage history and power
-    telemetry are read once (in blocks of READ_BLOCK_CLUSTERS clusters), then cut per campus."""
+    """Models and programs of a partition's campuses, merged in campus order. Its usage history, power telemetry and
+    shaping state are read in blocks of READ_BLOCK_CLUSTERS clusters (:func:`read_campuses`), each block read on a
+    thread of its own (and its own cursor) while the previous block is planned: DuckDB's scan runs without the GIL,
+    so on 2 cores it overlaps the models' numpy work. ``store-reads`` is the time planning waited for them."""
+    from concurrent.futures import ThreadPoolExecutor
+
     values: dict = {}  # zone_day_key -> forecast value, shared by the campuses of a zone and time zone
-    parts = []
-    for block in _read_blocks(job.days):
-        read = PartitionResult()
-        started = time.perf_counter()
-        reads = read_campuses(store, block, job.plan_date)
-        read.seconds["store-reads"] += time.perf_counter() - started
-        parts.append(read)
-        parts += [plan_campus_day(store, day, job.plan_date, job.carbon.get(day.campus.name), job.options,
-                                  job.problems.get(day.campus.name), values, reads.pop(day.campus.name))
-                  for day in block]
+    parts: list[PartitionResult] = []
+    blocks = _read_blocks(job.days)
+    if not blocks:
+        return merge_parts(parts)
+    cursor = store.con.cursor()
+    try:
+        reader = _ReaderStore(cursor)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cicm-partition-read") as pool:
+            ahead = pool.submit(read_campuses, reader, blocks[0], job.plan_date)
+            for k, block in enumerate(blocks):
+                read = PartitionResult()
+                started = time.perf_counter()
+                reads = ahead.result()
+                read.seconds["store-reads"] += time.perf_counter() - started
+                if k + 1 < len(blocks):
+                    ahead = pool.submit(read_campuses, reader, blocks[k + 1], job.plan_date)
+                parts.append(read)
+                parts += [plan_campus_day(store, day, job.plan_date, job.carbon.get(day.campus.name), job.options,
+                                          job.problems.get(day.campus.name), values, reads.pop(day.campus.name))
+                          for day in block]
+                del reads
+    finally:
+        cursor.close()
     return merge_parts(parts)
 
 
