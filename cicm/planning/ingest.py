@@ -66,30 +66,6 @@ def import_carbon_history(store: Store, zones: list[str], start: pd.Timestamp, e
         store.write_carbon_forecast(trace_forecast_history(zone, start, end, seed), run_id)
 
 
-def import_scale_telemetry(store: Store, fleet: Fleet, seed: int = 0, held_back_days: int = 1) -> dict:
-    """Seed a store for a `scale_fleet`: usage over its history and power over the last 14 days, except the last
-    `held_back_days` (which the timed nightly ingestion then brings in), and the zones' carbon history.
-    Written campus by campus (bounded memory) in one run."""
-    from cicm.demo.scale_fleet import POWER_TELEMETRY_DAYS, scale_power_telemetry, scale_usage_history
-
-    fleet.require_demo("seeding a scale fleet")
-    end = fleet.history_end - pd.Timedelta(days=held_back_days)
-    power_start = fleet.history_end - pd.Timedelta(days=POWER_TELEMETRY_DAYS)
-    zones = sorted({c.grid_zone for c in fleet.campuses})
-    params = {"fleet": fleet.name, "seed": seed, "clusters": len(fleet.clusters()), "end": end}
-    usage_rows = power_rows = 0
-    with store.run("telemetry-import", params) as run:
-        for campus in fleet.campuses:
-            usage = scale_usage_history(fleet, seed, end=end, campuses=[campus.name])
-            power = scale_power_telemetry(fleet, usage[usage["hour"] >= power_start], seed)
-            usage_rows += store.upsert("usage_history", usage, run.run_id)
-            power_rows += store.upsert("power_telemetry", power, run.run_id)
-        import_carbon_history(store, zones, fleet.history_start, fleet.history_end, seed, run.run_id)
-    return {"run_id": run.run_id, "usage_rows": usage_rows, "power_rows": power_rows, "zones": zones}
-
-
-
-
 #: Usage may pass a cluster's (power domain's) physical cores by this share (rounding in the monitoring pipeline);
 #: reservations may fall below usage by this share of the capacity.
 CAPACITY_TOLERANCE = 0.01
