@@ -8,6 +8,7 @@ In-process tests cover what a browser cannot set up cheaply (no snapshot possibl
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -80,14 +81,16 @@ def _get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-@pytest.fixture(scope="session")
-def server(plan_store, tmp_path_factory):
-    """`python -m cicm.dashboards.cli --db STORE --port P` as its own process; yields its base URL."""
+@contextlib.contextmanager
+def dashboard_server(db: Path, log: Path, fleet: Path | None = None):
+    """`python -m cicm.dashboards.cli --db STORE [--fleet FLEET] --port P` as its own process on a free loopback
+    port, its output in `log`; yields its base URL once /api/health answers, and stops it after."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("dashboard-log") / "server.log"
+    args = [sys.executable, "-m", "cicm.dashboards.cli", "--db", str(db), "--port", str(port)]
+    if fleet is not None:
+        args += ["--fleet", str(fleet)]
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cicm.dashboards.cli", "--db", str(plan_store),
-                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -110,6 +113,13 @@ def server(plan_store, tmp_path_factory):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(plan_store, tmp_path_factory):
+    """The dashboard on the session's plan store; yields its base URL."""
+    with dashboard_server(plan_store, tmp_path_factory.mktemp("dashboard-log") / "server.log") as base:
+        yield base
 
 
 @pytest.fixture(scope="module")  # not session: while Playwright's sync API is open, the main thread has a running

@@ -4,16 +4,12 @@ storage draws the storage plan, the same numbers as the store's `storage_plans`,
 on the battery; a campus without storage draws no storage chart."""
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-
 import pandas as pd
 import pytest
 
 from cicm.planning.pipeline import PlanOptions, plan_day
 from cicm.store import Store
-from tests.test_dashboard import REPO, _free_port, _get, _open, _plot, browser, page  # noqa: F401 (fixtures)
+from tests.test_dashboard import _open, _plot, browser, dashboard_server, page  # noqa: F401 (fixtures)
 from tests.test_plan_storage import DAY, demo_store, fleet_with_storage  # noqa: F401 (fixture)
 
 APPLIED_CHARGE_KW = 12.5
@@ -42,28 +38,10 @@ def planned(demo_store, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def dashboard(planned):
+def dashboard(planned, tmp_path_factory):
     fleet_path, db, _ = planned
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cicm.dashboards.cli", "--db", str(db), "--fleet",
-                             str(fleet_path), "--port", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=REPO)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "the dashboard exited"
-            try:
-                if _get(base + "/api/health", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the dashboard did not answer in 60 s"
-            time.sleep(0.2)
+    with dashboard_server(db, tmp_path_factory.mktemp("storage-dashboard") / "server.log", fleet_path) as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_the_cluster_page_draws_the_stored_storage_plan_and_the_applied_rate(planned, dashboard, page):  # noqa: F811

@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from datetime import date
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,10 +30,10 @@ from cicm.demo.telemetry import demo_power_telemetry, demo_usage_history
 
 try:
     from tests.prometheus_server import openmetrics, prometheus_server
-    from tests.test_dashboard import CHROMIUM, CHROMIUM_ARGS, _free_port, _get, _open, _plot
+    from tests.test_dashboard import CHROMIUM, CHROMIUM_ARGS, _open, _plot, dashboard_server
 except ImportError:
     from prometheus_server import openmetrics, prometheus_server
-    from test_dashboard import CHROMIUM, CHROMIUM_ARGS, _free_port, _get, _open, _plot
+    from test_dashboard import CHROMIUM, CHROMIUM_ARGS, _open, _plot, dashboard_server
 
 pytestmark = pytest.mark.slow
 
@@ -360,28 +359,10 @@ def test_actuals_and_every_forecast_vintage_are_stored(world, nights):
 
 
 @pytest.fixture(scope="module")
-def dashboard(world, nights):
+def dashboard(world, nights, tmp_path_factory):
     fleet_path, db, _, _ = world
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cicm.dashboards.cli", "--db", str(db), "--fleet",
-                             str(fleet_path), "--port", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=REPO)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "the dashboard exited"
-            try:
-                if _get(base + "/api/health", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the dashboard did not answer in 60 s"
-            time.sleep(0.2)
+    with dashboard_server(db, tmp_path_factory.mktemp("dashboard") / "server.log", fleet_path) as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
