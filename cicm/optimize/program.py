@@ -430,7 +430,7 @@ class _DeltaMatrix:
     p then q (delta = p - q, |delta| = p + q, both >= 0; ``lin_split``), with Clarabel v (delta = v, |delta| =
     abs(v)), one per (linear row, hour), row-major (``lin_cols``, ``lin_cols2``); then the fills of the curve
     clusters (``fill_cols``; see :class:`_Delta` for what a fill is). ``lower``/``upper``: the columns' bounds;
-    ``col_rows``: the delta entry each column adds to. ``x`` is set by the LP that uses it."""
+    ``col_rows``: the delta entry each column adds to."""
 
     D: sp.csr_matrix
     lin: np.ndarray
@@ -449,13 +449,12 @@ class _DeltaMatrix:
     col_ids: np.ndarray
     n: int
     n_h: int
-    x: cp.Variable | None = None
 
-    def value(self) -> np.ndarray | None:
-        if self.x is None or self.x.value is None:
+    def value_of(self, x: np.ndarray | None) -> np.ndarray | None:
+        """delta (n, H) from the LP's solution ``x`` (None if there is none)."""
+        if x is None:
             return None
-        v = np.asarray(self.x.value)[: self.D.shape[1]]
-        return np.asarray(self.D @ v).reshape(self.n, self.n_h)
+        return np.asarray(self.D @ x[: self.D.shape[1]]).reshape(self.n, self.n_h)
 
 
 def _fills(prep: _Prep, idx: np.ndarray, hi: np.ndarray, dmin: float):
@@ -548,6 +547,21 @@ def _run(prob: cp.Problem, solver: str) -> str | None:
     return None
 
 
+def _solve_matrix_lp(c: np.ndarray, eq: sp.csr_matrix, ineq: sp.csr_matrix | None, rhs: np.ndarray | None,
+                     lower: np.ndarray, upper: np.ndarray, solver: str) -> tuple[str | None, str, np.ndarray | None]:
+    """min c @ x s.t. eq @ x = 0, ineq @ x <= rhs, lower <= x <= upper, as a cvxpy program; returns (error text or
+    None, cvxpy status, x or None).
+
+    The objective is written sum(c * x), not c @ x: cvxpy evaluates the objective after the solve, and a BLAS dot
+    product right after HiGHS' run stalls while HiGHS' worker threads still spin (1-24 ms of CPU and wall on 2
+    cores; elementwise numpy does not use BLAS). It compiles to the same LP coefficients."""
+    x = cp.Variable(c.size, name="lp", bounds=[lower, upper])
+    cons = [eq @ x == 0] + ([ineq @ x <= rhs] if ineq is not None else [])
+    prob = cp.Problem(cp.Minimize(cp.sum(cp.multiply(c, x))), cons)
+    err = _run(prob, solver)
+    return err, prob.status, None if x.value is None else np.asarray(x.value)
+
+
 def _infeasible_alone(prep: _Prep, idx: np.ndarray, campus: CampusInput) -> tuple[str, np.ndarray | None, str,
                                                                                   float]:
     """Which clusters of ``idx`` have no feasible delta on their own? One batched elastic LP.
@@ -604,7 +618,6 @@ def _solve_lp(prep: _Prep, idx: np.ndarray, campus: CampusInput, *, contract_rhs
     # block a matrix built here in numpy/scipy, so cvxpy compiles a handful of matrix products, not a tree of atoms.
     blk = _delta_matrix(prep, idx, campus)
     D, lin, cur = blk.D, blk.lin, blk.cur
-    cons = []
     n_x = D.shape[1]
     rows_of = lambda m: sp.csr_matrix(m)  # noqa: E731
     cons_eq = _sum_rows(n, n_h) @ D  # sum_h delta = 0
@@ -658,7 +671,6 @@ def _solve_lp(prep: _Prep, idx: np.ndarray, campus: CampusInput, *, contract_rhs
     centre = w.mean(axis=1)
     n_y = n if need_y else 0
     c = np.zeros(n_x + n_y)
-    abs_term: cp.Expression | None = None
     if lin.size:
         wl = ((w[lin] - centre[lin, None]) / row_scale[lin, None]).ravel()
         tl = np.repeat(tie[lin], n_h)
@@ -671,20 +683,24 @@ def _solve_lp(prep: _Prep, idx: np.ndarray, campus: CampusInput, *, contract_rhs
         # The fills' own costs, centred, plus the tie-break on |delta| = sum_s |fill|.
         row = blk.fill_row
         c[blk.fill_cols] = (eta_w[blk.fill_h] * fill_kw - centre[row]) / row_scale[row] + blk.fill_sign * tie[row]
-    x = cp.Variable(n_x + n_y, name="lp", bounds=[np.r_[blk.lower, np.full(n_y, -np.inf)],
-                                                  np.r_[blk.upper, np.full(n_y, np.inf)]])
+    n_cols = n_x + n_y
+    lower, upper = np.r_[blk.lower, np.full(n_y, -np.inf)], np.r_[blk.upper, np.full(n_y, np.inf)]
     pad = (lambda m: sp.hstack([m, sp.csr_matrix((m.shape[0], n_y))], format="csr")) if n_y else rows_of  # noqa: E731
-    cons.append(pad(cons_eq) @ x == 0)
+    # Two row blocks: E x = 0 and G x <= h. Every ">=" row is written negated, as cvxpy writes it for the solver,
+    # and the blocks are stacked in the order the separate constraints had, so the solver gets the same LP.
+    eq = pad(cons_eq)
+    g_rows: list = []
+    h_rows: list = []
     if cov_rows.size:
         cov = sp.csr_matrix((rk[cov_rows].ravel(), (np.repeat(np.arange(cov_rows.size), n_h),
                                                     (cov_rows[:, None] * n_h + np.arange(n_h)).ravel())),
                             shape=(cov_rows.size, n * n_h))
-        cons.append(pad(cov @ D) @ x >= need[cov_rows])
+        g_rows.append(-pad(cov @ D))  # coverage: cov @ delta >= need
+        h_rows.append(-need[cov_rows])
     if campus.ramp_limit is not None and n_h > 1:
-        ramp = pad(_diff_rows(n, n_h) @ D)
-        cons += [ramp @ x <= campus.ramp_limit, ramp @ x >= -campus.ramp_limit]
-    if lin.size and not blk.lin_split:
-        abs_term = cp.sum(cp.multiply(np.repeat(tie[lin], n_h), cp.abs(x[blk.lin_cols])))
+        ramp = pad(_diff_rows(n, n_h) @ D)  # -limit <= delta(h+1) - delta(h) <= limit
+        g_rows += [ramp, -ramp]
+        h_rows += [np.full(ramp.shape[0], float(campus.ramp_limit)), np.full(ramp.shape[0], float(campus.ramp_limit))]
     if need_y:
         base = nom / y_scale[:, None]
         if margin:
@@ -700,19 +716,29 @@ def _solve_lp(prep: _Prep, idx: np.ndarray, campus: CampusInput, *, contract_rhs
         dev = sp.csr_matrix((per_col[blk.col_ids], (blk.col_rows, blk.col_ids)), shape=(n * n_h, n_x))
         ys_rep = sp.csr_matrix((np.ones(n * n_h), (np.arange(n * n_h), np.repeat(np.arange(n), n_h))),
                                shape=(n * n_h, n))
-        cons.append(sp.hstack([-dev, ys_rep], format="csr") @ x >= base.ravel())  # ys >= base + dev
+        g_rows.append(sp.hstack([dev, -ys_rep], format="csr"))  # ys >= base + dev
+        h_rows.append(-base.ravel())
         if coupled:
-            cons.append(np.r_[np.zeros(n_x), y_scale] @ x <= contract_rhs)
+            assert contract_rhs is not None
+            g_rows.append(sp.csr_matrix(np.r_[np.zeros(n_x), y_scale][None, :]))  # sum of the peaks
+            h_rows.append(np.array([contract_rhs], dtype=float))
         if lam_p > 0:
             c[n_x:] = lam_p * y_scale / row_scale
-    obj = c @ x if abs_term is None else c @ x + abs_term
-    blk.x = x
-    prob = cp.Problem(cp.Minimize(obj), cons)
-    err = _run(prob, campus.solver)
+    ineq = sp.vstack(g_rows, format="csr") if g_rows else None
+    rhs = np.concatenate(h_rows) if h_rows else None
+    x_value: np.ndarray | None
+    if lin.size and not blk.lin_split:  # Clarabel: |delta| of the linear rows as cp.abs
+        x = cp.Variable(n_cols, name="lp", bounds=[lower, upper])
+        obj = cp.sum(cp.multiply(c, x)) + cp.sum(cp.multiply(np.repeat(tie[lin], n_h), cp.abs(x[blk.lin_cols])))
+        cons = [eq @ x == 0] + ([ineq @ x <= rhs] if ineq is not None else [])
+        prob = cp.Problem(cp.Minimize(obj), cons)
+        err = _run(prob, campus.solver)
+        status, x_value = prob.status, None if x.value is None else np.asarray(x.value)
+    else:
+        err, status, x_value = _solve_matrix_lp(c, eq, ineq, rhs, lower, upper, campus.solver)
     if err is not None:
         return _LPResult("error", None, err, time.perf_counter() - t0)
-    status = prob.status
-    value = blk.value()
+    value = blk.value_of(x_value)
     if status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) and value is not None:
         delta = np.clip(value, dmin, hi)
         return _LPResult("optimal", delta, status, time.perf_counter() - t0)
