@@ -54,8 +54,9 @@ def credentials_from_env() -> tuple[str, str]:
     return user, password
 
 
-def parse_forecast_payload(payload: object, *, region: str) -> pd.DataFrame:
-    """Pure: a /v3/forecast JSON body -> raw canonical frame in g/kWh (issued_at = meta.generated_at)."""
+def payload_meta(payload: object, *, region: str) -> dict:
+    """Pure: the ``meta`` of a /v3/forecast or /v3/historical body, checked: a JSON object for ``region``, the
+    co2_moer signal in lbs/MWh."""
     if not isinstance(payload, dict):
         raise InputError("data", f"expected a JSON object, got {type(payload).__name__}")
     meta = require_key(payload, "meta", "")
@@ -68,6 +69,12 @@ def parse_forecast_payload(payload: object, *, region: str) -> pd.DataFrame:
     got_region = meta.get("region", region)
     if got_region != region:
         raise InputError("zone", f"asked WattTime for region {region!r}, response is for {got_region!r}")
+    return meta
+
+
+def parse_forecast_payload(payload: object, *, region: str) -> pd.DataFrame:
+    """Pure: a /v3/forecast JSON body -> raw canonical frame in g/kWh (issued_at = meta.generated_at)."""
+    meta = payload_meta(payload, region=region)
     issued_at = parse_utc_timestamp(require_key(meta, "generated_at", "meta"), "issued_at")
     points = require_list(payload, "data", nonempty=True)
     times = [require_key(p, "point_time", f"data[{i}]") for i, p in enumerate(points)]
@@ -143,15 +150,7 @@ class WattTimeSession:
 def parse_historical_payload(payload: object, *, region: str) -> pd.DataFrame:
     """Pure: a /v3/historical JSON body (the measured co2_moer, same shape as the forecast's, without
     ``generated_at``) -> raw canonical frame in g/kWh, ``issued_at`` = each point's time."""
-    if not isinstance(payload, dict):
-        raise InputError("data", f"expected a JSON object, got {type(payload).__name__}")
-    meta = require_key(payload, "meta", "")
-    units = require_key(meta, "units", "meta")
-    if units != EXPECTED_UNITS:
-        raise InputError("meta.units", f"expected {EXPECTED_UNITS!r}, got {units!r}")
-    got_region = meta.get("region", region)
-    if got_region != region:
-        raise InputError("zone", f"asked WattTime for region {region!r}, response is for {got_region!r}")
+    payload_meta(payload, region=region)
     points = require_list(payload, "data")
     times = parse_utc_timestamps([require_key(p, "point_time", f"data[{i}]") for i, p in enumerate(points)],
                                  "target_hour")
