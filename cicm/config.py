@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cicm.errors import InputError
 from cicm.paths import bundled_data_dir
@@ -284,6 +284,15 @@ def check_zone(provider: str, zone: str) -> str:
     return zone
 
 
+def path_relative_to_fleet(value: Path | None, info: ValidationInfo) -> Path | None:
+    """A file named in the fleet file: a relative path is relative to the fleet file's folder (the validation
+    context's ``fleet_dir``, when given)."""
+    base = (info.context or {}).get("fleet_dir")
+    if value is not None and not value.is_absolute() and base is not None:
+        return Path(base) / value
+    return value
+
+
 class CarbonSource(_Strict):
     """A campus's ``[campuses.carbon]`` table: where its grid's forecasts and actuals come from. Without it the
     campus uses the run's provider (``cicm plan --provider``, default trace). Tokens are never here: they come
@@ -304,13 +313,7 @@ class CarbonSource(_Strict):
             raise ValueError(f"must be an http(s) URL, got {value!r}")
         return value.rstrip("/") if value else value
 
-    @field_validator("forecast_csv", "actuals_csv", mode="after")
-    @classmethod
-    def _relative_to_fleet(cls, value: Path | None, info) -> Path | None:
-        base = (info.context or {}).get("fleet_dir") if info.context else None
-        if value is not None and not value.is_absolute() and base is not None:
-            return Path(base) / value
-        return value
+    _relative_to_fleet = field_validator("forecast_csv", "actuals_csv", mode="after")(path_relative_to_fleet)
 
     @model_validator(mode="after")
     def _csv_needs_a_file(self) -> "CarbonSource":
@@ -352,13 +355,7 @@ class SolarSpec(_Strict):
     azimuth_deg: float = Field(default=180.0, ge=0, le=360, description="180 faces south")
     cloud_csv: Path | None = Field(default=None, description="cloud-cover forecast; relative to the fleet file")
 
-    @field_validator("cloud_csv", mode="after")
-    @classmethod
-    def _relative_to_fleet(cls, value: Path | None, info) -> Path | None:
-        base = (info.context or {}).get("fleet_dir") if info.context else None
-        if value is not None and not value.is_absolute() and base is not None:
-            return Path(base) / value
-        return value
+    _relative_to_fleet = field_validator("cloud_csv", mode="after")(path_relative_to_fleet)
 
 
 class Campus(_Strict):

@@ -171,20 +171,25 @@ class _DeadlineTimeout(Timeout):
         return self._bounded(super().read_timeout)
 
 
-class _WatchedHTTPConnection(HTTPConnection):
-    def getresponse(self) -> Any:  # type: ignore[override]
+class _Watched:
+    """Mixed into urllib3's connections: the current call's deadline watches the socket while the response is
+    awaited and read."""
+
+    sock: Any
+
+    def getresponse(self) -> Any:
         deadline = _CURRENT.get()
         if deadline is not None:
             deadline.watch(self.sock)
-        return super().getresponse()
+        return super().getresponse()  # type: ignore[misc]
 
 
-class _WatchedHTTPSConnection(HTTPSConnection):
-    def getresponse(self) -> Any:  # type: ignore[override]
-        deadline = _CURRENT.get()
-        if deadline is not None:
-            deadline.watch(self.sock)
-        return super().getresponse()
+class _WatchedHTTPConnection(_Watched, HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
+    pass
 
 
 class _WatchedHTTPConnectionPool(HTTPConnectionPool):
