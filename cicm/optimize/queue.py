@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import cvxpy as cp
+from cvxpy.utilities import scopes
 import numpy as np
 import scipy.sparse as sp
 
 from cicm.errors import InputError
+from cicm.optimize.compiled import ProgramCache
 from cicm.optimize.curves import CurveTable, lower_hulls
 from cicm.optimize.highs import solver_for
 from cicm.optimize.inputs import PowerCurve, SOLVERS
@@ -314,10 +317,11 @@ def _solve(campus: QueueCampus, clusters: list[QueueCluster], storage: CampusSto
     slope = np.where(real, hulls.b[seg], 0.0)
     x_first = hulls.x0[hulls.start[:-1]]
     p_first = hulls.a[hulls.start[:-1]] + hulls.b[hulls.start[:-1]] * x_first
-    # One stacked variable X, every row block a sparse matrix built here (docs/optimizer.md, Speed): cvxpy then
-    # compiles a few matrix products instead of a tree of atoms. The columns and rows are those the expression
-    # form (fill, S, late[, over][, y] as matrix variables, flattened column-major) compiled to, in the same order
-    # and with the same coefficients, so HiGHS gets the same LP.
+    # One stacked variable X, every row block a sparse matrix (docs/optimizer.md, Speed): cvxpy compiles a few
+    # matrix products instead of a tree of atoms. The columns and rows are those the expression form (fill, S,
+    # late[, over][, y] as matrix variables, flattened column-major) compiled to, in the same order and with the
+    # same coefficients, so HiGHS gets the same LP. The structure (which rows and columns, their 0/±1 pattern) is
+    # built once per shape and kept compiled (:func:`_program`); the data below are its parameters.
     lim_list = [c.limit_cpu_cores for c in clusters]
     has_ov = any(lim is not None for lim in lim_list)
     nch = n_c * n  # cluster-hours; (c, h) is column-major index c + n_c * h
@@ -326,39 +330,16 @@ def _solve(campus: QueueCampus, clusters: list[QueueCluster], storage: CampusSto
     o_ov = o_lat + nch
     n_x = o_ov + (nch if has_ov else 0)
     peak_possible = storage is None and (campus.lambda_p > 0 or np.isfinite(campus.contract_kw))
-    cf = (np.arange(n_c)[:, None] + n_c * np.arange(n)[None, :])  # (C, N) -> column-major index
     ch_rows = (np.arange(n_c)[:, None] * n + np.arange(n)[None, :])  # (C, N) -> fill row c * n + h
     fill_idx = ch_rows[:, :, None] + nch * np.arange(k_max)[None, None, :]  # (C, N, K)
     caps = np.repeat(width / scale, n, axis=0)  # (C * n, K), row c * n + h
     s_hi = (avail / scale).ravel(order="F")
-    lower = np.zeros(n_x)
     upper = np.concatenate([caps.ravel(order="F"), s_hi, np.full(n_x - o_lat, np.inf)])
-    X = cp.Variable(n_x, bounds=[lower, upper])
-    csr = lambda data, r, c, m: sp.csr_matrix((data, (r, c)), shape=(m, n_x))  # noqa: E731
-    # service / scale: x(c, h) = S(c, h) - S(c, h - 1)
-    later = cf[:, 1:].ravel()
-    d_rows = np.r_[cf.ravel(), later]
-    d_cols = np.r_[o_s + cf.ravel(), o_s + cf[:, :-1].ravel()]
-    d_vals = np.r_[np.ones(nch), -np.ones(later.size)]
-    service = csr(d_vals, d_rows, d_cols, nch)
-    cum_late = csr(np.ones(2 * nch), np.r_[cf.ravel(), cf.ravel()], np.r_[o_s + cf.ravel(), o_lat + cf.ravel()], nch)
-    f_rows = np.repeat(cf[:, :, None], k_max, axis=2).ravel()
-    fill_sum = csr(np.ones(n_fill), f_rows, fill_idx.ravel(), nch)
-    cons = [service @ X >= 0, service @ X <= (room / scale).ravel(order="F"),
-            cum_late @ X >= (must / scale).ravel(order="F"),
-            (fill_sum - service) @ X == ((u - x_first[:, None]) / scale).ravel(order="F")]
     s_rep = np.repeat(slope * scale, n, axis=0)  # (C * n, K): kW per unit fill
     kw = s_rep[ch_rows]  # (C, N, K)
     c_obj = np.zeros(n_x)
-    terms = None
     if storage is None:
         c_obj[fill_idx.ravel()] = campus.lambda_e * ((eta / 1000.0)[None, :, None] * kw).ravel()
-    else:  # the campus meter: grid = load - solar - discharge + charge, charged at the carbon forecast
-        load_rows = np.broadcast_to(np.arange(n)[None, :, None], (n_c, n, k_max)).ravel()
-        load = sp.csr_matrix((kw.ravel(), (load_rows, fill_idx.ravel())), shape=(n, n_x)) @ X + float(p_first.sum())
-        terms = storage_terms(storage, load, eta, np.asarray(campus.committed), campus.contract_kw,
-                              campus.lambda_e, campus.lambda_p)
-        objective, cons = terms.objective, cons + terms.constraints
     eta_term = float(eta.mean())
     slope_term = table.slope_at(u.mean(axis=1, keepdims=True))[:, 0]
     k_left = campus.lambda_e * eta_term / 1000.0
@@ -368,69 +349,226 @@ def _solve(campus: QueueCampus, clusters: list[QueueCluster], storage: CampusSto
     c_lat = np.broadcast_to(k_late * scale, (n_c, n))
     c_obj[o_s:o_lat] = c_s.ravel(order="F")
     c_obj[o_lat:o_lat + nch] = c_lat.ravel(order="F")
+    # The data of the LP: the fill and cumulative-service bounds, the objective, and every right-hand side in one
+    # vector (room, must, start[, released][, peak constants, contract]), the order of :class:`_QueueProgram`'s rows.
+    rhs = [(room / scale).ravel(order="F"), (must / scale).ravel(order="F"),
+           ((u - x_first[:, None]) / scale).ravel(order="F")]
     if has_ov:
         lim = np.stack([room[i] if cap is None else np.minimum(cap, room[i]) for i, cap in enumerate(lim_list)])
         carry = np.array([c.carry_core_hours for c in clusters])[:, None]
         # S(c, h) <= (carry + cumulative plan of record) / scale + sum_{j <= h} over(c, j)
-        hh, jj = np.tril_indices(n)
-        rows_ov = (np.arange(n_c)[:, None] + n_c * hh[None, :]).ravel()
-        cols_ov = (o_ov + np.arange(n_c)[:, None] + n_c * jj[None, :]).ravel()
-        plan_rec = csr(np.r_[np.ones(nch), -np.ones(rows_ov.size)], np.r_[cf.ravel(), rows_ov],
-                       np.r_[o_s + cf.ravel(), cols_ov], nch)
-        cons.append(plan_rec @ X <= ((carry + np.cumsum(lim, axis=1)) / scale).ravel(order="F"))
+        rhs.append(((carry + np.cumsum(lim, axis=1)) / scale).ravel(order="F"))
         c_obj[o_ov:o_ov + nch] = np.broadcast_to(unit * OVER_PRICE * scale, (n_c, n)).ravel(order="F")
-    objective = c_obj @ X if terms is None else terms.objective + c_obj @ X
     assert campus.committed is not None  # QueueCampus.__post_init__ fills the default
     com = np.flatnonzero(campus.committed)
     # The contract rows (one per cluster and committed hour) are only added when they can bind: with no price on
     # the peak and the summed peaks bounded below the contract whatever the plan, they cut nothing off. The bound:
     # a cluster serves at most min(room, avail) in an hour, and its hull is convex, so its power in the hour is at
     # most the hull at U_IF or at U_IF + that. The solution is checked against the contract afterwards, and the
-    # rows are added and the LP solved again if it fails (it cannot when the fills are in order).
+    # rows are added and the LP solved again if it fails (it cannot when the fills in order).
     peak_rows = peak_possible
     if peak_rows and campus.lambda_p == 0 and _peak_bound(u, np.minimum(room, avail), a, b, com) \
             <= campus.contract_kw * (1 - CHECK_RTOL):
         peak_rows = False
-    z_com = None  # power (kW) in the committed hours minus its constant, (C, len(com)) column-major rows
-    if peak_possible:
-        pc = (np.arange(n_c)[:, None] + n_c * np.arange(com.size)[None, :])  # (C, ncom) column-major
-        z_com = sp.csr_matrix((kw[:, com, :].ravel(), (np.repeat(pc[:, :, None], k_max, axis=2).ravel(),
-                                                        fill_idx[:, com, :].ravel())), shape=(n_c * com.size, n_x))
-    base_cons = cons
-    for attempt in range(2):
-        cons = list(base_cons)
-        obj = objective
-        if peak_rows:  # y(c) >= z(c, h) over the committed hours; sum_c y(c) <= the contract
-            assert z_com is not None
-            y = cp.Variable(n_c)
-            rep = sp.csr_matrix((np.ones(n_c * com.size), (np.arange(n_c * com.size),
-                                                          np.tile(np.arange(n_c), com.size))))
-            cons.append(z_com @ X - rep @ y <= -np.repeat(p_first[:, None], com.size, axis=1).ravel(order="F"))
-            if np.isfinite(campus.contract_kw):
-                cons.append(cp.sum(y) <= campus.contract_kw)
-            obj = obj + campus.lambda_p * cp.sum(y)
-        prob = cp.Problem(cp.Minimize(obj), cons)
-        try:
-            prob.solve(solver=solver_for(campus.solver), ignore_dpp=True,
-                       **SOLVER_OPTIONS.get(campus.solver, {}))
-        except cp.error.SolverError as exc:
-            raise _SolveFailed(f"{campus.solver}: {exc}") from None
-        if prob.status not in ("optimal", "optimal_inaccurate") or X.value is None:
-            raise _SolveFailed(f"{campus.solver} returned {prob.status}")
-        if peak_rows or storage is not None or not np.isfinite(campus.contract_kw):
-            break
-        assert z_com is not None
-        z_val = (z_com @ np.asarray(X.value)).reshape((n_c, com.size), order="F") + p_first[:, None]
-        if float(z_val.max(axis=1).sum()) <= campus.contract_kw * (1 + CHECK_RTOL):
-            break
-        peak_rows = True  # the bound was wrong (it cannot be with fills in order): plan again with the rows
-    xv = np.asarray(X.value)
+    kw_com = kw[:, com, :]  # kW per unit fill in the committed hours, (C, ncom, K)
+    terms = None
+    data: dict[str, Any]
+    if storage is not None:  # the campus meter: grid = load - solar - discharge + charge, charged at the carbon
+        shape = _Shape(n_c, n, k_max, has_ov, False, False, com.tobytes())
+        x_var = cp.Variable(n_x, bounds=[np.zeros(n_x), upper])
+        load_rows = np.broadcast_to(np.arange(n)[None, :, None], (n_c, n, k_max)).ravel()
+        load = sp.csr_matrix((kw.ravel(), (load_rows, fill_idx.ravel())), shape=(n, n_x)) @ x_var \
+            + float(p_first.sum())
+        terms = storage_terms(storage, load, eta, np.asarray(campus.committed), campus.contract_kw,
+                              campus.lambda_e, campus.lambda_p)
+        data = {"upper": upper, "c": c_obj, "rhs": np.concatenate(rhs)}
+        prog = _QueueProgram(shape, data, parametric=False, x=x_var, extra=(terms.objective, terms.constraints))
+        xv = prog.solve(campus.solver, data)
+    else:
+        for attempt in range(2):
+            contract_row = peak_rows and bool(np.isfinite(campus.contract_kw))
+            shape = _Shape(n_c, n, k_max, has_ov, bool(peak_rows), contract_row, com.tobytes())
+            data = {"upper": upper, "c": c_obj}
+            if peak_rows:
+                kw_fill = np.zeros(n_fill)
+                kw_fill[fill_idx.ravel()] = kw.ravel()
+                data.update(kw_fill=kw_fill, lambda_p=campus.lambda_p)
+                data["rhs"] = np.concatenate(rhs + [-np.repeat(p_first[:, None], com.size, axis=1).ravel(order="F")]
+                                             + ([np.array([campus.contract_kw])] if contract_row else []))
+            else:
+                data["rhs"] = np.concatenate(rhs)
+            xv = _solve_cached(campus.solver, shape, data)
+            if peak_rows or not np.isfinite(campus.contract_kw):
+                break
+            # z(c, h) over the committed hours, kW (the peak rows' left-hand side, summed over the fills in order)
+            z_val = (kw_com * xv[fill_idx[:, com, :]]).sum(axis=2) + p_first[:, None]
+            if float(z_val.max(axis=1).sum()) <= campus.contract_kw * (1 + CHECK_RTOL):
+                break
+            peak_rows = True  # the bound was wrong (it cannot be with fills in order): plan again with the rows
     s_val = xv[o_s:o_lat].reshape((n_c, n), order="F")
     s = np.clip(np.diff(s_val, axis=1, prepend=0.0) * scale, 0.0, room)
     late_v = np.maximum(xv[o_lat:o_lat + nch].reshape((n_c, n), order="F") * scale, 0.0)
     over_v = np.zeros_like(s) if not has_ov else np.maximum(xv[o_ov:o_ov + nch].reshape((n_c, n), order="F")
                                                             * scale, 0.0)
     return s, late_v, over_v, terms
+
+
+# ------------------------------------------------------------------------------------------ the compiled LP
+
+
+class _BoundedVariable(cp.Variable):
+    """A variable whose bounds are Parameters, and still DPP in products with Parameters.
+
+    cvxpy (1.9) lets bounds be Parameters (they become a parameter-to-bounds map like the rest of the data), but a
+    variable with such bounds reports their parameters as its own, so ``parameter @ x`` is not "parameter-affine
+    times parameter-free" and the problem is not DPP: it would be compiled again on every solve. The bounds do not
+    enter any product, so under the DPP analysis (``scopes.dpp_scope``) this variable is parameter-free; everywhere
+    else (the problem's parameters, the bounds map) it reports them as before."""
+
+    def parameters(self):
+        return [] if scopes.dpp_scope_active() else super().parameters()
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Everything the queue LP's structure depends on (the key of a compiled program): clusters, hours, hull
+    segments (padded), whether there is a plan of record, whether the peak rows and the contract row are built,
+    and the committed hours (the peak rows' hours)."""
+
+    n_c: int
+    n: int
+    k_max: int
+    has_ov: bool
+    peak_rows: bool
+    contract_row: bool
+    committed: bytes  # np.flatnonzero(committed).tobytes()
+
+    @property
+    def com(self) -> np.ndarray:
+        return np.frombuffer(self.committed, dtype=np.intp)
+
+    @property
+    def n_x(self) -> int:
+        nch = self.n_c * self.n
+        return nch * (self.k_max + 2 + (1 if self.has_ov else 0))
+
+
+class _QueueProgram:
+    """The queue LP of one :class:`_Shape` as a cvxpy problem, its data (``upper``: the column bounds, ``c``: the
+    objective, ``rhs``: the right-hand sides in row order; with peak rows ``kw_fill``: kW per unit fill, and
+    ``lambda_p``) either constants (``parametric=False``: a one-off problem, compiled like any cvxpy problem) or
+    ``cp.Parameter`` s (DPP: compiled on the first solve into a parameter-to-LP map, re-solved with new values
+    after, see :mod:`cicm.optimize.compiled`). Both give HiGHS the same LP, bit for bit. ``x`` and ``extra`` (the
+    storage terms' objective and constraints on ``x``) are for the campus-meter program, always a one-off."""
+
+    def __init__(self, shape: _Shape, data: dict, parametric: bool, x: cp.Variable | None = None,
+                 extra: tuple | None = None):
+        self.shape = shape
+        n_c, n, k_max, nch = shape.n_c, shape.n, shape.k_max, shape.n_c * shape.n
+        n_fill, n_x = nch * k_max, shape.n_x
+        o_s, o_lat, o_ov = n_fill, n_fill + nch, n_fill + 2 * nch
+        com = shape.com
+        n_peak = n_c * com.size if shape.peak_rows else 0
+        n_rhs = nch * (4 if shape.has_ov else 3) + n_peak + (1 if shape.contract_row else 0)
+        self.parametric = parametric
+        self.params: dict[str, cp.Parameter] = {}
+
+        def value(name: str, size: int | None = None, **attrs):
+            if not parametric:
+                return data[name]
+            p = cp.Parameter(size, name=name, **attrs) if size is not None else cp.Parameter(name=name, **attrs)
+            self.params[name] = p
+            return p
+
+        if x is None:
+            x = _BoundedVariable(n_x, bounds=[np.zeros(n_x), value("upper", n_x)]) if parametric else \
+                cp.Variable(n_x, bounds=[np.zeros(n_x), data["upper"]])
+        self.x = X = x
+        rhs = value("rhs", n_rhs)
+        at = [0]
+
+        def take(size: int):
+            at[0] += size
+            return rhs[at[0] - size:at[0]]
+
+        csr = lambda vals, r, c, m, cols=n_x: sp.csr_matrix((vals, (r, c)), shape=(m, cols))  # noqa: E731
+        cf = (np.arange(n_c)[:, None] + n_c * np.arange(n)[None, :])  # (C, N) -> column-major index
+        ch_rows = (np.arange(n_c)[:, None] * n + np.arange(n)[None, :])  # (C, N) -> fill row c * n + h
+        fill_idx = ch_rows[:, :, None] + nch * np.arange(k_max)[None, None, :]  # (C, N, K)
+        # service / scale: x(c, h) = S(c, h) - S(c, h - 1)
+        later = cf[:, 1:].ravel()
+        service = csr(np.r_[np.ones(nch), -np.ones(later.size)], np.r_[cf.ravel(), later],
+                      np.r_[o_s + cf.ravel(), o_s + cf[:, :-1].ravel()], nch)
+        cum_late = csr(np.ones(2 * nch), np.r_[cf.ravel(), cf.ravel()], np.r_[o_s + cf.ravel(), o_lat + cf.ravel()],
+                       nch)
+        fill_sum = csr(np.ones(n_fill), np.repeat(cf[:, :, None], k_max, axis=2).ravel(), fill_idx.ravel(), nch)
+        cons = [service @ X >= 0, service @ X <= take(nch), cum_late @ X >= take(nch),
+                (fill_sum - service) @ X == take(nch)]
+        if extra is not None:
+            cons += extra[1]
+        if shape.has_ov:
+            hh, jj = np.tril_indices(n)
+            rows_ov = (np.arange(n_c)[:, None] + n_c * hh[None, :]).ravel()
+            cols_ov = (o_ov + np.arange(n_c)[:, None] + n_c * jj[None, :]).ravel()
+            plan_rec = csr(np.r_[np.ones(nch), -np.ones(rows_ov.size)], np.r_[cf.ravel(), rows_ov],
+                           np.r_[o_s + cf.ravel(), cols_ov], nch)
+            cons.append(plan_rec @ X <= take(nch))
+        objective = value("c", n_x) @ X
+        if extra is not None:
+            objective = extra[0] + objective
+        if shape.peak_rows:  # y(c) >= z(c, h) over the committed hours; sum_c y(c) <= the contract
+            y = cp.Variable(n_c)
+            pc = (np.arange(n_c)[:, None] + n_c * np.arange(com.size)[None, :])  # (C, ncom) column-major
+            rows = np.repeat(pc[:, :, None], k_max, axis=2).ravel()
+            cols = fill_idx[:, com, :].ravel()
+            if parametric:  # z = (0/1 pattern) @ (kW per unit fill * fill): the same coefficients
+                z = csr(np.ones(rows.size), rows, cols, n_peak, n_fill) @ cp.multiply(value("kw_fill", n_fill),
+                                                                                     X[:n_fill])
+            else:
+                z = csr(data["kw_fill"][cols], rows, cols, n_peak) @ X
+            rep = csr(np.ones(n_peak), np.arange(n_peak), np.tile(np.arange(n_c), com.size), n_peak, n_c)
+            cons.append(z - rep @ y <= take(n_peak))
+            if shape.contract_row:
+                cons.append(cp.sum(y) <= take(1)[0])
+            objective = objective + value("lambda_p", nonneg=True) * cp.sum(y)
+        assert at[0] == n_rhs
+        self.problem = cp.Problem(cp.Minimize(objective), cons)
+
+    def solve(self, solver: str, data: dict) -> np.ndarray:
+        """Solve with ``data`` (the parameters' values; a one-off problem has them already) and return X."""
+        for name, p in self.params.items():
+            v = data[name]
+            if np.shape(v) != p.shape:  # a wrong key would re-use a program of another shape
+                raise ValueError(f"queue program {self.shape}: {name} has shape {np.shape(v)}, expected {p.shape}")
+            p.value = v
+        prob = self.problem
+        try:
+            prob.solve(solver=solver_for(solver), ignore_dpp=not self.parametric,
+                       **SOLVER_OPTIONS.get(solver, {}))
+        except cp.error.SolverError as exc:
+            raise _SolveFailed(f"{solver}: {exc}") from None
+        if prob.status not in ("optimal", "optimal_inaccurate") or self.x.value is None:
+            raise _SolveFailed(f"{solver} returned {prob.status}")
+        return np.asarray(self.x.value)
+
+
+#: Compiled queue programs by (solver, shape); see :mod:`cicm.optimize.compiled`. A shape is compiled as a DPP
+#: program the second time it is solved (the first solve builds a one-off problem: cheaper to compile once, and
+#: the backtest's shrinking horizons at a window's end are one-off shapes), and only while its LP has at most
+#: ``max_columns`` columns. ``PROGRAMS.maxsize = 0`` turns the cache off.
+PROGRAMS: ProgramCache[_QueueProgram] = ProgramCache()
+
+
+def _solve_cached(solver: str, shape: _Shape, data: dict) -> np.ndarray:
+    key = (solver, shape)
+    prog = PROGRAMS.take(key)
+    if prog is None:
+        if not PROGRAMS.compile_now(key, shape.n_x):
+            return _QueueProgram(shape, data, parametric=False).solve(solver, data)
+        prog = _QueueProgram(shape, data, parametric=True)
+    xv = prog.solve(solver, data)  # a failed program is not kept: its cvxpy problem may hold a half-done state
+    PROGRAMS.put(key, prog)
+    return xv
 
 
 def _peak_bound(u: np.ndarray, most: np.ndarray, a: np.ndarray, b: np.ndarray, com: np.ndarray) -> float:
