@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import os
 from datetime import datetime
@@ -48,6 +49,8 @@ from .schemas import (
     DemandBody,
     ErrorBody,
     PowerBody,
+    PowerCapsBody,
+    PowerCapsSet,
     TickBody,
     Timestamp,
     TokenIssued,
@@ -62,6 +65,7 @@ log = logging.getLogger("cicm.ecovisor")
 
 T = TypeVar("T")
 INLINE_BACKENDS = ("simulated", "cgroup")  # backends whose calls are quick enough for the event loop
+INLINE_MAX_CAPS = 200  # a bulk cap request of more containers runs in a worker thread, not on the event loop
 
 _bearer = HTTPBearer(auto_error=False)
 Creds = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
@@ -80,6 +84,8 @@ R401_ADMIN = _resp(401, "no bearer token, or not the admin token")
 R403 = _resp(403, "an application's token on an admin route")
 R404_CONTAINER = _resp(404, "the app has no container of that name (the same answer for another app's container "
                             "as for one that does not exist)")
+R404_CAPS = _resp(404, "an entry names a container the app does not have (the same answer for another app's "
+                       "container as for one that does not exist); ``field`` is ``caps.<i>.name``; nothing changed")
 R409 = _resp(409, "conflicts with the current state")
 R422 = _resp(422, "a malformed or out-of-range value (strict types: no strings for numbers, no booleans, "
                   "timestamps as ISO-8601 strings with a zone); nothing changed")
@@ -443,6 +449,25 @@ def create_app(
     @api.get("/v1/containers", tags=["containers"], responses=APP)
     async def list_containers(app_: App) -> list[dict]:
         return await run(lambda: [core.get_container(app_, c) for c in app_.containers])
+
+    @api.put("/v1/containers/powercaps", tags=["containers"], response_model=PowerCapsSet,
+             responses=APP | R404_CAPS | R422 | R503)
+    async def set_container_powercaps(body: PowerCapsBody, app_: App) -> Response:
+        """Set many of the app's container caps in one request (``[{"name", "kw"}]``, each as
+        ``PUT /v1/containers/{name}/powercap`` takes it), validated as a whole: one bad entry (a container the app
+        does not have, one named twice, a cap outside its [idle_kw, max_kw]) refuses all of them with the entry
+        in ``field`` (``caps.<i>.name`` or ``caps.<i>.kw``), and nothing changes. Answers every container of the
+        request, in its order, as ``GET /v1/containers/{name}`` shows it."""
+        pairs = [(e.name, e.kw) for e in body.caps]
+
+        def set_all() -> bytes:
+            views = [core.container_view(cs) for cs in core.set_container_powercaps(app_, pairs)]
+            return json.dumps({"app": app_.name, "n": len(views), "containers": views}, allow_nan=False,
+                              separators=(",", ":")).encode()
+
+        # a large batch goes to a worker thread so it does not hold up the event loop
+        content = await (run(set_all) if len(pairs) <= INLINE_MAX_CAPS else anyio.to_thread.run_sync(set_all))
+        return Response(content, media_type="application/json")
 
     @api.get("/v1/containers/{name}", tags=["containers"], responses=APP | R404_CONTAINER | R422)
     async def get_container(name: Name, app_: App) -> dict:

@@ -117,6 +117,33 @@ class Ecovisor:
             self.registry.persist(app)
             return cs
 
+    def set_container_powercaps(self, app: AppState, caps: list[tuple[str, float]]) -> list[ContainerState]:
+        """Set several of the app's container caps at once, validated as a whole: an unknown container or another
+        app's (404, ``field`` ``caps.<i>.name``), a container named twice or a cap outside the container's
+        [idle, max] (422, ``caps.<i>.name`` / ``caps.<i>.kw``) refuses the whole request, and nothing changes.
+        Returns the containers in the request's order."""
+        with self._lock:
+            items: list[tuple[ContainerState, float]] = []
+            seen: dict[str, int] = {}
+            for i, (name, kw) in enumerate(caps):
+                if name in seen:
+                    raise InputError(f"caps.{i}.name", f"container {name!r} is also entry {seen[name]}: "
+                                                       "name each container at most once")
+                seen[name] = i
+                try:
+                    cs = self.registry.container_of(app, name)
+                except NotFoundError as e:
+                    raise NotFoundError(f"entry {i}: {e}; nothing was changed", field=f"caps.{i}.name") from None
+                try:
+                    value = settings.check_powercap_kw(cs.model, kw)
+                except InputError as e:
+                    raise InputError(f"caps.{i}.kw", f"container {name!r}: {e.message}") from None
+                items.append((cs, value))
+            if items:
+                self.caps.set_powercaps(app, items)
+                self.registry.persist(app)
+            return [cs for cs, _ in items]
+
     def set_battery_charge_rate(self, app: AppState, kw: float) -> AppState:
         with self._lock:
             app.charge_rate_kw = settings.check_charge_rate_kw(app, kw)

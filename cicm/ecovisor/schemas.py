@@ -129,6 +129,54 @@ class PowerBody(BaseModel):
     kw: float = Field(ge=0, description="power in kW (a number, never a string or a boolean)")
 
 
+MAX_CAPS_PER_REQUEST = 100_000
+
+
+class PowerCapEntry(BaseModel):
+    """One container's cap in a bulk request: the container's name and the cap in kW, as
+    ``PUT /v1/containers/{name}/powercap`` takes it (within the container's [idle_kw, max_kw])."""
+
+    model_config = _IN
+    name: str = Field(pattern=NAME_PATTERN, description="one of the app's containers")
+    kw: float = Field(ge=0, description="power cap in kW (a number, never a string or a boolean)")
+
+
+class PowerCapsBody(BaseModel):
+    """Several of the app's container caps, set in one request and validated as a whole: one bad entry (a
+    container the app does not have, a container named twice, a cap outside the container's [idle_kw, max_kw])
+    refuses the request, naming the entry (``caps.<i>.name`` or ``caps.<i>.kw``), and nothing changes."""
+
+    model_config = _IN
+    caps: list[PowerCapEntry] = Field(max_length=MAX_CAPS_PER_REQUEST,
+                                      description=f"at most {MAX_CAPS_PER_REQUEST:,} entries, each container once")
+
+
+class ContainerView(BaseModel):
+    """A container as ``GET /v1/containers/{name}`` shows it."""
+
+    container: str
+    app: str | None
+    cores: float
+    idle_kw: float
+    max_kw: float
+    powercap_kw: float
+    effective_powercap_kw: float = Field(description="the cap in force after the app's carbon policies")
+    cpu_limit_cores: float | None
+    cpu_usage_cores: float
+    power_kw: float
+    power_source: str
+    backend: str
+    backend_error: str | None
+
+
+class PowerCapsSet(BaseModel):
+    """The answer to a bulk cap request: every container of the request, in its order, as it is now."""
+
+    app: str
+    n: int = Field(description="how many caps were set")
+    containers: list[ContainerView]
+
+
 class TickBody(BaseModel):
     model_config = _IN
     n: int = Field(default=1, ge=1, le=MAX_TICKS_PER_REQUEST,

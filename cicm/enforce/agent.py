@@ -31,6 +31,7 @@ import logging
 import math
 import threading
 from dataclasses import dataclass, field
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cicm.agent")
 
 MODE_SHAPED, MODE_LIFT, MODE_KEEP = "shaped", "lift", "keep"
+CapSteps = Generator[float, dict, dict]  # a container's caps to set, one per step; sent each answer; its audit entry
 RESULT_APPLIED, RESULT_UNCHANGED, RESULT_FAILED, RESULT_ERROR = "applied", "unchanged", "failed", "error"
 
 
@@ -302,18 +304,71 @@ class Agent:
         return m
 
     def _lift(self, c: ContainerInfo, changes: list[str], why: str) -> dict:
+        return self._drive(c.name, self._lift_steps(c, changes, why))
+
+    def _cap(self, c: ContainerInfo, target: float, changes: list[str]) -> dict:
+        return self._drive(c.name, self._cap_steps(c, target, changes))
+
+    def _drive(self, name: str, steps: CapSteps) -> dict:
+        """Run one container's cap steps with one ``PUT /v1/containers/{name}/powercap`` per step."""
+        try:
+            kw = next(steps)
+            while True:
+                kw = steps.send(self.eco.set_powercap(name, kw))
+        except StopIteration as done:
+            return done.value
+
+    def _drive_all(self, steps: dict[str, CapSteps]) -> tuple[dict[str, dict], str]:
+        """Run every container's cap steps together: each round sends the next cap of every container still
+        searching in one bulk request (``EcovisorClient.set_powercaps``: one ``PUT /v1/containers/powercaps``,
+        or one PUT per container against an older ecovisor), and feeds each container its own answer. Each
+        container's search is the one :meth:`_drive` runs alone; returns the entries by name and a note on
+        the requests."""
+        bulk = getattr(self.eco, "set_powercaps", None)
+        done: dict[str, dict] = {}
+        pending: dict[str, float] = {}
+        for name, st in steps.items():
+            try:
+                pending[name] = next(st)
+            except StopIteration as fin:
+                done[name] = fin.value
+        rounds = settings = 0
+        touched: set[str] = set()
+        while pending:
+            batch = list(pending.items())
+            touched.update(pending)
+            answers = bulk(batch) if bulk is not None else {n: self.eco.set_powercap(n, kw) for n, kw in batch}
+            rounds, settings = rounds + 1, settings + len(batch)
+            nxt: dict[str, float] = {}
+            for name, _kw in batch:
+                try:
+                    nxt[name] = steps[name].send(answers[name])
+                except StopIteration as fin:
+                    done[name] = fin.value
+            pending = nxt
+        if not rounds:
+            return done, ""
+        fallback = getattr(self.eco, "bulk_fallback", None) if bulk is not None else "the client has no bulk route"
+        how = (f"{rounds} bulk request(s)" if bulk is not None and not fallback else
+               f"{settings} per-container PUT(s) ({fallback})")
+        return done, f"caps: {settings} setting(s) of {len(touched)} container(s) in {how}"
+
+    def _lift_steps(self, c: ContainerInfo, changes: list[str], why: str) -> CapSteps:
         entry = {"target_cores": c.cores, "powercap_kw": c.max_kw, "cpu_limit_cores": c.cpu_limit_cores,
                  "flexible": c.flexible}
         if c.powercap_kw < c.max_kw - 1e-9:
-            resp = self.eco.set_powercap(c.name, c.max_kw)
+            resp = yield c.max_kw
             entry["cpu_limit_cores"] = resp.get("cpu_limit_cores")
             changes.append(f"{c.name}: lifted {c.powercap_kw:.4g} -> {c.max_kw:.4g} kW ({why})")
         return entry
 
-    def _cap(self, c: ContainerInfo, target: float, changes: list[str]) -> dict:
+    def _cap_steps(self, c: ContainerInfo, target: float, changes: list[str]) -> CapSteps:
+        """The caps to set, one at a time (each step yields a cap and is sent the ecovisor's answer), so that
+        the container's CPU limit reaches ``target`` without exceeding it; returns the container's audit entry."""
         tol = tolerance_cores(c.cores)
         if target >= c.cores - tol:
-            return self._lift(c, changes, "allowance covers the container") | {"target_cores": target}
+            lifted = yield from self._lift_steps(c, changes, "allowance covers the container")
+            return lifted | {"target_cores": target}
         model = self._model(c)
         limit, kw = c.cpu_limit_cores, c.powercap_kw
         entry = {"target_cores": round(target, 6), "flexible": True}
@@ -328,7 +383,7 @@ class Agent:
             new_kw = float(min(max(new_kw, c.idle_kw), c.max_kw))
             if puts and abs(new_kw - kw) < 1e-12:
                 break  # no progress: the model cannot do better
-            resp = self.eco.set_powercap(c.name, new_kw)
+            resp = yield new_kw
             puts += 1
             kw, limit = new_kw, resp.get("cpu_limit_cores")
             if limit is None:
@@ -349,7 +404,7 @@ class Agent:
                 side = -1
         if limit is None or limit > target + tol:  # never exceed the plan: fall back to a cap known to be below
             kw = model.safe_kw(target + tol)
-            resp = self.eco.set_powercap(c.name, kw)
+            resp = yield kw
             puts += 1
             limit = resp.get("cpu_limit_cores")
         changes.append(f"{c.name}: cap {c.powercap_kw:.4g} -> {kw:.4g} kW, CPU limit "
@@ -549,29 +604,39 @@ class Agent:
                     f"none of the app's containers ({', '.join(c.name for c in containers) or 'none'}) is flexible "
                     f"(flexible: {', '.join(self.config.flexible) or self.config.flexible_pattern})")
             changes: list[str] = []
+            own: dict[str, list[str]] = {c.name: [] for c in containers}  # each container's change lines
+            steps: dict[str, CapSteps] = {}
             for c in containers:
                 if not c.flexible:
-                    out.caps[c.name] = self._lift(c, changes, "inflexible work is never capped")
+                    steps[c.name] = self._lift_steps(c, own[c.name], "inflexible work is never capped")
             if mode == MODE_SHAPED:
                 assert allowance is not None  # as above
                 scale = self._scale(plan, containers)
                 out.allowance_container_cores = allowance / scale
                 targets = flexible_targets(out.allowance_container_cores, flexible)
                 for c in flexible:
-                    out.caps[c.name] = self._cap(c, targets[c.name], changes)
+                    steps[c.name] = self._cap_steps(c, targets[c.name], own[c.name])
+            elif mode == MODE_LIFT:
+                for c in flexible:
+                    steps[c.name] = self._lift_steps(c, own[c.name], reason or "lift")
+            entries, how = self._drive_all(steps)  # every cap that differs, in one request per search round
+            for c in [*(c for c in containers if not c.flexible), *(flexible if mode != MODE_KEEP else [])]:
+                out.caps[c.name] = entries[c.name]
+                changes.extend(own[c.name])
+            if mode == MODE_SHAPED:
+                assert out.allowance_container_cores is not None
                 used = sum(float(out.caps[c.name].get("cpu_limit_cores") or 0.0) for c in flexible)
                 slack = sum(tolerance_cores(c.cores) for c in flexible)
                 within = used <= min(out.allowance_container_cores, sum(c.cores for c in flexible)) + slack
                 details.append(f"flexible CPU limits {used:.3g} of {out.allowance_container_cores:.3g} allowed "
                                f"container cores (scale {scale:,.6g} cluster cores per core)"
                                + ("" if within else " EXCEEDS THE PLAN"))
-            elif mode == MODE_LIFT:
-                for c in flexible:
-                    out.caps[c.name] = self._lift(c, changes, reason or "lift")
-            else:  # keep: record what is there
+            elif mode == MODE_KEEP:  # keep: record what is there
                 for c in flexible:
                     out.caps[c.name] = {"target_cores": None, "powercap_kw": c.powercap_kw,
                                         "cpu_limit_cores": c.cpu_limit_cores, "flexible": True, "kept": True}
+            if how:
+                details.append(how)
             if mode == MODE_KEEP and plan is None:
                 details.append("battery settings kept")
             else:

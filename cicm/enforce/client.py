@@ -6,7 +6,9 @@ not help; also a success whose body is not JSON). Each request is retried ``retr
 with a short fixed delay, by urllib3's ``Retry`` on a ``requests.Session`` (:func:`cicm.httpclient.make_session`);
 longer back-off is the agent's job.
 
-Routes used (checked against ``/openapi.json`` by :meth:`EcovisorClient.check_contract`): see ``ROUTES``.
+Routes used (checked against ``/openapi.json`` by :meth:`EcovisorClient.check_contract`): see ``ROUTES``; the bulk
+cap route (``OPTIONAL_ROUTES``) is used when the ecovisor has it, else :meth:`EcovisorClient.set_powercaps` falls
+back to one ``PUT /v1/containers/{name}/powercap`` per container.
 """
 from __future__ import annotations
 
@@ -31,6 +33,11 @@ ROUTES: dict[str, tuple[str, str]] = {
     "grid_carbon": ("get", "/v1/grid/carbon"),
     "solar": ("get", "/v1/solar/power"),
 }
+OPTIONAL_ROUTES: dict[str, tuple[str, str]] = {
+    # an older ecovisor lacks it: the client then sets the caps one container at a time (set_powercaps)
+    "set_powercaps": ("put", "/v1/containers/powercaps"),
+}
+FALLBACK_STATUS = (404, 405)  # what an ecovisor without the bulk route answers for it
 
 UNAVAILABLE_STATUS = (502, 503, 504)
 
@@ -74,6 +81,8 @@ class EcovisorClient:
             session.headers["Authorization"] = f"Bearer {token}"
         self._http = session
         self.writes: list[tuple[str, str, dict]] = []  # every successful PUT (path, body): what the agent changed
+        self.bulk_caps: bool | None = None  # the bulk cap route: None until tried, False on an older ecovisor
+        self.bulk_fallback: str | None = None  # why the client sets caps one container at a time
 
     def close(self) -> None:
         self._http.close()
@@ -155,6 +164,33 @@ class EcovisorClient:
     # ------------------------------------------------------------------------------------------ setters
     def set_powercap(self, name: str, kw: float) -> dict:
         return self._request(*self._route("set_powercap", name=name), json={"kw": float(kw)})
+
+    def set_powercaps(self, caps: list[tuple[str, float]]) -> dict[str, dict]:
+        """Set several containers' caps: one ``PUT /v1/containers/powercaps`` (validated as a whole by the
+        ecovisor: one bad entry refuses all, :class:`EcovisorError` naming it). An ecovisor without that route
+        (it answers 404 or 405 without naming a field) gets one ``PUT /v1/containers/{name}/powercap`` per
+        container, now and from then on (:attr:`bulk_fallback` says why). Returns each container as answered,
+        by name."""
+        if not caps:
+            return {}
+        if self.bulk_caps is not False:
+            method, path = OPTIONAL_ROUTES["set_powercaps"]
+            try:
+                body = self._request(method, path, json={"caps": [{"name": n, "kw": float(kw)} for n, kw in caps]})
+            except EcovisorError as exc:
+                if exc.status_code not in FALLBACK_STATUS or exc.field is not None:
+                    raise
+                self.bulk_caps = False
+                self.bulk_fallback = (f"the ecovisor at {self.base_url} has no bulk cap route (HTTP "
+                                      f"{exc.status_code} for {method.upper()} {path}): one PUT per container")
+            else:
+                self.bulk_caps = True
+                got = body.get("containers") if isinstance(body, dict) else None
+                if not isinstance(got, list) or len(got) != len(caps) or not all(isinstance(d, dict) for d in got):
+                    raise EcovisorBadResponse(200, f"{method.upper()} {path}: expected {len(caps)} containers in "
+                                                   f"the answer, got {str(body)[:200]!r}")
+                return {n: d for (n, _), d in zip(caps, got)}
+        return {n: self.set_powercap(n, kw) for n, kw in caps}
 
     def set_battery_charge_rate(self, kw: float) -> dict:
         return self._request(*self._route("set_charge_rate"), json={"kw": float(kw)})
