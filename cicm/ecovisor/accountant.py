@@ -3,7 +3,7 @@ record it. Pure functions: no I/O, no clock, no mutation of their arguments."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -166,6 +166,32 @@ def container_row(tick_id: int, interval: Interval, cs: ContainerState, carbon_k
     }
 
 
+def container_columns(interval: Interval, containers: Iterable[ContainerState],
+                      carbon_kgco2: Mapping[str, float]) -> dict[str, list]:
+    """Every container's ``ecovisor_container_ticks`` values but the tick's own (tick id, interval, dt_s, power
+    source), one list per column: what :func:`container_row` gives row by row, without a dict per container."""
+    cs_list = list(containers)
+    dt_h = interval.dt_h
+    names = [cs.name for cs in cs_list]
+    power = [cs.power_kw for cs in cs_list]
+    return {
+        "container": names, "app": [cs.app for cs in cs_list],
+        "cpu_limit_cores": [cs.cpu_limit_cores for cs in cs_list],
+        "cpu_usage_cores": [cs.usage_cores for cs in cs_list],
+        "powercap_kw": [cs.powercap_kw for cs in cs_list],
+        "effective_powercap_kw": [cs.effective_powercap_kw for cs in cs_list],
+        "power_kw": power, "energy_kwh": [p * dt_h for p in power],
+        "carbon_kgco2": [carbon_kgco2.get(n, 0.0) for n in names],
+    }
+
+
+def container_rows(tick_id: int, interval: Interval, columns: Mapping[str, list]) -> list[dict]:
+    """The rows of :func:`container_columns` (for a store without a columnar write)."""
+    head = _interval_cols(tick_id, interval)
+    keys = list(columns)
+    return [{**head, **dict(zip(keys, vals)), "power_source": POWER_SOURCE} for vals in zip(*columns.values())]
+
+
 def tick_row(
     tick_id: int, interval: Interval, site_solar_kw: float, grid: CarbonValue, clock_mode: str, backend_kind: str,
     recorded_at: datetime,
@@ -195,14 +221,25 @@ def app_summary(row: dict, res: energy.StepResult, ci_quality: str) -> dict:
 
 
 def tick_summary(
-    tick: dict, app_rows: list[dict], container_rows: list[dict], accounts: Mapping[str, AppAccount],
-    errors: list[str],
+    tick: dict, app_rows: list[dict], container_rows: list[dict] | Mapping[str, list],
+    accounts: Mapping[str, AppAccount], errors: list[str],
 ) -> dict:
-    """The tick's summary as returned by ``tick()``: site figures, then each app with its containers."""
+    """The tick's summary as returned by ``tick()``: site figures, then each app with its containers
+    (``container_rows``: rows, or the columns of :func:`container_columns`)."""
     apps = {r["app"]: app_summary(r, accounts[r["app"]].step, tick["ci_quality"]) for r in app_rows}
+    if isinstance(container_rows, Mapping):  # columns (container_columns)
+        cols = [container_rows[k] for k in SUMMARY_CONTAINER_FIELDS]
+        for i, (name, app) in enumerate(zip(container_rows["container"], container_rows["app"])):
+            if app in apps:
+                apps[app]["containers"][name] = {k: col[i] for k, col in zip(SUMMARY_CONTAINER_FIELDS, cols)}
+        return _summary(tick, apps, errors)
     for r in container_rows:
         if r["app"] in apps:
             apps[r["app"]]["containers"][r["container"]] = {k: r[k] for k in SUMMARY_CONTAINER_FIELDS}
+    return _summary(tick, apps, errors)
+
+
+def _summary(tick: dict, apps: dict, errors: list[str]) -> dict:
     return {
         "tick_id": tick["tick_id"],
         "interval_start": tick["interval_start"].isoformat(),
@@ -219,5 +256,6 @@ def tick_summary(
 __all__ = [
     "APP_FIELDS", "Interval", "AppAccount", "step_app", "budget_share_kgco2", "budget_used_after_kgco2",
     "split_by_energy_kgco2", "account_app", "account_apps", "container_carbon_kgco2", "app_row", "container_row",
+    "container_columns", "container_rows",
     "tick_row", "app_summary", "tick_summary",
 ]

@@ -29,6 +29,7 @@ from .schemas import AppRegistration
 from .site import SiteConfig
 from .solar import SolarModel, load_solar
 from .state import AppState, ContainerState, containers_from_site
+from .telemetry import ColumnarTelemetry
 from cicm.store.ecovisor import Telemetry
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -259,10 +260,10 @@ class Ecovisor:
                 self.apps, self.caps.power_kw(), site_solar_kw, grid.gco2_per_kwh, interval
             )
             self._book(accounts, interval)
-            tick, app_rows, cont_rows = self._rows(self.tick_id + 1, interval, accounts, site_solar_kw, grid)
-            self._record(tick, app_rows, cont_rows, interval)
+            tick, app_rows, cont_cols = self._rows(self.tick_id + 1, interval, accounts, site_solar_kw, grid)
+            self._record(tick, app_rows, cont_cols, interval)
             errors += self.caps.apply_all()  # caps for the next interval (carbon policies look at "now")
-            summary = accountant.tick_summary(tick, app_rows, cont_rows, accounts, errors)
+            summary = accountant.tick_summary(tick, app_rows, cont_cols, accounts, errors)
             summary["events"] = self.events.detect(self.tick_id, interval.end, interval.start,
                                                    {n: self.apps[n] for n in accounts}, self.carbon.at(interval.end))
             return summary
@@ -287,15 +288,14 @@ class Ecovisor:
     def _rows(
         self, tick_id: int, interval: Interval, accounts: dict[str, accountant.AppAccount], site_solar_kw: float,
         grid: CarbonValue,
-    ) -> tuple[dict, list[dict], list[dict]]:
-        """The tick's site row, app rows and container rows."""
+    ) -> tuple[dict, list[dict], dict[str, list]]:
+        """The tick's site row, app rows and container columns (:func:`accountant.container_columns`)."""
         tick = accountant.tick_row(tick_id, interval, site_solar_kw, grid, clock_mode(self.clock), self.backend.kind,
                                    datetime.now(timezone.utc))
         app_rows = [self._app_row(tick_id, interval, acc) for acc in accounts.values()]
         carbon = accountant.container_carbon_kgco2(accounts)
-        cont_rows = [accountant.container_row(tick_id, interval, cs, carbon.get(cs.name, 0.0))
-                     for cs in self.containers.values()]
-        return tick, app_rows, cont_rows
+        cont_cols = accountant.container_columns(interval, self.containers.values(), carbon)
+        return tick, app_rows, cont_cols
 
     def _app_row(self, tick_id: int, interval: Interval, acc: accountant.AppAccount) -> dict:
         """The app's row, with the rate limit in force at the interval's start (after this tick's carbon)."""
@@ -303,9 +303,13 @@ class Ecovisor:
         rate = policy.rate_limit_gco2_per_h(app, interval.start)
         return accountant.app_row(tick_id, interval, acc, app.battery.capacity_kwh, rate, app.carbon_policy_met)
 
-    def _record(self, tick: dict, app_rows: list[dict], cont_rows: list[dict], interval: Interval) -> None:
-        """Store the tick and move the ecovisor past it."""
-        self.store.write_tick(tick, cont_rows, app_rows)
+    def _record(self, tick: dict, app_rows: list[dict], cont_cols: dict[str, list], interval: Interval) -> None:
+        """Store the tick (its container rows as columns when the store takes them) and move the ecovisor past
+        it."""
+        if isinstance(self.store, ColumnarTelemetry):
+            self.store.write_tick_columns(tick, POWER_SOURCE, cont_cols, app_rows)
+        else:
+            self.store.write_tick(tick, accountant.container_rows(tick["tick_id"], interval, cont_cols), app_rows)
         self.tick_id = tick["tick_id"]
         self.last_tick_end = interval.end
 
