@@ -14,9 +14,15 @@ Every figure is the median of --repeats runs (default 3) measured in this proces
     .venv/bin/python bench/optimize_speed.py --curve specpower --sections quality   # true carbon, not speed
     .venv/bin/python bench/optimize_speed.py --curve specpower --sections ratio     # both programs vs raw HiGHS
 
-The "ratio" section (issue 19) plans one campus per size (--sizes) with each program and case, captures the LPs
-the call solved, and times highspy's passModel + run on the identical LP (cvxpy's get_problem_data for HiGHS),
-interleaved with the call, in the same run: wall and process-CPU medians, and their ratios.
+The "ratio" section (issue 19) plans one campus per size (--sizes) with each program (--programs) and case,
+captures the LPs the call solved, and times highspy's passModel + run on the identical LP (cvxpy's
+get_problem_data for HiGHS), interleaved with the call, in the same run: wall and process-CPU medians, and their
+ratios. Both programs cache their compiled cvxpy programs per structure, so every case is timed twice: "first"
+(the cache cleared before each call: a fresh cvxpy problem, as for a structure seen once) and "re-solve" (the
+cache warm: the compiled program re-used, as for the nightly plan's same-shaped campuses and a backtest's days);
+the "hits" column counts the timed solves that re-used a compiled program.
+
+    .venv/bin/python bench/optimize_speed.py --curve specpower --sections ratio --programs ceiling --sizes 1,10,100
 
 The "quality" section is not about speed: on the same synthetic campuses (lambda_p = 0, no contract) it plans
 every cluster once with its power curve and once with the single-slope model the program used before curves
@@ -193,62 +199,116 @@ def raw_highs_seconds(models, options: dict) -> tuple[float, float]:
     return time.perf_counter() - t, time.process_time() - cpu
 
 
-def ratio_rows(label: str, campus, call, options: dict, r: int) -> dict:
-    """One campus: the program's call against raw HiGHS on the identical LP(s), same run, interleaved."""
-    probs = captured_problems(lambda: call(campus))
+class _Mode:
+    """How the program's cache stands at each timed call: "first" clears it before every call (the call compiles
+    a fresh cvxpy problem, as for a structure seen once), "re-solve" warms it first (two calls: fresh, then the
+    parametrised program is compiled), so each timed call re-uses the compiled program."""
+
+    def __init__(self, name: str, clear, stats):
+        self.name, self.clear, self.stats = name, clear, stats
+
+
+def _ceiling_cache():
+    from cicm.optimize.cache import CACHE
+
+    return CACHE.clear, lambda: (CACHE.stats.hits, CACHE.stats.compiled + CACHE.stats.fresh)
+
+
+def _queue_cache():
+    cache = queue_program.PROGRAMS
+    return cache.clear, lambda: (cache.hits, cache.misses)
+
+
+def ratio_rows(label: str, campus, call, options: dict, r: int, cache) -> list[dict]:
+    """One campus: the program's call against raw HiGHS on the identical LP(s), same run, interleaved; once with
+    every call a first solve (cache cleared) and once with every call a re-solve (cache warm)."""
+    clear, stats = cache
+    clear()
+    probs = captured_problems(lambda: call(campus))  # a fresh (constant) cvxpy problem: cache just cleared
     built = [highs_arrays(p) for p, _ in probs]
     models = [m for m, _ in built]
-    wall, cpu, cvx, raw_wall, raw_cpu = [], [], [], [], []
-    for _ in range(r):
-        t, c = time.perf_counter(), time.process_time()
-        plan = call(campus)
-        wall.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-        cvx.append(plan.solve_seconds)
-        w, c = raw_highs_seconds(models, options)
-        raw_wall.append(w)
-        raw_cpu.append(c)
-    med = statistics.median
-    rows, cols, nnz = (sum(x[1][i] for x in built) for i in range(3))
-    out = {"label": label, "clusters": len(campus.clusters), "lps": len(models), "rows": rows, "cols": cols,
-           "nnz": nnz, "call_ms": 1e3 * med(wall), "call_cpu_ms": 1e3 * med(cpu), "cvxpy_ms": 1e3 * med(cvx),
-           "highs_ms": 1e3 * med(raw_wall), "highs_cpu_ms": 1e3 * med(raw_cpu)}
-    out["ratio"] = out["cvxpy_ms"] / out["highs_ms"]
-    out["ratio_cpu"] = out["call_cpu_ms"] / max(out["highs_cpu_ms"], 1e-6)
-    print(f"{label:36s} {out['clusters']:5d} {out['lps']:3d} {rows:7d} {cols:7d} {nnz:8d} {out['call_ms']:9.1f} "
-          f"{out['cvxpy_ms']:9.1f} {out['highs_ms']:9.1f} {out['ratio']:7.2f} {out['call_cpu_ms']:9.1f} "
-          f"{out['highs_cpu_ms']:9.1f} {out['ratio_cpu']:7.2f}")
-    sys.stdout.flush()
-    return out
+    out_rows = []
+    for mode in ("first", "re-solve"):
+        clear()
+        if mode == "re-solve":
+            call(campus)
+            call(campus)
+        wall, cpu, cvx, raw_wall, raw_cpu = [], [], [], [], []
+        hits = calls = 0
+        for _ in range(r):
+            if mode == "first":
+                clear()
+            h0, m0 = stats()
+            t, c = time.perf_counter(), time.process_time()
+            plan = call(campus)
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+            h1, m1 = stats()
+            hits, calls = hits + (h1 - h0), calls + (h1 - h0) + (m1 - m0)
+            cvx.append(plan.solve_seconds)
+            w, c = raw_highs_seconds(models, options)
+            raw_wall.append(w)
+            raw_cpu.append(c)
+        med = statistics.median
+        rows, cols, nnz = (sum(x[1][i] for x in built) for i in range(3))
+        out = {"label": label, "mode": mode, "clusters": len(campus.clusters), "lps": len(models), "rows": rows,
+               "cols": cols, "nnz": nnz, "cache_hits": hits, "solves": calls, "call_ms": 1e3 * med(wall),
+               "call_cpu_ms": 1e3 * med(cpu), "cvxpy_ms": 1e3 * med(cvx), "highs_ms": 1e3 * med(raw_wall),
+               "highs_cpu_ms": 1e3 * med(raw_cpu)}
+        out["ratio"] = out["cvxpy_ms"] / out["highs_ms"]
+        out["ratio_cpu"] = out["call_cpu_ms"] / max(out["highs_cpu_ms"], 1e-6)
+        print(f"{label:36s} {mode:8s} {out['clusters']:5d} {out['lps']:3d} {rows:7d} {cols:7d} {nnz:8d} "
+              f"{f'{hits}/{calls}':>7s} {out['call_ms']:9.1f} {out['cvxpy_ms']:9.1f} {out['highs_ms']:9.1f} "
+              f"{out['ratio']:7.2f} {out['call_cpu_ms']:9.1f} {out['highs_cpu_ms']:9.1f} {out['ratio_cpu']:7.2f}")
+        sys.stdout.flush()
+        out_rows.append(out)
+    return out_rows
 
 
-def ratios(days, r: int, sizes=(1, 10, 100, 300, 1_000)) -> None:
+def ratios(days, r: int, sizes=(1, 10, 100, 300, 1_000), programs=("ceiling", "queue")) -> None:
     print("\n## against raw HiGHS on the identical LP (same run, interleaved; medians; ms)\n"
           "# cvxpy: the program's solve_seconds (build, compile, solve; for the queue program its whole call); "
           "HiGHS: highspy passModel (arrays) + run\n# on the LP(s) cvxpy hands HiGHS (get_problem_data), with the "
           "program's options; ratio = cvxpy / HiGHS (wall);\n# call cpu: process CPU of the whole plan_campus / "
-          "plan_queue call, against HiGHS' process CPU (less sensitive to other load than wall)")
-    print(f"{'program, objective':36s} {'clust':>5s} {'LPs':>3s} {'rows':>7s} {'cols':>7s} {'nnz':>8s} "
-          f"{'call':>9s} {'cvxpy':>9s} {'HiGHS':>9s} {'ratio':>7s} {'call cpu':>9s} {'HiGHS cpu':>9s} {'ratio':>7s}")
+          "plan_queue call, against HiGHS' process CPU (less sensitive to other load than wall)\n"
+          "# mode first: the program's cache is cleared before each timed call (a structure seen for the first "
+          "time: a fresh cvxpy problem);\n# re-solve: the cache is warm (the compiled program is re-used); "
+          "hits: timed LP solves that re-used a compiled program / all")
+    print(f"{'program, objective':36s} {'mode':8s} {'clust':>5s} {'LPs':>3s} {'rows':>7s} {'cols':>7s} "
+          f"{'nnz':>8s} {'hits':>7s} {'call':>9s} {'cvxpy':>9s} {'HiGHS':>9s} {'ratio':>7s} {'call cpu':>9s} "
+          f"{'HiGHS cpu':>9s} {'ratio':>7s}")
     ceiling = [("ceiling: carbon+peak, contract 1.02", 1.02, 0.1), ("ceiling: carbon only, no contract", np.inf, 0.0),
                ("ceiling: carbon only, contract cap", "cap", 0.0)]
-    for label, headroom, lam_p in ceiling:
+    for label, headroom, lam_p in ceiling if "ceiling" in programs else ():
         for n in sizes:
             campus = make_fleet(days, n, n, seed=7 * n, contract_headroom=1.02 if headroom == "cap" else headroom,
                                 lambda_p=lam_p)[0]
             if headroom == "cap":  # a contract at the clusters' summed power at full capacity: never binds
                 limit = sum(float(c.power_curve(np.max(c.capacity_cores))) for c in campus.clusters)
                 campus = dataclasses.replace(campus, contract_limit_kw=limit)
-            ratio_rows(label, campus, plan_campus, ceiling_program.SOLVER_OPTIONS["HIGHS"], r)
+            ratio_rows(label, campus, plan_campus, ceiling_program.SOLVER_OPTIONS["HIGHS"], r, _ceiling_cache())
     rng = np.random.default_rng(11)
     queue = [("queue: nightly (contract capacity)", "capacity", 0.0), ("queue: contract binding", "binding", 0.0),
              ("queue: carbon+peak 0.1, no contract", "none", 0.1)]
-    for label, contract, lam_p in queue:
+    for label, contract, lam_p in queue if "queue" in programs else ():
         for n in sizes:
             i = int(rng.integers(len(days) - 1))
             eta = np.concatenate([days[i].to_numpy(), days[i + 1].to_numpy()])[:42]
             campus = synthetic_queue_campus(eta, n, seed=13 * n, contract=contract, lambda_p=lam_p, curve=CURVE)
-            ratio_rows(label, campus, plan_queue, queue_program.SOLVER_OPTIONS["HIGHS"], r)
+            ratio_rows(label, campus, plan_queue, queue_program.SOLVER_OPTIONS["HIGHS"], r, _queue_cache())
+
+
+def _commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "cicm/optimize", "bench"],
+                               cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True).stdout
+        return out + ("+local changes" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def main(argv=None) -> None:
@@ -258,6 +318,7 @@ def main(argv=None) -> None:
     ap.add_argument("--curve", choices=("concave", "specpower"), default="concave",
                     help="shape of the synthetic power curves (default concave)")
     ap.add_argument("--sizes", default="1,10,100,300,1000", help="campus sizes of the ratio section")
+    ap.add_argument("--programs", default="ceiling,queue", help="programs of the ratio section: ceiling, queue")
     ap.add_argument("--sections", default="single,fleets,growth",
                     help="comma-separated subset of single (one-cluster campuses), fleets, growth (one campus), "
                          "quality (true carbon of curve vs single-slope plans; needs --curve specpower or concave), "
@@ -269,6 +330,7 @@ def main(argv=None) -> None:
     r = args.repeats
     days = carbon_days()
     print(f"# VCC program speed  ({platform.processor() or platform.machine()}, {os.cpu_count()} cpu, "
+          f"commit {_commit()}, "
           f"python {platform.python_version()}, load avg {os.getloadavg()[0]:.2f}; {len(days)} real carbon days "
           f"from {', '.join(ZONES)}; {CURVE} power curves; median of {r} repeats)")
 
@@ -329,7 +391,8 @@ def main(argv=None) -> None:
     if "quality" in sections:
         quality(days, r)
     if "ratio" in sections:
-        ratios(days, max(r, 5), tuple(int(x) for x in args.sizes.split(",")))
+        ratios(days, max(r, 5), tuple(int(x) for x in args.sizes.replace(" ", ",").split(",") if x),
+               tuple(args.programs.split(",")))
 
     print("\n## fleet growth (ratios from this run; process CPU is less sensitive to other load than wall)")
     for g in groupings:
