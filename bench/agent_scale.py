@@ -13,6 +13,8 @@ DuckDB store (``cicm.data.store.Store``), and then measures:
    uncapped, the battery set and read back, the pass audited in the store), wall and CPU seconds (this
    process's) and the server's CPU seconds (from /proc);
 2. **agent, hour 2**: the next hour's pass with a different allowance (every cap moves; the contract is known);
+   then, caps moved back to uncapped, **``cicm agent run --once``** in a new process (interpreter start and
+   imports included) caps them all again: the cold end-to-end figure;
 3. the same two passes against an ecovisor **without the bulk route** (the agent falls back to one PUT per
    container per search step, as before the bulk route existed), for comparison in the same run;
 4. **tick**: ``POST /v1/tick`` (one tick each) ``--ticks`` times on the N + 8 container ecovisor: the server's
@@ -193,8 +195,32 @@ def agent_run(n: int, bulk: bool, tmp: Path) -> dict:
         h2 = _pass(agent, srv)
         caps = {c["container"]: (c["powercap_kw"], c["cpu_limit_cores"])
                 for c in _http(srv.url, "get", "/v1/containers", token=token)}
-        return {"h1": h1, "h1_total": h1_total, "h2": h2, "caps": caps,
-                "how": [d for d in h2["out"].detail.split(" | ") if d.startswith("caps:")]}
+        out = {"h1": h1, "h1_total": h1_total, "h2": h2, "caps": caps,
+               "how": [d for d in h2["out"].detail.split(" | ") if d.startswith("caps:")]}
+        if bulk:
+            out["cli"] = cli_pass(srv, token, plan_db)
+        return out
+
+
+def cli_pass(srv: Server, token: str, plan_db: Path) -> dict:
+    """Hour 2's caps re-applied by ``cicm agent run --once`` in a new process (interpreter start, imports, the
+    store and the client built, one pass, the audit), after the caps were moved back to uncapped: wall and CPU
+    seconds of the child, and the server's CPU."""
+    import resource
+
+    _http(srv.url, "put", BULK_ROUTE, token=token, body={"caps": [
+        {"name": c["container"], "kw": c["max_kw"]} for c in _http(srv.url, "get", "/v1/containers", token=token)]})
+    cmd = [sys.executable, "-m", "cicm.cli", "agent", "run", "--cluster", CLUSTER, "--ecovisor", srv.url, "--once",
+           "--db", str(plan_db), "--clock", "ecovisor", "--no-events", "--no-correction", "--max-plan-age-hours", "0",
+           "--log-level", "warning"]
+    before, scpu0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), srv.cpu_s(), time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "CICM_ECOVISOR_TOKEN": token})
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise RuntimeError(f"cicm agent run --once exited {done.returncode}: {done.stderr[-2000:]}")
+    return {"wall_s": wall, "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+            "server_cpu_s": srv.cpu_s() - scpu0}
 
 
 def tick_run(n: int, ticks: int, tmp: Path) -> dict:
@@ -286,7 +312,10 @@ def main() -> None:
             continue
         label = "bulk route" if bulk else "no bulk route (per-container PUTs)"
         print(f"\nagent, {label}, median of {len(rs)}:")
-        for key, name in (("h1_total", "hour 1 incl. build_agent"), ("h1", "hour 1 pass"), ("h2", "hour 2 pass")):
+        keys = [("h1_total", "hour 1 incl. build_agent"), ("h1", "hour 1 pass"), ("h2", "hour 2 pass")]
+        if "cli" in rs[0]:
+            keys.append(("cli", "cicm agent run --once"))
+        for key, name in keys:
             med = {k: statistics.median(r[key][k] for r in rs) for k in ("wall_s", "cpu_s", "server_cpu_s")}
             walls = ", ".join(f"{r[key]['wall_s']:.2f}" for r in rs)
             print(f"  {name:<26} wall {med['wall_s']:.2f} s  agent CPU {med['cpu_s']:.2f} s  server CPU "

@@ -146,7 +146,7 @@ NAMES = st.sampled_from(["a-batch", "a-serve", "b-batch", "spare", "nope"])
 KW = st.one_of(st.floats(0.0, 3.5), st.sampled_from([0.5, 1.5, 0.2, 0.6, 1.0, 3.0]))
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(st.lists(st.tuples(NAMES, KW), max_size=5), st.sampled_from([None, 40.0, 400.0]))
 @example([("a-batch", 1.0), ("b-batch", 2.0), ("a-serve", 0.3)], None)
 @example([("a-batch", 1.0), ("b-batch", 2.0), ("a-serve", 0.3)], 40.0)

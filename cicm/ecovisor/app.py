@@ -59,7 +59,7 @@ from .schemas import (
 )
 from .site import SiteConfig
 from .state import AppState
-from .telemetry import ColumnarTelemetry
+from cicm.store.ecovisor import Telemetry
 
 log = logging.getLogger("cicm.ecovisor")
 
@@ -214,7 +214,7 @@ def create_app(
     admin = admin_token if admin_token is not None else os.environ.get("CICM_ECOVISOR_ADMIN_TOKEN")
     if not admin:
         log.warning("CICM_ECOVISOR_ADMIN_TOKEN is not set: admin routes will answer 401")
-    store = ColumnarTelemetry(db_path)
+    store = Telemetry(db_path)
     core = Ecovisor(site, clock, backend, store, carbon=carbon, solar=solar)
     callbacks = CallbackDispatcher(timeout_s=callback_timeout_s)
     hub = EventHub(site.events, core.tick_id)

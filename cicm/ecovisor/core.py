@@ -29,7 +29,6 @@ from .schemas import AppRegistration
 from .site import SiteConfig
 from .solar import SolarModel, load_solar
 from .state import AppState, ContainerState, containers_from_site
-from .telemetry import ColumnarTelemetry
 from cicm.store.ecovisor import Telemetry
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -304,12 +303,8 @@ class Ecovisor:
         return accountant.app_row(tick_id, interval, acc, app.battery.capacity_kwh, rate, app.carbon_policy_met)
 
     def _record(self, tick: dict, app_rows: list[dict], cont_cols: dict[str, list], interval: Interval) -> None:
-        """Store the tick (its container rows as columns when the store takes them) and move the ecovisor past
-        it."""
-        if isinstance(self.store, ColumnarTelemetry):
-            self.store.write_tick_columns(tick, POWER_SOURCE, cont_cols, app_rows)
-        else:
-            self.store.write_tick(tick, accountant.container_rows(tick["tick_id"], interval, cont_cols), app_rows)
+        """Store the tick (its container rows as columns) and move the ecovisor past it."""
+        self.store.write_tick_columns(tick, POWER_SOURCE, cont_cols, app_rows)
         self.tick_id = tick["tick_id"]
         self.last_tick_end = interval.end
 

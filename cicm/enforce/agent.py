@@ -39,7 +39,6 @@ import pandas as pd
 from cicm.enforce.backlog import BacklogUnavailable
 from cicm.enforce.client import EcovisorClient, EcovisorError, EcovisorUnavailable
 from cicm.enforce.clock import Clock, hour_start, next_hour
-from cicm.enforce.correction import Correction, CorrectionInput, Deviation, carry_core_hours, correct_hour
 from cicm.enforce.plans import DayPlan, PlanUnavailable
 from cicm.errors import InputError
 from cicm.enforce.policy import (
@@ -53,6 +52,7 @@ from cicm.enforce.policy import (
 )
 
 if TYPE_CHECKING:
+    from cicm.enforce.correction import Correction, Deviation
     from cicm.enforce.slurm import SlurmAdmission
     from cicm.ops.agent_metrics import AgentMetrics
     from cicm.optimize.inputs import PowerCurve
@@ -213,6 +213,9 @@ class Agent:
         return result
 
     def _correct(self, hour: pd.Timestamp, plan: DayPlan, allowance: float) -> tuple[float, Correction | None, str]:
+        # imported here: the correction's queue program needs cvxpy (~0.7 s to import), a ceiling plan does not
+        from cicm.enforce.correction import CorrectionInput, carry_core_hours, correct_hour
+
         off = "no hourly correction: "
         q = plan.queue
         if q is None:
@@ -524,6 +527,7 @@ class Agent:
 
     def _enforce_slurm(self, out: PassOutcome, mode: str, reason: str | None, plan: DayPlan | None,
                        allowance: float | None, details: list[str]) -> AgentConfigError | None:
+        from cicm.enforce.correction import Deviation
         from cicm.enforce.slurm import SlurmConfigError, SlurmError, SlurmUnavailable
 
         assert self.slurm is not None

@@ -25,13 +25,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pandas as pd
 
-from cicm.enforce.correction import WorkItem
 from cicm.errors import InputError
+
+if TYPE_CHECKING:  # the correction (and its queue program's cvxpy) is imported only when a backlog is read
+    from cicm.enforce.correction import WorkItem
 
 _H = pd.Timedelta(hours=1)
 
@@ -85,6 +87,7 @@ def fifo_items(arrived: pd.Series, served: pd.Series, as_of: pd.Timestamp,
                ) -> tuple[WorkItem, ...]:
     """The FIFO backlog at ``as_of`` from hourly arrivals and flexible usage (UTC-indexed, same index): one item
     per arrival hour with work left, due ``deadline_hours`` after that hour, width = its remaining work."""
+    from cicm.enforce.correction import WorkItem
     from cicm.optimize.queue import fifo_backlog
 
     recent = arrived.index >= as_of - window_hours * _H
