@@ -187,8 +187,11 @@ def _prepare(campus: CampusInput) -> _Prep:
     u_up = np.stack([c.inflexible_upper_cpu_cores for c in cl])
     m = np.maximum(u, u_up)
     r = np.stack([c.reservation_ratio for c in cl])
-    cap = np.stack([np.broadcast_to(c.capacity_cores, (n_h,)) for c in cl]).astype(float)
-    pcc = np.stack([np.broadcast_to(c.power_capped_capacity_cores, (n_h,)) for c in cl]).astype(float)
+    cap = np.empty((len(cl), n_h))
+    pcc = np.empty((len(cl), n_h))
+    for i, c in enumerate(cl):  # a scalar or H values each (filling is much cheaper than np.broadcast_to + stack)
+        cap[i] = c.capacity_cores
+        pcc[i] = c.power_capped_capacity_cores
     t_uf = np.array([c.flexible_core_hours for c in cl])
     t_r = np.array([c.reservations_core_hours for c in cl])
     q = np.array([c.reservations_rel_error_q97 for c in cl])
@@ -219,8 +222,10 @@ def _prepare(campus: CampusInput) -> _Prep:
     is_curve = np.array([c.power_curve is not None for c in cl])
     table = CurveTable.pack([c.power_curve for c in cl])
     hulls = lower_hulls(table, u_lo, u_hi, convex_rtol=CONVEX_RTOL)
-    lin_nom = np.stack([np.zeros(n_h) if c.nominal_power_kw is None else np.broadcast_to(c.nominal_power_kw, (n_h,))
-                        for c in cl])
+    lin_nom = np.zeros((n_c, n_h))
+    for i, c in enumerate(cl):
+        if c.nominal_power_kw is not None:
+            lin_nom[i] = c.nominal_power_kw
     given_slope = np.array([np.nan if c.slope_kw_per_core is None else c.slope_kw_per_core for c in cl])
     nom = np.where(is_curve[:, None], table(u_nom), lin_nom)
     mean_nom = u_nom.mean(axis=1, keepdims=True)
@@ -905,6 +910,17 @@ def plan_campus(campus: CampusInput, *, tie_break: float = TIE_BREAK) -> CampusP
     return _assemble(prep, campus, delta, solver_used, lp_status, solve_seconds, t_start, messages)
 
 
+#: The dtype pandas infers for a column of Python strings (pandas 3: its "str" dtype).
+_TEXT_DTYPE = pd.Series(["x"]).dtype
+
+
+def _text(values: list) -> pd.api.extensions.ExtensionArray | np.ndarray:
+    """``values`` (strings) as the array a frame column of them would be (object if the strings are not text)."""
+    if all(isinstance(v, str) for v in values):
+        return pd.array(values, dtype=_TEXT_DTYPE)
+    return np.array(values, dtype=object)
+
+
 def _assemble(prep: _Prep, campus: CampusInput, delta: np.ndarray, solver_used: str, lp_status: str,
               solve_seconds: float, t_start: float, messages: list[str]) -> CampusPlan:
     n_c, n_h = len(prep.names), prep.n_hours
@@ -935,12 +951,16 @@ def _assemble(prep: _Prep, campus: CampusInput, delta: np.ndarray, solver_used: 
 
     hours = (pd.DatetimeIndex(campus.hours) if campus.hours is not None
              else pd.DatetimeIndex([pd.NaT] * n_h, tz="UTC"))
+    # The text columns as the frame would infer them from Python strings, built per cluster and repeated per hour
+    # (inferring them from C x H Python strings cost more than the rest of the frame).
+    names, statuses = _text(prep.names), _text(status.tolist())
+    per_hour = np.repeat(np.arange(n_c), n_h)
     hourly = pd.DataFrame({
-        "campus": campus.name,
-        "cluster": np.repeat(np.array(prep.names, dtype=object), n_h),
+        "campus": _text([campus.name]).take(np.zeros(n_c * n_h, dtype=np.intp)),
+        "cluster": names.take(per_hour),
         "hour_index": np.tile(np.arange(n_h), n_c),
         "hour": hours.take(np.tile(np.arange(n_h), n_c)),
-        "status": np.repeat(status, n_h),
+        "status": statuses.take(per_hour),
         "delta": delta.ravel(),
         "vcc_cores": vcc.ravel(),
         "flexible_cpu_cores": flex.ravel(),
@@ -951,9 +971,9 @@ def _assemble(prep: _Prep, campus: CampusInput, delta: np.ndarray, solver_used: 
         "carbon_kgco2": carbon.ravel(),
     }, columns=HOURLY_COLUMNS)
     clusters = pd.DataFrame({
-        "campus": campus.name,
-        "cluster": prep.names,
-        "status": status,
+        "campus": _text([campus.name]).take(np.zeros(n_c, dtype=np.intp)),
+        "cluster": names,
+        "status": statuses,
         "reason": pd.Series(prep.reason, dtype=object),
         "reason_detail": pd.Series(prep.detail, dtype=object),
         "theta_core_hours": prep.theta,
