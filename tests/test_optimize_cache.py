@@ -56,7 +56,7 @@ def _lp_data(campus):
     orig = cp.Problem.solve
 
     def spy(self, *args, **kwargs):
-        seen.append(self)
+        seen.append((self, {k: kwargs[k] for k in ("canon_backend", "ignore_dpp") if k in kwargs}))
         return orig(self, *args, **kwargs)
 
     cp.Problem.solve = spy
@@ -64,7 +64,7 @@ def _lp_data(campus):
         plan = program.plan_campus(campus)
     finally:
         cp.Problem.solve = orig
-    return plan, [p.get_problem_data(cp.HIGHS)[0] for p in seen]
+    return plan, [p.get_problem_data(cp.HIGHS, **kw)[0] for p, kw in seen]
 
 
 def _assert_same_data(a: dict, b: dict) -> None:
@@ -217,3 +217,21 @@ def test_the_post_check_fires_when_needed_peak_rows_were_dropped(monkeypatch):
     assert bad.lp_status == "solver-error"
     assert set(bad.clusters["status"]) == {"fallback"}
     assert any("contract exceeded" in str(d) for d in bad.clusters["reason_detail"])
+
+
+@pytest.mark.parametrize("case,seed", [("none", 11), ("peak", 12), ("cap", 13)])
+def test_large_lps_compile_to_the_same_lp_with_the_coo_backend(monkeypatch, case, seed):
+    """LPs from COO_BACKEND_COLUMNS columns on are compiled with cvxpy's COO backend: the same LP and plan as with
+    its default backend."""
+    campus = _campus(seed, 8, 24, case, "specpower", 0.3 if case == "cap" else None)
+    program.CACHE_PROGRAMS = False
+    try:
+        monkeypatch.setattr(program, "COO_BACKEND_COLUMNS", 10**9)
+        default_plan, default = _lp_data(campus)
+        monkeypatch.setattr(program, "COO_BACKEND_COLUMNS", 0)
+        coo_plan, coo = _lp_data(campus)
+    finally:
+        program.CACHE_PROGRAMS = True
+    for a, b in zip(coo, default):
+        _assert_same_data(a, b)
+    _assert_same_plan(coo_plan, default_plan)
