@@ -79,6 +79,7 @@ def _assert_same_data(a: dict, b: dict) -> None:
 
 
 def _assert_same_plan(p, q) -> None:
+    assert list(p.hourly.columns) == program.HOURLY_COLUMNS and list(p.clusters.columns) == program.CLUSTER_COLUMNS
     assert p.lp_status == q.lp_status
     assert p.objective == q.objective
     assert p.hourly.equals(q.hourly)
@@ -235,3 +236,17 @@ def test_large_lps_compile_to_the_same_lp_with_the_coo_backend(monkeypatch, case
     for a, b in zip(coo, default):
         _assert_same_data(a, b)
     _assert_same_plan(coo_plan, default_plan)
+
+
+def test_a_too_full_cluster_names_the_hour_by_its_timestamp():
+    import pandas as pd
+
+    hours = pd.date_range("2022-06-01", periods=24, freq="h", tz="UTC")
+    campus = synthetic_campus(_eta(5, 24), 2, seed=5, hours=hours, contract_headroom=np.inf, lambda_p=0.0)
+    c = campus.clusters[0]
+    cap = np.full(24, float(np.max(c.capacity_cores)))
+    cap[7] = 0.5 * float(c.inflexible_upper_cpu_cores[7] * c.reservation_ratio[7])  # the floor cannot fit at 07:00
+    campus = dataclasses.replace(campus, clusters=[dataclasses.replace(c, capacity_cores=cap), campus.clusters[1]])
+    plan = program.plan_campus(campus)
+    detail = plan.clusters["reason_detail"].iloc[0]
+    assert plan.clusters["reason"].iloc[0] == "too-full" and f"first at {hours[7]}" in detail, detail

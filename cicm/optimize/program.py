@@ -41,7 +41,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, cast
 
 import cvxpy as cp
 import numpy as np
@@ -180,6 +180,19 @@ class _Prep:
         return self.u + self.f[:, None]
 
 
+class _Labels:
+    """str(hours[h]) on demand, as a sequence."""
+
+    def __init__(self, hours):
+        self.hours = hours
+
+    def __len__(self) -> int:
+        return len(self.hours)
+
+    def __getitem__(self, h: int) -> str:
+        return str(self.hours[h])
+
+
 def _prepare(campus: CampusInput) -> _Prep:
     cl = campus.clusters
     n_h = campus.n_hours
@@ -250,7 +263,8 @@ def _prepare(campus: CampusInput) -> _Prep:
                  seg_a=hulls.a, seg_b=hulls.b, seg_x0=hulls.x0, seg_x1=hulls.x1, power_model=models,
                  reason=[None] * n_c, detail=[None] * n_c)
 
-    labels = [str(ts) for ts in campus.hours] if campus.hours is not None else None
+    # The hours' labels only for the texts of too-full clusters (formatting H timestamps costs more than the check).
+    labels = cast("list[str]", _Labels(campus.hours)) if campus.hours is not None else None
     full = too_full_reasons(theta=theta, capacity=cap, hi=hi, hi_capacity=hi_capacity,
                             hi_power=hi_power, delta_min=campus.delta_min, hour_labels=labels)
     for i, c in enumerate(cl):
@@ -976,7 +990,7 @@ def _assemble(prep: _Prep, campus: CampusInput, delta: np.ndarray, solver_used: 
         "power_kw": power.ravel(),
         "carbon_gco2_per_kwh": np.tile(prep.eta, n_c),
         "carbon_kgco2": carbon.ravel(),
-    }, columns=HOURLY_COLUMNS)
+    })  # in the order of HOURLY_COLUMNS
     clusters = pd.DataFrame({
         "campus": _text([campus.name]).take(np.zeros(n_c, dtype=np.intp)),
         "cluster": names,
@@ -993,7 +1007,7 @@ def _assemble(prep: _Prep, campus: CampusInput, delta: np.ndarray, solver_used: 
         "peak_kw": peak,
         "flat_peak_kw": prep.nom.max(axis=1),
         "power_model": pd.Series(prep.power_model, dtype=object),
-    }, columns=CLUSTER_COLUMNS)
+    })  # in the order of CLUSTER_COLUMNS
     objective = campus.lambda_e * float(expected.sum()) + campus.lambda_p * campus_peak
     return CampusPlan(campus=campus.name, hourly=hourly, clusters=clusters, solver=solver_used,
                       lp_status=lp_status, objective=objective, solve_seconds=solve_seconds,
