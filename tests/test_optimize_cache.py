@@ -250,3 +250,64 @@ def test_a_too_full_cluster_names_the_hour_by_its_timestamp():
     plan = program.plan_campus(campus)
     detail = plan.clusters["reason_detail"].iloc[0]
     assert plan.clusters["reason"].iloc[0] == "too-full" and f"first at {hours[7]}" in detail, detail
+
+
+def _stretched(campus, amplitude: float):
+    """The campus with R varying by +-amplitude over the day and the upper quantile at the forecast (need = 0):
+    coverage can then bind."""
+    n_h = campus.n_hours
+    return dataclasses.replace(campus, clusters=[dataclasses.replace(
+        c, reservation_ratio=c.reservation_ratio * (1 + amplitude * np.sin(np.arange(n_h) / 3 + i)),
+        inflexible_upper_cpu_cores=c.inflexible_cpu_cores) for i, c in enumerate(campus.clusters)])
+
+
+@settings(max_examples=25)
+@given(seed=st.integers(0, 10_000), n_clusters=st.integers(1, 8), case=st.sampled_from(["none", "cap", "peak"]),
+       amplitude=st.sampled_from([0.0, 0.05, 0.3]), ramp=st.sampled_from([None, 0.3]))
+def test_leaving_out_coverage_rows_that_cannot_bind_keeps_the_plan(seed, n_clusters, case, amplitude, ramp):
+    """The coverage rows left out (no peak rows, HiGHS) could not bind: the plan is the one with every row, to
+    1e-9 relative (in practice bit for bit or to a few ulps)."""
+    campus = _campus(seed, n_clusters, 24, case, "specpower", ramp)
+    if amplitude:
+        campus = _stretched(campus, amplitude)
+    program.CACHE_PROGRAMS = False
+    try:
+        lean = program.plan_campus(campus)
+        program.DROP_SLACK_COVERAGE = False
+        full = program.plan_campus(campus)
+    finally:
+        program.DROP_SLACK_COVERAGE = True
+        program.CACHE_PROGRAMS = True
+    assert lean.lp_status == full.lp_status
+    assert list(lean.clusters["status"]) == list(full.clusters["status"])
+    assert lean.objective == pytest.approx(full.objective, rel=1e-9)
+    for col in ("delta", "vcc_cores", "power_kw"):
+        a, b = lean.hourly[col].to_numpy(), full.hourly[col].to_numpy()
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-9 * max(float(np.abs(b).max()), 1.0))
+
+
+@settings(max_examples=40)
+@given(seed=st.integers(0, 10_000), n_h=st.integers(2, 25), dmin=st.sampled_from([-1.0, -0.5, -0.1]))
+def test_the_least_coverage_is_that_of_the_lp(seed, n_h, dmin):
+    from scipy.optimize import linprog
+
+    rng = np.random.default_rng(seed)
+    rk = rng.uniform(0.5, 2.0, (1, n_h))
+    hi = rng.uniform(0.0, 2.0, (1, n_h))
+    got = program._lowest_coverage(rk, hi, dmin)[0]
+    res = linprog(rk[0], A_eq=np.ones((1, n_h)), b_eq=[0.0], bounds=list(zip([dmin] * n_h, hi[0])),
+                  method="highs")
+    if res.status == 0:
+        assert got == pytest.approx(res.fun, rel=1e-9, abs=1e-9)
+
+
+def test_the_post_check_fires_when_a_needed_coverage_row_was_dropped(monkeypatch):
+    """If the least-coverage bound were wrong (here: every row claimed slack), a coverage row that binds would be
+    left out; the post-solve check finds the plan short of Theta and the clusters fall back visibly."""
+    campus = _stretched(_campus(21, 4, 24, "none", "specpower", None), 0.3)
+    good = program.plan_campus(campus)
+    assert good.lp_status == "optimal"
+    monkeypatch.setattr(program, "_lowest_coverage", lambda rk, hi, dmin: np.full(rk.shape[0], np.inf))
+    bad = program.plan_campus(campus)
+    assert bad.lp_status == "solver-error"
+    assert any("Theta short" in str(d) for d in bad.clusters["reason_detail"])

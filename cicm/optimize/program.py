@@ -684,6 +684,16 @@ def _solve_lp(prep: _Prep, idx: np.ndarray, campus: CampusInput, *, contract_rhs
     # LP is the same up to rows that are never active; the post-solve checks verify the contract either way.
     need_y = mode == "peak" or (mode == "plan" and (lam_p > 0 or (
         contract_rhs is not None and _peak_bound(prep, idx, dmin, margin) > contract_rhs * (1 - CHECK_RTOL))))
+    if DROP_SLACK_COVERAGE and campus.solver == "HIGHS" and not need_y and cov_rows.size:
+        # A coverage row cannot bind either when even the least coverage any delta within the bounds with
+        # sum_h delta = 0 reaches is enough (the ramp rows only shrink that set); the post-solve checks verify
+        # coverage either way. Only without peak rows: the clusters' LPs are then independent, each with one
+        # optimum (the tie-break), which HiGHS' simplex finds with or without the row. With peak rows the LP's
+        # optimal face is nearly flat across clusters, and leaving out rows that are never active moved plans
+        # by up to 1e-5 of the objective (docs/optimizer.md); an interior-point solver's iterates would move too.
+        low = _lowest_coverage(rk[cov_rows], hi[cov_rows], dmin)
+        slack = low - need[cov_rows]
+        cov_rows = cov_rows[~(slack > COVERAGE_MARGIN * np.maximum(np.abs(prep.theta[idx][cov_rows]), 1.0))]
     y_scale = np.maximum(np.maximum(nom.max(axis=1), k), 1.0)  # y = y_scale * ys keeps ys ~ 1
     tangent = prep.pi_h[idx] * f[:, None]  # kW per unit delta at U_nom(h), (n, H)
     w = eta_w[None, :] * tangent  # objective per unit delta near the flat plan
@@ -793,6 +803,25 @@ def _solve_lp(prep: _Prep, idx: np.ndarray, campus: CampusInput, *, contract_rhs
         return _LPResult("infeasible", None, f"{campus.solver}: {status}", time.perf_counter() - t0)
     return _LPResult("error", None, f"{campus.solver}: status {status!r}, no usable solution",
                      time.perf_counter() - t0)
+
+
+#: Leave out the coverage rows that cannot bind (HiGHS, no peak rows; see _solve_lp).
+DROP_SLACK_COVERAGE = True
+#: ... when the least coverage reachable exceeds the need by more than this fraction of Theta (core-hours).
+COVERAGE_MARGIN = 1e-7
+
+
+def _lowest_coverage(rk: np.ndarray, hi: np.ndarray, dmin: float) -> np.ndarray:
+    """Per row, the least sum_h rk(h) * delta(h) over dmin <= delta(h) <= hi(h) with sum_h delta(h) = 0: a lower
+    bound of the coverage the LP can reach (its ramp rows only shrink the set). Greedy and vectorised: every hour
+    starts at dmin, and the -H * dmin units that sum_h delta = 0 needs go to the hours of least rk first."""
+    n_h = rk.shape[1]
+    order = np.argsort(rk, axis=1, kind="stable")
+    r_sorted = np.take_along_axis(rk, order, 1)
+    room = np.maximum(np.take_along_axis(hi, order, 1) - dmin, 0.0)  # what each hour takes above dmin
+    before = np.cumsum(room, axis=1) - room
+    fill = np.clip(-n_h * dmin - before, 0.0, room)
+    return dmin * rk.sum(axis=1) + (r_sorted * fill).sum(axis=1)
 
 
 def _peak_bound(prep: _Prep, idx: np.ndarray, dmin: float, margin: bool) -> float:
