@@ -467,6 +467,7 @@ class _DeltaMatrix:
     upper: np.ndarray
     col_rows: np.ndarray
     col_ids: np.ndarray
+    col_signs: np.ndarray  # the entry of D in each column (+1, or -1 for q)
     n: int
     n_h: int
 
@@ -534,17 +535,13 @@ def _delta_matrix(prep: _Prep, idx: np.ndarray, campus: CampusInput) -> _DeltaMa
     rows_all = np.concatenate(col_rows).astype(int)
     n_x = start + f_row.size
     ids = np.arange(n_x)
-    d_mat = sp.csr_matrix((np.concatenate(signs), (rows_all, ids)), shape=(n * n_h, n_x))
+    col_signs = np.concatenate(signs)
+    d_mat = sp.csr_matrix((col_signs, (rows_all, ids)), shape=(n * n_h, n_x))
     return _DeltaMatrix(D=d_mat, lin=lin, cur=cur, lin_split=split, lin_cols=lin_cols, lin_cols2=lin_cols2,
                         fill_cols=fill_cols, fill_row=f_row, fill_h=f_h, fill_seg=f_seg, fill_sign=f_sign,
                         lower=np.concatenate(lower), upper=np.concatenate(upper), col_rows=rows_all, col_ids=ids,
+                        col_signs=col_signs,
                         n=n, n_h=n_h)
-
-
-def _sum_rows(n: int, n_h: int) -> sp.csr_matrix:
-    """(n, n * H): the sum over the hours of each row of a row-major (n, H) array."""
-    return sp.csr_matrix((np.ones(n * n_h), (np.repeat(np.arange(n), n_h), np.arange(n * n_h))),
-                         shape=(n, n * n_h))
 
 
 def _diff_rows(n: int, n_h: int) -> sp.csr_matrix:
@@ -666,7 +663,8 @@ def _solve_lp(prep: _Prep, idx: np.ndarray, campus: CampusInput, *, contract_rhs
     D, lin, cur = blk.D, blk.lin, blk.cur
     n_x = D.shape[1]
     rows_of = lambda m: sp.csr_matrix(m)  # noqa: E731
-    cons_eq = _sum_rows(n, n_h) @ D  # sum_h delta = 0
+    # sum_h delta = 0: each column's entry of D in its cluster's row (the (n, n * H) row sums times D, built directly).
+    cons_eq = sp.csr_matrix((blk.col_signs, (blk.col_rows // n_h, blk.col_ids)), shape=(n, n_x))
 
     rk = r * f[:, None]
     # Coverage is implied by sum(delta)=0 when R is flat over the day and need <= 0; keep only the other rows.
@@ -748,10 +746,15 @@ def _solve_lp(prep: _Prep, idx: np.ndarray, campus: CampusInput, *, contract_rhs
     g_rows: list = []
     h_rows: list = []
     if cov_rows.size:
-        cov = sp.csr_matrix((rk[cov_rows].ravel(), (np.repeat(np.arange(cov_rows.size), n_h),
-                                                    (cov_rows[:, None] * n_h + np.arange(n_h)).ravel())),
-                            shape=(cov_rows.size, n * n_h))
-        g_rows.append(-pad(cov @ D))  # coverage: cov @ delta >= need
+        # coverage: sum_h rk * delta >= need; the columns of the clusters with a row, rk of their hour times
+        # their entry of D (what the (rows, n * H) matrix of rk times D is, built directly).
+        pos = np.full(n, -1)
+        pos[cov_rows] = np.arange(cov_rows.size)
+        row_of = pos[blk.col_rows // n_h]
+        keep = row_of >= 0
+        cov_d = sp.csr_matrix((rk.ravel()[blk.col_rows[keep]] * blk.col_signs[keep],
+                               (row_of[keep], blk.col_ids[keep])), shape=(cov_rows.size, n_x))
+        g_rows.append(-pad(cov_d))
         h_rows.append(-need[cov_rows])
     if campus.ramp_limit is not None and n_h > 1:
         ramp = pad(_diff_rows(n, n_h) @ D)  # -limit <= delta(h+1) - delta(h) <= limit
