@@ -13,7 +13,8 @@ loopback port, registers one app that owns every container, and then:
    ``put`` is ``PUT /v1/containers/{c}/powercap`` on a random container (what the enforcement agent sends),
    ``get`` is ``GET /v1/containers/{c}``, ``mix`` alternates them;
 2. **set all caps**: for each ``--caps-sizes`` N, a fresh ecovisor with N containers in one app, and the time to
-   set every container's cap once, over the same ``--connections`` connections.
+   set every container's cap once, over the same ``--connections`` connections (with the server's CPU per PUT:
+   flat in N when one cap change is O(1)), then in one bulk ``PUT /v1/containers/powercaps`` (issue 19, item 4).
 
 Each figure is the median of ``--repeat`` runs (these machines have 2 shared cores: the client and the server
 share them, so the figures are a floor, not the server's ceiling). Nothing here runs in the test suite.
@@ -236,16 +237,25 @@ def throughput(args) -> dict:
             "server_cpu_ms_per_req": cpu / len(lat) * 1e3, "wall_s": wall}
 
 
-def set_all_caps(n_containers: int, connections: int) -> float:
+def set_all_caps(n_containers: int, connections: int) -> dict:
+    """Every container's cap set once: one PUT per container over ``connections`` connections, then (new caps) in
+    one bulk ``PUT /v1/containers/powercaps``; wall seconds and the server's CPU seconds of each, and the server's
+    CPU per single-cap PUT (flat in the number of containers when a cap change is O(1))."""
     rng = random.Random(1)
     with Server(n_containers) as srv:
         token = asyncio.run(_register(srv.port, n_containers))
         jobs: list[tuple[str, str, dict | None]] = [
             ("PUT", f"/v1/containers/c-{i:05d}/powercap", {"kw": round(rng.uniform(0.1, 0.5), 4)})
             for i in range(n_containers)]
-        t0 = time.perf_counter()
+        cpu0, t0 = srv.cpu_s(), time.perf_counter()
         asyncio.run(_fire(srv.port, token, jobs, connections))
-        return time.perf_counter() - t0
+        single_s, single_cpu = time.perf_counter() - t0, srv.cpu_s() - cpu0
+        body = {"caps": [{"name": f"c-{i:05d}", "kw": round(rng.uniform(0.1, 0.5), 4)} for i in range(n_containers)]}
+        cpu0, t0 = srv.cpu_s(), time.perf_counter()
+        asyncio.run(_fire(srv.port, token, [("PUT", "/v1/containers/powercaps", body)], 1))
+        bulk_s, bulk_cpu = time.perf_counter() - t0, srv.cpu_s() - cpu0
+    return {"single_s": single_s, "single_cpu_s": single_cpu, "bulk_s": bulk_s, "bulk_cpu_s": bulk_cpu,
+            "cpu_ms_per_put": single_cpu / n_containers * 1e3}
 
 
 def main() -> None:
@@ -273,6 +283,8 @@ def main() -> None:
     runs = [throughput(args) for _ in range(args.repeat)]
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     mode = f"open loop at {args.rate:g} req/s" if args.rate else "closed loop"
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC, {os.cpu_count()} CPUs, load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"throughput: {args.requests} x {args.route} over {args.connections} connections ({mode}), "
           f"{args.containers} containers, HTTP stack {args.http}, median of {args.repeat}:")
     print(f"  {med['req_s']:,.0f} req/s   p50 {med['p50_ms']:.1f} ms   p99 {med['p99_ms']:.1f} ms   "
@@ -281,9 +293,15 @@ def main() -> None:
         print(f"    run: {r['req_s']:,.0f} req/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
               f"{r['server_cpu_ms_per_req']:.2f} ms CPU/req")
     for n in args.caps_sizes:
-        ts = [set_all_caps(n, args.connections) for _ in range(args.repeat)]
-        print(f"set all caps, {n:>5} containers in one app: {statistics.median(ts):.2f} s "
-              f"(median of {args.repeat}: {', '.join(f'{t:.2f}' for t in ts)})")
+        rs = [set_all_caps(n, args.connections) for _ in range(args.repeat)]
+        m = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        singles = ", ".join(f"{r['single_s']:.2f}" for r in rs)
+        bulks = ", ".join(f"{r['bulk_s']:.3f}" for r in rs)
+        print(f"set all caps, {n:>5} containers in one app: one PUT each {m['single_s']:.2f} s "
+              f"(server CPU {m['single_cpu_s']:.2f} s, {m['cpu_ms_per_put']:.2f} ms per PUT; walls "
+              f"{singles}); one bulk PUT {m['bulk_s']:.3f} s "
+              f"(server CPU {m['bulk_cpu_s']:.2f} s; walls {bulks}); "
+              f"median of {args.repeat}")
 
 
 if __name__ == "__main__":
