@@ -5,17 +5,21 @@ hourly re-plan) pays cvxpy's compilation once per *structure* instead of once pe
 
     min sum(c * x)  s.t.  E @ x == 0,  G @ x <= h,  lower <= x <= upper
 
-is built as a cvxpy program whose numbers are all Parameters: E and G are sparse Parameters with the structure's
-sparsity pattern, c, h, lower and upper dense ones. cvxpy compiles it once (DPP: its compiled problem maps the
+is built as a cvxpy program whose numbers are all Parameters: the stored entries of E and G are Parameter vectors
+v, and ``E @ x`` is ``R @ (v * (C @ x))`` with constant 0/1 matrices C (each entry's column) and R (each entry's
+row); c, h, lower and upper are dense Parameters. cvxpy compiles it once (DPP: its compiled problem maps the
 parameter values to the solver's data by one sparse product), and a re-solve only assigns the values. The solver
 gets the same LP as from a program built with the numbers as constants, bit for bit (same columns, rows and
-coefficients; ``tests/test_optimize_cache.py`` checks it on random LPs and campuses).
+coefficients; ``tests/test_optimize_cache.py`` checks it on random LPs and campuses). One difference remains for
+the caller: cvxpy clips a solution into a variable's constant bounds but not into Parameter bounds, so the caller
+clips (``cicm.optimize.program._solve_matrix_lp``).
 
-The structure is the number of columns and the sparsity patterns of E and G. A cache entry keeps the patterns and
-is used only when they are equal, element by element, to the LP's (the digest only finds the candidate): a
-structure change never reuses a wrong program. The cache is an LRU of at most :data:`MAX_PROGRAMS` programs, and a
-program is compiled only the second time its structure is seen (:func:`solve_matrix_lp`): a structure seen once
-is solved by a fresh constant program, which compiles faster than the parametrised one.
+The structure is the number of columns and the sparsity patterns of E and G (their stored entries, in order). A
+cache entry keeps the patterns and is used only when they are equal, element by element, to the LP's (the digest
+only finds the candidate): a structure change never reuses a wrong program. The cache is an LRU of at most
+:data:`MAX_PROGRAMS` programs, holds only LPs of at most :data:`MAX_ENTRIES` columns and entries, and compiles a
+program only the second time its structure is seen (:meth:`ProgramCache.lookup`): a structure seen once is solved
+by a fresh constant program, which compiles faster than the parametrised one.
 
 cvxpy 1.9 counts a variable with Parameter bounds as parametrised, so a Parameter times it (``c * x``, ``E @ x``)
 fails its DPP check, although the bounds only become the solver's column bounds (through cvxpy's own bound
