@@ -588,8 +588,15 @@ def ramps(ends_h: np.ndarray, start_h: np.ndarray, weight: np.ndarray) -> np.nda
     ``weight`` (K,) give (N,); (C, K) give (C, N), a row per cluster (pad a row with weight 0: it adds nothing)."""
     ends_h = np.asarray(ends_h, dtype=float)
     start, w = np.asarray(start_h, float), np.asarray(weight, float)
-    if start.ndim == 1:
-        return ramps(ends_h, start[None, :], w[None, :])[0]
+    if start.ndim == 1:  # one row: the same sums, with a binary search instead of a comparison per (end, start)
+        if start.size == 0:
+            return np.zeros(ends_h.size)
+        order = np.argsort(start, kind="stable")
+        b, c = start[order], w[order]
+        cum_c = np.concatenate([[0.0], np.cumsum(c)])
+        cum_cb = np.concatenate([[0.0], np.cumsum(c * b)])
+        k = np.searchsorted(b, ends_h, side="left")  # starts before each end
+        return ends_h * cum_c[k] - cum_cb[k]
     if start.shape[1] == 0:
         return np.zeros((start.shape[0], ends_h.size))
     order = np.argsort(start, axis=1, kind="stable")
