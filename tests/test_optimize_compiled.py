@@ -171,3 +171,21 @@ def test_a_program_refuses_data_of_another_shape(programs):
     data = {name: np.zeros(p.size + 1) for name, p in prog.params.items()}
     with pytest.raises(ValueError, match="expected"):
         prog.solve("HIGHS", data)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(0, 200), n=st.integers(1, 80), ties=st.booleans())
+def test_one_row_of_ramps_sums_as_the_matrix_form(seed, k, n, ties):
+    """The one-row path of ramps (binary search, the backtest's task bounds) gives the matrix form's sums bit for
+    bit."""
+    rng = np.random.default_rng(seed)
+    start = rng.uniform(-10, 80, k)
+    if ties:
+        start = np.round(start)
+    weight = rng.uniform(0, 16, k)
+    ends = np.arange(1, n + 1, dtype=float)
+    if k == 0:
+        np.testing.assert_array_equal(queue.ramps(ends, start, weight), np.zeros(n))
+        return
+    two_rows = queue.ramps(ends, np.stack([start, start]), np.stack([weight, weight]))
+    np.testing.assert_array_equal(queue.ramps(ends, start, weight), two_rows[0])
