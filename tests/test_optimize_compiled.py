@@ -189,3 +189,17 @@ def test_one_row_of_ramps_sums_as_the_matrix_form(seed, k, n, ties):
         return
     two_rows = queue.ramps(ends, np.stack([start, start]), np.stack([weight, weight]))
     np.testing.assert_array_equal(queue.ramps(ends, start, weight), two_rows[0])
+
+
+def test_large_programs_with_peak_rows_are_not_compiled(monkeypatch):
+    """cvxpy's parameter map of the peak rows grows with fills x peak rows (100 clusters: 26 s, 11 GB): a program
+    with peak rows is compiled only up to about 10 clusters; without them up to about 100."""
+    cache = ProgramCache()
+    monkeypatch.setattr(queue, "PROGRAMS", cache)
+    rng = np.random.default_rng(0)
+    for n_clusters, contract, compiled in ((30, "binding", 0), (3, "binding", 1), (30, "capacity", 1)):
+        campus = synthetic_queue_campus(_eta(rng, 42), n_clusters, seed=1, contract=contract, committed_hours=24)
+        before = cache.compiled
+        queue.plan_queue(campus)
+        queue.plan_queue(campus)
+        assert cache.compiled - before == compiled, (n_clusters, contract)

@@ -557,13 +557,18 @@ class _QueueProgram:
 #: the backtest's shrinking horizons at a window's end are one-off shapes), and only while its LP has at most
 #: ``max_columns`` columns. ``PROGRAMS.maxsize = 0`` turns the cache off.
 PROGRAMS: ProgramCache[_QueueProgram] = ProgramCache()
+#: A program with peak rows counts this many times its columns against ``PROGRAMS.max_columns``: cvxpy compiles
+#: ``R @ multiply(kw, fills)`` (a Parameter times an expression) through a stacked matrix that grows with the fill
+#: parameters times the peak rows (compile and memory at 42 hours: 10 clusters 0.25 s / 0.09 GB; 30 clusters
+#: 1.9 s / 0.8 GB; 100 clusters 26 s / 11 GB), so only programs up to about 10 clusters are compiled with them.
+PEAK_ROWS_WEIGHT = 10
 
 
 def _solve_cached(solver: str, shape: _Shape, data: dict) -> np.ndarray:
     key = (solver, shape)
     prog = PROGRAMS.take(key)
     if prog is None:
-        if not PROGRAMS.compile_now(key, shape.n_x):
+        if not PROGRAMS.compile_now(key, shape.n_x * (PEAK_ROWS_WEIGHT if shape.peak_rows else 1)):
             return _QueueProgram(shape, data, parametric=False).solve(solver, data)
         prog = _QueueProgram(shape, data, parametric=True)
     xv = prog.solve(solver, data)  # a failed program is not kept: its cvxpy problem may hold a half-done state
