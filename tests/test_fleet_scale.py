@@ -317,7 +317,7 @@ def test_dask_plan_equals_the_in_process_plan(scale_run, tmp_path, prefect_api):
 def test_plan_equals_the_recorded_plan(scale_run, monkeypatch, block):
     """The in-process plan of the 24-cluster scale run equals the one recorded before the partition reads and the
     load forecasts were batched (tests/golden/make_fleet_plan_golden.py): every number to 1e-9 relative, every
-    text (statuses, reasons, JSON parameters as text only where they are not numbers) the same; whether the
+    text (statuses, reasons, JSON parameters and models as text only where they are not numbers) the same; whether the
     partition reads its 6 campuses in one query or campus by campus (``READ_BLOCK_CLUSTERS``)."""
     import json
     import sys
@@ -336,7 +336,8 @@ def test_plan_equals_the_recorded_plan(scale_run, monkeypatch, block):
         list(want[["table", "row", "column"]].itertuples(index=False))
     numeric = want["number"].notna() | got["number"].notna()
     np.testing.assert_allclose(got.loc[numeric, "number"], want.loc[numeric, "number"], rtol=1e-9, atol=1e-12)
-    text = ~numeric & (want["column"] != "params")
+    as_json = want["column"].isin(["params", "model"])  # JSON numbers: least-squares fits differ in the last bits
+    text = ~numeric & ~as_json                           # across CPUs' BLAS kernels, so they compare to 1e-9
     bad = got.loc[text, "value"] != want.loc[text, "value"]
     assert not bad.any(), want.loc[text][bad.to_numpy()].head()
 
@@ -349,8 +350,7 @@ def test_plan_equals_the_recorded_plan(scale_run, monkeypatch, block):
             return bool(np.isclose(a, b, rtol=1e-9, atol=1e-12, equal_nan=True))
         return a == b
 
-    params = want["column"] == "params"
-    for g, w in zip(got.loc[params, "value"], want.loc[params, "value"]):
+    for g, w in zip(got.loc[as_json, "value"], want.loc[as_json, "value"]):
         assert close(json.loads(g), json.loads(w)), (g, w)
 
 
