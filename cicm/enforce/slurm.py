@@ -109,22 +109,9 @@ class SlurmJob:
         return self.deadline - pd.Timedelta(seconds=self.time_limit_s or 0.0)
 
 
-def _ts(v: Any) -> pd.Timestamp | None:
-    """Slurm JSON times: Unix seconds (0: unset), or {"set": bool, "number": n} in later versions."""
-    if isinstance(v, dict):
-        if not v.get("set", True) or v.get("infinite"):
-            return None
-        v = v.get("number")
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        n = int(v)
-    except (TypeError, ValueError):
-        return None
-    return pd.Timestamp(n, unit="s", tz="UTC") if n > 0 else None
-
-
 def _num(v: Any) -> float | None:
+    """A Slurm JSON number: plain, or {"set": bool, "infinite": bool, "number": n} in later versions; None when
+    unset, infinite or not a number."""
     if isinstance(v, dict):
         if not v.get("set", True) or v.get("infinite"):
             return None
@@ -135,6 +122,12 @@ def _num(v: Any) -> float | None:
         return float(v)
     except (TypeError, ValueError):
         return None
+
+
+def _ts(v: Any) -> pd.Timestamp | None:
+    """Slurm JSON times: Unix seconds as a Slurm number (0: unset)."""
+    n = _num(v)
+    return pd.Timestamp(int(n), unit="s", tz="UTC") if n is not None and 0 < n < 2**62 else None
 
 
 def _slurm_duration_s(text: str) -> float | None:
