@@ -132,6 +132,12 @@ def test_the_cache_is_bounded(programs):
     for key in "abcd":
         cache.put(key, key)
     assert len(cache) == 2 and cache.take("a") is None and cache.take("d") == "d"
+    by_columns = ProgramCache(maxsize=10, max_total_columns=100)
+    for key in "abcd":
+        by_columns.put(key, key, 40)
+    assert len(by_columns) == 2 and by_columns.columns == 80 and by_columns.take("b") is None
+    by_columns.put("huge", "huge", 101)  # larger than the whole budget: not kept
+    assert by_columns.take("huge") is None and len(by_columns) == 2
 
 
 def test_a_structure_is_compiled_only_when_solved_again_and_small_enough():

@@ -29,6 +29,8 @@ DEFAULT_MAXSIZE = 64
 #: parameter-to-LP map, a few times the LP's nonzeros, and a large campus is solved once a night (its compilation
 #: is then a small part of the solve anyway).
 DEFAULT_MAX_COLUMNS = 60_000
+#: Columns of all the programs kept: a few large programs (a 100-cluster one keeps tens of MB) or many small ones.
+DEFAULT_MAX_TOTAL_COLUMNS = 250_000
 #: Solves of a structure before it is compiled as a parametrised program (the first solve of a structure builds a
 #: one-off problem, which compiles faster than a DPP program: a structure seen once, like the shrinking horizons
 #: at the end of a backtest window, never pays for the DPP compilation).
@@ -41,16 +43,19 @@ class ProgramCache(Generic[T]):
     of the same cvxpy problem at once; a thread that finds its key taken builds a one-off problem instead.
 
     :meth:`compile_now` decides when a key is worth compiling: after ``compile_after`` earlier solves of it, and
-    only for programs of at most ``max_columns`` columns. The keys seen are remembered in a bounded LRU too."""
+    only for programs of at most ``max_columns`` columns. The keys seen are remembered in a bounded LRU too. The
+    programs kept are bounded in number (``maxsize``) and in columns summed (``max_total_columns``)."""
 
     def __init__(self, maxsize: int = DEFAULT_MAXSIZE, max_columns: int = DEFAULT_MAX_COLUMNS,
-                 compile_after: int = DEFAULT_COMPILE_AFTER):
+                 compile_after: int = DEFAULT_COMPILE_AFTER, max_total_columns: int = DEFAULT_MAX_TOTAL_COLUMNS):
         if maxsize < 0:
             raise ValueError(f"maxsize must be >= 0, got {maxsize}")
         self.maxsize = maxsize
         self.max_columns = max_columns
         self.compile_after = compile_after
+        self.max_total_columns = max_total_columns
         self._items: OrderedDict[Hashable, T] = OrderedDict()
+        self._columns: dict[Hashable, int] = {}
         self._seen: OrderedDict[Hashable, int] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -64,6 +69,7 @@ class ProgramCache(Generic[T]):
         """The program kept for ``key`` (removed until :meth:`put` returns it), or None."""
         with self._lock:
             item = self._items.pop(key, None)
+            self._columns.pop(key, None)
             if item is None:
                 self.misses += 1
             else:
@@ -82,19 +88,27 @@ class ProgramCache(Generic[T]):
             self.compiled += ok
             return ok
 
-    def put(self, key: Hashable, item: T) -> None:
-        """Keep ``item`` as the most recently used program for ``key``; drop the least recently used beyond
-        ``maxsize``."""
-        if self.maxsize == 0:
+    @property
+    def columns(self) -> int:
+        """Columns of the programs kept, summed."""
+        return sum(self._columns.values())
+
+    def put(self, key: Hashable, item: T, columns: int = 0) -> None:
+        """Keep ``item`` (a program of ``columns`` columns) as the most recently used program for ``key``; drop the
+        least recently used beyond ``maxsize`` programs or ``max_total_columns`` columns."""
+        if self.maxsize == 0 or columns > self.max_total_columns:
             return
         with self._lock:
             self._items[key] = item
             self._items.move_to_end(key)
-            while len(self._items) > self.maxsize:
-                self._items.popitem(last=False)
+            self._columns[key] = columns
+            while len(self._items) > self.maxsize or sum(self._columns.values()) > self.max_total_columns:
+                old, _ = self._items.popitem(last=False)
+                self._columns.pop(old, None)
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._columns.clear()
             self._seen.clear()
             self.hits = self.misses = self.compiled = 0

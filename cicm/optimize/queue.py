@@ -567,12 +567,13 @@ PEAK_ROWS_WEIGHT = 10
 def _solve_cached(solver: str, shape: _Shape, data: dict) -> np.ndarray:
     key = (solver, shape)
     prog = PROGRAMS.take(key)
+    columns = shape.n_x * (PEAK_ROWS_WEIGHT if shape.peak_rows else 1)
     if prog is None:
-        if not PROGRAMS.compile_now(key, shape.n_x * (PEAK_ROWS_WEIGHT if shape.peak_rows else 1)):
+        if not PROGRAMS.compile_now(key, columns):
             return _QueueProgram(shape, data, parametric=False).solve(solver, data)
         prog = _QueueProgram(shape, data, parametric=True)
     xv = prog.solve(solver, data)  # a failed program is not kept: its cvxpy problem may hold a half-done state
-    PROGRAMS.put(key, prog)
+    PROGRAMS.put(key, prog, columns)
     return xv
 
 
