@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,8 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.ecovisor_load import Server as EcovisorServer  # noqa: E402
 
 ADMIN = "bench-admin"
 CLUSTER = "scale-a"
@@ -83,41 +84,9 @@ def serve(port: int, n: int, db: str, bulk: bool) -> None:
     uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-class Server:
-    def __init__(self, n: int, db: Path, bulk: bool = True):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, __file__, "--serve", str(self.port), str(n), str(db), "1" if bulk else "0"]
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "Server":
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError("the ecovisor exited on start")
-                time.sleep(0.1)
-        raise RuntimeError("the ecovisor did not start")
-
-    def __exit__(self, *exc) -> None:
-        assert self.proc is not None
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def cpu_s(self) -> float:
-        assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def Server(n: int, db: Path, bulk: bool = True) -> EcovisorServer:
+    """This bench's ecovisor (its ``serve``: a store at ``db``, with or without the bulk route) in a child."""
+    return EcovisorServer(n, str(db), "1" if bulk else "0", script=__file__)
 
 
 # ----------------------------------------------------------------------------- the plan store

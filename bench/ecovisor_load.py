@@ -93,18 +93,19 @@ def serve(port: int, n_containers: int) -> None:
 
 
 class Server:
-    """The ecovisor in a child process (its own interpreter and GIL), with ``n_containers`` containers."""
+    """The ecovisor in a child process (its own interpreter and GIL), with ``n_containers`` containers:
+    ``script --serve PORT N *extra`` (this bench's, or another bench's ``serve``)."""
 
-    def __init__(self, n_containers: int):
+    def __init__(self, n_containers: int, *extra: str, script: str = __file__):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.n = n_containers
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [sys.executable, script, "--serve", str(self.port), str(n_containers), *extra]
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "Server":
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", str(self.port), str(self.n)],
-                                     stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
