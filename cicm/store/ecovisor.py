@@ -95,10 +95,7 @@ class Telemetry:
         with self._lock:
             self.con.execute("BEGIN")
             try:
-                self.con.execute(
-                    f"INSERT INTO ecovisor_ticks ({', '.join(TICK_COLUMNS)}) VALUES ({', '.join('?' * len(TICK_COLUMNS))})",
-                    [tick[c] for c in TICK_COLUMNS],
-                )
+                self._insert_many("ecovisor_ticks", TICK_COLUMNS, [tick])
                 self._insert_many("ecovisor_container_ticks", CONTAINER_TICK_COLUMNS, containers)
                 self._insert_many("ecovisor_app_ticks", APP_TICK_COLUMNS, apps)
                 self.con.execute("COMMIT")
@@ -124,10 +121,7 @@ class Telemetry:
         with self._lock:
             self.con.execute("BEGIN")
             try:
-                self.con.execute(
-                    f"INSERT INTO ecovisor_ticks ({', '.join(TICK_COLUMNS)}) VALUES ({', '.join('?' * len(TICK_COLUMNS))})",
-                    [tick[c] for c in TICK_COLUMNS],
-                )
+                self._insert_many("ecovisor_ticks", TICK_COLUMNS, [tick])
                 if n:
                     self.con.register("_ecovisor_tick_containers", table)
                     try:
